@@ -112,9 +112,9 @@ impl fmt::Display for Formatted {
         }
         if d.subsec_nanos() != 0 && d.as_secs() == 0 {
             let nanos = d.subsec_nanos();
-            return if nanos % 1_000_000 == 0 {
+            return if nanos.is_multiple_of(1_000_000) {
                 write!(f, "{}ms", nanos / 1_000_000)
-            } else if nanos % 1_000 == 0 {
+            } else if nanos.is_multiple_of(1_000) {
                 write!(f, "{}us", nanos / 1_000)
             } else {
                 write!(f, "{nanos}ns")

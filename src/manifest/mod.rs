@@ -588,10 +588,10 @@ impl Resolver<'_> {
             ("certFile", &settings.cert_file),
             ("keyFile", &settings.key_file),
         ] {
-            if let Some(f) = file {
-                if let Err(e) = std::fs::metadata(f) {
-                    self.error(&field(name), format!("cannot read {}: {e}", f.display()));
-                }
+            if let Some(f) = file
+                && let Err(e) = std::fs::metadata(f)
+            {
+                self.error(&field(name), format!("cannot read {}: {e}", f.display()));
             }
         }
         settings

@@ -1,0 +1,222 @@
+//! Every Prometheus series the sidecar exports, named and documented in one place.
+//!
+//! Labels are bounded: the service name and instance id come from the manifest, operations and
+//! outcomes are fixed sets. Error text never becomes a label. The README's metrics table mirrors
+//! this file.
+
+use std::sync::Arc;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Buckets for things that should take milliseconds (probe RPCs, Consul calls, sync lag).
+const FAST_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// The sidecar's metrics and the registry that serves them.
+pub struct Metrics {
+    registry: Registry,
+    /// `consul_registrar_probe_results_total{service,instance,outcome}`: probe observations by
+    /// outcome: `serving`, `not_serving`, `service_unknown`, `error`, `timeout`.
+    pub probe_results: IntCounterVec,
+    /// `consul_registrar_probe_duration_seconds{service,instance}`: unary `Check` round trips and
+    /// the time to open a `Watch` stream.
+    pub probe_duration: HistogramVec,
+    /// `consul_registrar_health_transitions_total{service,instance,to}`: probe verdict changes,
+    /// `to` = `passing` or `critical`.
+    pub health_transitions: IntCounterVec,
+    /// `consul_registrar_instance_healthy{service,instance}`: 1 when the probe verdict is passing.
+    pub instance_healthy: IntGaugeVec,
+    /// `consul_registrar_instance_registered{service,instance}`: 1 while Consul has the instance as
+    /// the sidecar last wrote it.
+    pub instance_registered: IntGaugeVec,
+    /// `consul_registrar_consul_requests_total{operation,status}`: Consul API calls by operation
+    /// (`register`, `update_ttl`, `deregister`, `read_service`, `watch_service`, `leader`) and
+    /// status class (`2xx`, `4xx`, `5xx`, `error` for no HTTP answer).
+    pub consul_requests: IntCounterVec,
+    /// `consul_registrar_consul_request_duration_seconds{operation}` (blocking watches excluded).
+    pub consul_request_duration: HistogramVec,
+    /// `consul_registrar_repairs_total{service,instance,reason}`: instances put back in Consul,
+    /// `reason` = `missing` (Consul lost it) or `changed` (its definition differed).
+    pub repairs: IntCounterVec,
+    /// `consul_registrar_sync_lag_seconds`: from a probe verdict change to Consul acknowledging it.
+    pub sync_lag: Histogram,
+    /// `consul_registrar_consul_reachable`: 1 when the last Consul call got an HTTP answer.
+    pub consul_reachable: IntGauge,
+    /// `consul_registrar_draining`: 1 once a drain has started.
+    pub draining: IntGauge,
+    /// `consul_registrar_build_info{version}`: always 1.
+    pub build_info: IntGaugeVec,
+}
+
+impl Metrics {
+    /// Creates the series and a registry holding them plus the standard `process_*` metrics.
+    pub fn new() -> Arc<Metrics> {
+        let registry = Registry::new();
+        let m = Metrics {
+            probe_results: counter_vec(
+                "probe_results_total",
+                "Probe observations by outcome.",
+                &["service", "instance", "outcome"],
+            ),
+            probe_duration: histogram_vec(
+                "probe_duration_seconds",
+                "Duration of health Check RPCs and of opening Watch streams.",
+                &["service", "instance"],
+            ),
+            health_transitions: counter_vec(
+                "health_transitions_total",
+                "Changes of the probe verdict.",
+                &["service", "instance", "to"],
+            ),
+            instance_healthy: gauge_vec(
+                "instance_healthy",
+                "1 when the instance's probe verdict is passing, 0 when critical.",
+                &["service", "instance"],
+            ),
+            instance_registered: gauge_vec(
+                "instance_registered",
+                "1 while Consul holds the instance as the sidecar last wrote it.",
+                &["service", "instance"],
+            ),
+            consul_requests: counter_vec(
+                "consul_requests_total",
+                "Consul HTTP API requests by operation and status class.",
+                &["operation", "status"],
+            ),
+            consul_request_duration: histogram_vec(
+                "consul_request_duration_seconds",
+                "Duration of Consul HTTP API requests (blocking watches excluded).",
+                &["operation"],
+            ),
+            repairs: counter_vec(
+                "repairs_total",
+                "Instances put back in Consul by anti-entropy.",
+                &["service", "instance", "reason"],
+            ),
+            sync_lag: Histogram::with_opts(
+                HistogramOpts::new(
+                    "consul_registrar_sync_lag_seconds",
+                    "Time from a probe verdict change to Consul acknowledging the new status.",
+                )
+                .buckets(FAST_BUCKETS.to_vec()),
+            )
+            .expect("valid histogram"),
+            consul_reachable: IntGauge::new(
+                "consul_registrar_consul_reachable",
+                "1 when the last Consul request got an HTTP answer.",
+            )
+            .expect("valid gauge"),
+            draining: IntGauge::new(
+                "consul_registrar_draining",
+                "1 once the sidecar has started draining.",
+            )
+            .expect("valid gauge"),
+            build_info: gauge_vec("build_info", "Build information; always 1.", &["version"]),
+            registry,
+        };
+        m.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(m.probe_results.clone()),
+            Box::new(m.probe_duration.clone()),
+            Box::new(m.health_transitions.clone()),
+            Box::new(m.instance_healthy.clone()),
+            Box::new(m.instance_registered.clone()),
+            Box::new(m.consul_requests.clone()),
+            Box::new(m.consul_request_duration.clone()),
+            Box::new(m.repairs.clone()),
+            Box::new(m.sync_lag.clone()),
+            Box::new(m.consul_reachable.clone()),
+            Box::new(m.draining.clone()),
+            Box::new(m.build_info.clone()),
+            Box::new(prometheus::process_collector::ProcessCollector::for_self()),
+        ];
+        for c in collectors {
+            // Names are fixed and distinct, so registration cannot fail.
+            m.registry.register(c).expect("unique metric names");
+        }
+        Arc::new(m)
+    }
+
+    /// The Prometheus text exposition of every series.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let encoder = TextEncoder::new();
+        if let Err(e) = encoder.encode(&self.registry.gather(), &mut buf) {
+            tracing::warn!(error = %e, "encoding metrics failed");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(format!("consul_registrar_{name}"), help), labels)
+        .expect("valid counter")
+}
+
+fn gauge_vec(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    IntGaugeVec::new(Opts::new(format!("consul_registrar_{name}"), help), labels)
+        .expect("valid gauge")
+}
+
+fn histogram_vec(name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+    HistogramVec::new(
+        HistogramOpts::new(format!("consul_registrar_{name}"), help).buckets(FAST_BUCKETS.to_vec()),
+        labels,
+    )
+    .expect("valid histogram")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_family_with_prefix() {
+        let m = Metrics::new();
+        m.probe_results
+            .with_label_values(&["a", "a-1", "serving"])
+            .inc();
+        m.probe_duration
+            .with_label_values(&["a", "a-1"])
+            .observe(0.001);
+        m.health_transitions
+            .with_label_values(&["a", "a-1", "passing"])
+            .inc();
+        m.instance_healthy.with_label_values(&["a", "a-1"]).set(1);
+        m.instance_registered
+            .with_label_values(&["a", "a-1"])
+            .set(1);
+        m.consul_requests
+            .with_label_values(&["register", "2xx"])
+            .inc();
+        m.consul_request_duration
+            .with_label_values(&["register"])
+            .observe(0.002);
+        m.repairs.with_label_values(&["a", "a-1", "missing"]).inc();
+        m.sync_lag.observe(0.003);
+        let text = m.render();
+        for family in [
+            "consul_registrar_probe_results_total",
+            "consul_registrar_probe_duration_seconds_bucket",
+            "consul_registrar_health_transitions_total",
+            "consul_registrar_instance_healthy",
+            "consul_registrar_instance_registered",
+            "consul_registrar_consul_requests_total",
+            "consul_registrar_consul_request_duration_seconds_bucket",
+            "consul_registrar_repairs_total",
+            "consul_registrar_sync_lag_seconds_bucket",
+            "consul_registrar_consul_reachable",
+            "consul_registrar_draining",
+            "consul_registrar_build_info{version=",
+            "process_resident_memory_bytes",
+        ] {
+            assert!(text.contains(family), "missing {family} in\n{text}");
+        }
+    }
+}

@@ -1,0 +1,541 @@
+//! The health probe: asks the app's `grpc.health.v1.Health` service whether it is serving and turns
+//! the answers into a verdict (passing or critical) with success and failure thresholds.
+//!
+//! Two sources feed one verdict:
+//! - a streaming `Watch` (modes `auto` and `watch`), so status changes arrive at once;
+//! - a unary `Check` every `interval`, which is the whole probe in `poll` mode and the liveness
+//!   sample otherwise (a hung app keeps its stream open but stops answering; HTTP/2 keepalive pings
+//!   are no substitute because grpc-go servers punish frequent pings).
+//!
+//! An explicit NOT_SERVING / SERVICE_UNKNOWN counts at once; errors and timeouts count towards
+//! `failureThreshold`, SERVING answers towards `successThreshold`; nothing counts before
+//! `initialDelay`. In `auto` mode an UNIMPLEMENTED `Watch` falls back to polling.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::{Code, Status};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+use crate::consul::CheckStatus;
+use crate::manifest::{HealthMode, HealthSpec, TlsSettings};
+use crate::metrics::Metrics;
+use crate::status::StatusEntry;
+
+/// The output of the TTL check before the first successful probe.
+pub const WAITING_OUTPUT: &str = "waiting for first successful probe";
+
+/// The probe's current judgement of the app.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub status: CheckStatus,
+    /// Human-readable: what the probe saw. Stable while the status is unchanged.
+    pub output: String,
+    /// When the status last changed (for the sync-lag metric).
+    pub changed_at: Instant,
+}
+
+impl Verdict {
+    pub fn waiting() -> Self {
+        Verdict {
+            status: CheckStatus::Critical,
+            output: WAITING_OUTPUT.to_string(),
+            changed_at: Instant::now(),
+        }
+    }
+}
+
+/// Counts consecutive successes and failures and decides when the verdict flips.
+#[derive(Debug)]
+pub struct Thresholds {
+    success_threshold: u32,
+    failure_threshold: u32,
+    successes: u32,
+    failures: u32,
+    current: CheckStatus,
+}
+
+impl Thresholds {
+    pub fn new(success_threshold: u32, failure_threshold: u32) -> Self {
+        Thresholds {
+            success_threshold: success_threshold.max(1),
+            failure_threshold: failure_threshold.max(1),
+            successes: 0,
+            failures: 0,
+            current: CheckStatus::Critical,
+        }
+    }
+
+    /// A SERVING answer. Returns the new status when it flips.
+    pub fn success(&mut self) -> Option<CheckStatus> {
+        self.failures = 0;
+        self.successes = self.successes.saturating_add(1);
+        self.flip_to(
+            CheckStatus::Passing,
+            self.successes >= self.success_threshold,
+        )
+    }
+
+    /// An error or timeout. Returns the new status when it flips.
+    pub fn failure(&mut self) -> Option<CheckStatus> {
+        self.successes = 0;
+        self.failures = self.failures.saturating_add(1);
+        self.flip_to(
+            CheckStatus::Critical,
+            self.failures >= self.failure_threshold,
+        )
+    }
+
+    /// An explicit "not serving": critical at once.
+    pub fn unhealthy(&mut self) -> Option<CheckStatus> {
+        self.successes = 0;
+        self.failures = self.failure_threshold;
+        self.flip_to(CheckStatus::Critical, true)
+    }
+
+    fn flip_to(&mut self, status: CheckStatus, reached: bool) -> Option<CheckStatus> {
+        if reached && self.current != status {
+            self.current = status;
+            Some(status)
+        } else {
+            None
+        }
+    }
+}
+
+/// One observation of the app.
+#[derive(Debug, Clone)]
+enum Observation {
+    Serving,
+    NotServing(String),
+    Failed {
+        outcome: &'static str,
+        reason: String,
+    },
+}
+
+enum Event {
+    /// A status pushed on the Watch stream.
+    Watched(Observation),
+    /// The Watch stream ended or could not be opened (not counted; triggers a Check).
+    StreamBroken,
+    /// The app does not implement Watch.
+    WatchUnimplemented,
+    /// A Check finished; `started` orders it against Watch events.
+    Checked {
+        started: Instant,
+        observation: Observation,
+    },
+}
+
+/// A lazily connecting channel to the probe target; probes of the same target share one.
+pub fn channel_for(spec: &HealthSpec) -> Result<Channel, ProbeSetupError> {
+    Ok(endpoint_for(spec)?.connect_lazy())
+}
+
+/// The gRPC endpoint of the probe target (address, connect timeout, TLS).
+pub fn endpoint_for(spec: &HealthSpec) -> Result<Endpoint, ProbeSetupError> {
+    let scheme = if spec.tls.is_some() { "https" } else { "http" };
+    let host = if spec.address.contains(':') {
+        format!("[{}]", spec.address)
+    } else {
+        spec.address.clone()
+    };
+    let uri = format!("{scheme}://{host}:{}", spec.port);
+    let mut endpoint = Endpoint::from_shared(uri.clone())
+        .map_err(|e| ProbeSetupError(format!("{uri}: {e}")))?
+        .connect_timeout(spec.timeout)
+        .tcp_nodelay(true);
+    if let Some(tls) = &spec.tls {
+        endpoint = endpoint
+            .tls_config(client_tls(tls, &spec.address)?)
+            .map_err(|e| ProbeSetupError(format!("TLS for {uri}: {e}")))?;
+    }
+    Ok(endpoint)
+}
+
+fn client_tls(tls: &TlsSettings, address: &str) -> Result<ClientTlsConfig, ProbeSetupError> {
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| ProbeSetupError(format!("cannot read {}: {e}", p.display())))
+    };
+    let mut config = ClientTlsConfig::new().domain_name(
+        tls.server_name
+            .clone()
+            .unwrap_or_else(|| address.to_string()),
+    );
+    if let Some(ca) = &tls.ca_file {
+        config = config.ca_certificate(Certificate::from_pem(read(ca)?));
+    }
+    if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
+        config = config.identity(Identity::from_pem(read(cert)?, read(key)?));
+    }
+    Ok(config)
+}
+
+/// The probe could not be set up (bad address or TLS files).
+#[derive(Debug, thiserror::Error)]
+#[error("health probe: {0}")]
+pub struct ProbeSetupError(String);
+
+/// Probes one health service and publishes the verdict.
+pub struct HealthProbe {
+    spec: HealthSpec,
+    channel: Channel,
+    labels: [String; 2],
+    metrics: Arc<Metrics>,
+    status: StatusEntry,
+}
+
+impl HealthProbe {
+    pub fn new(
+        spec: HealthSpec,
+        channel: Channel,
+        service: &str,
+        instance: &str,
+        metrics: Arc<Metrics>,
+        status: StatusEntry,
+    ) -> Self {
+        HealthProbe {
+            spec,
+            channel,
+            labels: [service.to_string(), instance.to_string()],
+            metrics,
+            status,
+        }
+    }
+
+    fn target(&self) -> String {
+        format!(
+            "{:?} at {}:{}",
+            self.spec.service, self.spec.address, self.spec.port
+        )
+    }
+
+    /// Runs until `cancel`, sending every verdict change on `verdicts`.
+    pub async fn run(self, verdicts: watch::Sender<Verdict>, cancel: CancellationToken) {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(self.spec.initial_delay) => {}
+        }
+        let (events_tx, mut events) = mpsc::channel::<Event>(16);
+        let child = cancel.child_token();
+        let _stop_children = child.clone().drop_guard();
+        if self.spec.mode != HealthMode::Poll {
+            tokio::spawn(watch_stream(
+                HealthClient::new(self.channel.clone()),
+                self.spec.service.clone(),
+                self.spec.interval,
+                events_tx.clone(),
+                child.clone(),
+            ));
+        }
+        let mut thresholds =
+            Thresholds::new(self.spec.success_threshold, self.spec.failure_threshold);
+        let mut ticker = tokio::time::interval(self.spec.interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut check_in_flight = false;
+        let mut last_watch_event = Instant::now() - Duration::from_secs(3600);
+        let mut watching = self.spec.mode != HealthMode::Poll;
+        loop {
+            let observation = tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = ticker.tick() => {
+                    if !check_in_flight {
+                        check_in_flight = true;
+                        self.spawn_check(events_tx.clone());
+                    }
+                    continue;
+                }
+                event = events.recv() => match event {
+                    // Both senders live in this function: the channel cannot close.
+                    None => return,
+                    Some(Event::Watched(o)) => {
+                        last_watch_event = Instant::now();
+                        self.set_mode("watch");
+                        o
+                    }
+                    Some(Event::StreamBroken) => {
+                        if !check_in_flight {
+                            check_in_flight = true;
+                            self.spawn_check(events_tx.clone());
+                        }
+                        continue;
+                    }
+                    Some(Event::WatchUnimplemented) => {
+                        watching = false;
+                        if self.spec.mode == HealthMode::Watch {
+                            Observation::NotServing(
+                                "the app does not implement the Watch RPC (use health.mode auto or poll)".into(),
+                            )
+                        } else {
+                            tracing::info!(target = %self.target(), "app does not implement Watch; polling Check instead");
+                            continue;
+                        }
+                    }
+                    Some(Event::Checked { started, observation }) => {
+                        check_in_flight = false;
+                        if started < last_watch_event {
+                            continue; // older than what the stream told us
+                        }
+                        if !watching {
+                            self.set_mode("poll");
+                        }
+                        observation
+                    }
+                },
+            };
+            self.observe(&observation, &mut thresholds, &verdicts);
+        }
+    }
+
+    fn spawn_check(&self, events: mpsc::Sender<Event>) {
+        let mut client = HealthClient::new(self.channel.clone());
+        let request = HealthCheckRequest {
+            service: self.spec.service.clone(),
+        };
+        let timeout = self.spec.timeout;
+        let histogram = self
+            .metrics
+            .probe_duration
+            .with_label_values(&[&self.labels[0], &self.labels[1]]);
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let result = tokio::time::timeout(timeout, client.check(request)).await;
+            histogram.observe(started.elapsed().as_secs_f64());
+            let observation = match result {
+                Err(_) => Observation::Failed {
+                    outcome: "timeout",
+                    reason: format!(
+                        "Check timed out after {}",
+                        crate::manifest::duration::format(timeout)
+                    ),
+                },
+                Ok(Ok(resp)) => from_serving_status(resp.into_inner().status),
+                Ok(Err(status)) => from_rpc_error(&status),
+            };
+            let _ = events
+                .send(Event::Checked {
+                    started,
+                    observation,
+                })
+                .await;
+        });
+    }
+
+    fn set_mode(&self, mode: &'static str) {
+        self.status.update(|s| s.probe.mode = mode);
+    }
+
+    fn observe(
+        &self,
+        observation: &Observation,
+        thresholds: &mut Thresholds,
+        verdicts: &watch::Sender<Verdict>,
+    ) {
+        let outcome = match observation {
+            Observation::Serving => "serving",
+            Observation::NotServing(r) if r.contains("SERVICE_UNKNOWN") => "service_unknown",
+            Observation::NotServing(_) => "not_serving",
+            Observation::Failed { outcome, .. } => outcome,
+        };
+        self.metrics
+            .probe_results
+            .with_label_values(&[&self.labels[0], &self.labels[1], outcome])
+            .inc();
+        let (flip, output) = match observation {
+            Observation::Serving => (
+                thresholds.success(),
+                format!("gRPC health of {}: SERVING", self.target()),
+            ),
+            Observation::NotServing(reason) => (
+                thresholds.unhealthy(),
+                format!("gRPC health of {}: {reason}", self.target()),
+            ),
+            Observation::Failed { reason, .. } => (
+                thresholds.failure(),
+                format!(
+                    "gRPC health probe of {} failed {} times in a row: {reason}",
+                    self.target(),
+                    self.spec.failure_threshold
+                ),
+            ),
+        };
+        let error = match observation {
+            Observation::Serving => None,
+            Observation::NotServing(r) | Observation::Failed { reason: r, .. } => Some(r.clone()),
+        };
+        self.status.update(|s| s.probe.last_error = error);
+        let Some(status) = flip else { return };
+        let [service, instance] = &self.labels;
+        tracing::info!(%service, %instance, %status, %output, "health verdict changed");
+        self.metrics
+            .health_transitions
+            .with_label_values(&[service, instance, status.as_str()])
+            .inc();
+        self.metrics
+            .instance_healthy
+            .with_label_values(&[service, instance])
+            .set(i64::from(status == CheckStatus::Passing));
+        self.status.update(|s| {
+            s.probe.verdict = status.as_str();
+            s.probe.output = output.clone();
+            s.probe.changed_at = SystemTime::now();
+        });
+        verdicts.send_replace(Verdict {
+            status,
+            output,
+            changed_at: Instant::now(),
+        });
+    }
+}
+
+/// Keeps a Watch stream open, forwarding statuses; reconnects with backoff up to `interval`.
+async fn watch_stream(
+    mut client: HealthClient<Channel>,
+    service: String,
+    interval: Duration,
+    events: mpsc::Sender<Event>,
+    cancel: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let opened = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = client.watch(HealthCheckRequest { service: service.clone() }) => r,
+        };
+        match opened {
+            Ok(resp) => {
+                let mut stream = resp.into_inner();
+                loop {
+                    let message = tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        m = stream.message() => m,
+                    };
+                    match message {
+                        Ok(Some(m)) => {
+                            backoff = Duration::from_millis(50);
+                            if events
+                                .send(Event::Watched(from_serving_status(m.status)))
+                                .await
+                                .is_err()
+                            {
+                                return;
+                            }
+                        }
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+            }
+            Err(status) if status.code() == Code::Unimplemented => {
+                if events.send(Event::WatchUnimplemented).await.is_err() {
+                    return;
+                }
+                // In `auto` mode the prober now polls; look again now and then in case the app
+                // was replaced by a version that implements Watch.
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(interval.max(Duration::from_secs(30))) => {}
+                }
+                continue;
+            }
+            Err(_) => {}
+        }
+        if events.send(Event::StreamBroken).await.is_err() {
+            return;
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(interval);
+    }
+}
+
+fn from_serving_status(status: i32) -> Observation {
+    match ServingStatus::try_from(status) {
+        Ok(ServingStatus::Serving) => Observation::Serving,
+        Ok(ServingStatus::NotServing) => Observation::NotServing("NOT_SERVING".into()),
+        Ok(ServingStatus::ServiceUnknown) => Observation::NotServing("SERVICE_UNKNOWN".into()),
+        Ok(ServingStatus::Unknown) | Err(_) => {
+            Observation::NotServing(format!("UNKNOWN ({status})"))
+        }
+    }
+}
+
+fn from_rpc_error(status: &Status) -> Observation {
+    match status.code() {
+        // The standard health server answers NOT_FOUND for a service it does not know.
+        Code::NotFound => Observation::NotServing("SERVICE_UNKNOWN (NOT_FOUND)".into()),
+        Code::DeadlineExceeded => Observation::Failed {
+            outcome: "timeout",
+            reason: "Check deadline exceeded".into(),
+        },
+        code => Observation::Failed {
+            outcome: "error",
+            reason: format!("{code:?}: {}", short(status.message())),
+        },
+    }
+}
+
+fn short(s: &str) -> String {
+    s.chars().take(200).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn success_threshold_must_be_reached_to_pass() {
+        let mut t = Thresholds::new(2, 3);
+        assert_eq!(t.success(), None);
+        assert_eq!(t.success(), Some(CheckStatus::Passing));
+        assert_eq!(t.success(), None);
+    }
+
+    #[test]
+    fn failures_count_up_to_the_threshold_and_reset_on_success() {
+        let mut t = Thresholds::new(1, 3);
+        assert_eq!(t.success(), Some(CheckStatus::Passing));
+        assert_eq!(t.failure(), None);
+        assert_eq!(t.failure(), None);
+        assert_eq!(t.success(), None);
+        assert_eq!(t.failure(), None);
+        assert_eq!(t.failure(), None);
+        assert_eq!(t.failure(), Some(CheckStatus::Critical));
+    }
+
+    #[test]
+    fn not_serving_is_critical_at_once() {
+        let mut t = Thresholds::new(1, 5);
+        assert_eq!(t.success(), Some(CheckStatus::Passing));
+        assert_eq!(t.unhealthy(), Some(CheckStatus::Critical));
+        assert_eq!(t.failure(), None);
+        assert_eq!(t.success(), Some(CheckStatus::Passing));
+    }
+
+    #[test]
+    fn serving_statuses_map_to_observations() {
+        assert!(matches!(from_serving_status(1), Observation::Serving));
+        assert!(matches!(from_serving_status(2), Observation::NotServing(_)));
+        assert!(
+            matches!(from_serving_status(3), Observation::NotServing(s) if s.contains("SERVICE_UNKNOWN"))
+        );
+        assert!(matches!(
+            from_rpc_error(&Status::not_found("x")),
+            Observation::NotServing(_)
+        ));
+        assert!(matches!(
+            from_rpc_error(&Status::unavailable("x")),
+            Observation::Failed {
+                outcome: "error",
+                ..
+            }
+        ));
+    }
+}

@@ -1,0 +1,496 @@
+//! The reconciler: keeps one instance in Consul as the manifest and the probe's verdict say it should
+//! be. It owns the desired state; each step compares it with what it knows of Consul and makes one
+//! call towards it, so a step is safe to repeat at any time.
+//!
+//! What it knows of Consul comes from its own calls and from an anti-entropy watcher: a blocking
+//! query on the agent's service endpoint, which answers at once when the definition changes or the
+//! service disappears (agent restarted empty, someone deregistered it), and otherwise every
+//! `resyncInterval` (the periodic full resync). Consul errors are retried with capped exponential
+//! backoff and jitter; the probe goes on meanwhile and the latest verdict is pushed once Consul is back.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::time::sleep_until;
+use tokio_util::sync::CancellationToken;
+
+use crate::consul::{
+    AgentServiceRegistration, CheckStatus, ConsulClient, ConsulError, Drift, ServiceWatch,
+};
+use crate::manifest::{RetryPolicy, ServiceSpec};
+use crate::metrics::Metrics;
+use crate::probe::Verdict;
+use crate::status::StatusEntry;
+
+/// What the reconciler believes Consul holds for its instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum View {
+    /// Not looked yet (start-up).
+    Unknown,
+    Missing,
+    InSync,
+    Differs(&'static str),
+    NotOurs,
+}
+
+/// Capped exponential backoff with "equal jitter": each wait is between half and all of the
+/// current step, so many sidecars retrying at once spread out.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    policy: RetryPolicy,
+    next: Duration,
+}
+
+impl Backoff {
+    pub fn new(policy: RetryPolicy) -> Self {
+        Backoff {
+            policy,
+            next: policy.initial,
+        }
+    }
+
+    /// The next wait; the step doubles up to the cap.
+    pub fn next_delay(&mut self) -> Duration {
+        let step = self.next;
+        self.next = (self.next * 2).min(self.policy.max);
+        let half = step / 2;
+        half + half.mul_f64(fastrand::f64())
+    }
+
+    pub fn reset(&mut self) {
+        self.next = self.policy.initial;
+    }
+}
+
+/// Keeps one instance registered and its TTL check following the verdict.
+pub struct Reconciler {
+    spec: ServiceSpec,
+    desired: AgentServiceRegistration,
+    client: ConsulClient,
+    metrics: Arc<Metrics>,
+    status: StatusEntry,
+    retry: RetryPolicy,
+    resync_interval: Duration,
+}
+
+/// What the watcher tells the reconciler: what Consul answered (or that it did not), and when the
+/// question was asked, so that an answer older than our last registration is not mistaken for news.
+struct Sighting {
+    asked_at: Instant,
+    answer: Result<ServiceWatch, ()>,
+}
+
+impl Reconciler {
+    pub fn new(
+        spec: ServiceSpec,
+        client: ConsulClient,
+        metrics: Arc<Metrics>,
+        status: StatusEntry,
+        retry: RetryPolicy,
+        resync_interval: Duration,
+    ) -> Self {
+        let desired = AgentServiceRegistration::new(&spec, CheckStatus::Critical);
+        Reconciler {
+            spec,
+            desired,
+            client,
+            metrics,
+            status,
+            retry,
+            resync_interval,
+        }
+    }
+
+    fn labels(&self) -> [&str; 2] {
+        [&self.spec.name, &self.spec.id]
+    }
+
+    /// Runs until `cancel`. Never returns an error: Consul trouble is retried, logged and shown in
+    /// the status and metrics.
+    pub async fn run(self, mut verdicts: watch::Receiver<Verdict>, cancel: CancellationToken) {
+        let (sightings_tx, mut sightings) = mpsc::channel::<Sighting>(4);
+        let registered = Arc::new(Notify::new());
+        let watcher_cancel = cancel.child_token();
+        let _stop_watcher = watcher_cancel.clone().drop_guard();
+        tokio::spawn(watch_instance(
+            self.client.clone(),
+            self.spec.id.clone(),
+            self.resync_interval,
+            self.retry,
+            sightings_tx,
+            Arc::clone(&registered),
+            watcher_cancel,
+        ));
+
+        let mut view = View::Unknown;
+        let mut acked: Option<(CheckStatus, String)> = None;
+        let mut ever_registered = false;
+        let mut backoff = Backoff::new(self.retry);
+        let mut retry_at: Option<Instant> = None;
+        let mut last_logged: Option<String> = None;
+        let refresh_every = self.spec.check.ttl / 3;
+        let mut refresh_due = Instant::now();
+        let mut registered_at: Option<Instant> = None;
+
+        loop {
+            if retry_at.is_none() {
+                let verdict = verdicts.borrow_and_update().clone();
+                let step = self
+                    .step(
+                        &mut view,
+                        &mut acked,
+                        &verdict,
+                        refresh_due,
+                        &mut ever_registered,
+                    )
+                    .await;
+                match step {
+                    Ok(progress) => {
+                        backoff.reset();
+                        if last_logged.take().is_some() {
+                            tracing::info!(instance = %self.spec.id, "Consul is in step again");
+                        }
+                        self.status.update(|s| s.consul.last_error = None);
+                        if let Some(when) = progress.refreshed_at {
+                            refresh_due = when + refresh_every;
+                        }
+                        if progress.registered {
+                            registered_at = Some(Instant::now());
+                            registered.notify_one();
+                        }
+                        if progress.again {
+                            continue;
+                        }
+                    }
+                    Err(e) => {
+                        let delay = match &e {
+                            StepError::NotOurs => self.retry.max.max(Duration::from_secs(10)),
+                            _ => backoff.next_delay(),
+                        };
+                        retry_at = Some(Instant::now() + delay);
+                        self.report_error(&e, &mut last_logged);
+                    }
+                }
+            }
+
+            let wake_retry = async {
+                match retry_at {
+                    Some(t) => sleep_until(t.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let wake_refresh = async {
+                match (&acked, retry_at) {
+                    (Some(_), None) => sleep_until(refresh_due.into()).await,
+                    _ => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = wake_retry => retry_at = None,
+                _ = wake_refresh => {}
+                changed = verdicts.changed() => {
+                    if changed.is_err() {
+                        return; // the probe is gone: the sidecar is stopping
+                    }
+                }
+                sighting = sightings.recv() => {
+                    let Some(Sighting { asked_at, answer }) = sighting else { return };
+                    if registered_at.is_some_and(|r| asked_at < r) {
+                        continue; // asked before our last registration: stale
+                    }
+                    match answer {
+                        Ok(ServiceWatch::Missing) => view = View::Missing,
+                        Ok(ServiceWatch::Present { service, .. }) => {
+                            view = match service.drift_from(&self.desired) {
+                                Drift::InSync => View::InSync,
+                                Drift::Changed { field } => View::Differs(field),
+                                Drift::NotOurs => View::NotOurs,
+                                Drift::Missing => View::Missing,
+                            };
+                        }
+                        // The watcher lost Consul; our own calls will find out more.
+                        Err(()) => continue,
+                    }
+                    // Consul answered the watcher, so it is worth trying now.
+                    retry_at = None;
+                    backoff.reset();
+                }
+            }
+        }
+    }
+
+    /// One step towards the desired state.
+    async fn step(
+        &self,
+        view: &mut View,
+        acked: &mut Option<(CheckStatus, String)>,
+        verdict: &Verdict,
+        refresh_due: Instant,
+        ever_registered: &mut bool,
+    ) -> Result<Progress, StepError> {
+        let [service, instance] = self.labels();
+        match view.clone() {
+            View::Unknown => {
+                let seen = self
+                    .client
+                    .watch_service(&self.spec.id, None, Duration::ZERO)
+                    .await?;
+                *view = match seen {
+                    ServiceWatch::Missing => View::Missing,
+                    ServiceWatch::Present { service, .. } => {
+                        match service.drift_from(&self.desired) {
+                            Drift::InSync => View::InSync,
+                            Drift::Changed { field } => View::Differs(field),
+                            Drift::NotOurs => View::NotOurs,
+                            Drift::Missing => View::Missing,
+                        }
+                    }
+                };
+                Ok(Progress::again())
+            }
+            View::NotOurs => Err(StepError::NotOurs),
+            View::Missing | View::Differs(_) => {
+                let reason = match view {
+                    View::Differs(field) => {
+                        tracing::warn!(%instance, %field, "instance in Consul differs from the manifest; registering it again");
+                        Some("changed")
+                    }
+                    _ if *ever_registered => {
+                        tracing::warn!(%instance, "instance is missing from Consul; registering it again");
+                        Some("missing")
+                    }
+                    _ => None,
+                };
+                self.set_registered(false);
+                let mut body = self.desired.clone();
+                body.checks[0].status = verdict.status;
+                self.client.register(&body).await?;
+                // Consul starts the check with an empty output; say what the probe saw.
+                self.client
+                    .update_ttl(&self.spec.check.id, verdict.status, &verdict.output)
+                    .await?;
+                if let Some(reason) = reason {
+                    self.metrics
+                        .repairs
+                        .with_label_values(&[service, instance, reason])
+                        .inc();
+                    self.status.update(|s| s.consul.repairs += 1);
+                } else {
+                    tracing::info!(%instance, status = %verdict.status, "registered instance");
+                }
+                *ever_registered = true;
+                *view = View::InSync;
+                self.acknowledge(acked, verdict);
+                Ok(Progress {
+                    registered: true,
+                    ..Progress::refreshed()
+                })
+            }
+            View::InSync => {
+                let changed = acked.as_ref() != Some(&(verdict.status, verdict.output.clone()));
+                if !changed && Instant::now() < refresh_due {
+                    return Ok(Progress::idle());
+                }
+                match self
+                    .client
+                    .update_ttl(&self.spec.check.id, verdict.status, &verdict.output)
+                    .await
+                {
+                    Ok(()) => {
+                        self.acknowledge(acked, verdict);
+                        Ok(Progress::refreshed())
+                    }
+                    Err(ConsulError::NotFound { .. }) => {
+                        *view = View::Missing;
+                        *acked = None;
+                        Ok(Progress::again())
+                    }
+                    Err(e) => Err(e.into()),
+                }
+            }
+        }
+    }
+
+    /// Records that Consul now holds `verdict`.
+    fn acknowledge(&self, acked: &mut Option<(CheckStatus, String)>, verdict: &Verdict) {
+        let status_changed = acked.as_ref().map(|a| a.0) != Some(verdict.status);
+        if status_changed && acked.is_some() {
+            self.metrics
+                .sync_lag
+                .observe(verdict.changed_at.elapsed().as_secs_f64());
+        }
+        if status_changed && acked.is_some() {
+            tracing::info!(instance = %self.spec.id, status = %verdict.status, "Consul check updated");
+        }
+        *acked = Some((verdict.status, verdict.output.clone()));
+        self.set_registered(true);
+        self.status.update(|s| {
+            if status_changed {
+                s.consul.changed_at = SystemTime::now();
+            }
+            s.consul.status = Some(verdict.status.as_str());
+            s.consul.ever_registered = true;
+        });
+    }
+
+    fn set_registered(&self, registered: bool) {
+        let [service, instance] = self.labels();
+        self.metrics
+            .instance_registered
+            .with_label_values(&[service, instance])
+            .set(i64::from(registered));
+        self.status.update(|s| s.consul.registered = registered);
+    }
+
+    /// Logs an error when it is new (not on every retry) and shows it in the status.
+    fn report_error(&self, e: &StepError, last_logged: &mut Option<String>) {
+        let text = e.to_string();
+        if last_logged.as_deref() != Some(&text) {
+            match e {
+                StepError::Consul(ConsulError::Forbidden { .. }) | StepError::NotOurs => {
+                    tracing::error!(instance = %self.spec.id, error = %text, "cannot sync with Consul; retrying with backoff")
+                }
+                _ => {
+                    tracing::warn!(instance = %self.spec.id, error = %text, "cannot sync with Consul; retrying with backoff")
+                }
+            }
+            *last_logged = Some(text.clone());
+        }
+        self.set_registered(false);
+        self.status.update(|s| s.consul.last_error = Some(text));
+    }
+}
+
+/// What a successful step did.
+struct Progress {
+    /// Take another step at once (the view changed).
+    again: bool,
+    /// The instance was (re-)registered: the watcher may resume.
+    registered: bool,
+    /// Consul's TTL timer was reset at this moment.
+    refreshed_at: Option<Instant>,
+}
+
+impl Progress {
+    fn again() -> Self {
+        Progress {
+            again: true,
+            registered: false,
+            refreshed_at: None,
+        }
+    }
+    fn idle() -> Self {
+        Progress {
+            again: false,
+            registered: false,
+            refreshed_at: None,
+        }
+    }
+    fn refreshed() -> Self {
+        Progress {
+            again: false,
+            registered: false,
+            refreshed_at: Some(Instant::now()),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum StepError {
+    #[error(transparent)]
+    Consul(#[from] ConsulError),
+    #[error(
+        "an instance with this ID exists in Consul but was not registered by consul-registrar (no managed-by meta); leaving it alone"
+    )]
+    NotOurs,
+}
+
+/// The anti-entropy watcher: a blocking query on the instance, re-armed after every answer. A
+/// `Missing` answer pauses it until the reconciler has registered again (or a resync interval
+/// passes), so a vanished instance is not polled in a tight loop.
+async fn watch_instance(
+    client: ConsulClient,
+    id: String,
+    wait: Duration,
+    retry: RetryPolicy,
+    sightings: mpsc::Sender<Sighting>,
+    registered: Arc<Notify>,
+    cancel: CancellationToken,
+) {
+    let mut hash: Option<String> = None;
+    let mut backoff = Backoff::new(retry);
+    loop {
+        let asked_at = Instant::now();
+        let answer = tokio::select! {
+            _ = cancel.cancelled() => return,
+            a = client.watch_service(&id, Some(hash.as_deref().unwrap_or("")), wait) => a,
+        };
+        match answer {
+            Ok(ServiceWatch::Present { service, hash: h }) => {
+                backoff.reset();
+                // An unchanged hash after `wait` is the periodic resync: it is reported all the same.
+                hash = Some(h);
+                let answer = Ok(ServiceWatch::Present {
+                    service,
+                    hash: String::new(),
+                });
+                if sightings.send(Sighting { asked_at, answer }).await.is_err() {
+                    return;
+                }
+            }
+            Ok(ServiceWatch::Missing) => {
+                backoff.reset();
+                hash = None;
+                let answer = Ok(ServiceWatch::Missing);
+                if sightings.send(Sighting { asked_at, answer }).await.is_err() {
+                    return;
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = registered.notified() => {}
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+            Err(_) => {
+                hash = None;
+                if sightings
+                    .send(Sighting {
+                        asked_at,
+                        answer: Err(()),
+                    })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(backoff.next_delay()) => {}
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_with_jitter() {
+        let mut b = Backoff::new(RetryPolicy {
+            initial: Duration::from_millis(100),
+            max: Duration::from_millis(400),
+        });
+        let waits: Vec<Duration> = (0..5).map(|_| b.next_delay()).collect();
+        let steps = [100, 200, 400, 400, 400];
+        for (w, s) in waits.iter().zip(steps) {
+            let s = Duration::from_millis(s);
+            assert!(*w >= s / 2 && *w <= s, "{w:?} outside [{:?}, {s:?}]", s / 2);
+        }
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+}
