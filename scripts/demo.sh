@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# The local demo: a Consul dev agent, the demo gRPC app and the sidecar with examples/manifest.yaml.
+# The demo app flips between SERVING and NOT_SERVING every DEMO_FLIP_SECONDS; the script prints what
+# Consul reports for the instance after each flip. Ctrl-C (or DEMO_FLIPS flips) sends SIGTERM to the
+# sidecar, which drains and deregisters; the script shows the instance gone and stops everything.
+#
+# Ports (all on 127.0.0.1) can be moved with CONSUL_PORT, APP_PORT, CONTROL_PORT, ADMIN_PORT.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CONSUL_PORT="${CONSUL_PORT:-8500}"
+APP_PORT="${APP_PORT:-50051}"
+CONTROL_PORT="${CONTROL_PORT:-8080}"
+ADMIN_PORT="${ADMIN_PORT:-9102}"
+DEMO_FLIPS="${DEMO_FLIPS:-0}"            # 0: until Ctrl-C
+DEMO_FLIP_SECONDS="${DEMO_FLIP_SECONDS:-5}"
+
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+consul_bin=$(bash scripts/consul.sh)
+say "building the sidecar and the demo app"
+cargo build --quiet --bin consul-registrar --example demo-app
+target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+registrar="$target_dir/debug/consul-registrar"
+demo_app="$target_dir/debug/examples/demo-app"
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/consul-registrar-demo.XXXXXX")
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+say "starting a Consul dev agent on 127.0.0.1:$CONSUL_PORT"
+"$consul_bin" agent -dev -bind 127.0.0.1 -client 127.0.0.1 -node demo \
+  -http-port "$CONSUL_PORT" -dns-port -1 -grpc-port -1 -grpc-tls-port -1 \
+  -server-port "$(free_port)" -serf-lan-port "$(free_port)" -serf-wan-port "$(free_port)" \
+  >"$work/consul.log" 2>&1 &
+pids+=($!)
+consul="http://127.0.0.1:$CONSUL_PORT"
+for _ in $(seq 1 100); do
+  leader=$(curl -fsS "$consul/v1/status/leader" 2>/dev/null || true)
+  [ -n "$leader" ] && [ "$leader" != '""' ] && break
+  sleep 0.1
+done
+[ -n "${leader:-}" ] && [ "$leader" != '""' ] || { cat "$work/consul.log"; echo "Consul did not start" >&2; exit 1; }
+
+say "starting the demo gRPC app on 127.0.0.1:$APP_PORT (control port $CONTROL_PORT)"
+"$demo_app" serve --listen "127.0.0.1:$APP_PORT" --control "127.0.0.1:$CONTROL_PORT" \
+  --health-service helloworld.Greeter >"$work/app.log" 2>&1 &
+pids+=($!)
+
+say "starting consul-registrar with examples/manifest.yaml"
+CONSUL_HTTP_ADDR="$consul" APP_PORT="$APP_PORT" ADMIN_ADDR="127.0.0.1:$ADMIN_PORT" \
+  "$registrar" run --manifest examples/manifest.yaml &
+registrar_pid=$!
+pids+=("$registrar_pid")
+
+echo
+echo "Consul UI:      http://127.0.0.1:$CONSUL_PORT/ui/dc1/services/hello/instances"
+echo "Sidecar status: http://127.0.0.1:$ADMIN_PORT/status   metrics: http://127.0.0.1:$ADMIN_PORT/metrics"
+
+consul_view() {
+  curl -fsS "$consul/v1/health/service/hello" | python3 -c '
+import json, sys
+entries = json.load(sys.stdin)
+if not entries:
+    print("Consul: no instance of hello")
+for e in entries:
+    checks = [c for c in e["Checks"] if c["CheckID"].startswith("consul-registrar:")]
+    for c in checks:
+        print(f"Consul: {e[\"Service\"][\"ID\"]} is {c[\"Status\"].upper()}  ({c[\"Output\"]})")
+'
+}
+
+wait_for_status() { # wait_for_status passing|critical
+  for _ in $(seq 1 50); do
+    curl -fsS "$consul/v1/health/checks/hello" | grep -q "\"Status\":\"$1\"" && return 0
+    sleep 0.1
+  done
+  return 1
+}
+
+stop_demo() {
+  say "stopping: SIGTERM to the sidecar (drain: critical at once, then deregister after the delay)"
+  kill -TERM "$registrar_pid" 2>/dev/null || true
+  sleep 0.3
+  consul_view
+  wait "$registrar_pid" && echo "consul-registrar exited with status 0" || echo "consul-registrar exited with status $?"
+  consul_view
+  exit 0
+}
+trap stop_demo INT TERM
+
+wait_for_status passing || true
+say "the app is SERVING"
+consul_view
+flips=0
+serving=true
+while [ "$DEMO_FLIPS" = 0 ] || [ "$flips" -lt "$DEMO_FLIPS" ]; do
+  sleep "$DEMO_FLIP_SECONDS" &
+  wait $! || true
+  if $serving; then
+    say "flipping the app to NOT_SERVING"
+    curl -fsS -X POST "http://127.0.0.1:$CONTROL_PORT/not-serving" >/dev/null
+    serving=false
+    wait_for_status critical || true
+  else
+    say "flipping the app back to SERVING"
+    curl -fsS -X POST "http://127.0.0.1:$CONTROL_PORT/serving" >/dev/null
+    serving=true
+    wait_for_status passing || true
+  fi
+  consul_view
+  flips=$((flips + 1))
+done
+stop_demo
