@@ -1,0 +1,514 @@
+//! The sidecar against a real Consul agent and the real demo app: what Consul itself reports over
+//! its HTTP API as the app flips, dies and restarts, as Consul loses state, and as the sidecar drains.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::sidecar::Sidecar;
+use support::{ConsulAgent, ConsulOptions, DemoApp, DemoAppOptions, wait_until};
+
+const SECOND: Duration = Duration::from_secs(1);
+
+/// A manifest for one instance `id` of service `hello` pointing at the demo app on `app_port`.
+fn manifest(consul: &str, app_port: u16, id: &str, health: &str, extra: &str) -> String {
+    format!(
+        "consul:
+  address: {consul}
+  retry:
+    initial: 50ms
+    max: 500ms
+{extra}
+drain:
+  delay: 1s
+  deregisterTimeout: 3s
+services:
+  - name: hello
+    id: {id}
+    address: 127.0.0.1
+    port: {app_port}
+    tags: [grpc, v1]
+    meta:
+      version: v1
+    weights:
+      passing: 7
+    health:
+      service: helloworld.Greeter
+      interval: 200ms
+      timeout: 200ms
+      failureThreshold: 2
+{health}
+    check:
+      ttl: 5s
+"
+    )
+}
+
+async fn status_becomes(
+    consul: &ConsulAgent,
+    id: &str,
+    want: Option<&str>,
+    timeout: Duration,
+) -> bool {
+    wait_until(timeout, || async {
+        consul.check_status("hello", id).await.as_deref() == want
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registers_with_the_manifest_fields_and_follows_health_via_watch() {
+    let consul = ConsulAgent::start_dev().await;
+    let app = DemoApp::start(DemoAppOptions {
+        start_serving: false,
+        ..Default::default()
+    })
+    .await;
+    let sidecar = Sidecar::start(
+        &manifest(
+            &consul.http_addr(),
+            app.port(),
+            "hello-1",
+            "      mode: watch",
+            "",
+        ),
+        &[],
+    );
+
+    assert!(
+        status_becomes(&consul, "hello-1", Some("critical"), 10 * SECOND).await,
+        "never registered"
+    );
+    let catalog = consul.catalog_service("hello").await;
+    assert_eq!(catalog.len(), 1);
+    let svc = &catalog[0];
+    assert_eq!(svc["ServiceID"], "hello-1");
+    assert_eq!(svc["ServiceAddress"], "127.0.0.1");
+    assert_eq!(svc["ServicePort"], app.port());
+    assert_eq!(svc["ServiceTags"], serde_json::json!(["grpc", "v1"]));
+    assert_eq!(svc["ServiceMeta"]["version"], "v1");
+    assert_eq!(svc["ServiceMeta"]["managed-by"], "consul-registrar");
+    assert_eq!(svc["ServiceWeights"]["Passing"], 7);
+
+    app.set_serving(true).await;
+    assert!(
+        status_becomes(&consul, "hello-1", Some("passing"), 2 * SECOND).await,
+        "SERVING did not pass"
+    );
+    app.set_serving(false).await;
+    assert!(
+        status_becomes(&consul, "hello-1", Some("critical"), 2 * SECOND).await,
+        "NOT_SERVING did not turn critical"
+    );
+    app.set_serving(true).await;
+    assert!(status_becomes(&consul, "hello-1", Some("passing"), 2 * SECOND).await);
+
+    let (_, status) = sidecar.get("/status").await;
+    let status: serde_json::Value = serde_json::from_str(&status).expect("status JSON");
+    assert_eq!(status["instances"][0]["probe"]["mode"], "watch");
+    assert_eq!(status["instances"][0]["probe"]["verdict"], "passing");
+    assert_eq!(sidecar.metric("consul_registrar_health_transitions_total{instance=\"hello-1\",service=\"hello\",to=\"passing\"}").await, Some(2.0));
+    assert_eq!(sidecar.metric("consul_registrar_health_transitions_total{instance=\"hello-1\",service=\"hello\",to=\"critical\"}").await, Some(1.0));
+    assert_eq!(
+        sidecar
+            .metric("consul_registrar_instance_healthy{instance=\"hello-1\",service=\"hello\"}")
+            .await,
+        Some(1.0)
+    );
+    assert!(
+        sidecar
+            .metric("consul_registrar_sync_lag_seconds_count")
+            .await
+            .unwrap_or(0.0)
+            >= 3.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poll_mode_and_the_fallback_from_an_app_without_watch_follow_health() {
+    let consul = ConsulAgent::start_dev().await;
+    // An app that answers Watch with UNIMPLEMENTED: `auto` falls back to polling Check.
+    let legacy = DemoApp::start(DemoAppOptions {
+        no_watch: true,
+        ..Default::default()
+    })
+    .await;
+    let app = DemoApp::start(DemoAppOptions::default()).await;
+    let auto = Sidecar::start(
+        &manifest(
+            &consul.http_addr(),
+            legacy.port(),
+            "legacy-1",
+            "      mode: auto",
+            "",
+        ),
+        &[],
+    );
+    let poll = Sidecar::start(
+        &manifest(
+            &consul.http_addr(),
+            app.port(),
+            "poll-1",
+            "      mode: poll",
+            "",
+        ),
+        &[],
+    );
+
+    for (app, id) in [(&legacy, "legacy-1"), (&app, "poll-1")] {
+        assert!(
+            status_becomes(&consul, id, Some("passing"), 10 * SECOND).await,
+            "{id} never passed"
+        );
+        app.set_serving(false).await;
+        assert!(
+            status_becomes(&consul, id, Some("critical"), 2 * SECOND).await,
+            "{id} did not turn critical"
+        );
+        app.set_serving(true).await;
+        assert!(
+            status_becomes(&consul, id, Some("passing"), 2 * SECOND).await,
+            "{id} did not pass again"
+        );
+    }
+    for sidecar in [&auto, &poll] {
+        let (_, status) = sidecar.get("/status").await;
+        assert!(status.contains("\"mode\":\"poll\""), "{status}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_app_turns_critical_and_a_restarted_one_passes_again() {
+    let consul = ConsulAgent::start_dev().await;
+    let mut app = DemoApp::start(DemoAppOptions::default()).await;
+    let mut sidecar = Sidecar::start(
+        &manifest(&consul.http_addr(), app.port(), "hello-1", "", ""),
+        &[],
+    );
+    assert!(status_becomes(&consul, "hello-1", Some("passing"), 10 * SECOND).await);
+
+    app.kill();
+    // failureThreshold 2 × interval 200 ms, plus a margin for the machine.
+    assert!(
+        status_becomes(&consul, "hello-1", Some("critical"), 3 * SECOND).await,
+        "killed app still passing"
+    );
+    let checks = consul.health_service("hello").await;
+    let output = checks[0]["Checks"]
+        .as_array()
+        .and_then(|c| {
+            c.iter()
+                .find(|c| c["CheckID"] == "consul-registrar:hello-1")
+        })
+        .map(|c| c["Output"].to_string())
+        .unwrap_or_default();
+    assert!(
+        output.contains("failed 2 times"),
+        "check output should say what the probe saw: {output}"
+    );
+
+    app.restart().await;
+    assert!(
+        status_becomes(&consul, "hello-1", Some("passing"), 5 * SECOND).await,
+        "restarted app not passing"
+    );
+    assert!(
+        sidecar.wait_exit(Duration::ZERO).is_none(),
+        "the sidecar must outlive its app"
+    );
+    assert!(sidecar.metric("consul_registrar_probe_results_total{instance=\"hello-1\",outcome=\"error\",service=\"hello\"}").await.unwrap_or(0.0) >= 2.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_lost_by_consul_is_back_within_two_seconds() {
+    let mut consul = ConsulAgent::start_dev().await;
+    let app = DemoApp::start(DemoAppOptions::default()).await;
+    let sidecar = Sidecar::start(
+        &manifest(&consul.http_addr(), app.port(), "hello-1", "", ""),
+        &[],
+    );
+    assert!(status_becomes(&consul, "hello-1", Some("passing"), 10 * SECOND).await);
+
+    // Someone deregisters it by hand.
+    consul.deregister_raw("hello-1").await;
+    let gone = Instant::now();
+    assert!(
+        status_becomes(&consul, "hello-1", Some("passing"), 2 * SECOND).await,
+        "not back within 2 s of a manual deregistration"
+    );
+    eprintln!("back {:?} after the manual deregistration", gone.elapsed());
+
+    // The agent restarts with its state wiped.
+    consul.restart_wiped().await;
+    let answering = Instant::now();
+    assert!(
+        status_becomes(&consul, "hello-1", Some("passing"), 2 * SECOND).await,
+        "not back within 2 s of Consul answering"
+    );
+    eprintln!("back {:?} after Consul answered again", answering.elapsed());
+    assert!(sidecar.metric("consul_registrar_repairs_total{instance=\"hello-1\",reason=\"missing\",service=\"hello\"}").await.unwrap_or(0.0) >= 2.0);
+    assert_eq!(
+        consul.catalog_service("hello").await.len(),
+        1,
+        "duplicate instances"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_started_before_consul_registers_once_consul_appears() {
+    let mut consul = ConsulAgent::prepare(ConsulOptions::default());
+    let app = DemoApp::start(DemoAppOptions::default()).await;
+    let mut sidecar = Sidecar::start(
+        &manifest(&consul.http_addr(), app.port(), "hello-1", "", ""),
+        &[],
+    );
+    tokio::time::sleep(SECOND).await;
+    assert_eq!(
+        sidecar.get("/readyz").await.0,
+        503,
+        "ready before registering"
+    );
+    assert_eq!(
+        sidecar.metric("consul_registrar_consul_reachable").await,
+        Some(0.0)
+    );
+    assert!(
+        sidecar.wait_exit(Duration::ZERO).is_none(),
+        "the sidecar must not exit while Consul is absent"
+    );
+
+    consul.start().await;
+    assert!(
+        status_becomes(&consul, "hello-1", Some("passing"), 3 * SECOND).await,
+        "did not register once Consul appeared"
+    );
+    assert!(
+        wait_until(2 * SECOND, || async {
+            sidecar.get("/readyz").await.0 == 200
+        })
+        .await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_marks_critical_at_once_then_deregisters_and_exits_zero() {
+    let consul = ConsulAgent::start_dev().await;
+    let app = DemoApp::start(DemoAppOptions::default()).await;
+    let mut sidecar = Sidecar::start(
+        &manifest(&consul.http_addr(), app.port(), "hello-1", "", ""),
+        &[],
+    );
+    assert!(status_becomes(&consul, "hello-1", Some("passing"), 10 * SECOND).await);
+
+    let t0 = Instant::now();
+    sidecar.signal("TERM");
+    assert!(
+        status_becomes(&consul, "hello-1", Some("critical"), SECOND / 2).await,
+        "not critical at once"
+    );
+    assert!(
+        status_becomes(&consul, "hello-1", None, 3 * SECOND).await,
+        "not deregistered after the delay"
+    );
+    let gone_after = t0.elapsed();
+    assert!(
+        gone_after >= Duration::from_millis(900),
+        "deregistered before the 1 s drain delay: {gone_after:?}"
+    );
+    let status = sidecar.wait_exit(5 * SECOND).expect("exits after draining");
+    assert_eq!(status.code(), Some(0), "{}", sidecar.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_skips_the_rest_of_the_drain_delay() {
+    let consul = ConsulAgent::start_dev().await;
+    let app = DemoApp::start(DemoAppOptions::default()).await;
+    let long_delay = manifest(&consul.http_addr(), app.port(), "hello-1", "", "")
+        .replace("delay: 1s", "delay: 30s");
+    let mut sidecar = Sidecar::start(&long_delay, &[]);
+    assert!(status_becomes(&consul, "hello-1", Some("passing"), 10 * SECOND).await);
+
+    sidecar.signal("TERM");
+    assert!(status_becomes(&consul, "hello-1", Some("critical"), SECOND).await);
+    let t0 = Instant::now();
+    sidecar.signal("TERM");
+    assert!(
+        status_becomes(&consul, "hello-1", None, 3 * SECOND).await,
+        "second SIGTERM did not cut the delay short"
+    );
+    let status = sidecar.wait_exit(5 * SECOND).expect("exits");
+    assert_eq!(status.code(), Some(0));
+    assert!(t0.elapsed() < 5 * SECOND);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_sidecar_adopts_its_instance_and_leaves_foreign_ones_alone() {
+    let consul = ConsulAgent::start_dev().await;
+    let app = DemoApp::start(DemoAppOptions::default()).await;
+    let text = manifest(&consul.http_addr(), app.port(), "hello-1", "", "");
+    let first = Sidecar::start(&text, &[]);
+    assert!(status_becomes(&consul, "hello-1", Some("passing"), 10 * SECOND).await);
+    let index_before =
+        consul.agent_service("hello-1").await.expect("registered")["ContentHash"].clone();
+    first.signal("KILL");
+    drop(first);
+
+    let second = Sidecar::start(&text, &[]);
+    assert!(
+        wait_until(5 * SECOND, || async {
+            second.get("/readyz").await.0 == 200
+        })
+        .await
+    );
+    assert_eq!(
+        consul.catalog_service("hello").await.len(),
+        1,
+        "a restart must not duplicate the instance"
+    );
+    assert_eq!(
+        consul.agent_service("hello-1").await.expect("still there")["ContentHash"],
+        index_before,
+        "re-registered an instance that was in sync"
+    );
+    assert!(
+        !second.logs().contains("registering it again"),
+        "{}",
+        second.logs()
+    );
+
+    // An instance registered by someone else under an ID in our manifest is not touched.
+    consul
+        .register_raw(serde_json::json!({"ID": "foreign-1", "Name": "hello", "Port": 1, "Address": "127.0.0.9"}))
+        .await;
+    let foreign = Sidecar::start(
+        &manifest(&consul.http_addr(), app.port(), "foreign-1", "", ""),
+        &[],
+    );
+    assert!(
+        wait_until(3 * SECOND, || async {
+            foreign
+                .logs()
+                .contains("not registered by consul-registrar")
+        })
+        .await,
+        "{}",
+        foreign.logs()
+    );
+    let svc = consul
+        .agent_service("foreign-1")
+        .await
+        .expect("foreign instance kept");
+    assert_eq!(svc["Port"], 1);
+    assert_eq!(svc["Address"], "127.0.0.9");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acl_consul_works_with_a_token_file_and_refuses_a_wrong_token_without_logging_it() {
+    let consul = ConsulAgent::start_with(ConsulOptions {
+        acl: true,
+        ..Default::default()
+    })
+    .await;
+    let app = DemoApp::start(DemoAppOptions::default()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token_file = dir.path().join("token");
+    std::fs::write(
+        &token_file,
+        consul
+            .registrar_token()
+            .expect("ACL agent has a registrar token"),
+    )
+    .expect("write token");
+
+    let good = Sidecar::start(
+        &manifest(
+            &consul.http_addr(),
+            app.port(),
+            "hello-1",
+            "",
+            &format!("  tokenFile: {}", token_file.display()),
+        ),
+        &[],
+    );
+    assert!(
+        status_becomes(&consul, "hello-1", Some("passing"), 10 * SECOND).await,
+        "{}",
+        good.logs()
+    );
+
+    let wrong = "00000000-dead-beef-0000-000000000000";
+    let bad = Sidecar::start(
+        &manifest(&consul.http_addr(), app.port(), "hello-2", "", ""),
+        &[("CONSUL_HTTP_TOKEN", wrong)],
+    );
+    assert!(
+        wait_until(5 * SECOND, || async { bad.logs().contains("ACL token") }).await,
+        "no hint about the token: {}",
+        bad.logs()
+    );
+    assert_eq!(consul.check_status("hello", "hello-2").await, None);
+    assert_eq!(bad.get("/readyz").await.0, 503);
+    for (name, logs) in [("good", good.logs()), ("bad", bad.logs())] {
+        assert!(!logs.contains(wrong), "{name} sidecar logged the token");
+        assert!(
+            !logs.contains(consul.registrar_token().unwrap_or("-")),
+            "{name} sidecar logged the token"
+        );
+    }
+    let (_, status) = bad.get("/status").await;
+    assert!(
+        status.contains("403"),
+        "status should show the refusal: {status}"
+    );
+    assert!(!status.contains(wrong));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_consul_works_with_the_right_ca_and_refuses_a_wrong_one() {
+    let consul = ConsulAgent::start_with(ConsulOptions {
+        tls: true,
+        ..Default::default()
+    })
+    .await;
+    let app = DemoApp::start(DemoAppOptions::default()).await;
+    let ca = consul
+        .ca_file()
+        .expect("TLS agent has a CA")
+        .display()
+        .to_string();
+    let good = Sidecar::start(
+        &manifest(
+            &consul.http_addr(),
+            app.port(),
+            "hello-1",
+            "",
+            &format!("  tls:\n    caFile: {ca}\n    serverName: localhost"),
+        ),
+        &[],
+    );
+    assert!(
+        status_becomes(&consul, "hello-1", Some("passing"), 10 * SECOND).await,
+        "{}",
+        good.logs()
+    );
+
+    let wrong_ca = consul
+        .wrong_ca_file()
+        .expect("a second CA")
+        .display()
+        .to_string();
+    let bad = Sidecar::start(
+        &manifest(&consul.http_addr(), app.port(), "hello-2", "", ""),
+        &[("CONSUL_CACERT", wrong_ca.as_str())],
+    );
+    assert!(
+        wait_until(5 * SECOND, || async {
+            let l = bad.logs();
+            l.contains("certificate") || l.contains("UnknownIssuer")
+        })
+        .await,
+        "no clear TLS error: {}",
+        bad.logs()
+    );
+    assert_eq!(consul.check_status("hello", "hello-2").await, None);
+}
