@@ -26,7 +26,12 @@ demo_app="$target_dir/debug/examples/demo-app"
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/consul-registrar-demo.XXXXXX")
 pids=()
+registrar_pid=""
 cleanup() {
+  # The sidecar first, so that it can still reach Consul to deregister; then the rest.
+  if [ -n "$registrar_pid" ] && kill -TERM "$registrar_pid" 2>/dev/null; then
+    wait "$registrar_pid" 2>/dev/null || true
+  fi
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
   rm -rf "$work"
@@ -58,7 +63,6 @@ say "starting consul-registrar with examples/manifest.yaml"
 CONSUL_HTTP_ADDR="$consul" APP_PORT="$APP_PORT" ADMIN_ADDR="127.0.0.1:$ADMIN_PORT" \
   "$registrar" run --manifest examples/manifest.yaml &
 registrar_pid=$!
-pids+=("$registrar_pid")
 
 echo
 echo "Consul UI:      http://127.0.0.1:$CONSUL_PORT/ui/dc1/services/hello/instances"
@@ -71,9 +75,10 @@ entries = json.load(sys.stdin)
 if not entries:
     print("Consul: no instance of hello")
 for e in entries:
-    checks = [c for c in e["Checks"] if c["CheckID"].startswith("consul-registrar:")]
-    for c in checks:
-        print(f"Consul: {e[\"Service\"][\"ID\"]} is {c[\"Status\"].upper()}  ({c[\"Output\"]})")
+    instance = e["Service"]["ID"]
+    for c in e["Checks"]:
+        if c["CheckID"].startswith("consul-registrar:"):
+            print("Consul: %s is %s  (%s)" % (instance, c["Status"].upper(), c["Output"]))
 '
 }
 
@@ -90,9 +95,12 @@ stop_demo() {
   kill -TERM "$registrar_pid" 2>/dev/null || true
   sleep 0.3
   consul_view
-  wait "$registrar_pid" && echo "consul-registrar exited with status 0" || echo "consul-registrar exited with status $?"
+  status=0
+  wait "$registrar_pid" || status=$?
+  registrar_pid=""
+  echo "consul-registrar exited with status $status"
   consul_view
-  exit 0
+  exit "$status"
 }
 trap stop_demo INT TERM
 

@@ -264,8 +264,16 @@ impl Reconciler {
                     _ => None,
                 };
                 self.set_registered(false);
+                // The first registration starts critical and the verdict follows as a status
+                // change, which Consul syncs to the catalog with its output at once (an
+                // output-only change waits for check_update_interval). A repair registers the
+                // current status directly, so watchers see no flap.
                 let mut body = self.desired.clone();
-                body.checks[0].status = verdict.status;
+                body.checks[0].status = if *ever_registered {
+                    verdict.status
+                } else {
+                    CheckStatus::Critical
+                };
                 self.client.register(&body).await?;
                 // Consul starts the check with an empty output; say what the probe saw.
                 self.client

@@ -170,15 +170,19 @@ impl Drainer {
         let retry = self.retry;
         let results = join_all(self.services.iter().map(|s| async move {
             let mut backoff = Backoff::new(retry);
+            let mut attempts = 0u32;
             loop {
+                attempts += 1;
                 match client.deregister(&s.id).await {
                     Ok(()) => return Ok(()),
                     Err(e) => {
                         let wait = backoff.next_delay();
                         if Instant::now() + wait >= deadline {
-                            return Err(format!("{}: {e}", s.id));
+                            return Err(format!("{} (after {attempts} attempts): {e}", s.id));
                         }
-                        tracing::warn!(instance = %s.id, error = %e, "deregistration failed; retrying");
+                        if attempts == 1 {
+                            tracing::warn!(instance = %s.id, error = %e, "deregistration failed; retrying until the deadline");
+                        }
                         tokio::time::sleep(wait).await;
                     }
                 }
