@@ -1,0 +1,135 @@
+//! The command line as users and Kubernetes see it: `probe` with grpc_health_probe's exit codes,
+//! `--version`, JSON logs, and a shutdown that cannot reach Consul ending with a clear error.
+
+mod support;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use support::sidecar::Sidecar;
+use support::{ConsulAgent, DemoApp, DemoAppOptions, wait_until};
+
+fn probe(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(support::registrar_bin())
+        .arg("probe")
+        .args(args)
+        .output()
+        .expect("run probe");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_exit_codes_match_grpc_health_probe() {
+    let app = DemoApp::start(DemoAppOptions::default()).await;
+    let addr = app.addr();
+    let (code, text) = probe(&["--addr", &addr, "--service", "helloworld.Greeter"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("SERVING"));
+
+    app.set_serving(false).await;
+    let (code, text) = probe(&["--addr", &addr]);
+    assert_eq!(code, Some(4), "{text}");
+    assert!(text.contains("NOT_SERVING"), "{text}");
+
+    let (code, text) = probe(&["--addr", &addr, "--service", "no.such.Service"]);
+    assert_eq!(
+        code,
+        Some(3),
+        "an unknown service is an RPC error (NOT_FOUND): {text}"
+    );
+
+    let closed = format!("127.0.0.1:{}", support::free_port());
+    let (code, text) = probe(&["--addr", &closed, "--timeout", "300ms"]);
+    assert_eq!(code, Some(2), "{text}");
+
+    let (code, _) = probe(&["--addr"]);
+    assert_eq!(code, Some(1), "bad arguments");
+    let (code, _) = probe(&["--addr", "no-port"]);
+    assert_eq!(code, Some(1), "bad address");
+
+    // A hung app: the RPC times out.
+    app.signal("STOP");
+    let (code, text) = probe(&[
+        "--addr",
+        &addr,
+        "--rpc-timeout",
+        "300ms",
+        "--connect-timeout",
+        "300ms",
+    ]);
+    app.signal("CONT");
+    assert!(
+        matches!(code, Some(2) | Some(3)),
+        "a stopped app must not look healthy: {code:?} {text}"
+    );
+}
+
+#[test]
+fn version_and_usage() {
+    let out = Command::new(support::registrar_bin())
+        .arg("--version")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("consul-registrar {}", env!("CARGO_PKG_VERSION"))
+    );
+    let out = Command::new(support::registrar_bin())
+        .arg("frobnicate")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2), "usage errors exit 2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_and_a_shutdown_without_consul_exits_non_zero_with_a_clear_line() {
+    let mut consul = ConsulAgent::start_dev().await;
+    let app = DemoApp::start(DemoAppOptions::default()).await;
+    let manifest = format!(
+        "consul:\n  address: {}\n  retry: {{initial: 50ms, max: 200ms}}\ndrain:\n  delay: 0s\n  deregisterTimeout: 1s\nservices:\n  - name: hello\n    id: hello-1\n    address: 127.0.0.1\n    port: {}\n",
+        consul.http_addr(),
+        app.port()
+    );
+    let mut sidecar = Sidecar::start(&manifest, &[("CONSUL_REGISTRAR_LOG_FORMAT", "json")]);
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            consul.check_status("hello", "hello-1").await.as_deref() == Some("passing")
+        })
+        .await
+    );
+    consul.stop();
+
+    let t0 = Instant::now();
+    sidecar.signal("TERM");
+    let status = sidecar
+        .wait_exit(Duration::from_secs(10))
+        .expect("exits after the deregistration deadline");
+    let elapsed = t0.elapsed();
+    assert_eq!(status.code(), Some(1), "{}", sidecar.logs());
+    assert!(
+        elapsed >= Duration::from_millis(500) && elapsed < Duration::from_secs(5),
+        "deadline not honoured: {elapsed:?}"
+    );
+    let logs = sidecar.logs();
+    let last_error = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["level"] == "ERROR")
+        .map(|v| v["message"].as_str().unwrap_or_default().to_string())
+        .next()
+        .unwrap_or_else(|| panic!("no JSON error line in:\n{logs}"));
+    assert!(
+        last_error.contains("could not deregister 1 instance(s) within 1s"),
+        "{last_error}"
+    );
+    assert!(
+        last_error.contains("deregisterCriticalServiceAfter"),
+        "the line names the safety net: {last_error}"
+    );
+}
