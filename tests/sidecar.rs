@@ -461,6 +461,17 @@ async fn acl_consul_works_with_a_token_file_and_refuses_a_wrong_token_without_lo
         "status should show the refusal: {status}"
     );
     assert!(!status.contains(wrong));
+    let (_, metrics) = bad.get("/metrics").await;
+    assert!(
+        metrics.contains(
+            "consul_registrar_consul_requests_total{operation=\"read_service\",status=\"4xx\"}"
+        ),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains(wrong) && !metrics.contains(support::REGISTRAR_TOKEN),
+        "a token in the metrics"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
