@@ -38,7 +38,23 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# A free port below Linux's ephemeral range, so no outgoing connection can take it first.
+free_port() {
+  python3 - <<'PY'
+import random, socket
+for _ in range(1000):
+    port = random.randrange(12000, 32000)
+    try:
+        for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+            s = socket.socket(socket.AF_INET, kind)
+            s.bind(("127.0.0.1", port))
+            s.close()
+        print(port)
+        break
+    except OSError:
+        continue
+PY
+}
 
 say "starting a Consul dev agent on 127.0.0.1:$CONSUL_PORT"
 "$consul_bin" agent -dev -bind 127.0.0.1 -client 127.0.0.1 -node demo \

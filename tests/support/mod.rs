@@ -49,12 +49,30 @@ pub fn registrar_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_consul-registrar"))
 }
 
-/// A free TCP port on 127.0.0.1 (free when asked; the OS does not hand it out again at once).
+/// A TCP port on 127.0.0.1 that is free when asked. Ports come from below Linux's ephemeral range
+/// (32768+), so that no outgoing connection of a test process can take one between this call and
+/// the bind; a per-process counter from a random start keeps parallel tests apart.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 12_000;
+    const HIGH: u32 = 32_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        fastrand::u32(..(HIGH - LOW)),
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..(HIGH - LOW) {
+        let offset = NEXT.fetch_add(1, Ordering::SeqCst) % (HIGH - LOW);
+        let port = (LOW + offset) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+        {
+            return port;
+        }
+    }
+    panic!("no free port between {LOW} and {HIGH}")
 }
 
 /// A plain HTTP client for loopback calls (installs rustls's crypto provider first).
