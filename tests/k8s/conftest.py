@@ -1,0 +1,151 @@
+"""Shared fixtures of the chart and deploy/ tests: the tools scripts/check-k8s.sh provides (paths
+in HELM_BIN, KUSTOMIZE_BIN), the Kubernetes versions to validate against (K8S_VERSIONS), and
+small helpers that render and parse. Run the suite through `bash scripts/check-k8s.sh`."""
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "consul-registrar"
+DEPLOY = REPO / "deploy"
+
+
+def _tool(var: str) -> str:
+    path = os.environ.get(var, "")
+    if not path or not os.access(path, os.X_OK):
+        pytest.fail(
+            f"{var} is not set to an executable ({path!r}): run these tests through "
+            "`bash scripts/check-k8s.sh`, which provides the tools",
+            pytrace=False,
+        )
+    return path
+
+
+def k8s_versions() -> list[str]:
+    return os.environ.get("K8S_VERSIONS", "1.29 1.37").split()
+
+
+def parse(text: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+class RenderError(Exception):
+    pass
+
+
+class Helm:
+    def __init__(self, binary: str, tmp: Path):
+        self.binary = binary
+        self.tmp = tmp
+        self.count = 0
+
+    def template(self, *values: dict, files=(), kube_version: str | None = None, chart: Path = CHART,
+                 extra=()) -> list[dict]:
+        """`helm template` with the given values (dicts, applied in order after `files`)."""
+        args = [self.binary, "template", "demo", str(chart), "--namespace", "shop"]
+        if kube_version:
+            args += ["--kube-version", kube_version]
+        for f in files:
+            args += ["-f", str(f)]
+        for v in values:
+            self.count += 1
+            path = self.tmp / f"values-{self.count}.yaml"
+            path.write_text(yaml.safe_dump(v))
+            args += ["-f", str(path)]
+        args += list(extra)
+        result = subprocess.run(args, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RenderError(result.stderr.strip())
+        return parse(result.stdout)
+
+    def notes(self, *values: dict) -> str:
+        """NOTES.txt as `helm install` would print it: `helm template` leaves it out, so render a
+        copy of the chart where it is a named template included into a ConfigMap."""
+        copy = self.tmp / f"notes-chart-{self.count}"
+        self.count += 1
+        shutil.copytree(CHART, copy)
+        notes = (copy / "templates" / "NOTES.txt").read_text()
+        (copy / "templates" / "NOTES.txt").unlink()
+        (copy / "templates" / "_notes.tpl").write_text('{{- define "notes" -}}\n' + notes + "\n{{- end }}\n")
+        (copy / "templates" / "notes.yaml").write_text(
+            'apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes\ndata:\n'
+            '  notes: {{ include "notes" . | toJson }}\n'
+        )
+        docs = self.template(*values, chart=copy)
+        return next(d for d in docs if d["metadata"]["name"] == "notes")["data"]["notes"]
+
+
+@pytest.fixture(scope="session")
+def helm(tmp_path_factory) -> Helm:
+    return Helm(_tool("HELM_BIN"), tmp_path_factory.mktemp("helm"))
+
+
+@pytest.fixture(scope="session")
+def kustomize():
+    binary = _tool("KUSTOMIZE_BIN")
+
+    def build(path: Path) -> list[dict]:
+        result = subprocess.run([binary, "build", str(path)], capture_output=True, text=True)
+        assert result.returncode == 0, f"kustomize build {path} failed:\n{result.stderr}"
+        return parse(result.stdout)
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def registrar_bin() -> str:
+    """The consul-registrar binary (CONSUL_REGISTRAR_BIN), to check that rendered manifests are
+    ones the sidecar accepts. scripts/check-k8s.sh finds a cargo-built one when it is unset."""
+    path = os.environ.get("CONSUL_REGISTRAR_BIN", "")
+    if not path:
+        pytest.skip("CONSUL_REGISTRAR_BIN unset and no cargo-built consul-registrar found (cargo build)")
+    if not os.access(path, os.X_OK):
+        pytest.fail(f"CONSUL_REGISTRAR_BIN={path} is not executable", pytrace=False)
+    return path
+
+
+def one(docs: list[dict], kind: str) -> dict:
+    found = [d for d in docs if d["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind}, got {[d['metadata']['name'] for d in found]}"
+    return found[0]
+
+
+def kinds(docs: list[dict]) -> list[str]:
+    return sorted(d["kind"] for d in docs)
+
+
+def manifest_of(docs: list[dict], config_map: str, key: str) -> dict:
+    cms = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
+    assert config_map in cms, f"the sidecar mounts ConfigMap {config_map}, which is not rendered ({list(cms)})"
+    data = cms[config_map]["data"]
+    assert key in data, f"ConfigMap {config_map} has no key {key} ({list(data)})"
+    return yaml.safe_load(data[key])
+
+
+def validate_manifest(binary: str, manifest_text: str, tmp: Path, env: dict) -> list[dict]:
+    """`consul-registrar validate` on a manifest, with the pod's environment simulated."""
+    path = tmp / "manifest.yaml"
+    path.write_text(manifest_text)
+    result = subprocess.run(
+        [binary, "validate", "--manifest", str(path)],
+        capture_output=True, text=True, env={"PATH": os.environ.get("PATH", ""), **env}, timeout=30,
+    )
+    assert result.returncode == 0, f"consul-registrar validate rejected the manifest:\n{result.stderr}\n{manifest_text}"
+    return json.loads(result.stdout)
+
+
+# The environment a pod gives the sidecar (Downward API), for `consul-registrar validate`.
+POD_ENV = {
+    "POD_IP": "10.244.1.7",
+    "POD_NAME": "demo-consul-registrar-5d9c7-x2x8q",
+    "POD_NAMESPACE": "shop",
+    "HOST_IP": "172.18.0.2",
+    "NODE_NAME": "kind-worker",
+    "CONSUL_HTTP_ADDR": "http://172.18.0.2:8500",
+}
