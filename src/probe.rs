@@ -239,13 +239,18 @@ impl HealthProbe {
         let mut ticker = tokio::time::interval(self.spec.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut check_in_flight = false;
+        let mut check_due = false;
         let mut last_watch_event = Instant::now() - Duration::from_secs(3600);
         let mut watching = self.spec.mode != HealthMode::Poll;
         loop {
             let observation = tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = ticker.tick() => {
-                    if !check_in_flight {
+                    if check_in_flight {
+                        // A slow Check (up to `timeout`) must not halve the sampling rate: run the
+                        // next one as soon as this one ends.
+                        check_due = true;
+                    } else {
                         check_in_flight = true;
                         self.spawn_check(events_tx.clone());
                     }
@@ -279,6 +284,10 @@ impl HealthProbe {
                     }
                     Some(Event::Checked { started, observation }) => {
                         check_in_flight = false;
+                        if std::mem::take(&mut check_due) {
+                            check_in_flight = true;
+                            self.spawn_check(events_tx.clone());
+                        }
                         if started < last_watch_event {
                             continue; // older than what the stream told us
                         }

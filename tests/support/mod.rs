@@ -3,6 +3,7 @@
 //! (`sidecar.rs`). Every process is killed on drop; a failing test prints the logs.
 #![allow(dead_code)]
 
+pub mod podsim;
 pub mod sidecar;
 
 use std::future::Future;
@@ -118,6 +119,8 @@ pub struct ConsulOptions {
     pub acl: bool,
     /// HTTPS only, with a CA and a server certificate made by `consul tls`.
     pub tls: bool,
+    /// Listen on this address instead of 127.0.0.1 (the pod simulation's bridge address).
+    pub bind: Option<std::net::Ipv4Addr>,
 }
 
 /// A Consul dev agent on loopback ports of its own.
@@ -190,7 +193,13 @@ impl ConsulAgent {
     /// The HTTP(S) base URL, e.g. `http://127.0.0.1:8500`.
     pub fn http_addr(&self) -> String {
         let scheme = if self.opts.tls { "https" } else { "http" };
-        format!("{scheme}://127.0.0.1:{}", self.http_port)
+        format!("{scheme}://{}:{}", self.bind_ip(), self.http_port)
+    }
+
+    fn bind_ip(&self) -> String {
+        self.opts
+            .bind
+            .map_or("127.0.0.1".to_string(), |ip| ip.to_string())
     }
 
     pub fn http_port(&self) -> u16 {
@@ -254,31 +263,25 @@ impl ConsulAgent {
         std::fs::write(&config_path, self.config().to_string()).expect("write config");
         let log = std::fs::File::create(self.log_path()).expect("log file");
         let mut cmd = Command::new(consul_bin());
-        cmd.args([
-            "agent",
-            "-dev",
-            "-bind",
-            "127.0.0.1",
-            "-client",
-            "127.0.0.1",
-        ])
-        .args(["-node", &format!("test-{}", self.http_port)])
-        .args([
-            "-dns-port",
-            "-1",
-            "-grpc-port",
-            "-1",
-            "-grpc-tls-port",
-            "-1",
-        ])
-        .args(["-server-port", &self.server_port.to_string()])
-        .args(["-serf-lan-port", &self.serf_lan_port.to_string()])
-        .args(["-serf-wan-port", &self.serf_wan_port.to_string()])
-        .arg("-config-file")
-        .arg(&config_path)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("dup"))
-        .stderr(log);
+        let ip = self.bind_ip();
+        cmd.args(["agent", "-dev", "-bind", &ip, "-client", &ip])
+            .args(["-node", &format!("test-{}", self.http_port)])
+            .args([
+                "-dns-port",
+                "-1",
+                "-grpc-port",
+                "-1",
+                "-grpc-tls-port",
+                "-1",
+            ])
+            .args(["-server-port", &self.server_port.to_string()])
+            .args(["-serf-lan-port", &self.serf_lan_port.to_string()])
+            .args(["-serf-wan-port", &self.serf_wan_port.to_string()])
+            .arg("-config-file")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup"))
+            .stderr(log);
         if !self.opts.tls {
             cmd.args(["-http-port", &self.http_port.to_string()]);
         }

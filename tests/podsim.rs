@@ -1,0 +1,463 @@
+//! Reliability scenarios on the pod simulation (network namespaces, real processes, real signals)
+//! and on a three-server Consul cluster. Each scenario asserts its outcome and prints its figure
+//! as `FIGURE <scenario>: ...` (collected by scripts/podsim-figures.sh for the README).
+
+mod support;
+
+use std::net::Ipv4Addr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use support::podsim::{self, App, Network, Pod, PodSpec};
+use support::{ConsulAgent, ConsulOptions, wait_until};
+
+const SECOND: Duration = Duration::from_secs(1);
+
+fn figure(scenario: &str, text: String) {
+    println!("FIGURE {scenario}: {text}");
+    eprintln!("FIGURE {scenario}: {text}");
+}
+
+async fn consul_on(net: &Network) -> ConsulAgent {
+    let bind: Ipv4Addr = net.gateway().parse().expect("gateway IP");
+    ConsulAgent::start_with(ConsulOptions {
+        bind: Some(bind),
+        ..Default::default()
+    })
+    .await
+}
+
+async fn demo_flip(pod: &Pod, serving: bool) {
+    let path = if serving { "serving" } else { "not-serving" };
+    // The demo app's control port is not used in pods; signals flip it.
+    pod.app.signal(if serving { "USR2" } else { "USR1" });
+    let _ = path;
+}
+
+async fn metric(url: &str, series: &str) -> Option<f64> {
+    let body = support::http_client()
+        .get(url)
+        .timeout(2 * SECOND)
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    body.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scenario_6_a_hung_app_turns_critical_after_timeout_times_failure_threshold() {
+    if podsim::skip_unless_available() {
+        return;
+    }
+    let net = Network::new();
+    let consul = consul_on(&net).await;
+    let pod = Pod::start(
+        &net,
+        PodSpec {
+            name: "hang",
+            app: App::Demo,
+            consul: &consul.http_addr(),
+            drain_delay: "0s",
+            health: "      interval: 500ms\n      timeout: 500ms\n      failureThreshold: 3",
+            check: "      ttl: 5s",
+        },
+        None,
+    );
+    assert!(
+        wait_until(15 * SECOND, || async {
+            consul.check_status("hello", &pod.id).await.as_deref() == Some("passing")
+        })
+        .await,
+        "{}",
+        pod.logs()
+    );
+
+    let t0 = Instant::now();
+    pod.app.signal("STOP");
+    let critical = wait_until(10 * SECOND, || async {
+        consul.check_status("hello", &pod.id).await.as_deref() == Some("critical")
+    })
+    .await;
+    let to_critical = t0.elapsed();
+    pod.app.signal("CONT");
+    assert!(critical, "a hung app stayed passing\n{}", pod.logs());
+    // timeout × failureThreshold = 1.5 s; the first timeout may start up to one interval later.
+    assert!(
+        to_critical >= Duration::from_millis(1400),
+        "critical too early: {to_critical:?}"
+    );
+    assert!(
+        to_critical <= Duration::from_millis(3500),
+        "critical too late: {to_critical:?}"
+    );
+
+    let t1 = Instant::now();
+    assert!(
+        wait_until(5 * SECOND, || async {
+            consul.check_status("hello", &pod.id).await.as_deref() == Some("passing")
+        })
+        .await,
+        "SIGCONT did not bring it back"
+    );
+    figure(
+        "6 app hangs (SIGSTOP)",
+        format!(
+            "critical {:.2}s after SIGSTOP (timeout 0.5s x failureThreshold 3 = 1.5s); passing {:.2}s after SIGCONT",
+            to_critical.as_secs_f64(),
+            t1.elapsed().as_secs_f64()
+        ),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scenario_5_a_killed_sidecar_leaves_a_critical_instance_that_consul_reaps() {
+    if podsim::skip_unless_available() {
+        return;
+    }
+    let net = Network::new();
+    let consul = consul_on(&net).await;
+    let mut pod = Pod::start(
+        &net,
+        PodSpec {
+            name: "kill9",
+            app: App::Demo,
+            consul: &consul.http_addr(),
+            drain_delay: "0s",
+            health: "      interval: 500ms\n      timeout: 500ms",
+            check: "      ttl: 3s\n      deregisterCriticalServiceAfter: 1m",
+        },
+        None,
+    );
+    assert!(
+        wait_until(15 * SECOND, || async {
+            consul.check_status("hello", &pod.id).await.as_deref() == Some("passing")
+        })
+        .await,
+        "{}",
+        pod.logs()
+    );
+
+    let t0 = Instant::now();
+    pod.sidecar.kill(); // SIGKILL: no drain, no deregistration
+    assert!(
+        wait_until(6 * SECOND, || async {
+            consul.check_status("hello", &pod.id).await.as_deref() == Some("critical")
+        })
+        .await,
+        "TTL did not expire"
+    );
+    let critical_after = t0.elapsed();
+    assert!(
+        critical_after <= Duration::from_millis(3500),
+        "critical later than the 3 s TTL: {critical_after:?}"
+    );
+    // Consul's reaper runs every 30 s: removal lands between 1m and 1m30s after the check went critical.
+    assert!(
+        wait_until(Duration::from_secs(100), || async {
+            consul.check_status("hello", &pod.id).await.is_none()
+        })
+        .await,
+        "never reaped"
+    );
+    let reaped_after = t0.elapsed();
+    assert!(
+        reaped_after >= Duration::from_secs(60),
+        "reaped before deregisterCriticalServiceAfter: {reaped_after:?}"
+    );
+    figure(
+        "5 sidecar SIGKILLed",
+        format!(
+            "critical {:.1}s after SIGKILL (ttl 3s); reaped {:.1}s after SIGKILL (deregisterCriticalServiceAfter 1m + reaper period)",
+            critical_after.as_secs_f64(),
+            reaped_after.as_secs_f64()
+        ),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scenario_4_a_pod_cut_off_from_consul_keeps_probing_and_converges_after_the_heal() {
+    if podsim::skip_unless_available() {
+        return;
+    }
+    let net = Network::new();
+    let consul = consul_on(&net).await;
+    let pod = Pod::start(
+        &net,
+        PodSpec {
+            name: "cut",
+            app: App::Demo,
+            consul: &consul.http_addr(),
+            drain_delay: "0s",
+            health: "      interval: 500ms\n      timeout: 500ms",
+            check: "      ttl: 5s\n      deregisterCriticalServiceAfter: 2m",
+        },
+        None,
+    );
+    assert!(
+        wait_until(15 * SECOND, || async {
+            consul.check_status("hello", &pod.id).await.as_deref() == Some("passing")
+        })
+        .await,
+        "{}",
+        pod.logs()
+    );
+    let metrics = pod.admin_url("/metrics");
+    let probes = "consul_registrar_probe_results_total{instance=\"hello.sim.cut\",outcome=\"serving\",service=\"hello\"}";
+    let before = metric(&metrics, probes).await.unwrap_or(0.0);
+
+    pod.ns.cut_path_to(&net.gateway(), true);
+    // Cut for 30 s. The sidecar keeps probing; the app flips to NOT_SERVING meanwhile.
+    tokio::time::sleep(10 * SECOND).await;
+    demo_flip(&pod, false).await;
+    tokio::time::sleep(20 * SECOND).await;
+    // The TTL expired in Consul meanwhile (nobody could refresh it).
+    assert_eq!(
+        consul.check_status("hello", &pod.id).await.as_deref(),
+        Some("critical")
+    );
+    pod.ns.cut_path_to(&net.gateway(), false);
+    let healed = Instant::now();
+
+    // The admin port is reachable from the node side only through the bridge, which stayed up.
+    let during = metric(&metrics, probes).await.unwrap_or(0.0);
+    assert!(
+        during >= before + 10.0,
+        "the probe stopped while Consul was cut off: {before} → {during}"
+    );
+    demo_flip(&pod, true).await;
+    assert!(
+        wait_until(20 * SECOND, || async {
+            consul.check_status("hello", &pod.id).await.as_deref() == Some("passing")
+        })
+        .await,
+        "did not converge after the heal\n{}",
+        pod.logs()
+    );
+    let converged = healed.elapsed();
+    assert_eq!(
+        consul.catalog_service("hello").await.len(),
+        1,
+        "duplicate instances"
+    );
+    figure(
+        "4 path to Consul cut for 30s",
+        format!(
+            "converged {:.2}s after the heal; 1 instance, no duplicates; {} probes during the cut",
+            converged.as_secs_f64(),
+            during - before
+        ),
+    );
+}
+
+/// A three-server Consul cluster and a client agent, each on its own loopback address.
+struct Cluster {
+    procs: Vec<podsim::Proc>,
+    dirs: Vec<tempfile::TempDir>,
+    ports: (u16, u16, u16, u16),
+}
+
+impl Cluster {
+    const SERVERS: [&'static str; 3] = ["127.0.0.2", "127.0.0.3", "127.0.0.4"];
+    const CLIENT: &'static str = "127.0.0.5";
+
+    fn start() -> Cluster {
+        let ports = (
+            support::free_port(),
+            support::free_port(),
+            support::free_port(),
+            support::free_port(),
+        );
+        let (http, server, lan, wan) = ports;
+        let mut cluster = Cluster {
+            procs: Vec::new(),
+            dirs: Vec::new(),
+            ports,
+        };
+        let joins: Vec<String> = Self::SERVERS
+            .iter()
+            .map(|s| format!("-retry-join={s}:{lan}"))
+            .collect();
+        for (i, addr) in Self::SERVERS
+            .iter()
+            .chain([Self::CLIENT].iter())
+            .enumerate()
+        {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let is_server = i < 3;
+            let mut cmd = Command::new(support::consul_bin());
+            cmd.args([
+                "agent",
+                &format!("-server={is_server}"),
+                "-bind",
+                addr,
+                "-client",
+                addr,
+            ])
+            .args(["-node", &format!("n{i}"), "-data-dir"])
+            .arg(dir.path())
+            .args([
+                "-http-port",
+                &http.to_string(),
+                "-server-port",
+                &server.to_string(),
+            ])
+            .args([
+                "-serf-lan-port",
+                &lan.to_string(),
+                "-serf-wan-port",
+                &wan.to_string(),
+            ])
+            .args([
+                "-dns-port",
+                "-1",
+                "-grpc-port",
+                "-1",
+                "-grpc-tls-port",
+                "-1",
+            ])
+            .args(["-hcl", "performance { raft_multiplier = 1 }"])
+            .args(&joins);
+            if is_server {
+                cmd.args(["-bootstrap-expect", "3"]);
+            }
+            let log = dir.path().join("consul.log");
+            cluster.procs.push(podsim::Proc::spawn(cmd, log));
+            cluster.dirs.push(dir);
+        }
+        cluster
+    }
+
+    fn url(&self, addr: &str, path: &str) -> String {
+        format!("http://{addr}:{}{path}", self.ports.0)
+    }
+
+    async fn leader(&self) -> Option<String> {
+        let r = support::http_client()
+            .get(self.url(Self::CLIENT, "/v1/status/leader"))
+            .timeout(2 * SECOND)
+            .send()
+            .await
+            .ok()?;
+        let l: String = r.json().await.ok()?;
+        (!l.is_empty()).then(|| l.split(':').next().unwrap_or_default().to_string())
+    }
+
+    /// Instance id → aggregated status, as a server that is up reports it.
+    async fn statuses(&self, server: &str) -> Option<Vec<(String, String)>> {
+        let r = support::http_client()
+            .get(self.url(server, "/v1/health/service/hello"))
+            .timeout(2 * SECOND)
+            .send()
+            .await
+            .ok()?;
+        if !r.status().is_success() {
+            return None;
+        }
+        let entries: Vec<serde_json::Value> = r.json().await.ok()?;
+        let mut out: Vec<(String, String)> = entries
+            .iter()
+            .map(|e| {
+                let id = e["Service"]["ID"].as_str().unwrap_or_default().to_string();
+                let critical = e["Checks"].as_array().is_some_and(|c| {
+                    c.iter()
+                        .any(|c| c["ServiceID"] == e["Service"]["ID"] && c["Status"] == "critical")
+                });
+                (
+                    id,
+                    if critical { "critical" } else { "passing" }.to_string(),
+                )
+            })
+            .collect();
+        out.sort();
+        Some(out)
+    }
+
+    fn logs(&self) -> String {
+        self.procs
+            .iter()
+            .map(|p| {
+                p.logs()
+                    .lines()
+                    .rev()
+                    .take(30)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+            .collect::<Vec<_>>()
+            .join("\n-----\n")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scenario_7_the_leader_dies_while_sidecars_register_and_flip_and_everything_converges() {
+    let mut cluster = Cluster::start();
+    assert!(
+        wait_until(60 * SECOND, || async { cluster.leader().await.is_some() }).await,
+        "no leader\n{}",
+        cluster.logs()
+    );
+    let leader = cluster.leader().await.expect("leader");
+    let consul = cluster.url(Cluster::CLIENT, "");
+
+    // Three apps and sidecars register through the client agent while the leader is killed.
+    let mut apps = Vec::new();
+    let mut sidecars = Vec::new();
+    for i in 0..3 {
+        let app = support::DemoApp::start(support::DemoAppOptions::default()).await;
+        let manifest = format!(
+            "consul:\n  address: {consul}\n  retry: {{initial: 50ms, max: 500ms}}\nservices:\n  - name: hello\n    id: hello-{i}\n    address: 127.0.0.1\n    port: {}\n    health:\n      interval: 300ms\n      timeout: 300ms\n",
+            app.port()
+        );
+        sidecars.push(support::sidecar::Sidecar::start(&manifest, &[]));
+        apps.push(app);
+        if i == 0 {
+            let idx = Cluster::SERVERS
+                .iter()
+                .position(|s| *s == leader)
+                .expect("leader is a server");
+            cluster.procs[idx].kill();
+        }
+    }
+    let killed_at = Instant::now();
+    // Flip while the cluster elects a new leader.
+    apps[1].set_serving(false).await;
+    apps[2].set_serving(false).await;
+    apps[2].set_serving(true).await;
+
+    let survivor = Cluster::SERVERS
+        .iter()
+        .find(|s| **s != leader)
+        .copied()
+        .expect("a survivor");
+    let want = vec![
+        ("hello-0".to_string(), "passing".to_string()),
+        ("hello-1".to_string(), "critical".to_string()),
+        ("hello-2".to_string(), "passing".to_string()),
+    ];
+    let converged = wait_until(60 * SECOND, || async {
+        cluster.statuses(survivor).await.as_ref() == Some(&want)
+    })
+    .await;
+    assert!(
+        converged,
+        "did not converge: {:?}\n{}",
+        cluster.statuses(survivor).await,
+        cluster.logs()
+    );
+    let new_leader = cluster.leader().await;
+    assert!(new_leader.is_some() && new_leader.as_deref() != Some(leader.as_str()));
+    figure(
+        "7 leader killed in a 3-server cluster",
+        format!(
+            "all 3 instances registered with the right status {:.2}s after the leader was killed (new leader {})",
+            killed_at.elapsed().as_secs_f64(),
+            new_leader.unwrap_or_default()
+        ),
+    );
+}

@@ -1,0 +1,420 @@
+//! A pod simulation from Linux network namespaces, real processes and real signals.
+//!
+//! A [`Network`] is a bridge in the root namespace (the "node", which also runs Consul on the
+//! bridge address) with a /24 of its own. A [`Pod`] is a namespace with its own IP on that bridge,
+//! where an app and the sidecar share the pod's localhost, as containers of a Kubernetes pod do.
+//! [`Pod::terminate`] plays the kubelet: optional preStop `GET /drain?wait=true` to the pod IP,
+//! SIGTERM (classic sidecar: app and sidecar at once; native sidecar: the app first, the sidecar
+//! after the app has exited), a grace period, then SIGKILL.
+//!
+//! Needs root and `ip` (iproute2). Only this simulation's own addresses are ever targeted.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+/// Why the simulation cannot run here, if it cannot (not root, no `ip`).
+pub fn unavailable() -> Option<String> {
+    let uid = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
+        })
+        .unwrap_or_default();
+    if uid != "0" {
+        return Some("the pod simulation needs root (ip netns)".into());
+    }
+    if Command::new("ip").arg("-V").output().is_err() {
+        return Some("the pod simulation needs iproute2 (`ip`)".into());
+    }
+    None
+}
+
+/// Skips (returns true) when the simulation cannot run, except under CI=true where it fails.
+pub fn skip_unless_available() -> bool {
+    match unavailable() {
+        None => false,
+        Some(why) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("{why}; under CI=true the pod simulation must run")
+        }
+        Some(why) => {
+            eprintln!("SKIPPED: {why}");
+            true
+        }
+    }
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A bridge with a /24 (`10.213.<id>.0/24`, gateway `.254`) and the namespaces on it.
+pub struct Network {
+    id: u8,
+    bridge: String,
+    next_host: AtomicU8,
+    namespaces: Mutex<Vec<String>>,
+}
+
+impl Network {
+    /// Creates a bridge with an unused id (several simulations may run at once).
+    pub fn new() -> Network {
+        let start = (std::process::id() % 200) as u8;
+        for i in 0..200u8 {
+            let id = 20 + (start.wrapping_add(i) % 200);
+            let bridge = format!("crb{id}");
+            let ok = Command::new("ip")
+                .args(["link", "add", &bridge, "type", "bridge"])
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if ok {
+                ip(&[
+                    "addr",
+                    "add",
+                    &format!("10.213.{id}.254/24"),
+                    "dev",
+                    &bridge,
+                ]);
+                ip(&["link", "set", &bridge, "up"]);
+                return Network {
+                    id,
+                    bridge,
+                    next_host: AtomicU8::new(1),
+                    namespaces: Mutex::new(Vec::new()),
+                };
+            }
+        }
+        panic!("no free bridge id for the pod simulation");
+    }
+
+    /// The node's address on the bridge (where Consul listens).
+    pub fn gateway(&self) -> String {
+        format!("10.213.{}.254", self.id)
+    }
+
+    /// A new namespace with its own IP on the bridge.
+    pub fn namespace(&self, name: &str) -> Netns {
+        let host = self.next_host.fetch_add(1, Ordering::SeqCst);
+        assert!(host < 250, "too many namespaces");
+        let ns = format!("cr{}-{name}", self.id);
+        let (outer, inner) = (
+            format!("cr{}v{host}", self.id),
+            format!("cr{}p{host}", self.id),
+        );
+        let _ = Command::new("ip")
+            .args(["netns", "del", &ns])
+            .stderr(Stdio::null())
+            .status();
+        ip(&["netns", "add", &ns]);
+        self.namespaces
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(ns.clone());
+        ip(&[
+            "link", "add", &outer, "type", "veth", "peer", "name", &inner,
+        ]);
+        ip(&["link", "set", &outer, "master", &self.bridge, "up"]);
+        ip(&["link", "set", &inner, "netns", &ns]);
+        let addr = format!("10.213.{}.{host}", self.id);
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            &inner,
+        ]);
+        ip(&["-n", &ns, "link", "set", &inner, "up"]);
+        ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        Netns { name: ns, addr }
+    }
+}
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        for ns in self
+            .namespaces
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .status();
+    }
+}
+
+/// A network namespace with one address.
+#[derive(Debug, Clone)]
+pub struct Netns {
+    pub name: String,
+    pub addr: String,
+}
+
+impl Netns {
+    /// A command that runs `program` inside the namespace.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name]).arg(program);
+        cmd
+    }
+
+    /// Cuts (or heals) every packet from this namespace to `addr`: silent drops on established
+    /// connections, immediate failures for new ones.
+    pub fn cut_path_to(&self, addr: &str, cut: bool) {
+        let verb = if cut { "add" } else { "del" };
+        ip(&[
+            "-n",
+            &self.name,
+            "route",
+            verb,
+            "blackhole",
+            &format!("{addr}/32"),
+        ]);
+    }
+}
+
+/// A process of the simulation with its log file.
+pub struct Proc {
+    pub child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(mut cmd: Command, log: PathBuf) -> Proc {
+        let file = std::fs::File::create(&log).expect("log file");
+        cmd.stdin(Stdio::null())
+            .stdout(file.try_clone().expect("dup"))
+            .stderr(file);
+        Proc {
+            child: Some(cmd.spawn().expect("spawn")),
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn signal(&self, name: &str) {
+        if let Some(pid) = self.pid() {
+            let _ = Command::new("kill")
+                .args([&format!("-{name}"), &pid.to_string()])
+                .status();
+        }
+    }
+
+    /// Waits until `deadline` for the process to exit; its exit code, if it did.
+    pub fn wait_until(&mut self, deadline: Instant) -> Option<Option<i32>> {
+        let child = self.child.as_mut()?;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status.code());
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Which app a pod runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum App {
+    /// The Go hello server from `tests/interop/go` (grpc-go's standard health server).
+    GoHello,
+    /// The demo app (tonic-health).
+    Demo,
+}
+
+/// How the kubelet ends a pod.
+#[derive(Debug, Clone, Copy)]
+pub struct Termination {
+    /// Call the sidecar's `/drain?wait=true` first, as the app container's preStop hook.
+    pub pre_stop: bool,
+    /// Native sidecar: SIGTERM to the sidecar only after the app exited.
+    pub native_sidecar: bool,
+    pub grace: Duration,
+}
+
+/// One pod: a namespace with an app on :50051 and the sidecar (admin :9102) sharing localhost.
+pub struct Pod {
+    pub name: String,
+    pub ns: Netns,
+    pub app: Proc,
+    pub sidecar: Proc,
+    pub id: String,
+    pub app_kind: App,
+    dir: tempfile::TempDir,
+}
+
+pub const APP_PORT: u16 = 50051;
+pub const ADMIN_PORT: u16 = 9102;
+
+/// The pieces a pod needs to start.
+pub struct PodSpec<'a> {
+    pub name: &'a str,
+    pub app: App,
+    pub consul: &'a str,
+    /// Extra YAML lines under the service's `health:` / top level `drain:` etc.
+    pub drain_delay: &'a str,
+    pub health: &'a str,
+    pub check: &'a str,
+}
+
+impl Pod {
+    pub fn start(net: &Network, spec: PodSpec<'_>, go_peers: Option<&PathBuf>) -> Pod {
+        let ns = net.namespace(spec.name);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let app_cmd = match spec.app {
+            App::GoHello => {
+                let bin = go_peers.expect("Go peers built").join("hello-server");
+                let mut c = ns.command(bin);
+                c.args([
+                    "-listen",
+                    &format!("0.0.0.0:{APP_PORT}"),
+                    "-name",
+                    spec.name,
+                ]);
+                c
+            }
+            App::Demo => {
+                let mut c = ns.command(super::demo_app_bin());
+                c.args([
+                    "serve",
+                    "--listen",
+                    &format!("0.0.0.0:{APP_PORT}"),
+                    "--name",
+                    spec.name,
+                ]);
+                c
+            }
+        };
+        let app = Proc::spawn(app_cmd, dir.path().join("app.log"));
+        let id = format!("hello.sim.{}", spec.name);
+        let manifest = format!(
+            "consul:
+  address: {consul}
+  retry: {{initial: 50ms, max: 500ms}}
+admin:
+  address: 0.0.0.0:{ADMIN_PORT}
+drain:
+  delay: {delay}
+  deregisterTimeout: 5s
+services:
+  - name: hello
+    address: ${{POD_IP}}
+    port: {APP_PORT}
+    health:
+      address: 127.0.0.1
+      service: helloworld.Greeter
+{health}
+    check:
+{check}
+",
+            consul = spec.consul,
+            delay = spec.drain_delay,
+            health = spec.health,
+            check = spec.check,
+        );
+        let manifest_path = dir.path().join("manifest.yaml");
+        std::fs::write(&manifest_path, manifest).expect("manifest");
+        let mut sidecar_cmd = ns.command(super::registrar_bin());
+        sidecar_cmd
+            .args(["run", "--manifest"])
+            .arg(&manifest_path)
+            .env("POD_IP", &ns.addr)
+            .env("POD_NAME", spec.name)
+            .env("POD_NAMESPACE", "sim");
+        let sidecar = Proc::spawn(sidecar_cmd, dir.path().join("sidecar.log"));
+        Pod {
+            name: spec.name.to_string(),
+            ns,
+            app,
+            sidecar,
+            id,
+            app_kind: spec.app,
+            dir,
+        }
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}:{ADMIN_PORT}{path}", self.ns.addr)
+    }
+
+    /// The kubelet's termination of this pod. Returns how long the whole termination took.
+    pub async fn terminate(&mut self, how: Termination) -> Duration {
+        let t0 = Instant::now();
+        let deadline = t0 + how.grace;
+        if how.pre_stop {
+            let url = self.admin_url("/drain?wait=true");
+            let r = super::http_client()
+                .get(&url)
+                .timeout(how.grace)
+                .send()
+                .await;
+            assert!(
+                r.is_ok_and(|r| r.status().is_success()),
+                "preStop drain of {} failed",
+                self.name
+            );
+        }
+        self.app.signal("TERM");
+        if how.native_sidecar {
+            let _ = self.app.wait_until(deadline);
+        }
+        self.sidecar.signal("TERM");
+        let _ = self.app.wait_until(deadline);
+        let _ = self.sidecar.wait_until(deadline);
+        self.app.kill();
+        self.sidecar.kill();
+        t0.elapsed()
+    }
+
+    pub fn logs(&self) -> String {
+        format!(
+            "--- {} app ---\n{}\n--- {} sidecar ---\n{}",
+            self.name,
+            self.app.logs(),
+            self.name,
+            self.sidecar.logs()
+        )
+    }
+
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+}
