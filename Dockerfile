@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1
-#
 # consul-registrar's container images. Two targets share one builder:
 #
 #   docker build -t consul-registrar:dev .                             # the sidecar (default target)
