@@ -6,7 +6,8 @@
 #     token and TLS, monitoring, demo values) and the kustomize builds of deploy/, validated
 #     strictly against the Kubernetes JSON schemas; the rendered pod spec read back and checked
 #     (sidecar env and args, preStop drain hook, grace period, security contexts, checksum); a
-#     render that must fail when the grace period does not cover the drain delay.
+#     render that must fail when the grace period does not cover the drain delay; the Dockerfile
+#     read back (targets, non-root distroless stages, .dockerignore).
 # Ends with "k8s: N passed, M failed" and exits non-zero when anything failed.
 #
 # Tools are provided once and cached by version under
