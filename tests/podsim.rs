@@ -8,7 +8,7 @@ use std::net::Ipv4Addr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::podsim::{self, App, Network, Pod, PodSpec};
+use support::podsim::{self, App, Network, Pod, PodSpec, Termination, TrafficClient};
 use support::{ConsulAgent, ConsulOptions, wait_until};
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -67,7 +67,6 @@ async fn scenario_6_a_hung_app_turns_critical_after_timeout_times_failure_thresh
             health: "      interval: 500ms\n      timeout: 500ms\n      failureThreshold: 3",
             check: "      ttl: 5s",
         },
-        None,
     );
     assert!(
         wait_until(15 * SECOND, || async {
@@ -132,7 +131,6 @@ async fn scenario_5_a_killed_sidecar_leaves_a_critical_instance_that_consul_reap
             health: "      interval: 500ms\n      timeout: 500ms",
             check: "      ttl: 3s\n      deregisterCriticalServiceAfter: 1m",
         },
-        None,
     );
     assert!(
         wait_until(15 * SECOND, || async {
@@ -197,7 +195,6 @@ async fn scenario_4_a_pod_cut_off_from_consul_keeps_probing_and_converges_after_
             health: "      interval: 500ms\n      timeout: 500ms",
             check: "      ttl: 5s\n      deregisterCriticalServiceAfter: 2m",
         },
-        None,
     );
     assert!(
         wait_until(15 * SECOND, || async {
@@ -458,6 +455,176 @@ async fn scenario_7_the_leader_dies_while_sidecars_register_and_flip_and_everyth
             "all 3 instances registered with the right status {:.2}s after the leader was killed (new leader {})",
             killed_at.elapsed().as_secs_f64(),
             new_leader.unwrap_or_default()
+        ),
+    );
+}
+
+fn go_pod<'a>(net: &Network, name: &'a str, consul: &'a str) -> Pod {
+    Pod::start(
+        net,
+        PodSpec {
+            name,
+            app: App::GoHello,
+            consul,
+            drain_delay: "2s",
+            health: "      interval: 500ms\n      timeout: 500ms",
+            check: "      ttl: 5s",
+        },
+    )
+}
+
+async fn wait_passing(consul: &ConsulAgent, pod: &Pod) {
+    assert!(
+        wait_until(15 * SECOND, || async {
+            consul.check_status("hello", &pod.id).await.as_deref() == Some("passing")
+        })
+        .await,
+        "{} never passed\n{}",
+        pod.name,
+        pod.logs()
+    );
+}
+
+/// Three pods behind the tutorial's client at 200 RPC/s, replaced one by one the way a rolling
+/// update does: the new pod becomes ready, then the kubelet terminates an old one.
+async fn rolling_restart(how: Termination) -> serde_json::Value {
+    let net = Network::new();
+    let consul = consul_on(&net).await;
+    let addr = consul.http_addr().trim_start_matches("http://").to_string();
+    let names = ["a0", "a1", "a2", "b0", "b1", "b2"];
+    let mut old: Vec<Pod> = Vec::new();
+    for name in &names[..3] {
+        old.push(go_pod(&net, name, &consul.http_addr()));
+    }
+    for pod in &old {
+        wait_passing(&consul, pod).await;
+    }
+    let client = TrafficClient::start(&addr, 200);
+    tokio::time::sleep(2 * SECOND).await;
+    let mut new = Vec::new();
+    for (i, mut pod) in old.into_iter().enumerate() {
+        let replacement = go_pod(&net, names[3 + i], &consul.http_addr());
+        wait_passing(&consul, &replacement).await;
+        new.push(replacement);
+        pod.terminate(how).await;
+        assert!(
+            consul.check_status("hello", &pod.id).await.is_none(),
+            "{} still registered after termination\n{}",
+            pod.name,
+            pod.logs()
+        );
+    }
+    tokio::time::sleep(2 * SECOND).await;
+    let report = client.finish();
+    assert!(
+        report["sent"].as_i64().unwrap_or(0) > 1000,
+        "too little traffic: {report}"
+    );
+    let backends = report["by_backend"]
+        .as_object()
+        .map(|m| m.len())
+        .unwrap_or(0);
+    assert!(
+        backends >= 4,
+        "traffic did not move across old and new pods: {report}"
+    );
+    assert_eq!(
+        consul.catalog_service("hello").await.len(),
+        3,
+        "three instances at the end"
+    );
+    report
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scenario_1_rolling_restart_with_the_prestop_drain_fails_no_rpc() {
+    if podsim::skip_unless_available() {
+        return;
+    }
+    let report = rolling_restart(Termination {
+        pre_stop: true,
+        native_sidecar: true,
+        grace: 30 * SECOND,
+    })
+    .await;
+    figure(
+        "1 rolling restart, preStop drain",
+        format!("{} RPCs sent, {} failed", report["sent"], report["failed"]),
+    );
+    assert_eq!(
+        report["failed"], 0,
+        "failed RPCs with the preStop drain: {report}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scenario_2_rolling_restart_without_the_drain_is_the_baseline() {
+    if podsim::skip_unless_available() {
+        return;
+    }
+    let report = rolling_restart(Termination {
+        pre_stop: false,
+        native_sidecar: false,
+        grace: 30 * SECOND,
+    })
+    .await;
+    figure(
+        "2 rolling restart, classic sidecar, no preStop",
+        format!(
+            "{} RPCs sent, {} failed (errors: {})",
+            report["sent"], report["failed"], report["errors"]
+        ),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scenario_3_consul_restarted_empty_under_traffic_gets_every_instance_back() {
+    if podsim::skip_unless_available() {
+        return;
+    }
+    let net = Network::new();
+    let mut consul = consul_on(&net).await;
+    let addr = consul.http_addr().trim_start_matches("http://").to_string();
+    let pods: Vec<Pod> = ["c0", "c1", "c2"]
+        .iter()
+        .map(|n| go_pod(&net, n, &consul.http_addr()))
+        .collect();
+    for pod in &pods {
+        wait_passing(&consul, pod).await;
+    }
+    let client = TrafficClient::start(&addr, 200);
+    tokio::time::sleep(2 * SECOND).await;
+    consul.restart_wiped().await;
+    let answering = Instant::now();
+    let all_back = wait_until(2 * SECOND, || async {
+        let mut n = 0;
+        for pod in &pods {
+            if consul.check_status("hello", &pod.id).await.as_deref() == Some("passing") {
+                n += 1;
+            }
+        }
+        n == pods.len()
+    })
+    .await;
+    let back_after = answering.elapsed();
+    assert!(
+        all_back,
+        "not every instance back and passing within 2 s of Consul answering"
+    );
+    tokio::time::sleep(3 * SECOND).await;
+    let report = client.finish();
+    assert_eq!(
+        consul.catalog_service("hello").await.len(),
+        3,
+        "duplicates or losses"
+    );
+    figure(
+        "3 Consul restarted with state wiped under traffic",
+        format!(
+            "all 3 instances back and passing {:.3}s after Consul answered; client: {} sent, {} failed",
+            back_after.as_secs_f64(),
+            report["sent"],
+            report["failed"]
         ),
     );
 }

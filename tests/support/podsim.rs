@@ -15,6 +15,74 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
+/// The directory holding the Go peers (`hello-server`, `hello-client`), built once by
+/// `scripts/go-peers.sh` (cached per source hash).
+pub fn go_peers() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/go-peers.sh");
+        let out = Command::new("bash")
+            .arg(script)
+            .output()
+            .expect("run scripts/go-peers.sh");
+        assert!(
+            out.status.success(),
+            "building the Go peers failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    })
+    .clone()
+}
+
+/// The tutorial's Go client sending steady traffic, discovering `hello` through Consul.
+pub struct TrafficClient {
+    proc: Proc,
+    report: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl TrafficClient {
+    /// Starts it (in the root namespace, the node) against Consul at `consul` (`host:port`).
+    pub fn start(consul: &str, rate: u32) -> TrafficClient {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let report = dir.path().join("report.json");
+        let mut cmd = Command::new(go_peers().join("hello-client"));
+        cmd.args([
+            "-consul",
+            consul,
+            "-service",
+            "hello",
+            "-rate",
+            &rate.to_string(),
+        ])
+        .args(["-duration", "10m", "-timeout", "1s", "-out"])
+        .arg(&report);
+        let proc = Proc::spawn(cmd, dir.path().join("client.log"));
+        TrafficClient {
+            proc,
+            report,
+            _dir: dir,
+        }
+    }
+
+    /// Stops it (SIGTERM) and returns its JSON report.
+    pub fn finish(mut self) -> serde_json::Value {
+        self.proc.signal("TERM");
+        let exited = self
+            .proc
+            .wait_until(Instant::now() + Duration::from_secs(20));
+        assert!(
+            exited.is_some(),
+            "hello-client did not stop:\n{}",
+            self.proc.logs()
+        );
+        let text = std::fs::read_to_string(&self.report)
+            .unwrap_or_else(|_| panic!("no report from hello-client:\n{}", self.proc.logs()));
+        serde_json::from_str(&text).expect("JSON report")
+    }
+}
+
 /// Why the simulation cannot run here, if it cannot (not root, no `ip`).
 pub fn unavailable() -> Option<String> {
     let uid = std::fs::read_to_string("/proc/self/status")
@@ -296,19 +364,23 @@ pub struct PodSpec<'a> {
 }
 
 impl Pod {
-    pub fn start(net: &Network, spec: PodSpec<'_>, go_peers: Option<&PathBuf>) -> Pod {
+    pub fn start(net: &Network, spec: PodSpec<'_>) -> Pod {
         let ns = net.namespace(spec.name);
         let dir = tempfile::tempdir().expect("tempdir");
         let app_cmd = match spec.app {
             App::GoHello => {
-                let bin = go_peers.expect("Go peers built").join("hello-server");
+                let bin = go_peers().join("hello-server");
                 let mut c = ns.command(bin);
+                // Each RPC takes 50 ms, so RPCs are in flight at any moment, and the server
+                // stops abruptly on SIGTERM: the worst case for clients, which only a drain
+                // before the signal can make safe.
                 c.args([
                     "-listen",
                     &format!("0.0.0.0:{APP_PORT}"),
                     "-name",
                     spec.name,
-                ]);
+                ])
+                .args(["-work", "50ms", "-shutdown", "immediate"]);
                 c
             }
             App::Demo => {
