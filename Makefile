@@ -7,10 +7,11 @@ SHELL := bash
 CACHE_DIR ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/consul-registrar
 export CARGO_TARGET_DIR ?= $(CACHE_DIR)/target
 
-.PHONY: test demo lint unit-and-integration consul
+.PHONY: test demo lint unit-and-integration consul k8s e2e-kind
 
-## make test: formatting, lints, unit and integration tests against a real Consul, chart checks.
-test: lint consul unit-and-integration
+## make test: formatting, lints, unit and integration tests against a real Consul (including the
+## pod simulation, which needs root for network namespaces), then the Kubernetes packaging checks.
+test: lint consul unit-and-integration k8s
 
 lint:
 	cargo fmt --all -- --check
@@ -22,6 +23,15 @@ consul:
 
 unit-and-integration: consul
 	CONSUL_BIN="$$(bash scripts/consul.sh)" PROMTOOL="$$(bash scripts/promtool.sh)" cargo test --locked
+
+## Kubernetes packaging: hadolint, shellcheck, helm lint, chart and deploy/ renders validated
+## strictly against the Kubernetes schemas, the pod spec read back (no cluster needed).
+k8s:
+	bash scripts/check-k8s.sh
+
+## The kind e2e suite (needs docker, kind, kubectl, helm; skips with a message without them).
+e2e-kind:
+	bash tests/e2e/kind/run.sh
 
 ## make demo: Consul dev agent + demo gRPC app + the sidecar; flips health, Ctrl-C drains.
 demo:

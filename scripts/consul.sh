@@ -72,9 +72,9 @@ build_from_go_module() {
   # The module's go.mod points its own submodules (api, sdk, proto-public, ...) at local directories
   # that the module zip does not contain; use the published versions it requires instead.
   local m
-  for m in $(awk '{ if ($1 == "replace") { $1 = ""; $0 = $0 } } $2 == "=>" && $3 ~ /^\.\.?\// { print $1 }' go.mod); do
+  while read -r m; do
     go mod edit -dropreplace="$m"
-  done
+  done < <(awk '{ if ($1 == "replace") { $1 = ""; $0 = $0 } } $2 == "=>" && $3 ~ /^\.\.?\// { print $1 }' go.mod)
   GOFLAGS=-mod=mod CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$work/consul" . >&2 || {
     log "go build failed"
     return 1
@@ -83,7 +83,10 @@ build_from_go_module() {
 
 download_release() {
   local url="https://releases.hashicorp.com/consul/${CONSUL_VERSION}/consul_${CONSUL_VERSION}_linux_amd64.zip"
-  command -v curl >/dev/null && command -v unzip >/dev/null || { log "curl or unzip missing"; return 1; }
+  if ! command -v curl >/dev/null || ! command -v unzip >/dev/null; then
+    log "curl or unzip missing"
+    return 1
+  fi
   log "downloading $url"
   curl -fsSL -o "$work/consul.zip" "$url" && unzip -q -o "$work/consul.zip" consul -d "$work"
 }

@@ -27,6 +27,7 @@ demo_app="$target_dir/debug/examples/demo-app"
 work=$(mktemp -d "${TMPDIR:-/tmp}/consul-registrar-demo.XXXXXX")
 pids=()
 registrar_pid=""
+# shellcheck disable=SC2329 # invoked by the EXIT trap
 cleanup() {
   # The sidecar first, so that it can still reach Consul to deregister; then the rest.
   if [ -n "$registrar_pid" ] && kill -TERM "$registrar_pid" 2>/dev/null; then

@@ -23,10 +23,10 @@ if [ -x "$dest_dir/promtool" ]; then
   printf '%s\n' "$dest_dir/promtool"
   exit 0
 fi
-command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null || {
+if ! command -v apt-get >/dev/null || ! command -v dpkg-deb >/dev/null; then
   log "error: no promtool on PATH and no apt-get/dpkg-deb to fetch Debian's prometheus package; install promtool (https://prometheus.io/download/) or put it on PATH"
   exit 1
-}
+fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cd "$work"
