@@ -7,11 +7,11 @@ SHELL := bash
 CACHE_DIR ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/consul-registrar
 export CARGO_TARGET_DIR ?= $(CACHE_DIR)/target
 
-.PHONY: test demo lint unit-and-integration consul k8s e2e-kind
+.PHONY: test demo lint unit-and-integration podsim consul k8s e2e-kind
 
 ## make test: formatting, lints, unit and integration tests against a real Consul (including the
 ## pod simulation, which needs root for network namespaces), then the Kubernetes packaging checks.
-test: lint consul unit-and-integration k8s
+test: lint consul unit-and-integration podsim k8s
 
 lint:
 	cargo fmt --all -- --check
@@ -22,7 +22,11 @@ consul:
 	@bash scripts/consul.sh >/dev/null
 
 unit-and-integration: consul
-	CONSUL_BIN="$$(bash scripts/consul.sh)" PROMTOOL="$$(bash scripts/promtool.sh)" cargo test --locked
+	CONSUL_BIN="$$(bash scripts/consul.sh)" PROMTOOL="$$(bash scripts/promtool.sh)" cargo test --locked -- --skip scenario_
+
+## The reliability scenarios on the pod simulation, with their figures printed (FIGURE lines).
+podsim: consul
+	CONSUL_BIN="$$(bash scripts/consul.sh)" cargo test --locked --test podsim -- --nocapture --test-threads 8
 
 ## Kubernetes packaging: hadolint, shellcheck, helm lint, chart and deploy/ renders validated
 ## strictly against the Kubernetes schemas, the pod spec read back (no cluster needed).

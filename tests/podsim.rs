@@ -1,6 +1,6 @@
 //! Reliability scenarios on the pod simulation (network namespaces, real processes, real signals)
 //! and on a three-server Consul cluster. Each scenario asserts its outcome and prints its figure
-//! as `FIGURE <scenario>: ...` (collected by scripts/podsim-figures.sh for the README).
+//! as `FIGURE <scenario>: ...` (`make podsim` runs them with `--nocapture`, so CI shows them).
 
 mod support;
 
@@ -15,7 +15,6 @@ const SECOND: Duration = Duration::from_secs(1);
 
 fn figure(scenario: &str, text: String) {
     println!("FIGURE {scenario}: {text}");
-    eprintln!("FIGURE {scenario}: {text}");
 }
 
 async fn consul_on(net: &Network) -> ConsulAgent {
@@ -27,11 +26,9 @@ async fn consul_on(net: &Network) -> ConsulAgent {
     .await
 }
 
-async fn demo_flip(pod: &Pod, serving: bool) {
-    let path = if serving { "serving" } else { "not-serving" };
-    // The demo app's control port is not used in pods; signals flip it.
+/// Flips the demo app in a pod by signal (SIGUSR1: NOT_SERVING, SIGUSR2: SERVING).
+fn demo_flip(pod: &Pod, serving: bool) {
     pod.app.signal(if serving { "USR2" } else { "USR1" });
-    let _ = path;
 }
 
 async fn metric(url: &str, series: &str) -> Option<f64> {
@@ -57,25 +54,8 @@ async fn scenario_6_a_hung_app_turns_critical_after_timeout_times_failure_thresh
     }
     let net = Network::new();
     let consul = consul_on(&net).await;
-    let pod = Pod::start(
-        &net,
-        PodSpec {
-            name: "hang",
-            app: App::Demo,
-            consul: &consul.http_addr(),
-            drain_delay: "0s",
-            health: "      interval: 500ms\n      timeout: 500ms\n      failureThreshold: 3",
-            check: "      ttl: 5s",
-        },
-    );
-    assert!(
-        wait_until(15 * SECOND, || async {
-            consul.check_status("hello", &pod.id).await.as_deref() == Some("passing")
-        })
-        .await,
-        "{}",
-        pod.logs()
-    );
+    let pod = demo_pod(&net, "hang", &consul.http_addr(), "      ttl: 5s");
+    wait_passing(&consul, &pod).await;
 
     let t0 = Instant::now();
     pod.app.signal("STOP");
@@ -121,25 +101,13 @@ async fn scenario_5_a_killed_sidecar_leaves_a_critical_instance_that_consul_reap
     }
     let net = Network::new();
     let consul = consul_on(&net).await;
-    let mut pod = Pod::start(
+    let mut pod = demo_pod(
         &net,
-        PodSpec {
-            name: "kill9",
-            app: App::Demo,
-            consul: &consul.http_addr(),
-            drain_delay: "0s",
-            health: "      interval: 500ms\n      timeout: 500ms",
-            check: "      ttl: 3s\n      deregisterCriticalServiceAfter: 1m",
-        },
+        "kill9",
+        &consul.http_addr(),
+        "      ttl: 3s\n      deregisterCriticalServiceAfter: 1m",
     );
-    assert!(
-        wait_until(15 * SECOND, || async {
-            consul.check_status("hello", &pod.id).await.as_deref() == Some("passing")
-        })
-        .await,
-        "{}",
-        pod.logs()
-    );
+    wait_passing(&consul, &pod).await;
 
     let t0 = Instant::now();
     pod.sidecar.kill(); // SIGKILL: no drain, no deregistration
@@ -185,25 +153,13 @@ async fn scenario_4_a_pod_cut_off_from_consul_keeps_probing_and_converges_after_
     }
     let net = Network::new();
     let consul = consul_on(&net).await;
-    let pod = Pod::start(
+    let pod = demo_pod(
         &net,
-        PodSpec {
-            name: "cut",
-            app: App::Demo,
-            consul: &consul.http_addr(),
-            drain_delay: "0s",
-            health: "      interval: 500ms\n      timeout: 500ms",
-            check: "      ttl: 5s\n      deregisterCriticalServiceAfter: 2m",
-        },
+        "cut",
+        &consul.http_addr(),
+        "      ttl: 5s\n      deregisterCriticalServiceAfter: 2m",
     );
-    assert!(
-        wait_until(15 * SECOND, || async {
-            consul.check_status("hello", &pod.id).await.as_deref() == Some("passing")
-        })
-        .await,
-        "{}",
-        pod.logs()
-    );
+    wait_passing(&consul, &pod).await;
     let metrics = pod.admin_url("/metrics");
     let probes = "consul_registrar_probe_results_total{instance=\"hello.sim.cut\",outcome=\"serving\",service=\"hello\"}";
     let before = metric(&metrics, probes).await.unwrap_or(0.0);
@@ -211,7 +167,7 @@ async fn scenario_4_a_pod_cut_off_from_consul_keeps_probing_and_converges_after_
     pod.ns.cut_path_to(&net.gateway(), true);
     // Cut for 30 s. The sidecar keeps probing; the app flips to NOT_SERVING meanwhile.
     tokio::time::sleep(10 * SECOND).await;
-    demo_flip(&pod, false).await;
+    demo_flip(&pod, false);
     tokio::time::sleep(20 * SECOND).await;
     // The TTL expired in Consul meanwhile (nobody could refresh it).
     assert_eq!(
@@ -227,7 +183,7 @@ async fn scenario_4_a_pod_cut_off_from_consul_keeps_probing_and_converges_after_
         during >= before + 10.0,
         "the probe stopped while Consul was cut off: {before} → {during}"
     );
-    demo_flip(&pod, true).await;
+    demo_flip(&pod, true);
     assert!(
         wait_until(20 * SECOND, || async {
             consul.check_status("hello", &pod.id).await.as_deref() == Some("passing")
@@ -457,6 +413,22 @@ async fn scenario_7_the_leader_dies_while_sidecars_register_and_flip_and_everyth
             new_leader.unwrap_or_default()
         ),
     );
+}
+
+/// A pod running the demo app, probed every 500 ms with a 500 ms timeout (failureThreshold 3),
+/// no drain delay; `check` holds the `check:` lines of the manifest.
+fn demo_pod(net: &Network, name: &str, consul: &str, check: &str) -> Pod {
+    Pod::start(
+        net,
+        PodSpec {
+            name,
+            app: App::Demo,
+            consul,
+            drain_delay: "0s",
+            health: "      interval: 500ms\n      timeout: 500ms\n      failureThreshold: 3",
+            check,
+        },
+    )
 }
 
 fn go_pod<'a>(net: &Network, name: &'a str, consul: &'a str) -> Pod {
