@@ -9,7 +9,8 @@
 //!   `kubectl exec` into an image without a shell).
 //!
 //! `--no-watch` serves a health service that answers Watch with UNIMPLEMENTED (Check works), like
-//! older servers; `--generate-services N` adds health services `svc-0` … `svc-{N-1}`.
+//! older servers; `--generate-services N` adds health services `svc-0` … `svc-{N-1}`;
+//! `--tls-cert`/`--tls-key` serve gRPC over TLS.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -91,6 +92,12 @@ struct ServeArgs {
     /// Name used in replies (defaults to the listen address).
     #[arg(long)]
     name: Option<String>,
+    /// Serve gRPC over TLS with this PEM certificate (needs --tls-key).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The PEM key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
 }
 
 /// The current status of every health service, mirrored into tonic-health's reporter.
@@ -262,6 +269,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
 
     let mut builder = tonic::transport::Server::builder().max_concurrent_streams(100_000u32);
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        let identity =
+            tonic::transport::Identity::from_pem(std::fs::read(cert)?, std::fs::read(key)?);
+        builder =
+            builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
+    }
     let greeter = GreeterServer::new(GreeterService { name });
     let router = if args.no_watch {
         builder

@@ -523,3 +523,46 @@ async fn https_consul_works_with_the_right_ca_and_refuses_a_wrong_one() {
     );
     assert_eq!(consul.check_status("hello", "hello-2").await, None);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_serving_grpc_over_tls_is_probed_with_the_manifest_ca() {
+    // The TLS agent's CA and certificate double as the app's: Consul itself stays plain here.
+    let certs = ConsulAgent::prepare(ConsulOptions {
+        tls: true,
+        ..Default::default()
+    });
+    let consul = ConsulAgent::start_dev().await;
+    let app = DemoApp::start(DemoAppOptions {
+        tls: certs.server_cert(),
+        ..Default::default()
+    })
+    .await;
+    let ca = certs.ca_file().expect("CA").display().to_string();
+    let tls = format!("      tls:\n        caFile: {ca}\n        serverName: localhost");
+    let sidecar = Sidecar::start(
+        &manifest(&consul.http_addr(), app.port(), "tls-1", &tls, ""),
+        &[],
+    );
+    assert!(
+        status_becomes(&consul, "tls-1", Some("passing"), 10 * SECOND).await,
+        "{}",
+        sidecar.logs()
+    );
+    app.set_serving(false).await;
+    assert!(status_becomes(&consul, "tls-1", Some("critical"), 2 * SECOND).await);
+
+    // The same app probed without TLS never passes.
+    let plain = Sidecar::start(
+        &manifest(&consul.http_addr(), app.port(), "plain-1", "", ""),
+        &[],
+    );
+    app.set_serving(true).await;
+    assert!(status_becomes(&consul, "tls-1", Some("passing"), 2 * SECOND).await);
+    tokio::time::sleep(2 * SECOND).await;
+    assert_eq!(
+        consul.check_status("hello", "plain-1").await.as_deref(),
+        Some("critical"),
+        "{}",
+        plain.logs()
+    );
+}

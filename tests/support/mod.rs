@@ -221,6 +221,18 @@ impl ConsulAgent {
             .then(|| self.dir.path().join("consul-agent-ca.pem"))
     }
 
+    /// The agent's server certificate and key (valid for localhost and 127.0.0.1), which tests
+    /// also use to serve the demo app over TLS.
+    pub fn server_cert(&self) -> Option<(PathBuf, PathBuf)> {
+        self.opts.tls.then(|| {
+            let d = self.dir.path();
+            (
+                d.join("dc1-server-consul-0.pem"),
+                d.join("dc1-server-consul-0-key.pem"),
+            )
+        })
+    }
+
     /// A CA that did not sign it.
     pub fn wrong_ca_file(&self) -> Option<PathBuf> {
         self.opts
@@ -494,6 +506,8 @@ pub struct DemoAppOptions {
     pub no_watch: bool,
     pub health_services: Vec<String>,
     pub generate_services: usize,
+    /// Serve gRPC over TLS with this certificate and key (PEM files).
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl Default for DemoAppOptions {
@@ -503,6 +517,7 @@ impl Default for DemoAppOptions {
             no_watch: false,
             health_services: vec!["helloworld.Greeter".into()],
             generate_services: 0,
+            tls: None,
         }
     }
 }
@@ -575,6 +590,9 @@ impl DemoApp {
         }
         if self.opts.no_watch {
             cmd.arg("--no-watch");
+        }
+        if let Some((cert, key)) = &self.opts.tls {
+            cmd.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
         }
         self.child = Some(cmd.spawn().expect("spawn demo-app"));
         let log_path = self.dir.path().join("app.log");
