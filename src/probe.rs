@@ -122,7 +122,7 @@ enum Observation {
 enum Event {
     /// A status pushed on the Watch stream.
     Watched(Observation),
-    /// The Watch stream ended or could not be opened (not counted; triggers a Check).
+    /// An open Watch stream ended (not counted; triggers a Check).
     StreamBroken,
     /// The app does not implement Watch.
     WatchUnimplemented,
@@ -439,6 +439,11 @@ async fn watch_stream(
                         Ok(None) | Err(_) => break,
                     }
                 }
+                // An open stream broke (the app stopped or restarted): check at once. Failed
+                // re-opens are not reported, so failures are still sampled once per interval.
+                if events.send(Event::StreamBroken).await.is_err() {
+                    return;
+                }
             }
             Err(status) if status.code() == Code::Unimplemented => {
                 if events.send(Event::WatchUnimplemented).await.is_err() {
@@ -453,9 +458,6 @@ async fn watch_stream(
                 continue;
             }
             Err(_) => {}
-        }
-        if events.send(Event::StreamBroken).await.is_err() {
-            return;
         }
         tokio::select! {
             _ = cancel.cancelled() => return,
