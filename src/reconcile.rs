@@ -72,6 +72,38 @@ pub struct Reconciler {
     status: StatusEntry,
     retry: RetryPolicy,
     resync_interval: Duration,
+    anti_entropy: AntiEntropy,
+}
+
+/// The anti-entropy alarm shared by every reconciler of a sidecar. Only the first
+/// `consul.blockingWatches` instances keep a blocking query open (a client may hold only so many
+/// connections to an agent); an agent that restarts empty loses every instance at once, so when a
+/// watcher sees its instance missing or changed it rings the alarm and every reconciler reads its
+/// own instance again. Unwatched instances are also read every `resyncInterval`, and any instance
+/// found missing by a TTL refresh (404) is registered again at once.
+#[derive(Clone)]
+pub struct AntiEntropy {
+    alarm: Arc<watch::Sender<u64>>,
+    watched: bool,
+}
+
+impl AntiEntropy {
+    /// A new alarm; hand [`AntiEntropy::member`] to each reconciler.
+    pub fn new() -> Arc<watch::Sender<u64>> {
+        Arc::new(watch::channel(0).0)
+    }
+
+    /// A reconciler's membership: `watched` keeps a blocking query on its instance.
+    pub fn member(alarm: &Arc<watch::Sender<u64>>, watched: bool) -> AntiEntropy {
+        AntiEntropy {
+            alarm: Arc::clone(alarm),
+            watched,
+        }
+    }
+
+    fn ring(&self) {
+        self.alarm.send_modify(|generation| *generation += 1);
+    }
 }
 
 /// What the watcher tells the reconciler: what Consul answered (or that it did not), and when the
@@ -89,6 +121,7 @@ impl Reconciler {
         status: StatusEntry,
         retry: RetryPolicy,
         resync_interval: Duration,
+        anti_entropy: AntiEntropy,
     ) -> Self {
         let desired = AgentServiceRegistration::new(&spec, CheckStatus::Critical);
         Reconciler {
@@ -99,6 +132,7 @@ impl Reconciler {
             status,
             retry,
             resync_interval,
+            anti_entropy,
         }
     }
 
@@ -113,15 +147,24 @@ impl Reconciler {
         let registered = Arc::new(Notify::new());
         let watcher_cancel = cancel.child_token();
         let _stop_watcher = watcher_cancel.clone().drop_guard();
-        tokio::spawn(watch_instance(
-            self.client.clone(),
-            self.spec.id.clone(),
+        if self.anti_entropy.watched {
+            tokio::spawn(watch_instance(
+                self.client.clone(),
+                self.spec.id.clone(),
+                self.resync_interval,
+                self.retry,
+                sightings_tx,
+                Arc::clone(&registered),
+                watcher_cancel,
+            ));
+        }
+        let mut alarm = self.anti_entropy.alarm.subscribe();
+        // Unwatched instances are read again every resync interval (a watched one's blocking
+        // query returns at least that often, which is its resync).
+        let mut resync = tokio::time::interval_at(
+            tokio::time::Instant::now() + self.resync_interval,
             self.resync_interval,
-            self.retry,
-            sightings_tx,
-            Arc::clone(&registered),
-            watcher_cancel,
-        ));
+        );
 
         let mut view = View::Unknown;
         let mut acked: Option<(CheckStatus, String)> = None;
@@ -190,6 +233,22 @@ impl Reconciler {
                 _ = cancel.cancelled() => return,
                 _ = wake_retry => retry_at = None,
                 _ = wake_refresh => {}
+                _ = resync.tick(), if !self.anti_entropy.watched => {
+                    if view == View::InSync {
+                        view = View::Unknown;
+                    }
+                }
+                rang = alarm.changed() => {
+                    if rang.is_err() {
+                        return;
+                    }
+                    // Another instance went missing: Consul may have lost this one too.
+                    if matches!(view, View::InSync) {
+                        view = View::Unknown;
+                    }
+                    retry_at = None;
+                    backoff.reset();
+                }
                 changed = verdicts.changed() => {
                     if changed.is_err() {
                         return; // the probe is gone: the sidecar is stopping
@@ -212,6 +271,9 @@ impl Reconciler {
                         }
                         // The watcher lost Consul; our own calls will find out more.
                         Err(()) => continue,
+                    }
+                    if matches!(view, View::Missing | View::Differs(_)) && ever_registered {
+                        self.anti_entropy.ring();
                     }
                     // Consul answered the watcher, so it is worth trying now.
                     retry_at = None;

@@ -18,7 +18,7 @@ use crate::consul::{ConsulClient, ConsulError};
 use crate::manifest::Manifest;
 use crate::metrics::Metrics;
 use crate::probe::{self, HealthProbe, ProbeSetupError, Verdict};
-use crate::reconcile::Reconciler;
+use crate::reconcile::{AntiEntropy, Reconciler};
 use crate::shutdown::{DrainHandle, Drainer, Phase};
 use crate::status::StatusBoard;
 
@@ -82,6 +82,7 @@ pub async fn run(manifest: Manifest, admin_address: SocketAddr) -> Result<(), Si
     // Probes of the same target share one HTTP/2 connection.
     let mut channels = HashMap::new();
     let mut reconcilers = Vec::with_capacity(manifest.services.len());
+    let alarm = AntiEntropy::new();
     for (i, spec) in manifest.services.iter().enumerate() {
         let key = format!(
             "{}|{}|{:?}",
@@ -112,6 +113,7 @@ pub async fn run(manifest: Manifest, admin_address: SocketAddr) -> Result<(), Si
             board.entry(i),
             manifest.consul.retry,
             manifest.consul.resync_interval,
+            AntiEntropy::member(&alarm, i < manifest.consul.blocking_watches),
         );
         reconcilers.push(tokio::spawn(reconciler.run(verdict_rx, sync.clone())));
     }

@@ -566,3 +566,37 @@ async fn an_app_serving_grpc_over_tls_is_probed_with_the_manifest_ca() {
         plain.logs()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_beyond_the_blocking_watches_come_back_on_the_alarm() {
+    let mut consul = ConsulAgent::start_dev().await;
+    let app = DemoApp::start(DemoAppOptions::default()).await;
+    let mut text = format!(
+        "consul:\n  address: {}\n  blockingWatches: 1\n  retry: {{initial: 50ms, max: 500ms}}\nservices:\n",
+        consul.http_addr()
+    );
+    for i in 0..4 {
+        text.push_str(&format!(
+            "  - name: hello\n    id: many-{i}\n    address: 127.0.0.1\n    port: {}\n    health:\n      interval: 200ms\n      timeout: 200ms\n    check:\n      ttl: 30s\n",
+            app.port()
+        ));
+    }
+    let sidecar = Sidecar::start(&text, &[]);
+    for i in 0..4 {
+        assert!(
+            status_becomes(&consul, &format!("many-{i}"), Some("passing"), 10 * SECOND).await,
+            "{}",
+            sidecar.logs()
+        );
+    }
+    consul.restart_wiped().await;
+    // Only many-0 is watched; its watcher's alarm brings the other three back as fast.
+    for i in 0..4 {
+        assert!(
+            status_becomes(&consul, &format!("many-{i}"), Some("passing"), 2 * SECOND).await,
+            "many-{i} not back within 2 s (TTL refresh would take 10 s)\n{}",
+            sidecar.logs()
+        );
+    }
+    assert_eq!(consul.catalog_service("hello").await.len(), 4);
+}

@@ -61,6 +61,9 @@ pub struct ConsulConnection {
     pub tls: TlsSettings,
     pub retry: RetryPolicy,
     pub resync_interval: Duration,
+    /// How many instances keep a blocking query open on the agent (the rest are read on alarm
+    /// and every resync interval).
+    pub blocking_watches: usize,
 }
 
 impl fmt::Debug for ConsulConnection {
@@ -518,6 +521,7 @@ impl Resolver<'_> {
                 .resync_interval
                 .as_ref()
                 .map_or(Duration::from_secs(60), |d| d.0),
+            blocking_watches: c.blocking_watches.as_ref().map_or(8, |n| n.0 as usize),
         })
     }
 

@@ -34,6 +34,7 @@ pub struct RawConsul {
     pub tls: Option<RawTls>,
     pub retry: Option<RawRetry>,
     pub resync_interval: Option<PositiveDuration>,
+    pub blocking_watches: Option<Count>,
 }
 
 #[derive(Debug, Default, Deserialize)]
