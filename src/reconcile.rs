@@ -89,7 +89,7 @@ pub struct AntiEntropy {
 
 impl AntiEntropy {
     /// A new alarm; hand [`AntiEntropy::member`] to each reconciler.
-    pub fn new() -> Arc<watch::Sender<u64>> {
+    pub fn alarm() -> Arc<watch::Sender<u64>> {
         Arc::new(watch::channel(0).0)
     }
 

@@ -82,7 +82,7 @@ pub async fn run(manifest: Manifest, admin_address: SocketAddr) -> Result<(), Si
     // Probes of the same target share one HTTP/2 connection.
     let mut channels = HashMap::new();
     let mut reconcilers = Vec::with_capacity(manifest.services.len());
-    let alarm = AntiEntropy::new();
+    let alarm = AntiEntropy::alarm();
     for (i, spec) in manifest.services.iter().enumerate() {
         let key = format!(
             "{}|{}|{:?}",
