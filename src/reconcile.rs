@@ -143,6 +143,7 @@ impl Reconciler {
     /// Runs until `cancel`. Never returns an error: Consul trouble is retried, logged and shown in
     /// the status and metrics.
     pub async fn run(self, mut verdicts: watch::Receiver<Verdict>, cancel: CancellationToken) {
+        // Unwatched instances keep `sightings_tx` unused (but alive) here, so `recv` just waits.
         let (sightings_tx, mut sightings) = mpsc::channel::<Sighting>(4);
         let registered = Arc::new(Notify::new());
         let watcher_cancel = cancel.child_token();
