@@ -1,0 +1,2221 @@
+//! The benchmark suite: drives a real Consul dev agent, the demo gRPC app and the release sidecar,
+//! and writes `results.json` (every sample) and `results.md` (the tables) into a results directory.
+//! `scripts/bench.sh` (`make bench`) builds everything once, runs this program and draws
+//! `latency.png` from the JSON; `docs/benchmarks.md` explains the method and the latest figures.
+//!
+//! Phases, selectable with `--phases` / `BENCH_PHASES` (comma-separated, default all):
+//! - `propagation`: the app flips health → `GET /v1/health/service/<name>` shows the new status,
+//!   watched with blocking queries so the observer adds no polling delay. In one run and against
+//!   the same app: us (`bench-us`, the TTL check the sidecar drives), the peer (`bench-peer`,
+//!   Consul's own `GRPC` check at interval 1 s; 10 s is computed from it) and the floor
+//!   (`bench-floor`, a TTL check the bench updates itself: what Consul alone costs).
+//! - `footprint`: RSS and CPU of the sidecar idle and under 10 flips/s, beside a Consul client
+//!   agent (not -dev) joined to the dev server and running the peer's check; binary sizes.
+//! - `drain`: SIGTERM with drain delay 0 → the instance is gone from the catalog.
+//! - `scale`: one sidecar with 1, 100 and 1,000 services: time to register all, RSS, CPU per
+//!   flip, Consul requests per minute in steady state.
+//! - `recovery`: the Consul agent killed and restarted empty → the instance back and passing.
+//!
+//! Figures are reported, never asserted: the program exits non-zero only when something could not
+//! run at all (Consul did not start, the sidecar never registered, a results file could not be
+//! written). Everything listens on 127.0.0.1, on ports below the ephemeral range.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::fs::File;
+use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use serde_json::{Value, json};
+
+/// The health service the demo app serves and every check asks about.
+const HEALTH_SERVICE: &str = "helloworld.Greeter";
+const SIGTERM: i32 = 15;
+const SIGKILL: i32 = 9;
+const PHASES: [&str; 5] = ["propagation", "footprint", "drain", "scale", "recovery"];
+
+#[derive(Parser)]
+#[command(
+    name = "bench",
+    about = "consul-registrar benchmarks against a real Consul (see docs/benchmarks.md)"
+)]
+struct Args {
+    /// The consul binary (scripts/consul.sh prints one).
+    #[arg(long, env = "CONSUL_BIN")]
+    consul: PathBuf,
+    /// The release consul-registrar binary.
+    #[arg(long)]
+    registrar: PathBuf,
+    /// The release demo-app binary.
+    #[arg(long)]
+    demo_app: PathBuf,
+    /// Where results.json, results.md and logs/ go.
+    #[arg(long, env = "BENCH_OUT", default_value = "bench-results")]
+    out: PathBuf,
+    /// Phases to run: all, or a comma-separated subset of propagation, footprint, drain, scale,
+    /// recovery.
+    #[arg(
+        long,
+        env = "BENCH_PHASES",
+        default_value = "all",
+        value_delimiter = ','
+    )]
+    phases: Vec<String>,
+    /// Flips each way measured for us.
+    #[arg(long, env = "BENCH_FLIPS", default_value_t = 200)]
+    flips: usize,
+    /// Of those, flips each way also measured for the peer (each takes about a second).
+    #[arg(long, env = "BENCH_PEER_FLIPS", default_value_t = 40)]
+    peer_flips: usize,
+    /// Flips each way of the floor (a TTL check updated by the bench itself).
+    #[arg(long, env = "BENCH_FLOOR_FLIPS", default_value_t = 100)]
+    floor_flips: usize,
+    /// Drains measured (a fresh sidecar each).
+    #[arg(long, env = "BENCH_DRAIN_RUNS", default_value_t = 30)]
+    drain_runs: usize,
+    /// Consul restarts measured.
+    #[arg(long, env = "BENCH_RECOVERY_RUNS", default_value_t = 8)]
+    recovery_runs: usize,
+    /// Length of the idle footprint window.
+    #[arg(long, env = "BENCH_IDLE_SECONDS", default_value_t = 60)]
+    idle_seconds: u64,
+    /// Length of the 10 flips/s footprint window.
+    #[arg(long, env = "BENCH_LOAD_SECONDS", default_value_t = 20)]
+    load_seconds: u64,
+    /// Length of each steady-state window of the scale phase.
+    #[arg(long, env = "BENCH_STEADY_SECONDS", default_value_t = 60)]
+    steady_seconds: u64,
+    /// Service counts of the scale phase.
+    #[arg(
+        long,
+        env = "BENCH_SCALE",
+        default_value = "1,100,1000",
+        value_delimiter = ','
+    )]
+    scale: Vec<usize>,
+    /// The source revision, for the report.
+    #[arg(long, default_value = "")]
+    commit: String,
+    /// The Rust toolchain, for the report.
+    #[arg(long, default_value = "")]
+    rustc: String,
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<()> {
+    let phases: Vec<&str> = if args.phases.iter().any(|p| p == "all") {
+        PHASES.to_vec()
+    } else {
+        for p in &args.phases {
+            if !PHASES.contains(&p.as_str()) {
+                bail!("unknown phase {p:?}: expected all or some of {PHASES:?}");
+            }
+        }
+        PHASES
+            .into_iter()
+            .filter(|p| args.phases.iter().any(|a| a == p))
+            .collect()
+    };
+    let logs = args.out.join("logs");
+    std::fs::create_dir_all(&logs).with_context(|| format!("create {}", logs.display()))?;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let bed = Bed {
+        consul_bin: args.consul.clone(),
+        registrar: args.registrar.clone(),
+        demo_app: args.demo_app.clone(),
+        logs,
+        http: reqwest::Client::builder()
+            .no_proxy()
+            .pool_max_idle_per_host(64)
+            .build()
+            .context("HTTP client")?,
+    };
+    let started = Instant::now();
+    let mut results = json!({
+        "machine": machine(),
+        "versions": {
+            "consul-registrar": command_line(&args.registrar, &["--version"]),
+            "consul": command_line(&args.consul, &["version"]),
+            "rustc": args.rustc,
+            "commit": args.commit,
+        },
+        "phases": phases,
+        "config": {
+            "flips_each_way": args.flips,
+            "peer_flips_each_way": args.peer_flips,
+            "floor_flips_each_way": args.floor_flips,
+            "drain_runs": args.drain_runs,
+            "recovery_runs": args.recovery_runs,
+            "idle_seconds": args.idle_seconds,
+            "load_seconds": args.load_seconds,
+            "steady_seconds": args.steady_seconds,
+            "scale": args.scale,
+        },
+    });
+
+    // The main test bed: a Consul dev server, the demo app, our sidecar and the peer's check.
+    let needs_main = |p: &&str| matches!(*p, "propagation" | "footprint" | "drain");
+    let mut main = if phases.iter().any(needs_main) {
+        Some(MainBed::start(&bed).await?)
+    } else {
+        None
+    };
+    for (k, phase) in phases.iter().enumerate() {
+        let t = Instant::now();
+        say(&format!("phase {phase}"));
+        let value = match (*phase, main.as_mut()) {
+            ("propagation", Some(m)) => propagation(m, &args).await?,
+            ("footprint", Some(m)) => footprint(&bed, m, &args).await?,
+            ("drain", Some(m)) => drain(&bed, m, &args).await?,
+            ("scale", _) => scale(&bed, &args).await?,
+            ("recovery", _) => recovery(&bed, &args).await?,
+            _ => unreachable!("the main bed runs for propagation, footprint and drain"),
+        };
+        results[*phase] = value;
+        results[*phase]["phase_seconds"] = json!(round(t.elapsed().as_secs_f64(), 1));
+        write_results(&args.out, &results)?;
+        if !phases[k + 1..].iter().any(needs_main) {
+            main = None; // stops its processes before the next phase
+        }
+    }
+    results["total_seconds"] = json!(round(started.elapsed().as_secs_f64(), 1));
+    results["machine"]["loadavg_end"] = json!(read("/proc/loadavg").trim());
+    write_results(&args.out, &results)?;
+    say(&format!(
+        "done in {:.0} s: {}",
+        started.elapsed().as_secs_f64(),
+        args.out.join("results.md").display()
+    ));
+    Ok(())
+}
+
+fn say(text: &str) {
+    eprintln!("bench: {text}");
+}
+
+fn write_results(out: &Path, results: &Value) -> Result<()> {
+    let json_path = out.join("results.json");
+    std::fs::write(&json_path, serde_json::to_string_pretty(results)? + "\n")
+        .with_context(|| format!("write {}", json_path.display()))?;
+    let md_path = out.join("results.md");
+    std::fs::write(&md_path, markdown(results))
+        .with_context(|| format!("write {}", md_path.display()))?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes, ports and the machine
+// ---------------------------------------------------------------------------------------------
+
+/// What every phase needs: the binaries, the log directory and one HTTP client.
+struct Bed {
+    consul_bin: PathBuf,
+    registrar: PathBuf,
+    demo_app: PathBuf,
+    logs: PathBuf,
+    http: reqwest::Client,
+}
+
+/// A child process with its log; killed (SIGKILL) when dropped.
+struct Proc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    /// Spawns `cmd` with stdout and stderr appended to `logs/<name>.log`.
+    fn spawn(bed: &Bed, name: &str, cmd: &mut Command) -> Result<Proc> {
+        let log = bed.logs.join(format!("{name}.log"));
+        let file = File::options()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .with_context(|| format!("open {}", log.display()))?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .with_context(|| format!("start {name} ({:?})", cmd.get_program()))?;
+        Ok(Proc { child, log })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal. `kill(2)` from the C library std links anyway: no child process in between,
+    /// so the moment it returns is the moment the signal was sent.
+    fn signal(&self, signal: i32) {
+        unsafe extern "C" {
+            fn kill(pid: i32, sig: i32) -> i32;
+        }
+        let pid = i32::try_from(self.pid()).unwrap_or(i32::MAX);
+        // SAFETY: kill(2) takes two integers and touches no memory of ours.
+        unsafe {
+            kill(pid, signal);
+        }
+    }
+
+    fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Waits up to `timeout` for the process to exit.
+    async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.exited() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    fn tail(&self, lines: usize) -> String {
+        let text = read(&self.log);
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.exited().is_none() {
+            self.signal(SIGKILL);
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn read(path: impl AsRef<Path>) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// A port on 127.0.0.1 free for TCP and UDP, below Linux's ephemeral range (32768+), so no
+/// outgoing connection can take it between this call and the bind.
+fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 12_000;
+    const HIGH: u32 = 32_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        fastrand::u32(..(HIGH - LOW)),
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..(HIGH - LOW) {
+        let port = (LOW + NEXT.fetch_add(1, Ordering::SeqCst) % (HIGH - LOW)) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && UdpSocket::bind(("127.0.0.1", port)).is_ok()
+        {
+            return port;
+        }
+    }
+    panic!("no free port between {LOW} and {HIGH}")
+}
+
+/// The first line a binary prints for `args` (its version).
+fn command_line(bin: &Path, args: &[&str]) -> String {
+    Command::new(bin)
+        .args(args)
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .unwrap_or_default()
+}
+
+fn machine() -> Value {
+    let cpuinfo = read("/proc/cpuinfo");
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_default();
+    let meminfo = read("/proc/meminfo");
+    let mem_kib = proc_field(&meminfo, "MemTotal:").unwrap_or(0);
+    json!({
+        "cpu": cpu,
+        "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "memory_gib": round(mem_kib as f64 / 1024.0 / 1024.0, 1),
+        "kernel": read("/proc/sys/kernel/osrelease").trim(),
+        "loadavg_start": read("/proc/loadavg").trim(),
+    })
+}
+
+/// A `Name:   1234 kB` field of a /proc file.
+fn proc_field(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// One reading of a process's resource use.
+#[derive(Clone, Copy)]
+struct Usage {
+    at: Instant,
+    /// CPU time of the live threads, from /proc/<pid>/task/*/schedstat (nanoseconds).
+    cpu_ns: u64,
+    /// User + system time of the process, from /proc/<pid>/stat (clock ticks, in nanoseconds).
+    stat_ns: u64,
+    rss_kib: u64,
+    hwm_kib: u64,
+}
+
+fn usage(pid: u32) -> Option<Usage> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which may contain spaces: state is field 3, utime 14, stime 15.
+    let after = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    let mut cpu_ns = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        let s = read(task.path().join("schedstat"));
+        cpu_ns += s
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Some(Usage {
+        at: Instant::now(),
+        cpu_ns,
+        stat_ns: ticks * 1_000_000_000 / clock_ticks(),
+        rss_kib: proc_field(&status, "VmRSS:")?,
+        hwm_kib: proc_field(&status, "VmHWM:")?,
+    })
+}
+
+fn clock_ticks() -> u64 {
+    static TICKS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        command_line(Path::new("getconf"), &["CLK_TCK"])
+            .trim()
+            .parse()
+            .unwrap_or(100)
+    })
+}
+
+/// CPU use between two readings, in % of one core: (from /proc/stat ticks, from schedstat).
+fn cpu_percent(a: &Usage, b: &Usage) -> (f64, f64) {
+    let wall = b.at.duration_since(a.at).as_nanos().max(1) as f64;
+    (
+        100.0 * b.stat_ns.saturating_sub(a.stat_ns) as f64 / wall,
+        100.0 * b.cpu_ns.saturating_sub(a.cpu_ns) as f64 / wall,
+    )
+}
+
+fn mib(kib: u64) -> f64 {
+    round(kib as f64 / 1024.0, 1)
+}
+
+fn round(x: f64, digits: i32) -> f64 {
+    let f = 10f64.powi(digits);
+    (x * f).round() / f
+}
+
+// ---------------------------------------------------------------------------------------------
+// Consul
+// ---------------------------------------------------------------------------------------------
+
+/// The HTTP API of one Consul agent.
+#[derive(Clone)]
+struct Api {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Api {
+    /// GET with an optional blocking index: (X-Consul-Index, JSON body).
+    async fn get(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+        wait: Duration,
+    ) -> Result<(u64, Value)> {
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .query(query)
+            .timeout(wait + Duration::from_secs(5))
+            .send()
+            .await?;
+        let status = resp.status();
+        let index = resp
+            .headers()
+            .get("X-Consul-Index")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        if !status.is_success() {
+            bail!("GET {path}: HTTP {status}: {body}");
+        }
+        Ok((index, body))
+    }
+
+    /// A blocking query (`index` 0: answer at once).
+    async fn blocking(
+        &self,
+        path: &str,
+        extra: &[(&str, String)],
+        index: u64,
+        wait: Duration,
+    ) -> Result<(u64, Value)> {
+        let mut query: Vec<(&str, String)> = extra.to_vec();
+        if index > 0 {
+            query.push(("index", index.to_string()));
+            query.push(("wait", format!("{}ms", wait.as_millis().max(1))));
+        }
+        self.get(path, &query, wait).await
+    }
+
+    async fn put(&self, path: &str, body: &Value) -> Result<()> {
+        let resp = self
+            .http
+            .put(format!("{}{path}", self.base))
+            .json(body)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await?;
+        let status = resp.status();
+        if !status.is_success() {
+            bail!(
+                "PUT {path}: HTTP {status}: {}",
+                resp.text().await.unwrap_or_default()
+            );
+        }
+        Ok(())
+    }
+
+    /// The raft leader: `Err` when the agent does not answer HTTP, `Ok("")` while it has none.
+    async fn leader(&self) -> Result<String> {
+        let resp = self
+            .http
+            .get(format!("{}/v1/status/leader", self.base))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await?;
+        Ok(resp.json::<String>().await.unwrap_or_default())
+    }
+}
+
+/// What an observer waits for.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Want {
+    Status(&'static str),
+    Gone,
+}
+
+/// The status of instance `id` in a `/v1/health/service/<name>` answer, as the catalog aggregates
+/// its own checks (critical beats warning beats passing); None when absent.
+fn instance_status(entries: &Value, id: &str) -> Option<&'static str> {
+    let entry = entries
+        .as_array()?
+        .iter()
+        .find(|e| e["Service"]["ID"] == id)?;
+    let statuses: Vec<&str> = entry["Checks"]
+        .as_array()?
+        .iter()
+        .filter(|c| c["ServiceID"] == id)
+        .filter_map(|c| c["Status"].as_str())
+        .collect();
+    Some(if statuses.contains(&"critical") {
+        "critical"
+    } else if statuses.contains(&"warning") {
+        "warning"
+    } else {
+        "passing"
+    })
+}
+
+fn matches(want: Want, status: Option<&str>) -> bool {
+    match want {
+        Want::Status(s) => status == Some(s),
+        Want::Gone => status.is_none(),
+    }
+}
+
+/// The current index and status of instance `id` of service `name`.
+async fn current(api: &Api, name: &str, id: &str) -> Result<(u64, Option<&'static str>)> {
+    let (index, body) = api
+        .get(&format!("/v1/health/service/{name}"), &[], Duration::ZERO)
+        .await?;
+    Ok((index, instance_status(&body, id)))
+}
+
+/// Follows `/v1/health/service/<name>` with blocking queries from `index` until instance `id` is as
+/// wanted; returns the moment the answer showing it arrived, or None at `deadline`.
+async fn observe(
+    api: &Api,
+    name: &str,
+    id: &str,
+    want: Want,
+    mut index: u64,
+    deadline: Instant,
+) -> Option<Instant> {
+    let path = format!("/v1/health/service/{name}");
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            return None;
+        }
+        let wait = (deadline - now).min(Duration::from_secs(10));
+        match api.blocking(&path, &[], index, wait).await {
+            Ok((new_index, body)) => {
+                let at = Instant::now();
+                if matches(want, instance_status(&body, id)) {
+                    return Some(at);
+                }
+                // Consul's rule: an index that went backwards means start over.
+                index = if new_index < index {
+                    0
+                } else {
+                    new_index.max(1)
+                };
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
+}
+
+/// Counts the checks matching `filter` by status, following `/v1/health/state/any` with blocking
+/// queries (at most every 25 ms) until `done` holds; returns the moment it did and the last counts.
+async fn observe_counts(
+    api: &Api,
+    filter: &str,
+    deadline: Instant,
+    done: impl Fn(&BTreeMap<String, usize>) -> bool,
+) -> (Option<Instant>, BTreeMap<String, usize>) {
+    let mut index = 0;
+    let mut counts = BTreeMap::new();
+    let query = [("filter", filter.to_string())];
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            return (None, counts);
+        }
+        let asked = Instant::now();
+        let wait = (deadline - now).min(Duration::from_secs(10));
+        match api
+            .blocking("/v1/health/state/any", &query, index, wait)
+            .await
+        {
+            Ok((new_index, body)) => {
+                let at = Instant::now();
+                counts.clear();
+                for c in body.as_array().into_iter().flatten() {
+                    let status = c["Status"].as_str().unwrap_or("?").to_string();
+                    *counts.entry(status).or_insert(0) += 1;
+                }
+                if done(&counts) {
+                    return (Some(at), counts);
+                }
+                index = if new_index < index {
+                    0
+                } else {
+                    new_index.max(1)
+                };
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+        let spacing = Duration::from_millis(25);
+        if asked.elapsed() < spacing {
+            tokio::time::sleep(spacing - asked.elapsed()).await;
+        }
+    }
+}
+
+/// A Consul agent on loopback ports of its own: a `-dev` server, or a client agent joined to one.
+struct ConsulAgent {
+    name: String,
+    http_port: u16,
+    serf_lan_port: u16,
+    server_port: u16,
+    serf_wan_port: u16,
+    /// For a client agent: the server's Serf LAN port to join, and the data directory.
+    join: Option<(u16, PathBuf)>,
+    /// More command-line arguments (e.g. `-hcl` limits).
+    extra: Vec<String>,
+    proc: Option<Proc>,
+}
+
+impl ConsulAgent {
+    fn dev(name: &str) -> ConsulAgent {
+        ConsulAgent {
+            name: name.to_string(),
+            http_port: free_port(),
+            serf_lan_port: free_port(),
+            server_port: free_port(),
+            serf_wan_port: free_port(),
+            join: None,
+            extra: Vec::new(),
+            proc: None,
+        }
+    }
+
+    fn client(name: &str, server: &ConsulAgent, data_dir: PathBuf) -> ConsulAgent {
+        ConsulAgent {
+            join: Some((server.serf_lan_port, data_dir)),
+            ..ConsulAgent::dev(name)
+        }
+    }
+
+    fn api(&self, bed: &Bed) -> Api {
+        Api {
+            http: bed.http.clone(),
+            base: self.address(),
+        }
+    }
+
+    fn address(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    fn pid(&self) -> u32 {
+        self.proc.as_ref().map_or(0, Proc::pid)
+    }
+
+    /// Starts the process without waiting for it.
+    fn spawn(&mut self, bed: &Bed) -> Result<()> {
+        let mut cmd = Command::new(&bed.consul_bin);
+        cmd.arg("agent");
+        match &self.join {
+            None => {
+                cmd.arg("-dev");
+            }
+            Some((serf_lan, data_dir)) => {
+                std::fs::create_dir_all(data_dir)?;
+                cmd.arg("-server=false")
+                    .arg("-data-dir")
+                    .arg(data_dir)
+                    .args(["-retry-join", &format!("127.0.0.1:{serf_lan}")]);
+            }
+        }
+        // INFO, Consul's default outside -dev (whose DEBUG logs every HTTP request).
+        cmd.args([
+            "-bind",
+            "127.0.0.1",
+            "-client",
+            "127.0.0.1",
+            "-log-level",
+            "info",
+        ])
+        .args(["-node", &format!("bench-{}", self.name)])
+        .args([
+            "-dns-port",
+            "-1",
+            "-grpc-port",
+            "-1",
+            "-grpc-tls-port",
+            "-1",
+        ])
+        .args(["-http-port", &self.http_port.to_string()])
+        .args(["-server-port", &self.server_port.to_string()])
+        .args(["-serf-lan-port", &self.serf_lan_port.to_string()])
+        .args(["-serf-wan-port", &self.serf_wan_port.to_string()])
+        .args(&self.extra);
+        self.proc = Some(Proc::spawn(
+            bed,
+            &format!("consul-{}", self.name),
+            &mut cmd,
+        )?);
+        Ok(())
+    }
+
+    /// Starts the agent and waits until it answers with a leader (60 s at most).
+    async fn start(&mut self, bed: &Bed) -> Result<()> {
+        self.spawn(bed)?;
+        let api = self.api(bed);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(p) = self.proc.as_mut()
+                && let Some(status) = p.exited()
+            {
+                bail!(
+                    "Consul ({}) exited with {status} while starting:\n{}",
+                    self.name,
+                    p.tail(40)
+                );
+            }
+            if api.leader().await.is_ok_and(|l| !l.is_empty()) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                let tail = self.proc.as_ref().map(|p| p.tail(40)).unwrap_or_default();
+                bail!("Consul ({}) did not start within 60 s:\n{tail}", self.name);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn kill(&mut self) {
+        self.proc = None;
+    }
+
+    /// An error if the agent has exited (it should not, except when the bench kills it).
+    fn check_alive(&mut self) -> Result<()> {
+        if let Some(p) = self.proc.as_mut()
+            && let Some(status) = p.exited()
+        {
+            bail!(
+                "Consul ({}) exited unexpectedly with {status}:\n{}",
+                self.name,
+                p.tail(20)
+            );
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The demo app and the sidecar
+// ---------------------------------------------------------------------------------------------
+
+/// The demo gRPC app on a free port, flipped through its control port.
+struct DemoApp {
+    /// Killed when the app is dropped.
+    _proc: Proc,
+    port: u16,
+    control: String,
+    http: reqwest::Client,
+}
+
+impl DemoApp {
+    async fn start(bed: &Bed, name: &str, generate_services: usize) -> Result<DemoApp> {
+        let port = free_port();
+        let control = format!("127.0.0.1:{}", free_port());
+        let mut cmd = Command::new(&bed.demo_app);
+        cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--control", &control])
+            .args(["--health-service", HEALTH_SERVICE])
+            .args(["--generate-services", &generate_services.to_string()]);
+        let mut proc = Proc::spawn(bed, name, &mut cmd)?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(&control).is_err()
+            || TcpStream::connect(("127.0.0.1", port)).is_err()
+        {
+            if let Some(status) = proc.exited() {
+                bail!("the demo app exited with {status}:\n{}", proc.tail(20));
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "the demo app did not listen within 20 s:\n{}",
+                    proc.tail(20)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(DemoApp {
+            _proc: proc,
+            port,
+            control,
+            http: bed.http.clone(),
+        })
+    }
+
+    /// Sets every health service of the app SERVING or NOT_SERVING.
+    async fn set(&self, serving: bool) -> Result<()> {
+        let path = if serving { "serving" } else { "not-serving" };
+        let resp = self
+            .http
+            .post(format!("http://{}/{path}", self.control))
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .context("flip the demo app")?;
+        if !resp.status().is_success() {
+            bail!("the demo app answered {}", resp.status());
+        }
+        Ok(())
+    }
+}
+
+/// One instance of a manifest.
+struct Instance {
+    name: String,
+    id: String,
+    health_service: String,
+}
+
+/// A manifest with every default except the Consul address and drain delay 0.
+fn manifest(consul: &str, app_port: u16, instances: &[Instance]) -> String {
+    let mut m = format!("consul:\n  address: {consul}\ndrain:\n  delay: 0s\nservices:\n");
+    for i in instances {
+        let _ = write!(
+            m,
+            "  - name: {}\n    id: {}\n    address: 127.0.0.1\n    port: {app_port}\n    health:\n      service: {}\n",
+            i.name, i.id, i.health_service
+        );
+    }
+    m
+}
+
+/// The release sidecar with a manifest of its own.
+struct Sidecar {
+    proc: Proc,
+    admin: String,
+    http: reqwest::Client,
+}
+
+impl Sidecar {
+    fn start(bed: &Bed, name: &str, manifest: &str) -> Result<Sidecar> {
+        let path = bed.logs.join(format!("{name}.manifest.yaml"));
+        std::fs::write(&path, manifest).with_context(|| format!("write {}", path.display()))?;
+        let admin = format!("127.0.0.1:{}", free_port());
+        let mut cmd = Command::new(&bed.registrar);
+        cmd.args(["run", "--manifest"]).arg(&path).args([
+            "--admin-addr",
+            &admin,
+            "--log-level",
+            "info",
+        ]);
+        for var in [
+            "CONSUL_HTTP_ADDR",
+            "CONSUL_HTTP_TOKEN",
+            "CONSUL_HTTP_TOKEN_FILE",
+            "CONSUL_HTTP_SSL",
+            "CONSUL_CACERT",
+            "CONSUL_NAMESPACE",
+            "CONSUL_PARTITION",
+            "POD_IP",
+            "POD_NAME",
+            "POD_NAMESPACE",
+        ] {
+            cmd.env_remove(var);
+        }
+        Ok(Sidecar {
+            proc: Proc::spawn(bed, name, &mut cmd)?,
+            admin,
+            http: bed.http.clone(),
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    /// The sidecar's /metrics, parsed.
+    async fn metrics(&self) -> Metrics {
+        let text = match self
+            .http
+            .get(format!("http://{}/metrics", self.admin))
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+        {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        Metrics::parse(&text)
+    }
+
+    /// SIGTERM, then waits for the exit (the drain deregisters everything).
+    async fn stop(mut self) -> Option<ExitStatus> {
+        self.proc.signal(SIGTERM);
+        self.proc.wait_exit(Duration::from_secs(60)).await
+    }
+}
+
+/// Prometheus text-format samples: (name, labels, value).
+struct Metrics(Vec<(String, BTreeMap<String, String>, f64)>);
+
+impl Metrics {
+    fn parse(text: &str) -> Metrics {
+        let mut out = Vec::new();
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let Ok(value) = value.parse::<f64>() else {
+                continue;
+            };
+            let (name, labels) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let labels = labels
+                .split("\",")
+                .filter_map(|kv| kv.split_once("=\""))
+                .map(|(k, v)| (k.to_string(), v.trim_end_matches('"').to_string()))
+                .collect();
+            out.push((name.to_string(), labels, value));
+        }
+        Metrics(out)
+    }
+
+    /// The sum of every series of `name` whose labels include `label`=`value` (any, when None).
+    fn sum(&self, name: &str, label: Option<(&str, &str)>) -> f64 {
+        self.0
+            .iter()
+            .filter(|(n, labels, _)| {
+                n == name && label.is_none_or(|(k, v)| labels.get(k).is_some_and(|x| x == v))
+            })
+            .map(|(_, _, v)| v)
+            .sum()
+    }
+
+    /// Consul requests by operation and status class.
+    fn consul_requests(&self) -> BTreeMap<String, f64> {
+        let mut out = BTreeMap::new();
+        for (n, labels, v) in &self.0 {
+            if n == "consul_registrar_consul_requests_total" {
+                let key = format!(
+                    "{} {}",
+                    labels.get("operation").map_or("?", String::as_str),
+                    labels.get("status").map_or("?", String::as_str)
+                );
+                *out.entry(key).or_insert(0.0) += v;
+            }
+        }
+        out
+    }
+}
+
+/// Requests per minute by operation and status between two scrapes `seconds` apart.
+fn request_rates(before: &Metrics, after: &Metrics, seconds: f64) -> Value {
+    let (a, b) = (before.consul_requests(), after.consul_requests());
+    let mut rates = serde_json::Map::new();
+    for (key, v) in &b {
+        let d = v - a.get(key).copied().unwrap_or(0.0);
+        if d > 0.0 {
+            rates.insert(key.clone(), json!(round(d * 60.0 / seconds, 1)));
+        }
+    }
+    Value::Object(rates)
+}
+
+/// Whether a steady-state window saw only TTL refreshes and anti-entropy watches, all 2xx (a
+/// watch answering 404 would mean a lost instance).
+fn only_refreshes_and_watches(rates: &Value) -> bool {
+    rates.as_object().is_some_and(|m| {
+        m.keys()
+            .all(|k| k == "update_ttl 2xx" || k == "watch_service 2xx")
+    })
+}
+
+/// The mean of a histogram between two scrapes, in milliseconds.
+fn histogram_mean_ms(
+    before: &Metrics,
+    after: &Metrics,
+    name: &str,
+    label: Option<(&str, &str)>,
+) -> Value {
+    let sum = after.sum(&format!("{name}_sum"), label) - before.sum(&format!("{name}_sum"), label);
+    let count =
+        after.sum(&format!("{name}_count"), label) - before.sum(&format!("{name}_count"), label);
+    if count > 0.0 {
+        json!({ "mean_ms": round(sum / count * 1000.0, 3), "count": count })
+    } else {
+        Value::Null
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Statistics
+// ---------------------------------------------------------------------------------------------
+
+/// Nearest-rank percentile of sorted samples.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil().max(1.0) as usize;
+    sorted[rank.min(sorted.len()) - 1]
+}
+
+/// p50/p90/p99/max (and min, mean, count) of samples in milliseconds; `timeouts` counts samples
+/// that never arrived.
+fn summary(samples: &[f64], timeouts: usize) -> Value {
+    let mut s = samples.to_vec();
+    s.sort_by(f64::total_cmp);
+    if s.is_empty() {
+        return json!({ "n": 0, "timeouts": timeouts });
+    }
+    let mean = s.iter().sum::<f64>() / s.len() as f64;
+    json!({
+        "n": s.len(),
+        "timeouts": timeouts,
+        "min": round(s[0], 3),
+        "p50": round(percentile(&s, 50.0), 3),
+        "p90": round(percentile(&s, 90.0), 3),
+        "p99": round(percentile(&s, 99.0), 3),
+        "max": round(s[s.len() - 1], 3),
+        "mean": round(mean, 3),
+    })
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn rounded(samples: &[f64]) -> Vec<f64> {
+    samples.iter().map(|x| round(*x, 3)).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The main bed
+// ---------------------------------------------------------------------------------------------
+
+/// The Consul dev server, the demo app, our sidecar for `bench-us`, the peer's and the floor's
+/// registrations.
+struct MainBed {
+    consul: ConsulAgent,
+    api: Api,
+    app: DemoApp,
+    us: Sidecar,
+}
+
+const US: (&str, &str) = ("bench-us", "bench-us-1");
+const PEER: (&str, &str) = ("bench-peer", "bench-peer-1");
+const FLOOR: (&str, &str) = ("bench-floor", "bench-floor-1");
+const FLOOR_CHECK: &str = "bench-floor-ttl";
+
+impl MainBed {
+    async fn start(bed: &Bed) -> Result<MainBed> {
+        say("starting the Consul dev server, the demo app and the sidecar");
+        let mut consul = ConsulAgent::dev("server");
+        consul.start(bed).await?;
+        let api = consul.api(bed);
+        let app = DemoApp::start(bed, "demo-app", 0).await?;
+        let us = Sidecar::start(
+            bed,
+            "sidecar-us",
+            &manifest(
+                &consul.address(),
+                app.port,
+                &[Instance {
+                    name: US.0.into(),
+                    id: US.1.into(),
+                    health_service: HEALTH_SERVICE.into(),
+                }],
+            ),
+        )?;
+        // The peer: Consul's own gRPC check, run by the agent every second, against the same app.
+        api.put(
+            "/v1/agent/service/register",
+            &json!({
+                "Name": PEER.0, "ID": PEER.1, "Address": "127.0.0.1", "Port": app.port,
+                "Check": {
+                    "Name": "gRPC health (Consul's own check)",
+                    "GRPC": format!("127.0.0.1:{}/{HEALTH_SERVICE}", app.port),
+                    "Interval": "1s",
+                },
+            }),
+        )
+        .await?;
+        // The floor: a TTL check the bench updates itself.
+        api.put(
+            "/v1/agent/service/register",
+            &json!({
+                "Name": FLOOR.0, "ID": FLOOR.1, "Address": "127.0.0.1", "Port": 1,
+                "Check": { "CheckID": FLOOR_CHECK, "Name": "floor", "TTL": "30m", "Status": "passing" },
+            }),
+        )
+        .await?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for (name, id) in [US, PEER] {
+            if observe(&api, name, id, Want::Status("passing"), 0, deadline)
+                .await
+                .is_none()
+            {
+                bail!(
+                    "{id} is not passing in Consul 30 s after start; sidecar log:\n{}",
+                    us.proc.tail(30)
+                );
+            }
+        }
+        Ok(MainBed {
+            consul,
+            api,
+            app,
+            us,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Phase: propagation
+// ---------------------------------------------------------------------------------------------
+
+fn target_of(serving: bool) -> &'static str {
+    if serving { "passing" } else { "critical" }
+}
+
+/// Waits (up to 5 s) until instance `id` shows `status`, so a flip starts from a settled state.
+async fn settle(api: &Api, (name, id): (&str, &str), status: &'static str) -> Result<u64> {
+    let (index, now) = current(api, name, id).await?;
+    if now == Some(status) {
+        return Ok(index);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    observe(api, name, id, Want::Status(status), index, deadline).await;
+    Ok(current(api, name, id).await?.0)
+}
+
+/// Samples of one measured instance, in milliseconds, by direction.
+#[derive(Default)]
+struct Samples {
+    to_critical: Vec<f64>,
+    to_passing: Vec<f64>,
+    timeouts: usize,
+}
+
+impl Samples {
+    fn push(&mut self, to: &str, t0: Instant, at: Option<Instant>) {
+        match at {
+            Some(at) if to == "critical" => self.to_critical.push(ms(at - t0)),
+            Some(at) => self.to_passing.push(ms(at - t0)),
+            None => self.timeouts += 1,
+        }
+    }
+
+    fn all(&self) -> Vec<f64> {
+        self.to_critical
+            .iter()
+            .chain(&self.to_passing)
+            .copied()
+            .collect()
+    }
+
+    fn report(&self) -> Value {
+        json!({
+            "all": summary(&self.all(), self.timeouts),
+            "to_critical": summary(&self.to_critical, 0),
+            "to_passing": summary(&self.to_passing, 0),
+            "samples_ms": { "to_critical": rounded(&self.to_critical), "to_passing": rounded(&self.to_passing) },
+        })
+    }
+}
+
+async fn propagation(m: &mut MainBed, args: &Args) -> Result<Value> {
+    let api = m.api.clone();
+
+    // The floor: what Consul alone takes from a TTL update to a blocking query seeing it.
+    let mut floor = Samples::default();
+    let mut serving = true;
+    for _ in 0..2 * args.floor_flips {
+        let to = target_of(!serving);
+        let index = settle(&api, FLOOR, target_of(serving)).await?;
+        let t0 = Instant::now();
+        api.put(
+            &format!("/v1/agent/check/update/{FLOOR_CHECK}"),
+            &json!({ "Status": to, "Output": format!("floor flip to {to}") }),
+        )
+        .await?;
+        let at = observe(
+            &api,
+            FLOOR.0,
+            FLOOR.1,
+            Want::Status(to),
+            index,
+            t0 + Duration::from_secs(5),
+        )
+        .await;
+        floor.push(to, t0, at);
+        serving = !serving;
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(5..25))).await;
+    }
+    say(&format!("floor: {}", summary(&floor.all(), floor.timeouts)));
+
+    // Us and the peer against the same app. The first 2 × peer_flips flips wait for both; after
+    // each, a random pause of up to one check interval puts the next flip at a uniformly random
+    // point of the peer's schedule (otherwise every flip would land just after its check and wait
+    // a whole interval). The remaining flips measure only us.
+    let before = m.us.metrics().await;
+    let mut us = Samples::default();
+    let mut peer = Samples::default();
+    let peer_flips = args.peer_flips.min(args.flips);
+    let total = 2 * args.flips;
+    let mut serving = true;
+    for i in 0..total {
+        let with_peer = i < 2 * peer_flips;
+        let to = target_of(!serving);
+        let us_index = settle(&api, US, target_of(serving)).await?;
+        let peer_index = if with_peer {
+            settle(&api, PEER, target_of(serving)).await?
+        } else {
+            0
+        };
+        let t0 = Instant::now();
+        m.app.set(!serving).await?;
+        let (us_at, peer_at) = tokio::join!(
+            observe(
+                &api,
+                US.0,
+                US.1,
+                Want::Status(to),
+                us_index,
+                t0 + Duration::from_secs(5)
+            ),
+            async {
+                if with_peer {
+                    observe(
+                        &api,
+                        PEER.0,
+                        PEER.1,
+                        Want::Status(to),
+                        peer_index,
+                        t0 + Duration::from_secs(5),
+                    )
+                    .await
+                } else {
+                    None
+                }
+            }
+        );
+        if us_at.is_none() {
+            m.consul.check_alive()?;
+        }
+        us.push(to, t0, us_at);
+        if with_peer {
+            peer.push(to, t0, peer_at);
+        }
+        serving = !serving;
+        let pause = if with_peer {
+            fastrand::u64(0..1000)
+        } else {
+            fastrand::u64(10..60)
+        };
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        if (i + 1) % 50 == 0 {
+            say(&format!("propagation: {}/{total} flips", i + 1));
+        }
+    }
+    let after = m.us.metrics().await;
+    // Leave the app serving for the next phase.
+    if !serving {
+        m.app.set(true).await?;
+        settle(&api, US, "passing").await?;
+    }
+
+    let us_all = us.all();
+    let peer_all = peer.all();
+    let us_s = summary(&us_all, us.timeouts);
+    let peer_s = summary(&peer_all, peer.timeouts);
+    // The peer at 10 s, computed: its latency is the wait for the next check (uniform over the
+    // interval, because flips land at random points of its schedule) plus a fixed cost c (the check
+    // RPC and the catalog sync). c = mean(1 s latencies) − 500 ms; at 10 s the quantile q is
+    // q·10 s + c.
+    let c = peer_s["mean"].as_f64().map(|m| m - 500.0);
+    let peer10 = c.map_or(Value::Null, |c| {
+        json!({
+            "computed": true,
+            "fixed_cost_ms": round(c, 3),
+            "p50": round(5000.0 + c, 1), "p90": round(9000.0 + c, 1),
+            "p99": round(9900.0 + c, 1), "max": round(10000.0 + c, 1), "mean": round(5000.0 + c, 1),
+        })
+    });
+    let ratio = |peer: &Value| match (peer["p50"].as_f64(), us_s["p50"].as_f64()) {
+        (Some(p), Some(u)) if u > 0.0 => json!(round(p / u, 1)),
+        _ => Value::Null,
+    };
+    say(&format!("us: {us_s}"));
+    say(&format!("peer (1 s): {peer_s}"));
+    Ok(json!({
+        "us": us.report(),
+        "peer_1s": peer.report(),
+        "peer_10s": peer10,
+        "floor": floor.report(),
+        "ratio_p50_peer_1s_over_us": ratio(&peer_s),
+        "ratio_p50_peer_10s_over_us": ratio(&peer10),
+        "sidecar_sync_lag": histogram_mean_ms(&before, &after, "consul_registrar_sync_lag_seconds", None),
+        "sidecar_update_ttl": histogram_mean_ms(
+            &before, &after, "consul_registrar_consul_request_duration_seconds", Some(("operation", "update_ttl"))),
+    }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Phase: footprint
+// ---------------------------------------------------------------------------------------------
+
+/// Reads `pids` every second for `seconds`; returns the first and last readings and the peak RSS.
+async fn watch_usage(pids: &[u32], seconds: u64) -> Vec<(Usage, Usage, u64)> {
+    let first: Vec<Option<Usage>> = pids.iter().map(|p| usage(*p)).collect();
+    let mut peak: Vec<u64> = first.iter().map(|u| u.map_or(0, |u| u.rss_kib)).collect();
+    let end = Instant::now() + Duration::from_secs(seconds);
+    while Instant::now() < end {
+        tokio::time::sleep(Duration::from_secs(1).min(end - Instant::now())).await;
+        for (i, p) in pids.iter().enumerate() {
+            if let Some(u) = usage(*p) {
+                peak[i] = peak[i].max(u.rss_kib);
+            }
+        }
+    }
+    pids.iter()
+        .zip(first)
+        .zip(peak)
+        .filter_map(|((p, a), peak)| Some((a?, usage(*p)?, peak)))
+        .collect()
+}
+
+fn usage_report(a: &Usage, b: &Usage, peak_kib: u64) -> Value {
+    let (stat, sched) = cpu_percent(a, b);
+    json!({
+        "cpu_percent_of_core": round(stat, 3),
+        "cpu_percent_of_core_schedstat": round(sched, 3),
+        "rss_mib": mib(b.rss_kib),
+        "rss_peak_in_window_mib": mib(peak_kib),
+        "rss_high_water_mib": mib(b.hwm_kib),
+        "seconds": round(b.at.duration_since(a.at).as_secs_f64(), 1),
+    })
+}
+
+async fn footprint(bed: &Bed, m: &mut MainBed, args: &Args) -> Result<Value> {
+    // The per-node alternative: a Consul client agent joined to the dev server, running the peer's
+    // gRPC check (interval 1 s) against the same app.
+    let data_dir = bed.logs.join("consul-client-data");
+    let _ = std::fs::remove_dir_all(&data_dir);
+    let mut client = ConsulAgent::client("client", &m.consul, data_dir);
+    client.start(bed).await?;
+    let client_api = client.api(bed);
+    let node = "bench-client";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, nodes) = m.api.get("/v1/catalog/nodes", &[], Duration::ZERO).await?;
+        if nodes
+            .as_array()
+            .is_some_and(|n| n.iter().any(|x| x["Node"] == node))
+        {
+            break;
+        }
+        if Instant::now() >= deadline {
+            bail!("the Consul client agent did not join within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let node_peer = ("bench-node-peer", "bench-node-peer-1");
+    client_api
+        .put(
+            "/v1/agent/service/register",
+            &json!({
+                "Name": node_peer.0, "ID": node_peer.1, "Address": "127.0.0.1", "Port": m.app.port,
+                "Check": { "GRPC": format!("127.0.0.1:{}/{HEALTH_SERVICE}", m.app.port), "Interval": "1s" },
+            }),
+        )
+        .await?;
+    let _ = observe(
+        &m.api,
+        node_peer.0,
+        node_peer.1,
+        Want::Status("passing"),
+        0,
+        Instant::now() + Duration::from_secs(30),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+
+    let pids = [m.us.pid(), client.pid()];
+    say(&format!("footprint: idle for {} s", args.idle_seconds));
+    let m0 = m.us.metrics().await;
+    let t0 = Instant::now();
+    let idle = watch_usage(&pids, args.idle_seconds).await;
+    let m1 = m.us.metrics().await;
+    let idle_rates = request_rates(&m0, &m1, t0.elapsed().as_secs_f64());
+
+    say(&format!(
+        "footprint: 10 flips/s for {} s",
+        args.load_seconds
+    ));
+    let flips = args.load_seconds * 10;
+    let load_start: Vec<Option<Usage>> = pids.iter().map(|p| usage(*p)).collect();
+    let mut ticker = tokio::time::interval(Duration::from_millis(100));
+    let mut serving = true;
+    let mut peak = [0u64; 2];
+    for i in 0..flips {
+        ticker.tick().await;
+        serving = !serving;
+        m.app.set(serving).await?;
+        if i % 10 == 0 {
+            for (k, p) in pids.iter().enumerate() {
+                peak[k] = peak[k].max(usage(*p).map_or(0, |u| u.rss_kib));
+            }
+        }
+    }
+    ticker.tick().await;
+    let load_end: Vec<Option<Usage>> = pids.iter().map(|p| usage(*p)).collect();
+    if !serving {
+        m.app.set(true).await?;
+    }
+    settle(&m.api, US, "passing").await?;
+
+    let report = |k: usize| -> Value {
+        let Some((a, b, pk)) = idle.get(k) else {
+            return Value::Null;
+        };
+        let under_load = match (load_start[k], load_end[k]) {
+            (Some(x), Some(y)) => usage_report(&x, &y, peak[k].max(y.rss_kib)),
+            _ => Value::Null,
+        };
+        json!({ "idle": usage_report(a, b, *pk), "ten_flips_per_second": under_load })
+    };
+    let mut sidecar = report(0);
+    // CPU per flip: what the load window costs beyond idle, per flip.
+    if let (Some((a, b, _)), Some(x), Some(y)) = (idle.first(), load_start[0], load_end[0]) {
+        let idle_rate =
+            b.cpu_ns.saturating_sub(a.cpu_ns) as f64 / b.at.duration_since(a.at).as_secs_f64();
+        let extra = y.cpu_ns.saturating_sub(x.cpu_ns) as f64
+            - idle_rate * y.at.duration_since(x.at).as_secs_f64();
+        sidecar["cpu_per_flip_us"] = json!(round(extra / flips as f64 / 1000.0, 1));
+    }
+    sidecar["consul_requests_per_minute_idle"] = idle_rates.clone();
+    sidecar["idle_requests_only_refreshes_and_watches"] =
+        json!(only_refreshes_and_watches(&idle_rates));
+    let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+    Ok(json!({
+        "sidecar": sidecar,
+        "consul_client_agent": report(1),
+        "binary_mib": {
+            "consul-registrar": mib(size(&bed.registrar) / 1024),
+            "consul-registrar_bytes": size(&bed.registrar),
+            "consul": mib(size(&bed.consul_bin) / 1024),
+        },
+        "flips_in_load_window": flips,
+    }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Phase: drain
+// ---------------------------------------------------------------------------------------------
+
+async fn drain(bed: &Bed, m: &mut MainBed, args: &Args) -> Result<Value> {
+    const DRAIN: (&str, &str) = ("bench-drain", "bench-drain-1");
+    let text = manifest(
+        &m.consul.address(),
+        m.app.port,
+        &[Instance {
+            name: DRAIN.0.into(),
+            id: DRAIN.1.into(),
+            health_service: HEALTH_SERVICE.into(),
+        }],
+    );
+    let mut gone = Vec::new();
+    let mut exited = Vec::new();
+    let mut startup = Vec::new();
+    let mut timeouts = 0;
+    let mut bad_exits = Vec::new();
+    for run in 0..args.drain_runs {
+        let spawned = Instant::now();
+        let mut sidecar = Sidecar::start(bed, "sidecar-drain", &text)?;
+        let Some(up) = observe(
+            &m.api,
+            DRAIN.0,
+            DRAIN.1,
+            Want::Status("passing"),
+            0,
+            spawned + Duration::from_secs(30),
+        )
+        .await
+        else {
+            bail!(
+                "the drain sidecar did not register within 30 s:\n{}",
+                sidecar.proc.tail(30)
+            );
+        };
+        startup.push(ms(up - spawned));
+        let (index, _) = current(&m.api, DRAIN.0, DRAIN.1).await?;
+        let t0 = Instant::now();
+        sidecar.proc.signal(SIGTERM);
+        let (at, status) = tokio::join!(
+            observe(
+                &m.api,
+                DRAIN.0,
+                DRAIN.1,
+                Want::Gone,
+                index,
+                t0 + Duration::from_secs(10)
+            ),
+            async {
+                let s = sidecar.proc.wait_exit(Duration::from_secs(15)).await;
+                (s, Instant::now())
+            }
+        );
+        match at {
+            Some(at) => gone.push(ms(at - t0)),
+            None => timeouts += 1,
+        }
+        match status {
+            (Some(s), t) if s.success() => exited.push(ms(t - t0)),
+            (s, _) => bad_exits.push(format!("run {run}: {s:?}")),
+        }
+        m.consul.check_alive()?;
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(20..100))).await;
+    }
+    let s = summary(&gone, timeouts);
+    say(&format!("drain: {s}"));
+    Ok(json!({
+        "gone_from_catalog": s,
+        "process_exit": summary(&exited, 0),
+        "startup_to_passing": summary(&startup, 0),
+        "unexpected_exits": bad_exits,
+        "samples_ms": rounded(&gone),
+        "startup_samples_ms": rounded(&startup),
+    }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Phase: scale
+// ---------------------------------------------------------------------------------------------
+
+/// The per-client connection limit of the scale phase's own Consul agent (Consul's default is 200).
+const SCALE_CONN_LIMIT: u32 = 10_000;
+const SCALE_FILTER: &str = "CheckID matches \"^consul-registrar:scale-\"";
+
+fn scale_instances(n: usize) -> Vec<Instance> {
+    (0..n)
+        .map(|i| Instance {
+            name: format!("scale-{i}"),
+            id: format!("scale-{i}-1"),
+            health_service: format!("svc-{i}"),
+        })
+        .collect()
+}
+
+fn at_least(status: &'static str, n: usize) -> impl Fn(&BTreeMap<String, usize>) -> bool + Copy {
+    move |c: &BTreeMap<String, usize>| c.get(status).copied().unwrap_or(0) >= n
+}
+
+async fn scale(bed: &Bed, args: &Args) -> Result<Value> {
+    let most = args.scale.iter().copied().max().unwrap_or(0);
+    let app = DemoApp::start(bed, "demo-app-scale", most).await?;
+    // Every anti-entropy watch holds an HTTP connection to the agent, so more than ~190 services
+    // exceed Consul's default per-client connection limit (200). The rows are measured against an
+    // agent with the limit raised; the largest count is also tried against a default agent.
+    let mut consul = ConsulAgent::dev("scale");
+    consul.extra = vec![
+        "-hcl".into(),
+        format!("limits {{ http_max_conns_per_client = {SCALE_CONN_LIMIT} }}"),
+    ];
+    consul.start(bed).await?;
+    let api = consul.api(bed);
+    let mut rows = Vec::new();
+    for &n in &args.scale {
+        say(&format!("scale: {n} services"));
+        rows.push(scale_row(bed, &api, &consul.address(), &app, n, args).await?);
+        consul.check_alive()?;
+    }
+    drop(consul);
+    let default_limits = if most > 150 {
+        Some(scale_with_default_limits(bed, &app, most).await?)
+    } else {
+        None
+    };
+    Ok(json!({
+        "consul_limits": format!("http_max_conns_per_client = {SCALE_CONN_LIMIT}"),
+        "rows": rows,
+        "default_limits": default_limits,
+    }))
+}
+
+/// One sidecar with `n` services: time to register all, steady state, flips of all at once.
+async fn scale_row(
+    bed: &Bed,
+    api: &Api,
+    consul: &str,
+    app: &DemoApp,
+    n: usize,
+    args: &Args,
+) -> Result<Value> {
+    let text = manifest(consul, app.port, &scale_instances(n));
+    let spawned = Instant::now();
+    let sidecar = Sidecar::start(bed, &format!("sidecar-scale-{n}"), &text)?;
+    let (up, counts) = observe_counts(
+        api,
+        SCALE_FILTER,
+        spawned + Duration::from_secs(120),
+        at_least("passing", n),
+    )
+    .await;
+    let register_all_ms = up.map(|t| round(ms(t - spawned), 1));
+    say(&format!(
+        "scale: {n} passing after {register_all_ms:?} ms ({counts:?})"
+    ));
+    let after_register = usage(sidecar.pid());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // Steady state: no flips.
+    let m0 = sidecar.metrics().await;
+    let t0 = Instant::now();
+    let steady = watch_usage(&[sidecar.pid()], args.steady_seconds).await;
+    let m1 = sidecar.metrics().await;
+    let rates = request_rates(&m0, &m1, t0.elapsed().as_secs_f64());
+
+    // Flips: every health service of the app at once, then wait for all n in the catalog.
+    let rounds = match n {
+        0..=10 => 20,
+        11..=200 => 10,
+        _ => 3,
+    };
+    let mut cpu_ns = 0u64;
+    let mut flipped = 0usize;
+    let mut all_flipped = Vec::new();
+    let mut flip_timeouts = 0;
+    for r in 0..2 * rounds {
+        let serving = r % 2 == 1;
+        let before = usage(sidecar.pid());
+        let t = Instant::now();
+        app.set(serving).await?;
+        let (at, _) = observe_counts(
+            api,
+            SCALE_FILTER,
+            t + Duration::from_secs(30),
+            at_least(target_of(serving), n),
+        )
+        .await;
+        let after = usage(sidecar.pid());
+        if let (Some(a), Some(b)) = (before, after) {
+            cpu_ns += b.cpu_ns.saturating_sub(a.cpu_ns);
+            flipped += n;
+        }
+        match at {
+            Some(at) => all_flipped.push(ms(at - t)),
+            None => {
+                flip_timeouts += 1;
+                break;
+            }
+        }
+    }
+    app.set(true).await?;
+    let end = usage(sidecar.pid());
+    let m2 = sidecar.metrics().await;
+    let status = sidecar.stop().await;
+    let (gone, _) = observe_counts(
+        api,
+        SCALE_FILTER,
+        Instant::now() + Duration::from_secs(60),
+        |c| c.values().sum::<usize>() == 0,
+    )
+    .await;
+    Ok(json!({
+        "services": n,
+        "register_all_ms": register_all_ms,
+        "rss_after_register_mib": after_register.map(|u| mib(u.rss_kib)),
+        "steady": steady.first().map(|(a, b, pk)| usage_report(a, b, *pk)),
+        "consul_requests_per_minute_steady": rates,
+        "steady_requests_only_refreshes_and_watches": only_refreshes_and_watches(&rates),
+        "expected_requests_per_minute": n as f64 * (60.0 / (10.0 / 3.0) + 1.0),
+        "flip_rounds": all_flipped.len() + flip_timeouts,
+        "all_flipped_ms": summary(&all_flipped, flip_timeouts),
+        "cpu_per_instance_flip_us": (flipped > 0).then(|| round(cpu_ns as f64 / flipped as f64 / 1000.0, 1)),
+        "rss_end_mib": end.map(|u| mib(u.rss_kib)),
+        "rss_high_water_mib": end.map(|u| mib(u.hwm_kib)),
+        "consul_errors_total": consul_errors(&m2),
+        "drained_ok": status.is_some_and(|s| s.success()) && gone.is_some(),
+    }))
+}
+
+/// Consul calls that got no HTTP answer or a 5xx.
+fn consul_errors(m: &Metrics) -> f64 {
+    m.consul_requests()
+        .iter()
+        .filter(|(k, _)| k.ends_with(" error") || k.ends_with(" 5xx"))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+/// The largest count against a Consul agent with default limits, for 20 s: how many registered,
+/// how many Consul calls failed.
+async fn scale_with_default_limits(bed: &Bed, app: &DemoApp, n: usize) -> Result<Value> {
+    say(&format!(
+        "scale: {n} services against Consul's default limits (20 s)"
+    ));
+    let mut consul = ConsulAgent::dev("scale-default");
+    consul.start(bed).await?;
+    let api = consul.api(bed);
+    let spawned = Instant::now();
+    let sidecar = Sidecar::start(
+        bed,
+        &format!("sidecar-scale-{n}-default-limits"),
+        &manifest(&consul.address(), app.port, &scale_instances(n)),
+    )?;
+    let (up, counts) = observe_counts(
+        &api,
+        SCALE_FILTER,
+        spawned + Duration::from_secs(20),
+        at_least("passing", n),
+    )
+    .await;
+    let metrics = sidecar.metrics().await;
+    let requests = metrics.consul_requests();
+    let status = sidecar.stop().await;
+    consul.check_alive()?;
+    say(&format!(
+        "scale: default limits: {counts:?} after 20 s, {} failed Consul calls",
+        consul_errors(&metrics)
+    ));
+    Ok(json!({
+        "services": n,
+        "seconds": 20,
+        "register_all_ms": up.map(|t| round(ms(t - spawned), 1)),
+        "checks_by_status": counts,
+        "consul_errors_total": consul_errors(&metrics),
+        "consul_requests": requests,
+        "exit": status.map(|s| s.to_string()),
+    }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Phase: recovery
+// ---------------------------------------------------------------------------------------------
+
+async fn recovery(bed: &Bed, args: &Args) -> Result<Value> {
+    const REC: (&str, &str) = ("bench-recovery", "bench-recovery-1");
+    let mut consul = ConsulAgent::dev("recovery");
+    consul.start(bed).await?;
+    let api = consul.api(bed);
+    let app = DemoApp::start(bed, "demo-app-recovery", 0).await?;
+    let sidecar = Sidecar::start(
+        bed,
+        "sidecar-recovery",
+        &manifest(
+            &consul.address(),
+            app.port,
+            &[Instance {
+                name: REC.0.into(),
+                id: REC.1.into(),
+                health_service: HEALTH_SERVICE.into(),
+            }],
+        ),
+    )?;
+    if observe(
+        &api,
+        REC.0,
+        REC.1,
+        Want::Status("passing"),
+        0,
+        Instant::now() + Duration::from_secs(30),
+    )
+    .await
+    .is_none()
+    {
+        bail!(
+            "the recovery sidecar did not register:\n{}",
+            sidecar.proc.tail(30)
+        );
+    }
+    let mut from_http = Vec::new();
+    let mut from_leader = Vec::new();
+    let mut leader_after_http = Vec::new();
+    let mut down_ms = Vec::new();
+    let mut timeouts = 0;
+    for run in 0..args.recovery_runs {
+        let killed = Instant::now();
+        consul.kill();
+        consul.spawn(bed)?;
+        let mut http_at = None;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let leader_at = loop {
+            match api.leader().await {
+                Ok(l) => {
+                    let now = Instant::now();
+                    http_at.get_or_insert(now);
+                    if !l.is_empty() {
+                        break now;
+                    }
+                }
+                Err(_) if Instant::now() >= deadline => {
+                    bail!("Consul did not come back within 60 s (run {run})")
+                }
+                Err(_) => {}
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
+        let http_at = http_at.unwrap_or(leader_at);
+        down_ms.push(ms(http_at - killed));
+        leader_after_http.push(ms(leader_at - http_at));
+        match observe(
+            &api,
+            REC.0,
+            REC.1,
+            Want::Status("passing"),
+            0,
+            http_at + Duration::from_secs(30),
+        )
+        .await
+        {
+            Some(back) => {
+                from_http.push(ms(back - http_at));
+                from_leader.push(ms(back.saturating_duration_since(leader_at)));
+            }
+            None => timeouts += 1,
+        }
+        say(&format!(
+            "recovery run {run}: back {:?} ms after Consul answered",
+            from_http.last().map(|x| round(*x, 1))
+        ));
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(200..1200))).await;
+    }
+    let repairs = sidecar.metrics().await.sum(
+        "consul_registrar_repairs_total",
+        Some(("reason", "missing")),
+    );
+    drop(sidecar);
+    Ok(json!({
+        "from_consul_answering": summary(&from_http, timeouts),
+        "from_leader_elected": summary(&from_leader, timeouts),
+        "leader_after_http": summary(&leader_after_http, 0),
+        "consul_down_ms": summary(&down_ms, 0),
+        "repairs_counted": repairs,
+        "samples_ms": rounded(&from_http),
+    }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The Markdown report
+// ---------------------------------------------------------------------------------------------
+
+fn f(v: &Value) -> String {
+    match v.as_f64() {
+        Some(x) if x.abs() >= 100.0 => format!("{x:.0}"),
+        Some(x) if x.abs() >= 10.0 => format!("{x:.1}"),
+        Some(x) => format!("{x:.2}"),
+        None => "–".into(),
+    }
+}
+
+fn latency_row(md: &mut String, label: &str, s: &Value) {
+    let _ = writeln!(
+        md,
+        "| {label} | {} | {} | {} | {} | {} | {} |",
+        s["n"].as_u64().map_or("–".into(), |n| n.to_string()),
+        f(&s["p50"]),
+        f(&s["p90"]),
+        f(&s["p99"]),
+        f(&s["max"]),
+        s["timeouts"].as_u64().unwrap_or(0)
+    );
+}
+
+const LATENCY_HEADER: &str =
+    "| | n | p50 ms | p90 ms | p99 ms | max ms | lost |\n|---|---:|---:|---:|---:|---:|---:|\n";
+
+struct Target {
+    what: &'static str,
+    goal: &'static str,
+    value: String,
+    met: Option<bool>,
+}
+
+fn targets(r: &Value) -> Vec<Target> {
+    let mut t = Vec::new();
+    let num = |v: &Value| v.as_f64();
+    let le = |v: Option<f64>, goal: f64| v.map(|x| x <= goal);
+    let p = &r["propagation"];
+    if !p.is_null() {
+        let p99 = num(&p["us"]["all"]["p99"]);
+        t.push(Target {
+            what: "propagation p99",
+            goal: "≤ 10 ms",
+            value: format!("{} ms", f(&p["us"]["all"]["p99"])),
+            met: le(p99, 10.0),
+        });
+        let ratio = num(&p["ratio_p50_peer_1s_over_us"]);
+        t.push(Target {
+            what: "p50 vs Consul's check at 1 s",
+            goal: "≥ 50× faster",
+            value: format!("{}×", f(&p["ratio_p50_peer_1s_over_us"])),
+            met: ratio.map(|x| x >= 50.0),
+        });
+    }
+    let d = &r["drain"];
+    if !d.is_null() {
+        t.push(Target {
+            what: "drain (delay 0) p99",
+            goal: "≤ 50 ms",
+            value: format!("{} ms", f(&d["gone_from_catalog"]["p99"])),
+            met: le(num(&d["gone_from_catalog"]["p99"]), 50.0),
+        });
+    }
+    let rec = &r["recovery"];
+    if !rec.is_null() {
+        t.push(Target {
+            what: "recovery (max)",
+            goal: "≤ 1 s",
+            value: format!("{} ms", f(&rec["from_consul_answering"]["max"])),
+            met: le(num(&rec["from_consul_answering"]["max"]), 1000.0)
+                .map(|ok| ok && rec["from_consul_answering"]["timeouts"] == 0),
+        });
+    }
+    let fp = &r["footprint"];
+    if !fp.is_null() {
+        let rss = num(&fp["sidecar"]["ten_flips_per_second"]["rss_peak_in_window_mib"])
+            .into_iter()
+            .chain(num(&fp["sidecar"]["idle"]["rss_peak_in_window_mib"]))
+            .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))));
+        t.push(Target {
+            what: "RSS, 1 service (peak seen)",
+            goal: "≤ 10 MiB",
+            value: rss.map_or("–".into(), |x| format!("{x:.1} MiB")),
+            met: le(rss, 10.0),
+        });
+        t.push(Target {
+            what: "idle CPU, 1 service",
+            goal: "≤ 0.1 % of a core",
+            value: format!("{} %", f(&fp["sidecar"]["idle"]["cpu_percent_of_core"])),
+            met: le(num(&fp["sidecar"]["idle"]["cpu_percent_of_core"]), 0.1),
+        });
+        t.push(Target {
+            what: "release binary, stripped",
+            goal: "≤ 10 MiB",
+            value: format!("{} MiB", f(&fp["binary_mib"]["consul-registrar"])),
+            met: le(num(&fp["binary_mib"]["consul-registrar"]), 10.0),
+        });
+    }
+    if let Some(rows) = r["scale"]["rows"].as_array() {
+        if let Some(row) = rows.iter().find(|x| x["services"] == 1000) {
+            let rss = num(&row["rss_high_water_mib"]);
+            t.push(Target {
+                what: "RSS, 1,000 services (high water)",
+                goal: "≤ 50 MiB",
+                value: rss.map_or("–".into(), |x| format!("{x:.1} MiB")),
+                met: le(rss, 50.0),
+            });
+        }
+        let d = &r["scale"]["default_limits"];
+        if !d.is_null() {
+            t.push(Target {
+                what: "1,000 services, Consul's default limits",
+                goal: "all registered and passing",
+                value: if d["register_all_ms"].is_null() {
+                    format!("not within {} s: {}", d["seconds"], d["checks_by_status"])
+                } else {
+                    format!("{} ms", f(&d["register_all_ms"]))
+                },
+                met: Some(!d["register_all_ms"].is_null()),
+            });
+        }
+        let only: Vec<bool> = rows
+            .iter()
+            .filter_map(|x| x["steady_requests_only_refreshes_and_watches"].as_bool())
+            .collect();
+        if !only.is_empty() {
+            t.push(Target {
+                what: "steady-state Consul requests",
+                goal: "TTL refreshes and watches only",
+                value: if only.iter().all(|x| *x) {
+                    "only those".into()
+                } else {
+                    "others too (see scale)".into()
+                },
+                met: Some(only.iter().all(|x| *x)),
+            });
+        }
+    }
+    t
+}
+
+fn markdown(r: &Value) -> String {
+    let mut md = String::from("# consul-registrar benchmark results\n\n");
+    let m = &r["machine"];
+    let v = &r["versions"];
+    let _ = writeln!(
+        md,
+        "Machine: {} × {} ({} GiB), Linux {}; load average at start {}.  \n{}; {}; {}{}.\n",
+        m["cores"],
+        m["cpu"].as_str().unwrap_or("?"),
+        m["memory_gib"],
+        m["kernel"].as_str().unwrap_or("?"),
+        m["loadavg_start"].as_str().unwrap_or("?"),
+        v["consul-registrar"].as_str().unwrap_or("?"),
+        v["consul"].as_str().unwrap_or("?"),
+        v["rustc"].as_str().unwrap_or(""),
+        v["commit"]
+            .as_str()
+            .filter(|c| !c.is_empty())
+            .map_or(String::new(), |c| format!(", commit {c}")),
+    );
+    let t = targets(r);
+    if !t.is_empty() {
+        md.push_str("## Targets (reported, not asserted)\n\n| target | goal | measured | |\n|---|---|---|---|\n");
+        for x in &t {
+            let mark = match x.met {
+                Some(true) => "met",
+                Some(false) => "**missed**",
+                None => "–",
+            };
+            let _ = writeln!(md, "| {} | {} | {} | {mark} |", x.what, x.goal, x.value);
+        }
+        md.push('\n');
+    }
+    let p = &r["propagation"];
+    if !p.is_null() {
+        md.push_str("## Propagation: the app flips → `/v1/health/service` shows it\n\n");
+        md.push_str(LATENCY_HEADER);
+        latency_row(&mut md, "**consul-registrar** (both ways)", &p["us"]["all"]);
+        latency_row(&mut md, "… to critical", &p["us"]["to_critical"]);
+        latency_row(&mut md, "… to passing", &p["us"]["to_passing"]);
+        latency_row(
+            &mut md,
+            "Consul `GRPC` check, interval 1 s",
+            &p["peer_1s"]["all"],
+        );
+        let p10 = &p["peer_10s"];
+        let _ = writeln!(
+            md,
+            "| Consul `GRPC` check, interval 10 s (computed) | – | {} | {} | {} | {} | – |",
+            f(&p10["p50"]),
+            f(&p10["p90"]),
+            f(&p10["p99"]),
+            f(&p10["max"])
+        );
+        latency_row(
+            &mut md,
+            "Consul alone (TTL update by the bench)",
+            &p["floor"]["all"],
+        );
+        let _ = writeln!(
+            md,
+            "\np50 ratio: Consul's check at 1 s / consul-registrar = **{}×**; at 10 s = **{}×**. \
+             Inside the sidecar, verdict change → Consul acknowledged: mean {} ms (`sync_lag_seconds`).\n",
+            f(&p["ratio_p50_peer_1s_over_us"]),
+            f(&p["ratio_p50_peer_10s_over_us"]),
+            f(&p["sidecar_sync_lag"]["mean_ms"]),
+        );
+    }
+    let d = &r["drain"];
+    if !d.is_null() {
+        md.push_str("## Drain and start-up\n\n");
+        md.push_str(LATENCY_HEADER);
+        latency_row(
+            &mut md,
+            "SIGTERM (delay 0) → gone from the catalog",
+            &d["gone_from_catalog"],
+        );
+        latency_row(&mut md, "SIGTERM → process exited", &d["process_exit"]);
+        latency_row(
+            &mut md,
+            "start → registered and passing",
+            &d["startup_to_passing"],
+        );
+        md.push('\n');
+    }
+    let rec = &r["recovery"];
+    if !rec.is_null() {
+        md.push_str("## Recovery: Consul restarted empty\n\n");
+        md.push_str(LATENCY_HEADER);
+        latency_row(
+            &mut md,
+            "Consul answers HTTP → instance back and passing",
+            &rec["from_consul_answering"],
+        );
+        latency_row(
+            &mut md,
+            "Consul has a leader → instance back and passing",
+            &rec["from_leader_elected"],
+        );
+        latency_row(
+            &mut md,
+            "(Consul: HTTP answering → leader)",
+            &rec["leader_after_http"],
+        );
+        md.push('\n');
+    }
+    let fp = &r["footprint"];
+    if !fp.is_null() {
+        md.push_str("## Footprint\n\n| process | window | CPU % of a core | RSS MiB (end / peak) |\n|---|---|---:|---:|\n");
+        for (label, key) in [
+            ("consul-registrar, 1 service", "sidecar"),
+            (
+                "Consul client agent (per-node alternative)",
+                "consul_client_agent",
+            ),
+        ] {
+            for (wlabel, w) in [("idle", "idle"), ("10 flips/s", "ten_flips_per_second")] {
+                let u = &fp[key][w];
+                let _ = writeln!(
+                    md,
+                    "| {label} | {wlabel} ({} s) | {} | {} / {} |",
+                    f(&u["seconds"]),
+                    f(&u["cpu_percent_of_core"]),
+                    f(&u["rss_mib"]),
+                    f(&u["rss_peak_in_window_mib"])
+                );
+            }
+        }
+        let _ = writeln!(
+            md,
+            "\nCPU per flip (beyond idle): {} µs. Binary: consul-registrar {} MiB (stripped release), consul {} MiB. \
+             Consul requests per minute while idle: {}.\n",
+            f(&fp["sidecar"]["cpu_per_flip_us"]),
+            f(&fp["binary_mib"]["consul-registrar"]),
+            f(&fp["binary_mib"]["consul"]),
+            fp["sidecar"]["consul_requests_per_minute_idle"]
+        );
+    }
+    if let Some(rows) = r["scale"]["rows"].as_array() {
+        let _ = writeln!(
+            md,
+            "## Scale: one sidecar, many services\n\nConsul agent with `limits {{ {} }}` \
+             (default 200; see below).\n",
+            r["scale"]["consul_limits"].as_str().unwrap_or("?")
+        );
+        md.push_str("| services | register all (ms) | all flipped p50 (ms) | CPU per instance flip (µs) | steady CPU % | RSS MiB (steady / high water) | Consul requests/min (steady) |\n|---:|---:|---:|---:|---:|---:|---|\n");
+        for x in rows {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} / {} | {} |",
+                x["services"],
+                f(&x["register_all_ms"]),
+                f(&x["all_flipped_ms"]["p50"]),
+                f(&x["cpu_per_instance_flip_us"]),
+                f(&x["steady"]["cpu_percent_of_core"]),
+                f(&x["steady"]["rss_mib"]),
+                f(&x["rss_high_water_mib"]),
+                x["consul_requests_per_minute_steady"]
+            );
+        }
+        let d = &r["scale"]["default_limits"];
+        if !d.is_null() {
+            let _ = writeln!(
+                md,
+                "\nWith Consul's default limits (`http_max_conns_per_client = 200`), {} services: \
+                 all passing after {} ms; checks by status after {} s: {}; {} Consul calls failed.",
+                d["services"],
+                f(&d["register_all_ms"]),
+                d["seconds"],
+                d["checks_by_status"],
+                f(&d["consul_errors_total"])
+            );
+        }
+        md.push('\n');
+    }
+    let _ = writeln!(
+        md,
+        "Percentiles are nearest-rank over all samples; \"lost\" counts changes not seen within the deadline. \
+         Method: docs/benchmarks.md. Total run time: {} s.",
+        f(&r["total_seconds"])
+    );
+    md
+}
