@@ -384,6 +384,9 @@ struct Usage {
     /// User + system time of the process, from /proc/<pid>/stat (clock ticks, in nanoseconds).
     stat_ns: u64,
     rss_kib: u64,
+    /// Of the RSS: anonymous memory (heap, stacks) and file-backed pages (the binary's code).
+    anon_kib: u64,
+    file_kib: u64,
     hwm_kib: u64,
 }
 
@@ -411,6 +414,8 @@ fn usage(pid: u32) -> Option<Usage> {
         cpu_ns,
         stat_ns: ticks * 1_000_000_000 / clock_ticks(),
         rss_kib: proc_field(&status, "VmRSS:")?,
+        anon_kib: proc_field(&status, "RssAnon:").unwrap_or(0),
+        file_kib: proc_field(&status, "RssFile:").unwrap_or(0),
         hwm_kib: proc_field(&status, "VmHWM:")?,
     })
 }
@@ -1388,6 +1393,8 @@ fn usage_report(a: &Usage, b: &Usage, peak_kib: u64) -> Value {
         "cpu_percent_of_core_schedstat": round(sched, 3),
         "rss_mib": mib(b.rss_kib),
         "rss_peak_in_window_mib": mib(peak_kib),
+        "rss_anon_mib": mib(b.anon_kib),
+        "rss_file_mib": mib(b.file_kib),
         "rss_high_water_mib": mib(b.hwm_kib),
         "seconds": round(b.at.duration_since(a.at).as_secs_f64(), 1),
     })
@@ -2144,7 +2151,7 @@ fn markdown(r: &Value) -> String {
     }
     let fp = &r["footprint"];
     if !fp.is_null() {
-        md.push_str("## Footprint\n\n| process | window | CPU % of a core | RSS MiB (end / peak) |\n|---|---|---:|---:|\n");
+        md.push_str("## Footprint\n\n| process | window | CPU % of a core | RSS MiB (end / peak) | of which anon / file-backed |\n|---|---|---:|---:|---:|\n");
         for (label, key) in [
             ("consul-registrar, 1 service", "sidecar"),
             (
@@ -2156,11 +2163,13 @@ fn markdown(r: &Value) -> String {
                 let u = &fp[key][w];
                 let _ = writeln!(
                     md,
-                    "| {label} | {wlabel} ({} s) | {} | {} / {} |",
+                    "| {label} | {wlabel} ({} s) | {} | {} / {} | {} / {} |",
                     f(&u["seconds"]),
                     f(&u["cpu_percent_of_core"]),
                     f(&u["rss_mib"]),
-                    f(&u["rss_peak_in_window_mib"])
+                    f(&u["rss_peak_in_window_mib"]),
+                    f(&u["rss_anon_mib"]),
+                    f(&u["rss_file_mib"])
                 );
             }
         }
