@@ -131,7 +131,7 @@ ratio = prop.get("ratio_p50_peer_1s_over_us")
 ax.set_title("Propagation latency" + (" — p50 ratio 1 s check / us: %.0f×" % ratio if ratio else ""))
 ax.grid(True, which="both", alpha=0.3)
 if us or peer or floor:
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="center left", bbox_to_anchor=(0.16, 0.5), fontsize=8)
 else:
     ax.text(0.5, 0.5, "propagation not run", transform=ax.transAxes, ha="center")
 
