@@ -7,11 +7,11 @@ SHELL := bash
 CACHE_DIR ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/consul-registrar
 export CARGO_TARGET_DIR ?= $(CACHE_DIR)/target
 
-.PHONY: test demo lint unit-and-integration podsim consul k8s e2e-kind
+.PHONY: test demo lint unit-and-integration podsim fuzz consul k8s e2e-kind bench
 
 ## make test: formatting, lints, unit and integration tests against a real Consul (including the
 ## pod simulation, which needs root for network namespaces), then the Kubernetes packaging checks.
-test: lint consul unit-and-integration podsim k8s
+test: lint consul unit-and-integration podsim fuzz k8s
 
 lint:
 	cargo fmt --all -- --check
@@ -27,6 +27,10 @@ unit-and-integration: consul
 ## The reliability scenarios on the pod simulation, with their figures printed (FIGURE lines).
 podsim: consul
 	CONSUL_BIN="$$(bash scripts/consul.sh)" cargo test --locked --test podsim -- --nocapture --test-threads 8
+
+## A bounded fuzzing run (about a minute) of the manifest and duration parsers; fails on a crash.
+fuzz:
+	bash scripts/fuzz.sh
 
 ## Kubernetes packaging: hadolint, shellcheck, helm lint, chart and deploy/ renders validated
 ## strictly against the Kubernetes schemas, the pod spec read back (no cluster needed).
