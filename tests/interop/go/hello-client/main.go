@@ -1,7 +1,13 @@
-// Command hello-client is the tutorial's client: it discovers the "hello" service through Consul
-// with github.com/mbobakov/grpc-consul-resolver (consul://<addr>/<service>?healthy=true), balances
-// with round_robin, sends a steady stream of SayHello RPCs and reports successes and failures as
-// JSON. Counting starts at the first successful RPC. It exits 0 whatever the failure count.
+// Command hello-client is the tutorial's client: it discovers a service through Consul with
+// github.com/mbobakov/grpc-consul-resolver (consul://<addr>/<service>?healthy=true, so only
+// instances whose checks all pass), balances with round_robin, sends a steady stream of SayHello
+// RPCs, each with its own timeout, and reports successes and failures as JSON.
+//
+// Counting starts at the first successful RPC (bounded by -warmup; 0 starts at once), so the
+// moment the resolver needs for its first answer is not counted as failures. It sends for
+// -duration, or until SIGTERM/SIGINT, waits for the RPCs in flight, writes the report and exits 0
+// whatever the failure count: the caller decides. Only bad flags (exit 2) or an unwritable report
+// file (exit 1) make it exit non-zero.
 package main
 
 import (
@@ -12,12 +18,13 @@ import (
 	"log"
 	"os"
 	"os/signal"
+	"sort"
 	"strings"
 	"sync"
 	"syscall"
 	"time"
 
-	_ "github.com/mbobakov/grpc-consul-resolver"
+	_ "github.com/mbobakov/grpc-consul-resolver" // registers the consul:// scheme
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	pb "google.golang.org/grpc/examples/helloworld/helloworld"
@@ -28,34 +35,54 @@ type report struct {
 	Sent            int64            `json:"sent"`
 	OK              int64            `json:"ok"`
 	Failed          int64            `json:"failed"`
-	Errors          map[string]int64 `json:"errors"`
-	ByBackend       map[string]int64 `json:"by_backend"`
-	FirstError      string           `json:"first_error,omitempty"`
-	DurationSeconds float64          `json:"duration_seconds"`
+	Errors          map[string]int64 `json:"errors"`     // gRPC code name → count
+	ByBackend       map[string]int64 `json:"by_backend"` // server's -name tag → successful RPCs
+	FirstError      string           `json:"first_error"`
+	DurationSeconds float64          `json:"duration_seconds"` // from the first counted RPC to the last answer
+	WarmupSeconds   float64          `json:"warmup_seconds"`   // before counting started
+}
+
+func usageError(format string, args ...any) {
+	fmt.Fprintf(os.Stderr, "hello-client: "+format+"\n", args...)
+	flag.Usage()
+	os.Exit(2)
 }
 
 func main() {
-	consul := flag.String("consul", "127.0.0.1:8500", "Consul HTTP address")
-	service := flag.String("service", "hello", "service name")
-	rate := flag.Int("rate", 200, "RPCs per second")
+	consul := flag.String("consul", "127.0.0.1:8500", "Consul HTTP address (host:port)")
+	service := flag.String("service", "hello", "Consul service name")
+	rate := flag.Int("rate", 200, "RPCs per second, sent at a steady pace")
 	timeout := flag.Duration("timeout", time.Second, "per-RPC timeout")
-	duration := flag.Duration("duration", 30*time.Second, "how long to send (or until SIGTERM/SIGINT)")
-	warmup := flag.Duration("warmup", 15*time.Second, "how long to wait for the first successful RPC")
-	out := flag.String("out", "", "JSON report file (default stdout)")
-	every := flag.Duration("report-every", 0, "progress lines on stderr at this period (0: none)")
+	duration := flag.Duration("duration", 30*time.Second, "how long to send (SIGTERM/SIGINT stop it earlier)")
+	warmup := flag.Duration("warmup", 15*time.Second, "longest wait for a first successful RPC before counting starts (0: count from the start)")
+	out := flag.String("out", "", "file for the JSON report (default: stdout)")
+	every := flag.Duration("report-every", 0, "period of progress lines on stderr (0: none)")
 	flag.Parse()
-	if *rate <= 0 {
-		fmt.Fprintln(os.Stderr, "-rate must be positive")
-		os.Exit(2)
+	switch {
+	case flag.NArg() > 0:
+		usageError("unexpected arguments: %q", flag.Args())
+	case *rate <= 0 || *rate > 100000:
+		usageError("-rate must be between 1 and 100000, not %d", *rate)
+	case *timeout <= 0:
+		usageError("-timeout must be positive")
+	case *duration <= 0:
+		usageError("-duration must be positive")
+	case *warmup < 0 || *every < 0:
+		usageError("-warmup and -report-every must not be negative")
+	case *consul == "" || *service == "":
+		usageError("-consul and -service must not be empty")
 	}
+	log.SetFlags(log.LstdFlags | log.Lmicroseconds)
+
+	stop := make(chan os.Signal, 1)
+	signal.Notify(stop, syscall.SIGTERM, syscall.SIGINT)
 
 	target := fmt.Sprintf("consul://%s/%s?healthy=true", *consul, *service)
 	conn, err := grpc.NewClient(target,
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
 		grpc.WithDefaultServiceConfig(`{"loadBalancingPolicy":"round_robin"}`))
 	if err != nil {
-		fmt.Fprintf(os.Stderr, "hello-client: %v\n", err)
-		os.Exit(2)
+		usageError("%s: %v", target, err)
 	}
 	defer conn.Close()
 	client := pb.NewGreeterClient(conn)
@@ -70,73 +97,122 @@ func main() {
 		_, backend, _ := strings.Cut(r.GetMessage(), " from ")
 		return backend, nil
 	}
-	deadline := time.Now().Add(*warmup)
-	for {
-		if _, err := call(); err == nil {
-			break
-		} else if time.Now().After(deadline) {
-			log.Printf("hello-client: no successful RPC within %s: %v", *warmup, err)
-			break
+
+	rep := report{Errors: map[string]int64{}, ByBackend: map[string]int64{}}
+	began := time.Now()
+	stopped := false
+	if *warmup > 0 {
+		deadline := began.Add(*warmup)
+		for !stopped {
+			_, err := call()
+			if err == nil {
+				break
+			}
+			if time.Now().After(deadline) {
+				log.Printf("hello-client: no successful RPC within -warmup %s (%v); counting anyway", *warmup, err)
+				break
+			}
+			select {
+			case <-stop:
+				stopped = true
+			case <-time.After(50 * time.Millisecond):
+			}
 		}
-		time.Sleep(50 * time.Millisecond)
+	}
+	rep.WarmupSeconds = time.Since(began).Seconds()
+	if !stopped {
+		log.Printf("hello-client: %s: sending %d RPC/s for %s", target, *rate, *duration)
 	}
 
-	stop := make(chan os.Signal, 1)
-	signal.Notify(stop, syscall.SIGTERM, syscall.SIGINT)
-	rep := report{Errors: map[string]int64{}, ByBackend: map[string]int64{}}
 	var mu sync.Mutex
 	var wg sync.WaitGroup
-	ticker := time.NewTicker(time.Second / time.Duration(*rate))
-	defer ticker.Stop()
+	send := func() {
+		defer wg.Done()
+		backend, err := call()
+		mu.Lock()
+		defer mu.Unlock()
+		if err != nil {
+			rep.Failed++
+			rep.Errors[status.Code(err).String()]++
+			if rep.FirstError == "" {
+				rep.FirstError = err.Error()
+			}
+			return
+		}
+		rep.OK++
+		rep.ByBackend[backend]++
+	}
+	start := time.Now()
+	progressLine := func() {
+		mu.Lock()
+		defer mu.Unlock()
+		tags := make([]string, 0, len(rep.ByBackend))
+		for t := range rep.ByBackend {
+			tags = append(tags, t)
+		}
+		sort.Strings(tags)
+		parts := make([]string, 0, len(tags))
+		for _, t := range tags {
+			parts = append(parts, fmt.Sprintf("%s=%d", t, rep.ByBackend[t]))
+		}
+		now := time.Now()
+		fmt.Fprintf(os.Stderr, "hello-client: unix=%.3f t=%.3fs sent=%d ok=%d failed=%d by_backend={%s}\n",
+			float64(now.UnixMicro())/1e6, now.Sub(start).Seconds(), rep.Sent, rep.OK, rep.Failed, strings.Join(parts, " "))
+	}
+
 	var progress <-chan time.Time
 	if *every > 0 {
 		t := time.NewTicker(*every)
 		defer t.Stop()
 		progress = t.C
 	}
-	start := time.Now()
-	end := time.After(*duration)
-loop:
-	for {
+	// A steady pace: the n-th RPC leaves at start + n/rate, whatever the scheduling jitter; after a
+	// stall of over a second (the process stopped, say) the pace starts afresh instead of bursting.
+	interval := time.Second / time.Duration(*rate)
+	end := start.Add(*duration)
+	next := start
+	pace := time.NewTimer(0)
+	defer pace.Stop()
+	for !stopped && next.Before(end) {
 		select {
 		case <-stop:
-			break loop
-		case <-end:
-			break loop
+			stopped = true
 		case <-progress:
-			mu.Lock()
-			fmt.Fprintf(os.Stderr, "hello-client: sent=%d ok=%d failed=%d\n", rep.Sent, rep.OK, rep.Failed)
-			mu.Unlock()
-		case <-ticker.C:
-			mu.Lock()
-			rep.Sent++
-			mu.Unlock()
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				backend, err := call()
+			progressLine()
+		case <-pace.C:
+			now := time.Now()
+			if now.Sub(next) > time.Second {
+				next = now
+			}
+			for !next.After(now) && next.Before(end) {
 				mu.Lock()
-				defer mu.Unlock()
-				if err != nil {
-					rep.Failed++
-					code := status.Code(err).String()
-					rep.Errors[code]++
-					if rep.FirstError == "" {
-						rep.FirstError = err.Error()
-					}
-					return
-				}
-				rep.OK++
-				rep.ByBackend[backend]++
-			}()
+				rep.Sent++
+				mu.Unlock()
+				wg.Add(1)
+				go send()
+				next = next.Add(interval)
+			}
+			pace.Reset(time.Until(next))
 		}
 	}
 	wg.Wait()
 	rep.DurationSeconds = time.Since(start).Seconds()
+	if *every > 0 {
+		progressLine()
+	}
+
 	data, _ := json.MarshalIndent(rep, "", "  ")
+	data = append(data, '\n')
 	if *out == "" {
-		fmt.Println(string(data))
-	} else if err := os.WriteFile(*out, append(data, '\n'), 0o644); err != nil {
+		os.Stdout.Write(data)
+		return
+	}
+	// Written whole, then renamed, so a reader never sees half a report.
+	tmp := *out + ".tmp"
+	if err := os.WriteFile(tmp, data, 0o644); err != nil {
+		log.Fatalf("hello-client: %v", err)
+	}
+	if err := os.Rename(tmp, *out); err != nil {
 		log.Fatalf("hello-client: %v", err)
 	}
 }

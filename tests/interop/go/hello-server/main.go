@@ -1,12 +1,20 @@
 // Command hello-server is the gRPC "hello" server of the Consul + gRPC tutorial: grpc-go's
-// helloworld Greeter with grpc-go's standard health server. SIGUSR1 sets every health status to
-// NOT_SERVING, SIGUSR2 to SERVING; the optional control port does the same over HTTP
-// (POST /serving, POST /not-serving). SIGTERM/SIGINT stop it gracefully (bounded by -grace), or at
-// once with -shutdown immediate (the worst case for clients), and exit 0.
+// helloworld Greeter with grpc-go's standard health server, whose status is set for "" and for
+// "helloworld.Greeter". Replies read "Hello <name> from <tag>", so clients can see which backend
+// answered.
+//
+// Health: SIGUSR1 sets every status to NOT_SERVING, SIGUSR2 to SERVING; the optional control port
+// does the same over HTTP (POST /serving, POST /not-serving).
+//
+// Stopping: SIGTERM/SIGINT stop it gracefully (health NOT_SERVING, then GracefulStop, bounded by
+// -grace, after which Stop), or at once with -shutdown immediate (Stop: connections closed, RPCs
+// in flight cancelled, the worst case for clients). A second signal during a graceful stop stops at
+// once. It exits 0 either way.
 package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"log"
@@ -30,15 +38,20 @@ type greeter struct {
 }
 
 func (g *greeter) SayHello(ctx context.Context, in *pb.HelloRequest) (*pb.HelloReply, error) {
-	select {
-	case <-time.After(g.work):
-	case <-ctx.Done():
-		return nil, ctx.Err()
+	if g.work > 0 {
+		t := time.NewTimer(g.work)
+		defer t.Stop()
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
 	}
 	return &pb.HelloReply{Message: fmt.Sprintf("Hello %s from %s", in.GetName(), g.name)}, nil
 }
 
-var services = []string{"", "helloworld.Greeter"}
+// The services whose health status is kept: the whole server ("") and the Greeter.
+var services = []string{"", pb.Greeter_ServiceDesc.ServiceName}
 
 func setAll(hs *health.Server, status healthpb.HealthCheckResponse_ServingStatus) {
 	for _, s := range services {
@@ -47,14 +60,34 @@ func setAll(hs *health.Server, status healthpb.HealthCheckResponse_ServingStatus
 	log.Printf("hello-server: health now %s", status)
 }
 
+func usageError(format string, args ...any) {
+	fmt.Fprintf(os.Stderr, "hello-server: "+format+"\n", args...)
+	flag.Usage()
+	os.Exit(2)
+}
+
 func main() {
 	listen := flag.String("listen", "127.0.0.1:50051", "gRPC listen address")
-	name := flag.String("name", "", "name used in replies (default: the listen address)")
-	control := flag.String("control", "", "optional HTTP control address")
-	grace := flag.Duration("grace", 5*time.Second, "bound on the graceful stop")
+	name := flag.String("name", "", "tag put in replies, \"Hello <name> from <tag>\" (default: the bound address)")
+	control := flag.String("control", "", "optional HTTP control address (POST /serving, POST /not-serving)")
+	grace := flag.Duration("grace", 5*time.Second, "bound on the graceful stop, after which the server stops at once")
 	work := flag.Duration("work", 0, "time each SayHello takes (simulated work, so RPCs are in flight)")
-	shutdown := flag.String("shutdown", "graceful", "on SIGTERM: graceful (GracefulStop, bounded by -grace) or immediate (Stop: close connections, cancel RPCs in flight)")
+	shutdown := flag.String("shutdown", "graceful", "on SIGTERM/SIGINT: graceful (GracefulStop, bounded by -grace) or immediate (Stop: close connections, cancel RPCs in flight)")
 	flag.Parse()
+	if flag.NArg() > 0 {
+		usageError("unexpected arguments: %q", flag.Args())
+	}
+	if *shutdown != "graceful" && *shutdown != "immediate" {
+		usageError("-shutdown must be graceful or immediate, not %q", *shutdown)
+	}
+	if *grace <= 0 || *work < 0 {
+		usageError("-grace must be positive and -work not negative")
+	}
+	log.SetFlags(log.LstdFlags | log.Lmicroseconds)
+
+	// Handle the signals before anything is bound: SIGUSR1/2 would otherwise kill the process.
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGTERM, syscall.SIGINT)
 
 	lis, err := net.Listen("tcp", *listen)
 	if err != nil {
@@ -70,6 +103,10 @@ func main() {
 	pb.RegisterGreeterServer(srv, &greeter{name: *name, work: *work})
 
 	if *control != "" {
+		clis, err := net.Listen("tcp", *control)
+		if err != nil {
+			log.Fatalf("hello-server: control listen: %v", err)
+		}
 		mux := http.NewServeMux()
 		mux.HandleFunc("POST /serving", func(w http.ResponseWriter, _ *http.Request) {
 			setAll(hs, healthpb.HealthCheckResponse_SERVING)
@@ -79,33 +116,52 @@ func main() {
 			setAll(hs, healthpb.HealthCheckResponse_NOT_SERVING)
 			fmt.Fprintln(w, "NOT_SERVING")
 		})
-		go func() { log.Print(http.ListenAndServe(*control, mux)) }()
+		go func() {
+			if err := http.Serve(clis, mux); err != nil && !errors.Is(err, net.ErrClosed) {
+				log.Printf("hello-server: control: %v", err)
+			}
+		}()
+		log.Printf("hello-server: control on http://%s", clis.Addr())
 	}
 
-	sigs := make(chan os.Signal, 4)
-	signal.Notify(sigs, syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGTERM, syscall.SIGINT)
+	stopped := make(chan struct{})
 	go func() {
+		defer close(stopped)
 		for sig := range sigs {
 			switch sig {
 			case syscall.SIGUSR1:
 				setAll(hs, healthpb.HealthCheckResponse_NOT_SERVING)
+				continue
 			case syscall.SIGUSR2:
 				setAll(hs, healthpb.HealthCheckResponse_SERVING)
-			default:
-				if *shutdown == "immediate" {
-					log.Printf("hello-server: %s: stopping immediately", sig)
-					srv.Stop()
-					os.Exit(0)
-				}
-				log.Printf("hello-server: %s: stopping gracefully", sig)
-				done := make(chan struct{})
-				go func() { srv.GracefulStop(); close(done) }()
+				continue
+			}
+			if *shutdown == "immediate" {
+				log.Printf("hello-server: %s: stopping immediately", sig)
+				srv.Stop()
+				return
+			}
+			log.Printf("hello-server: %s: stopping gracefully (at most %s)", sig, *grace)
+			hs.Shutdown() // every status NOT_SERVING from now on
+			done := make(chan struct{})
+			go func() { srv.GracefulStop(); close(done) }()
+			bound := time.NewTimer(*grace)
+			for {
 				select {
 				case <-done:
-				case <-time.After(*grace):
+					log.Printf("hello-server: stopped gracefully")
+					return
+				case <-bound.C:
+					log.Printf("hello-server: graceful stop took over %s: stopping now", *grace)
 					srv.Stop()
+					return
+				case again := <-sigs:
+					if again == syscall.SIGTERM || again == syscall.SIGINT {
+						log.Printf("hello-server: %s again: stopping now", again)
+						srv.Stop()
+						return
+					}
 				}
-				os.Exit(0)
 			}
 		}
 	}()
@@ -114,4 +170,6 @@ func main() {
 	if err := srv.Serve(lis); err != nil {
 		log.Fatalf("hello-server: %v", err)
 	}
+	// Serve returns nil only once Stop or GracefulStop has been called; exit 0 when it is done.
+	<-stopped
 }
