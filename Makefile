@@ -41,6 +41,10 @@ k8s:
 e2e-kind:
 	bash tests/e2e/kind/run.sh
 
+## Benchmarks against Consul's own gRPC check (reports figures; never fails on a slow machine).
+bench:
+	bash scripts/bench.sh
+
 ## make demo: Consul dev agent + demo gRPC app + the sidecar; flips health, Ctrl-C drains.
 demo:
 	bash scripts/demo.sh
