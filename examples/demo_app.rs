@@ -11,6 +11,10 @@
 //! `--no-watch` serves a health service that answers Watch with UNIMPLEMENTED (Check works), like
 //! older servers; `--generate-services N` adds health services `svc-0` … `svc-{N-1}`;
 //! `--tls-cert`/`--tls-key` serve gRPC over TLS.
+//!
+//! It prints `demo-app listening on <addr>` to stdout once the gRPC port is bound (tests wait for
+//! that line) and logs every flip to stderr. SIGTERM or SIGINT stop it gracefully with exit 0: open
+//! Watch streams end with UNAVAILABLE so that they cannot hold the shutdown up.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -24,11 +28,13 @@ use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Method, Request, Response, StatusCode};
 use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
+use tokio_util::sync::CancellationToken;
 use tonic::codegen::tokio_stream::Stream;
 use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status};
 use tonic_health::ServingStatus;
 use tonic_health::pb::health_server::{Health, HealthServer};
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
+use tonic_health::server::{HealthReporter, HealthService};
 
 mod hello {
     tonic::include_proto!("helloworld");
@@ -103,7 +109,7 @@ struct ServeArgs {
 /// The current status of every health service, mirrored into tonic-health's reporter.
 #[derive(Clone)]
 struct HealthState {
-    reporter: tonic_health::server::HealthReporter,
+    reporter: HealthReporter,
     statuses: Arc<RwLock<BTreeMap<String, ServingStatus>>>,
 }
 
@@ -137,31 +143,42 @@ impl HealthState {
     }
 }
 
-/// A health service without Watch, for testing the poll fallback.
-struct CheckOnlyHealth(Arc<RwLock<BTreeMap<String, ServingStatus>>>);
+/// tonic-health's standard health service, with two changes: Watch streams end (UNAVAILABLE) when
+/// the app shuts down, since a graceful shutdown waits for every open stream; and with `--no-watch`
+/// Watch answers UNIMPLEMENTED, like servers that predate it (to test the poll fallback).
+struct DemoHealth {
+    standard: HealthService,
+    watch: bool,
+    shutdown: CancellationToken,
+}
 
 #[tonic::async_trait]
-impl Health for CheckOnlyHealth {
+impl Health for DemoHealth {
     async fn check(
         &self,
         req: GrpcRequest<HealthCheckRequest>,
     ) -> Result<GrpcResponse<HealthCheckResponse>, Status> {
-        let map = self.0.read().unwrap_or_else(|p| p.into_inner());
-        match map.get(&req.get_ref().service) {
-            Some(s) => Ok(GrpcResponse::new(HealthCheckResponse { status: *s as i32 })),
-            None => Err(Status::not_found("unknown service")),
-        }
+        self.standard.check(req).await
     }
 
     type WatchStream = Pin<Box<dyn Stream<Item = Result<HealthCheckResponse, Status>> + Send>>;
 
     async fn watch(
         &self,
-        _: GrpcRequest<HealthCheckRequest>,
+        req: GrpcRequest<HealthCheckRequest>,
     ) -> Result<GrpcResponse<Self::WatchStream>, Status> {
-        Err(Status::unimplemented(
-            "Watch is not implemented by this server",
-        ))
+        if !self.watch {
+            return Err(Status::unimplemented(
+                "Watch is not implemented by this server",
+            ));
+        }
+        let updates = self.standard.watch(req).await?.into_inner();
+        let until_shutdown = updates
+            .take_until(self.shutdown.clone().cancelled_owned())
+            .chain(futures_util::stream::once(async {
+                Err(Status::unavailable("the demo app is shutting down"))
+            }));
+        Ok(GrpcResponse::new(Box::pin(until_shutdown)))
     }
 }
 
@@ -200,17 +217,15 @@ async fn set(control: &str, status: Wanted, service: Option<String>) -> anyhow::
         Wanted::Serving => "serving",
         Wanted::NotServing => "not-serving",
     };
-    let mut url = format!("http://{control}/{path}");
-    if let Some(s) = service {
-        url.push_str(&format!("?service={s}"));
-    }
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let resp = reqwest::Client::builder()
+    let mut req = reqwest::Client::builder()
         .no_proxy()
         .build()?
-        .post(&url)
-        .send()
-        .await?;
+        .post(format!("http://{control}/{path}"));
+    if let Some(s) = service {
+        req = req.query(&[("service", s)]);
+    }
+    let resp = req.send().await?;
     let ok = resp.status().is_success();
     println!("{}", resp.text().await.unwrap_or_default().trim());
     anyhow::ensure!(ok, "the demo app refused");
@@ -222,7 +237,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Wanted::Serving => ServingStatus::Serving,
         Wanted::NotServing => ServingStatus::NotServing,
     };
-    let (reporter, health_server) = tonic_health::server::health_reporter();
+    let reporter = HealthReporter::new();
     let mut names: Vec<String> = vec![String::new()];
     names.extend(args.health_services.iter().cloned());
     names.extend((0..args.generate_services).map(|i| format!("svc-{i}")));
@@ -240,12 +255,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let local = listener.local_addr()?;
     let name = args.name.clone().unwrap_or_else(|| local.to_string());
 
+    let shutdown = CancellationToken::new();
     if let Some(control) = args.control {
         let control_listener = tokio::net::TcpListener::bind(control).await?;
-        tokio::spawn(serve_control(control_listener, health.clone()));
+        tokio::spawn(serve_control(
+            control_listener,
+            health.clone(),
+            shutdown.clone(),
+        ));
     }
 
-    let shutdown = tokio_util::sync::CancellationToken::new();
     let mut signals = signal_hook_tokio::Signals::new([SIGUSR1, SIGUSR2, SIGTERM, SIGINT])?;
     {
         let health = health.clone();
@@ -259,9 +278,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     SIGUSR2 => {
                         health.set(None, ServingStatus::Serving).await;
                     }
+                    _ if shutdown.is_cancelled() => {
+                        eprintln!("demo-app: second signal {sig}, exiting at once");
+                        std::process::exit(1);
+                    }
                     _ => {
+                        eprintln!("demo-app: signal {sig}, shutting down");
                         shutdown.cancel();
-                        return;
                     }
                 }
             }
@@ -275,30 +298,53 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         builder =
             builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
     }
-    let greeter = GreeterServer::new(GreeterService { name });
-    let router = if args.no_watch {
-        builder
-            .add_service(HealthServer::new(CheckOnlyHealth(Arc::clone(
-                &health.statuses,
-            ))))
-            .add_service(greeter)
-    } else {
-        builder.add_service(health_server).add_service(greeter)
+    let health_service = DemoHealth {
+        standard: HealthService::from_health_reporter(health.reporter.clone()),
+        watch: !args.no_watch,
+        shutdown: shutdown.clone(),
     };
+    let router = builder
+        .add_service(HealthServer::new(health_service))
+        .add_service(GreeterServer::new(GreeterService { name }));
     println!("demo-app listening on {local}");
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let stop = shutdown.clone();
-    router
-        .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await })
-        .await?;
+    let server =
+        router.serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await });
+    // A client that keeps a unary call open could still hold the graceful shutdown up: bound it.
+    let overdue = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        served = server => served?,
+        () = overdue => eprintln!("demo-app: connections still open after {SHUTDOWN_GRACE:?}, closing them"),
+    }
     eprintln!("demo-app: stopped");
     Ok(())
 }
 
-async fn serve_control(listener: tokio::net::TcpListener, health: HealthState) {
+/// How long a graceful shutdown may wait for open calls.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+async fn serve_control(
+    listener: tokio::net::TcpListener,
+    health: HealthState,
+    shutdown: CancellationToken,
+) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = shutdown.cancelled() => return,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // E.g. out of file descriptors: do not spin.
+                eprintln!("demo-app: control port accept: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let health = health.clone();
         tokio::spawn(async move {
@@ -321,7 +367,7 @@ async fn control(
         .uri()
         .query()
         .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("service=")))
-        .map(str::to_string);
+        .map(percent_decode);
     let reply = |code: StatusCode, body: String| {
         let mut r = Response::new(Full::new(Bytes::from(body)));
         *r.status_mut() = code;
@@ -345,4 +391,27 @@ async fn control(
             format!("{n} health service(s) now {status:?}\n"),
         ),
     }
+}
+
+/// Decodes a query-string value (`%XX` escapes and `+` for space); malformed escapes stay as is.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 2;
+                }
+                _ => out.push(b'%'),
+            },
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
