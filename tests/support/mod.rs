@@ -3,7 +3,9 @@
 //! (`sidecar.rs`). Every process is killed on drop; a failing test prints the logs.
 #![allow(dead_code)]
 
+/// Pods on network namespaces: an app and the sidecar sharing a pod IP, a kubelet's termination.
 pub mod podsim;
+/// The real `consul-registrar` binary as a child process.
 pub mod sidecar;
 
 use std::future::Future;
@@ -202,14 +204,17 @@ impl ConsulAgent {
             .map_or("127.0.0.1".to_string(), |ip| ip.to_string())
     }
 
+    /// The HTTP (or, for TLS agents, HTTPS) port.
     pub fn http_port(&self) -> u16 {
         self.http_port
     }
 
+    /// The ACL bootstrap token ([`MANAGEMENT_TOKEN`]); None without ACLs.
     pub fn management_token(&self) -> Option<&'static str> {
         self.opts.acl.then_some(MANAGEMENT_TOKEN)
     }
 
+    /// The token with just a registrar's rights ([`REGISTRAR_TOKEN`]); None without ACLs.
     pub fn registrar_token(&self) -> Option<&'static str> {
         self.opts.acl.then_some(REGISTRAR_TOKEN)
     }
@@ -240,6 +245,7 @@ impl ConsulAgent {
             .then(|| self.dir.path().join("wrong/consul-agent-ca.pem"))
     }
 
+    /// The log of the agent's latest start (each start gets a new file).
     pub fn log_path(&self) -> PathBuf {
         self.dir.path().join(format!("consul-{}.log", self.starts))
     }
@@ -498,14 +504,20 @@ impl Drop for ConsulAgent {
     }
 }
 
-/// How to start the demo app.
+/// How to start the demo app. The default: serving, with Watch, health services "" and
+/// `helloworld.Greeter`, plain gRPC.
 #[derive(Debug, Clone)]
 pub struct DemoAppOptions {
+    /// Start SERVING (`--start serving`), else NOT_SERVING.
     pub start_serving: bool,
-    /// Answer Watch with UNIMPLEMENTED.
+    /// Answer Watch with UNIMPLEMENTED (`--no-watch`).
     pub no_watch: bool,
+    /// Named health services besides "" (`--health-service`, repeated).
     pub health_services: Vec<String>,
+    /// Also serve health services `svc-0` … `svc-{N-1}` (`--generate-services`).
     pub generate_services: usize,
+    /// The tag in SayHello replies (`--name`); the default is the listen address.
+    pub name: Option<String>,
     /// Serve gRPC over TLS with this certificate and key (PEM files).
     pub tls: Option<(PathBuf, PathBuf)>,
 }
@@ -517,6 +529,7 @@ impl Default for DemoAppOptions {
             no_watch: false,
             health_services: vec!["helloworld.Greeter".into()],
             generate_services: 0,
+            name: None,
             tls: None,
         }
     }
@@ -531,28 +544,40 @@ pub struct DemoApp {
     dir: tempfile::TempDir,
 }
 
-/// The demo app binary, next to the test binaries. `cargo test` builds examples, but
-/// `cargo test --test NAME` does not, so it is brought up to date once per test process (a no-op
-/// when it already is).
+/// The demo app binary, `<target>/<profile>/examples/demo-app` beside the binary under test.
+/// `cargo test` builds examples, but `cargo test --test NAME` does not, so it is brought up to date
+/// once per test process with `cargo build --example demo-app` into the same target dir and
+/// profile (a no-op when it already is).
 pub fn demo_app_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
         let profile_dir = registrar_bin().parent().expect("target dir").to_path_buf();
+        let bin = profile_dir.join("examples/demo-app");
         let mut cmd = Command::new(env!("CARGO"));
         cmd.args(["build", "--example", "demo-app"])
             .current_dir(env!("CARGO_MANIFEST_DIR"));
-        // Build into the same target dir as the binary under test.
+        if profile_dir.file_name().is_some_and(|p| p == "release") {
+            cmd.arg("--release");
+        }
+        // Build into the same target dir as the binary under test (CARGO_TARGET_DIR may point
+        // anywhere).
         if let Some(target) = profile_dir.parent() {
             cmd.env("CARGO_TARGET_DIR", target);
         }
-        let status = cmd.status().expect("cargo build --example demo-app");
-        assert!(status.success(), "building the demo app failed");
-        profile_dir.join("examples/demo-app")
+        let status = cmd.status().expect("run cargo build --example demo-app");
+        assert!(
+            status.success() && bin.exists(),
+            "building the demo app failed ({status}); expected it at {}",
+            bin.display()
+        );
+        bin
     })
     .clone()
 }
 
 impl DemoApp {
+    /// Starts the app on a free loopback port, with a control port, and waits until it prints
+    /// that it is listening.
     pub async fn start(opts: DemoAppOptions) -> DemoApp {
         let mut app = DemoApp {
             opts,
@@ -566,7 +591,7 @@ impl DemoApp {
     }
 
     async fn spawn(&mut self) {
-        let log = std::fs::File::create(self.dir.path().join("app.log")).expect("log");
+        let log = std::fs::File::create(self.log_path()).expect("log");
         let mut cmd = Command::new(demo_app_bin());
         cmd.args(["serve", "--listen", &format!("127.0.0.1:{}", self.port)])
             .args(["--control", &format!("127.0.0.1:{}", self.control)])
@@ -591,48 +616,94 @@ impl DemoApp {
         if self.opts.no_watch {
             cmd.arg("--no-watch");
         }
+        if let Some(name) = &self.opts.name {
+            cmd.args(["--name", name]);
+        }
         if let Some((cert, key)) = &self.opts.tls {
             cmd.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
         }
         self.child = Some(cmd.spawn().expect("spawn demo-app"));
-        let log_path = self.dir.path().join("app.log");
-        let ready = wait_until(Duration::from_secs(20), || {
-            let log_path = log_path.clone();
-            async move { tail(&log_path, 5).contains("demo-app listening on") }
-        })
-        .await;
-        assert!(ready, "demo-app did not start:\n{}", tail(&log_path, 20));
+        let log_path = self.log_path();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !tail(&log_path, 5).contains("demo-app listening on") {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "demo-app exited with {status} during start:\n{}",
+                    tail(&log_path, 20)
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "demo-app did not start within 20 s:\n{}",
+                tail(&log_path, 20)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
+    /// The gRPC port.
     pub fn port(&self) -> u16 {
         self.port
     }
 
+    /// The gRPC address, `127.0.0.1:PORT`.
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// The HTTP control port (`POST /serving`, `POST /not-serving`, `GET /status`).
     pub fn control_port(&self) -> u16 {
         self.control
     }
 
+    /// The file that receives the app's stdout and stderr.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("app.log")
+    }
+
+    /// The process id (0 when not running).
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, Child::id)
     }
 
     /// Flips every health service through the control port.
     pub async fn set_serving(&self, serving: bool) {
+        self.control_post(serving, None).await;
+    }
+
+    /// Flips one health service (`""` is the whole server) through the control port.
+    pub async fn set_service_serving(&self, service: &str, serving: bool) {
+        self.control_post(serving, Some(service)).await;
+    }
+
+    async fn control_post(&self, serving: bool, service: Option<&str>) {
         let path = if serving { "serving" } else { "not-serving" };
-        let r = http_client()
-            .post(format!("http://127.0.0.1:{}/{path}", self.control))
-            .send()
-            .await
-            .expect("demo-app control port");
+        let mut req = http_client().post(format!("http://127.0.0.1:{}/{path}", self.control));
+        if let Some(service) = service {
+            req = req.query(&[("service", service)]);
+        }
+        let r = req.send().await.expect("demo-app control port");
         assert!(
             r.status().is_success(),
             "control port answered {}",
             r.status()
         );
+    }
+
+    /// `GET /status` of the control port: health service name → `Serving` / `NotServing`.
+    pub async fn status(&self) -> std::collections::BTreeMap<String, String> {
+        http_client()
+            .get(format!("http://127.0.0.1:{}/status", self.control))
+            .send()
+            .await
+            .expect("demo-app control port")
+            .json()
+            .await
+            .expect("status JSON")
     }
 
     /// Sends a signal by name to the app (`USR1`, `USR2`, `STOP`, `CONT`, ...).
@@ -643,6 +714,34 @@ impl DemoApp {
             .expect("kill")
             .success();
         assert!(ok, "kill -{name} failed");
+    }
+
+    /// Makes every health service NOT_SERVING with SIGUSR1, as an operator would from outside.
+    pub fn signal_not_serving(&self) {
+        self.signal("USR1");
+    }
+
+    /// Makes every health service SERVING with SIGUSR2.
+    pub fn signal_serving(&self) {
+        self.signal("USR2");
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for the app to exit: its exit status, or None if it
+    /// is still running (it is then left running; drop kills it).
+    pub async fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        self.signal("TERM");
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self.child.as_mut()?;
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Kills the app (SIGKILL).
@@ -666,7 +765,7 @@ impl Drop for DemoApp {
         if std::thread::panicking() {
             eprintln!(
                 "----- demo-app log -----\n{}\n-----",
-                tail(&self.dir.path().join("app.log"), 40)
+                tail(&self.log_path(), 40)
             );
         }
     }
