@@ -133,9 +133,9 @@ async fn the_demo_app_flips_from_outside_and_a_real_health_client_sees_it() {
         health_of(&app.addr(), "").await.expect("check"),
         not_serving
     );
-    app.signal("USR2"); // signals
+    app.signal_serving(); // SIGUSR2
     assert_eq!(next(&mut stream).await, Some(serving));
-    app.signal("USR1");
+    app.signal_not_serving(); // SIGUSR1
     assert_eq!(next(&mut stream).await, Some(not_serving));
     assert_eq!(
         health_of(&app.addr(), "helloworld.Greeter")
@@ -168,7 +168,133 @@ async fn the_demo_app_flips_from_outside_and_a_real_health_client_sees_it() {
         })
         .await
         .expect("SayHello");
-    assert!(reply.into_inner().message.starts_with("Hello tests from "));
+    // The reply names the instance, so load-balancing tests can tell instances apart.
+    assert_eq!(
+        reply.into_inner().message,
+        format!("Hello tests from {}", app.addr())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_health_service_flips_alone_and_the_control_port_reports_it() {
+    let app = DemoApp::start(DemoAppOptions {
+        start_serving: false,
+        health_services: vec!["helloworld.Greeter".into(), "pkg.Other".into()],
+        name: Some("blue".into()),
+        ..Default::default()
+    })
+    .await;
+    let serving = ServingStatus::Serving as i32;
+    let not_serving = ServingStatus::NotServing as i32;
+    let statuses = |names: [&'static str; 3]| {
+        let addr = app.addr();
+        async move {
+            let mut out = Vec::new();
+            for n in names {
+                out.push(health_of(&addr, n).await.expect("check"));
+            }
+            out
+        }
+    };
+    let all = ["", "helloworld.Greeter", "pkg.Other"];
+    assert_eq!(
+        statuses(all).await,
+        vec![not_serving; 3],
+        "--start not-serving"
+    );
+    let status = app.status().await;
+    assert_eq!(
+        status.keys().map(String::as_str).collect::<Vec<_>>(),
+        all.to_vec(),
+        "{status:?}"
+    );
+    assert!(status.values().all(|v| v == "NotServing"), "{status:?}");
+
+    app.set_service_serving("pkg.Other", true).await;
+    assert_eq!(statuses(all).await, vec![not_serving, not_serving, serving]);
+    assert_eq!(app.status().await["pkg.Other"], "Serving");
+
+    let set = |status: &str, service: &str| {
+        Command::new(support::demo_app_bin())
+            .args([
+                "set",
+                "--control",
+                &format!("127.0.0.1:{}", app.control_port()),
+                status,
+                "--service",
+                service,
+            ])
+            .output()
+            .expect("demo-app set")
+    };
+    let out = set("serving", "helloworld.Greeter");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(statuses(all).await, vec![not_serving, serving, serving]);
+    let out = set("serving", "no.Such");
+    assert!(
+        !out.status.success(),
+        "an unknown health service is refused"
+    );
+    assert_eq!(statuses(all).await, vec![not_serving, serving, serving]);
+
+    let mut greeter = hello::greeter_client::GreeterClient::new(channel(&app.addr()).await);
+    let reply = greeter
+        .say_hello(hello::HelloRequest { name: "x".into() })
+        .await
+        .expect("SayHello");
+    assert_eq!(reply.into_inner().message, "Hello x from blue");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_watch_streams_share_one_connection_and_all_see_a_flip() {
+    const N: usize = 1000;
+    let app = DemoApp::start(DemoAppOptions {
+        generate_services: N,
+        ..Default::default()
+    })
+    .await;
+    let conn = channel(&app.addr()).await; // one HTTP/2 connection for every stream
+    let opened = futures_util::future::join_all((0..N).map(|i| {
+        let mut client = HealthClient::new(conn.clone());
+        async move {
+            let mut stream = client
+                .watch(HealthCheckRequest {
+                    service: format!("svc-{i}"),
+                })
+                .await
+                .unwrap_or_else(|e| panic!("watch svc-{i}: {e}"))
+                .into_inner();
+            let first = stream.message().await.expect("stream ok").map(|m| m.status);
+            (stream, first)
+        }
+    }));
+    let opened = tokio::time::timeout(60 * SECOND, opened)
+        .await
+        .expect("1000 Watch streams open within 60 s");
+    assert!(
+        opened
+            .iter()
+            .all(|(_, first)| *first == Some(ServingStatus::Serving as i32))
+    );
+
+    app.signal_not_serving();
+    let flipped =
+        futures_util::future::join_all(opened.into_iter().map(|(mut stream, _)| async move {
+            stream.message().await.expect("stream ok").map(|m| m.status)
+        }));
+    let flipped = tokio::time::timeout(30 * SECOND, flipped)
+        .await
+        .expect("every stream hears of the flip within 30 s");
+    assert_eq!(flipped.len(), N);
+    assert!(
+        flipped
+            .iter()
+            .all(|s| *s == Some(ServingStatus::NotServing as i32))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -325,4 +451,28 @@ fn consul_script_answers_from_its_cache_the_second_time() {
         String::from_utf8_lossy(&second.stderr)
     );
     eprintln!("cache hit in {:?}", t0.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_the_demo_app_with_0_even_with_an_open_watch() {
+    let mut app = DemoApp::start(DemoAppOptions::default()).await;
+    let mut client = HealthClient::new(channel(&app.addr()).await);
+    let mut stream = client
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    assert!(stream.message().await.expect("first message").is_some());
+    let status = app.terminate(5 * SECOND).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "SIGTERM: {status:?} (None = still running after 5 s)"
+    );
+    let end = stream
+        .message()
+        .await
+        .expect_err("the stream ends with an error");
+    assert_eq!(end.code(), Code::Unavailable, "{end:?}");
 }
