@@ -55,7 +55,9 @@ release="$target_dir/release"
 mkdir -p "$out"
 rm -rf "$out/logs" "$out/results.json" "$out/results.md" "$out/latency.png"
 commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-git diff --quiet HEAD 2>/dev/null || commit="$commit+local changes"
+# Only what goes into the measured binaries counts as a local change.
+git diff --quiet HEAD -- src examples proto build.rs Cargo.toml Cargo.lock 2>/dev/null ||
+  commit="$commit+local changes"
 
 log "running; results go to $out/"
 "$release/examples/bench" \
