@@ -15,10 +15,10 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use consul_registrar::consul::{AgentServiceRegistration, CheckStatus};
 use consul_registrar::manifest::{self, Environment, ManifestErrors};
+use consul_registrar::probe::HealthRpc;
 use consul_registrar::sidecar;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
 
 const EXIT_RUNTIME: u8 = 1;
 const EXIT_INVALID_MANIFEST: u8 = 65;
@@ -288,7 +288,7 @@ fn probe_once(args: ProbeArgs) -> ExitCode {
                 );
             }
         };
-        let mut client = HealthClient::new(channel);
+        let mut client = HealthRpc::new(channel);
         let request = HealthCheckRequest {
             service: args.service.clone(),
         };

@@ -16,11 +16,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
+use tonic::codec::{BufferSettings, Codec, Streaming};
+use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Status};
-use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
+use tonic_prost::{ProstDecoder, ProstEncoder};
 
 use crate::consul::CheckStatus;
 use crate::manifest::{HealthMode, HealthSpec, TlsSettings};
@@ -227,7 +229,7 @@ impl HealthProbe {
         let _stop_children = child.clone().drop_guard();
         if self.spec.mode != HealthMode::Poll {
             tokio::spawn(watch_stream(
-                HealthClient::new(self.channel.clone()),
+                HealthRpc::new(self.channel.clone()),
                 self.spec.service.clone(),
                 self.spec.interval,
                 events_tx.clone(),
@@ -303,7 +305,7 @@ impl HealthProbe {
     }
 
     fn spawn_check(&self, events: mpsc::Sender<Event>) {
-        let mut client = HealthClient::new(self.channel.clone());
+        let mut client = HealthRpc::new(self.channel.clone());
         let request = HealthCheckRequest {
             service: self.spec.service.clone(),
         };
@@ -405,7 +407,7 @@ impl HealthProbe {
 
 /// Keeps a Watch stream open, forwarding statuses; reconnects with backoff up to `interval`.
 async fn watch_stream(
-    mut client: HealthClient<Channel>,
+    mut client: HealthRpc,
     service: String,
     interval: Duration,
     events: mpsc::Sender<Event>,
@@ -495,6 +497,86 @@ fn from_rpc_error(status: &Status) -> Observation {
 
 fn short(s: &str) -> String {
     s.chars().take(200).collect()
+}
+
+/// The two `grpc.health.v1.Health` calls, with codec buffers sized for health messages.
+///
+/// tonic's generated client gives every call an 8 KiB encode buffer and keeps it for as long as the
+/// call lives, which for `Watch` is the life of the stream: a sidecar with 1,000 instances held
+/// 8 MiB in those buffers alone (measured with heaptrack). A health request or answer is a few
+/// bytes; the buffers still grow when a message needs more.
+#[derive(Clone)]
+pub struct HealthRpc {
+    grpc: tonic::client::Grpc<Channel>,
+}
+
+impl HealthRpc {
+    pub fn new(channel: Channel) -> Self {
+        HealthRpc {
+            grpc: tonic::client::Grpc::new(channel),
+        }
+    }
+
+    /// The unary `Check`.
+    pub async fn check(
+        &mut self,
+        request: HealthCheckRequest,
+    ) -> Result<tonic::Response<HealthCheckResponse>, Status> {
+        self.ready().await?;
+        let path = PathAndQuery::from_static("/grpc.health.v1.Health/Check");
+        self.grpc
+            .unary(tonic::Request::new(request), path, HealthCodec)
+            .await
+    }
+
+    /// The server-streaming `Watch`.
+    pub async fn watch(
+        &mut self,
+        request: HealthCheckRequest,
+    ) -> Result<tonic::Response<Streaming<HealthCheckResponse>>, Status> {
+        self.ready().await?;
+        let path = PathAndQuery::from_static("/grpc.health.v1.Health/Watch");
+        self.grpc
+            .server_streaming(tonic::Request::new(request), path, HealthCodec)
+            .await
+    }
+
+    async fn ready(&mut self) -> Result<(), Status> {
+        self.grpc
+            .ready()
+            .await
+            .map_err(|e| Status::unknown(format!("Service was not ready: {e}")))
+    }
+}
+
+/// Protobuf encoding of the health messages with small initial buffers.
+#[derive(Clone, Copy)]
+struct HealthCodec;
+
+impl HealthCodec {
+    /// Room for a request naming a service, and more than any health answer.
+    const BUFFER_SIZE: usize = 256;
+    /// tonic's default: how much is encoded before the encoder yields.
+    const YIELD_THRESHOLD: usize = 32 * 1024;
+
+    fn buffers() -> BufferSettings {
+        BufferSettings::new(Self::BUFFER_SIZE, Self::YIELD_THRESHOLD)
+    }
+}
+
+impl Codec for HealthCodec {
+    type Encode = HealthCheckRequest;
+    type Decode = HealthCheckResponse;
+    type Encoder = ProstEncoder<HealthCheckRequest>;
+    type Decoder = ProstDecoder<HealthCheckResponse>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        ProstEncoder::new(Self::buffers())
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        ProstDecoder::new(Self::buffers())
+    }
 }
 
 #[cfg(test)]

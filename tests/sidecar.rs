@@ -600,3 +600,51 @@ async fn instances_beyond_the_blocking_watches_come_back_on_the_alarm() {
     }
     assert_eq!(consul.catalog_service("hello").await.len(), 4);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_instances_register_within_consuls_default_connection_limit() {
+    // Consul refuses a client past 200 HTTP connections (429). 400 instances registering at once
+    // must not need more: every one is registered on the first try and turns passing.
+    const N: usize = 400;
+    let consul = ConsulAgent::start_dev().await;
+    let app = DemoApp::start(DemoAppOptions::default()).await;
+    let mut text = format!("consul:\n  address: {}\nservices:\n", consul.http_addr());
+    for i in 0..N {
+        text.push_str(&format!(
+            "  - name: many\n    id: many-{i}\n    address: 127.0.0.1\n    port: {}\n",
+            app.port()
+        ));
+    }
+    let sidecar = Sidecar::start(&text, &[]);
+    let all_passing = wait_until(30 * SECOND, || async {
+        match consul.get("/v1/health/service/many?passing=true").await {
+            Ok((200, serde_json::Value::Array(entries))) => entries.len() == N,
+            _ => false,
+        }
+    })
+    .await;
+    assert!(
+        all_passing,
+        "not all {N} instances passing\n{}",
+        sidecar.logs()
+    );
+    let calls = |operation: &'static str, class: &'static str| {
+        let sidecar = &sidecar;
+        async move {
+            sidecar
+                .metric(&format!(
+                    "consul_registrar_consul_requests_total{{operation=\"{operation}\",status=\"{class}\"}}"
+                ))
+                .await
+                .unwrap_or(0.0)
+        }
+    };
+    assert_eq!(calls("register", "2xx").await, N as f64);
+    for operation in ["register", "update_ttl", "read_service"] {
+        for class in ["5xx", "error"] {
+            assert_eq!(calls(operation, class).await, 0.0, "{operation} {class}");
+        }
+    }
+    assert_eq!(calls("register", "4xx").await, 0.0, "registrations refused");
+    assert_eq!(calls("update_ttl", "4xx").await, 0.0, "TTL updates refused");
+}

@@ -8,7 +8,9 @@ use std::net::ToSocketAddrs;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use reqwest::header::HeaderMap;
 use reqwest::{Method, StatusCode};
+use tokio::sync::Semaphore;
 
 use crate::manifest::{ConsulConnection, Secret};
 use crate::metrics::Metrics;
@@ -17,6 +19,15 @@ pub use registration::{AgentService, AgentServiceRegistration, CheckStatus, Drif
 /// How long any non-blocking call may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How many non-blocking calls may be in flight at once. Each one holds an HTTP/1.1 connection,
+/// and a Consul agent refuses a client past `http_max_conns_per_client` (default 200) connections
+/// with 429; a thousand instances whose TTL refreshes fall due together would otherwise open a
+/// thousand connections (memory on both sides, refusals, retries). 32 calls to a local agent
+/// still carry thousands of calls a second. Blocking watches are bounded apart, by
+/// `consul.blockingWatches`.
+pub const MAX_CONCURRENT_CALLS: usize = 32;
+/// Idle connections kept for reuse: the concurrent calls and a margin for the blocking watches.
+const MAX_IDLE_CONNECTIONS: usize = MAX_CONCURRENT_CALLS + 16;
 
 /// What went wrong talking to Consul. Never carries the token.
 #[derive(Debug, thiserror::Error)]
@@ -74,7 +85,15 @@ pub struct ConsulClient {
     token: Option<Secret>,
     /// `ns` / `partition` query parameters (Consul Enterprise), empty otherwise.
     scope: Arc<[(&'static str, String)]>,
+    /// Permits for non-blocking calls: at most [`MAX_CONCURRENT_CALLS`] in flight.
+    calls: Arc<Semaphore>,
     metrics: Arc<Metrics>,
+}
+
+/// A successful answer, read whole while the call still held its permit.
+struct Answer {
+    headers: HeaderMap,
+    body: Vec<u8>,
 }
 
 /// One answer of a blocking read of a service.
@@ -96,6 +115,7 @@ impl ConsulClient {
         let mut builder = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
             .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(MAX_IDLE_CONNECTIONS)
             .http1_only()
             .no_proxy();
         let mut base = conn.address.clone();
@@ -156,6 +176,7 @@ impl ConsulClient {
             base: base.into(),
             token: conn.token.clone(),
             scope: scope.into(),
+            calls: Arc::new(Semaphore::new(MAX_CONCURRENT_CALLS)),
             metrics,
         })
     }
@@ -248,17 +269,18 @@ impl ConsulClient {
             ),
         };
         match self.send(operation, req, timeout).await {
-            Ok(resp) => {
-                let hash = resp
-                    .headers()
+            Ok(answer) => {
+                let hash = answer
+                    .headers
                     .get("X-Consul-ContentHash")
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or_default()
                     .to_string();
-                let service: AgentService = resp.json().await.map_err(|e| ConsulError::Decode {
-                    operation,
-                    reason: e.to_string(),
-                })?;
+                let service: AgentService =
+                    serde_json::from_slice(&answer.body).map_err(|e| ConsulError::Decode {
+                        operation,
+                        reason: e.to_string(),
+                    })?;
                 let hash = if hash.is_empty() {
                     service.content_hash.clone()
                 } else {
@@ -277,13 +299,11 @@ impl ConsulClient {
     /// `GET /v1/status/leader`: the raft leader's address, empty while there is none.
     pub async fn leader(&self) -> Result<String, ConsulError> {
         let req = self.request(Method::GET, "/v1/status/leader");
-        let resp = self.send("leader", req, REQUEST_TIMEOUT).await?;
-        resp.json::<String>()
-            .await
-            .map_err(|e| ConsulError::Decode {
-                operation: "leader",
-                reason: e.to_string(),
-            })
+        let answer = self.send("leader", req, REQUEST_TIMEOUT).await?;
+        serde_json::from_slice::<String>(&answer.body).map_err(|e| ConsulError::Decode {
+            operation: "leader",
+            reason: e.to_string(),
+        })
     }
 
     fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
@@ -297,15 +317,25 @@ impl ConsulClient {
         req
     }
 
+    /// Sends one call and reads its answer whole. Every call but a blocking watch waits for a
+    /// permit first, and holds it until the answer is read; the duration metric starts once the
+    /// permit is held, so it measures Consul, not the queue.
     async fn send(
         &self,
         operation: &'static str,
         req: reqwest::RequestBuilder,
         timeout: Duration,
-    ) -> Result<reqwest::Response, ConsulError> {
+    ) -> Result<Answer, ConsulError> {
+        let blocking = operation == "watch_service";
+        let _permit = if blocking {
+            None
+        } else {
+            // The semaphore is never closed, so acquiring cannot fail.
+            self.calls.acquire().await.ok()
+        };
         let started = Instant::now();
         let result = req.timeout(timeout).send().await;
-        if operation != "watch_service" {
+        if !blocking {
             self.metrics
                 .consul_request_duration
                 .with_label_values(&[operation])
@@ -327,7 +357,16 @@ impl ConsulClient {
         let status = resp.status();
         self.record(operation, status_class(status));
         if status.is_success() {
-            return Ok(resp);
+            let headers = resp.headers().clone();
+            let body = resp.bytes().await.map_err(|e| ConsulError::Unreachable {
+                address: self.base.to_string(),
+                operation,
+                reason: error_chain(&e),
+            })?;
+            return Ok(Answer {
+                headers,
+                body: body.to_vec(),
+            });
         }
         let body = resp.text().await.unwrap_or_default();
         let body = body.trim().chars().take(300).collect::<String>();
