@@ -1766,8 +1766,8 @@ fn consul_errors(m: &Metrics) -> f64 {
                     && !k.starts_with("read_service")
                     && !k.starts_with("watch_service"))
         })
-        .map(|(_, v)| v)
-        .sum()
+        // A fold from +0.0: an empty f64 `sum()` is -0.0, which prints as "-0.00".
+        .fold(0.0, |total, (_, v)| total + v)
 }
 
 /// The largest count against a Consul agent with default limits, for 20 s: how many registered,
