@@ -417,7 +417,9 @@ async fn watch_stream(
     loop {
         let opened = tokio::select! {
             _ = cancel.cancelled() => return,
-            r = client.watch(HealthCheckRequest { service: service.clone() }) => r,
+            // Boxed: the call's state is needed only while the stream opens, and the task lives
+            // as long as the instance.
+            r = Box::pin(client.watch(HealthCheckRequest { service: service.clone() })) => r,
         };
         match opened {
             Ok(resp) => {
