@@ -8,7 +8,6 @@ use std::net::ToSocketAddrs;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use reqwest::header::HeaderMap;
 use reqwest::{Method, StatusCode};
 use tokio::sync::Semaphore;
 
@@ -92,7 +91,8 @@ pub struct ConsulClient {
 
 /// A successful answer, read whole while the call still held its permit.
 struct Answer {
-    headers: HeaderMap,
+    /// `X-Consul-ContentHash`, sent with answers that support blocking by hash.
+    content_hash: Option<String>,
     body: Vec<u8>,
 }
 
@@ -270,22 +270,15 @@ impl ConsulClient {
         };
         match self.send(operation, req, timeout).await {
             Ok(answer) => {
-                let hash = answer
-                    .headers
-                    .get("X-Consul-ContentHash")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or_default()
-                    .to_string();
                 let service: AgentService =
                     serde_json::from_slice(&answer.body).map_err(|e| ConsulError::Decode {
                         operation,
                         reason: e.to_string(),
                     })?;
-                let hash = if hash.is_empty() {
-                    service.content_hash.clone()
-                } else {
-                    hash
-                };
+                let hash = answer
+                    .content_hash
+                    .filter(|h| !h.is_empty())
+                    .unwrap_or_else(|| service.content_hash.clone());
                 Ok(ServiceWatch::Present {
                     service: Box::new(service),
                     hash,
@@ -358,25 +351,24 @@ impl ConsulClient {
             Err(e) => {
                 self.record(operation, "error");
                 self.metrics.consul_reachable.set(0);
-                return Err(ConsulError::Unreachable {
-                    address: self.base.to_string(),
-                    operation,
-                    reason: error_chain(&e),
-                });
+                return Err(self.unreachable(operation, &e));
             }
         };
         self.metrics.consul_reachable.set(1);
         let status = resp.status();
         self.record(operation, status_class(status));
         if status.is_success() {
-            let headers = resp.headers().clone();
-            let body = resp.bytes().await.map_err(|e| ConsulError::Unreachable {
-                address: self.base.to_string(),
-                operation,
-                reason: error_chain(&e),
-            })?;
+            let content_hash = resp
+                .headers()
+                .get("X-Consul-ContentHash")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let body = resp
+                .bytes()
+                .await
+                .map_err(|e| self.unreachable(operation, &e))?;
             return Ok(Answer {
-                headers,
+                content_hash,
                 body: body.to_vec(),
             });
         }
@@ -391,6 +383,15 @@ impl ConsulClient {
                 body,
             }
         })
+    }
+
+    /// The call got no (whole) answer: not connected, timed out, or cut off mid-answer.
+    fn unreachable(&self, operation: &'static str, e: &reqwest::Error) -> ConsulError {
+        ConsulError::Unreachable {
+            address: self.base.to_string(),
+            operation,
+            reason: error_chain(e),
+        }
     }
 
     fn record(&self, operation: &str, class: &str) {
