@@ -118,15 +118,7 @@ pub(crate) fn expand_current(input: &str) -> Result<String, InterpolateError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn env(pairs: &[(&str, &str)]) -> Environment {
-        Environment::Fixed(
-            pairs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        )
-    }
+    use crate::manifest::tests::env;
 
     #[test]
     fn expands_variables_and_defaults() {

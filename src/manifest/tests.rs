@@ -1,6 +1,7 @@
 use super::*;
 
-fn env(pairs: &[(&str, &str)]) -> Environment {
+/// A fixed environment of `pairs` (also used by the interpolation tests).
+pub(super) fn env(pairs: &[(&str, &str)]) -> Environment {
     Environment::Fixed(
         pairs
             .iter()
