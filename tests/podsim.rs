@@ -266,14 +266,7 @@ impl Cluster {
                 "-serf-wan-port",
                 &wan.to_string(),
             ])
-            .args([
-                "-dns-port",
-                "-1",
-                "-grpc-port",
-                "-1",
-                "-grpc-tls-port",
-                "-1",
-            ])
+            .args(support::CONSUL_LISTENERS_OFF)
             .args(["-hcl", "performance { raft_multiplier = 1 }"])
             .args(&joins);
             if is_server {

@@ -27,6 +27,17 @@ pub const REGISTRAR_RULES: &str = r#"service_prefix "" { policy = "write" }
 node_prefix "" { policy = "read" }
 agent_prefix "" { policy = "read" }"#;
 
+/// Arguments that turn off a Consul agent's DNS and gRPC listeners: tests reach agents over HTTP
+/// only, and fewer listeners mean fewer ports to find free.
+pub const CONSUL_LISTENERS_OFF: [&str; 6] = [
+    "-dns-port",
+    "-1",
+    "-grpc-port",
+    "-1",
+    "-grpc-tls-port",
+    "-1",
+];
+
 /// The `consul` binary from `scripts/consul.sh` (once per test process). Panics, never skips, with
 /// the script's explanation of how to provide Consul.
 pub fn consul_bin() -> PathBuf {
@@ -284,14 +295,7 @@ impl ConsulAgent {
         let ip = self.bind_ip();
         cmd.args(["agent", "-dev", "-bind", &ip, "-client", &ip])
             .args(["-node", &format!("test-{}", self.http_port)])
-            .args([
-                "-dns-port",
-                "-1",
-                "-grpc-port",
-                "-1",
-                "-grpc-tls-port",
-                "-1",
-            ])
+            .args(CONSUL_LISTENERS_OFF)
             .args(["-server-port", &self.server_port.to_string()])
             .args(["-serf-lan-port", &self.serf_lan_port.to_string()])
             .args(["-serf-wan-port", &self.serf_wan_port.to_string()])
