@@ -181,6 +181,18 @@ check "helm lint (a user's values)" "$helm" lint --strict charts/consul-registra
 check "helm lint (a user's values, StatefulSet)" "$helm" lint --strict charts/consul-registrar \
   -f charts/consul-registrar/ci/user-values.yaml -f charts/consul-registrar/ci/statefulset-values.yaml
 check "helm lint (library chart)" "$helm" lint --strict charts/consul-registrar-lib
+
+# The library route as a team takes it: the example chart with its dependency built, in a copy
+# (helm dependency build writes the library's archive into the chart).
+lint_example_chart() {
+  local copy="$work/example-chart"
+  mkdir -p "$copy/examples/charts" "$copy/charts"
+  cp -R examples/charts/my-app "$copy/examples/charts/"
+  cp -R charts/consul-registrar-lib "$copy/charts/"
+  "$helm" dependency build "$copy/examples/charts/my-app" >&2 &&
+    "$helm" lint --strict "$copy/examples/charts/my-app"
+}
+check "helm lint (examples/charts/my-app: the library route)" lint_example_chart
 log "== pytest tests/k8s"
 pytest_status=0
 run_pytest || pytest_status=$?
