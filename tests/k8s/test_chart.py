@@ -555,13 +555,37 @@ def test_helm_test_pod_validates_the_manifest_the_pods_mount(helm):
     spec = workload_spec(docs)
     sidecar = podspec.sidecar_of(spec, native=True)
     assert container["image"] == sidecar["image"]
-    assert container["env"] == sidecar["env"], "validate sees the sidecar's environment"
+    assert container["env"] == [e for e in sidecar["env"] if e["name"] != podspec.DRAIN_TOKEN_ENV], (
+        "validate sees the sidecar's environment (but the drain token)")
     assert container["volumeMounts"] == sidecar["volumeMounts"], "and its files (token, TLS, manifest)"
     pod_volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
     for mount in container["volumeMounts"]:
         assert pod_volumes[mount["name"]] in spec["volumes"]
     assert pod["spec"]["restartPolicy"] == "Never"
     assert "Pod" not in kinds(helm.template(APP, {"tests": {"enabled": False}}))
+
+
+def test_validate_on_install_fails_the_release_before_any_pod_changes(helm):
+    """tests.validateOnInstall: a pre-install/pre-upgrade hook Pod validates a hook copy of the
+    manifest (the release's own ConfigMap does not exist yet before an install)."""
+    assert not [d for d in helm.template(APP) if "pre-install" in str(d["metadata"].get("annotations"))], "off by default"
+    docs = helm.template(APP, {"tests": {"validateOnInstall": True}})
+    hooks = [d for d in docs if d["metadata"].get("annotations", {}).get("helm.sh/hook") == "pre-install,pre-upgrade"]
+    assert sorted(d["kind"] for d in hooks) == ["ConfigMap", "Pod"]
+    config_map = one(hooks, "ConfigMap")
+    pod = one(hooks, "Pod")
+    assert int(config_map["metadata"]["annotations"]["helm.sh/hook-weight"]) < int(pod["metadata"]["annotations"]["helm.sh/hook-weight"])
+    volume = next(v for v in pod["spec"]["volumes"] if "configMap" in v)
+    assert volume["configMap"]["name"] == config_map["metadata"]["name"]
+    facts = podspec.check_sidecar(workload_spec(docs), native=True)
+    released = manifest_of(docs, facts["config_map"], facts["key"])
+    assert config_map["metadata"]["name"] != facts["config_map"]
+    assert yaml.safe_load(config_map["data"]["manifest.yaml"]) == released, "the hook checks the very manifest the pods get"
+    assert podspec.DRAIN_TOKEN_ENV not in json.dumps(pod), "the drain token's Secret does not exist before an install"
+    assert_valid(docs, k8s_versions())
+    existing = helm.template(APP, {"tests": {"validateOnInstall": True}, "manifest": {"existingConfigMap": "mine"}})
+    hooks = [d for d in existing if d["metadata"].get("annotations", {}).get("helm.sh/hook") == "pre-install,pre-upgrade"]
+    assert [d["kind"] for d in hooks] == ["Pod"], "an existing ConfigMap is validated in place"
 
 
 def test_user_pod_annotations_win(helm):

@@ -151,7 +151,8 @@ template starts with it. Fails on values no template could render.
 {{- define "consul-registrar-lib.manifestConfigMapName" -}}
 {{- include "consul-registrar-lib.resolve" . }}
 {{- $c := .resolved }}
-{{- default (printf "%s-registrar-manifest" $c.name | trunc 63 | trimSuffix "-") $c.manifest.existingConfigMap }}
+{{- $suffix := ternary "-registrar-manifest-check" "-registrar-manifest" (.onInstall | default false) }}
+{{- default (printf "%s%s" $c.name $suffix | trunc 63 | trimSuffix "-") $c.manifest.existingConfigMap }}
 {{- end }}
 
 {{- define "consul-registrar-lib.manifestKey" -}}

@@ -32,7 +32,11 @@ here as well as in the env so that the ConfigMap shows everything the sidecar re
 {{- toYaml $manifest }}
 {{- end }}
 
-{{/* The ConfigMap holding the manifest (nothing when config.manifest.existingConfigMap is set). Pass "labels" in the dict to label it. */}}
+{{/*
+The ConfigMap holding the manifest (nothing when config.manifest.existingConfigMap is set). Pass
+"labels" in the dict to label it; with "onInstall" true, the pre-install/pre-upgrade hook copy the
+`testPod` hook reads (see _test.tpl).
+*/}}
 {{- define "consul-registrar-lib.configMap" -}}
 {{- include "consul-registrar-lib.resolve" . }}
 {{- if not .resolved.manifest.existingConfigMap }}
@@ -43,6 +47,12 @@ metadata:
   {{- with .labels }}
   labels:
     {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- if .onInstall }}
+  annotations:
+    helm.sh/hook: pre-install,pre-upgrade
+    helm.sh/hook-weight: "-10"
+    helm.sh/hook-delete-policy: before-hook-creation,hook-succeeded
   {{- end }}
 data:
   manifest.yaml: |
