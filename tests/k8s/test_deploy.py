@@ -88,6 +88,10 @@ def test_component_sidecar_is_the_charts(helm, kustomize):
     chart_hook = podspec.app_containers(chart)[0]["lifecycle"]["preStop"]["httpGet"]
     overlay_hook = podspec.app_containers(overlay)[0]["lifecycle"]["preStop"]["httpGet"]
     assert {**chart_hook, "httpHeaders": None} == {**overlay_hook, "httpHeaders": None}
+    component = yaml.safe_load((COMPONENT / "sidecar.yaml").read_text())
+    [sidecar] = component["spec"]["template"]["spec"]["initContainers"]
+    app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    assert sidecar["image"] == f"ghcr.io/consul-registrar/consul-registrar:{app_version}", "the chart's release"
     [chart_volume] = [v for v in chart["volumes"] if v["name"] == "consul-registrar-manifest"]
     [overlay_volume] = [v for v in overlay["volumes"] if v["name"] == "consul-registrar-manifest"]
     assert chart_volume["configMap"]["items"] == overlay_volume["configMap"]["items"]
