@@ -116,17 +116,19 @@ if [ ! -f "$stamp_etcd" ]; then
   # Go names a module's root package binary after the last path element that is not a major version.
   mv -f "$work/etcd-out/server" "$bin/etcd"
   mv -f "$work/etcd-out/etcdctl" "$bin/etcdctl"
-  "$bin/etcd" --version | grep -q "etcd Version: ${ETCD_VERSION#v}" || die "built etcd does not report $ETCD_VERSION"
+  got=$("$bin/etcd" --version 2>&1 || true)
+  [[ $got == *"etcd Version: ${ETCD_VERSION#v}"* ]] || die "built etcd reports '$got', expected $ETCD_VERSION"
   touch "$stamp_etcd"
 fi
 
 if [ ! -f "$stamp_coredns" ]; then
-  log "building CoreDNS $COREDNS_VERSION from the Go module github.com/coredns/coredns (a minute or two)"
+  log "building CoreDNS $COREDNS_VERSION from the Go module github.com/coredns/coredns (a few minutes)"
   mkdir -p "$work/coredns-out"
   build coredns "$work/coredns-out" -ldflags "-s -w" github.com/coredns/coredns \
     || die "go build of CoreDNS $COREDNS_VERSION failed"
   mv -f "$work/coredns-out/coredns" "$bin/coredns"
-  "$bin/coredns" -version | grep -q "CoreDNS-${COREDNS_VERSION#v}" || die "built coredns does not report $COREDNS_VERSION"
+  got=$("$bin/coredns" -version 2>&1 || true)
+  [[ $got == *"CoreDNS-${COREDNS_VERSION#v}"* ]] || die "built coredns reports '$got', expected $COREDNS_VERSION"
   touch "$stamp_coredns"
 fi
 

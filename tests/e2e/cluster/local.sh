@@ -56,6 +56,9 @@ die() {
   exit 1
 }
 
+# Any unexpected failure says where, so that a failed provisioning is never silent.
+trap 'log "error: failed at line $LINENO: $BASH_COMMAND"' ERR
+
 need_root() { [ "$(id -u)" = 0 ] || die "must run as root (it creates interfaces, mounts and iptables rules)"; }
 
 kubectl_admin() { "$BIN/kubectl" --kubeconfig "$KUBECONFIG_ADMIN" "$@"; }
@@ -98,7 +101,8 @@ start() { # start NAME BINARY ARGS...: a detached process with its log and pid f
   local name=$1
   shift
   log "starting $name (log: $LOGS/$name.log)"
-  setsid "$@" >>"$LOGS/$name.log" 2>&1 </dev/null &
+  # 8>&-: the component must not inherit (and so hold) the up/down lock.
+  setsid "$@" >>"$LOGS/$name.log" 2>&1 </dev/null 8>&- &
   printf '%s\n' "$!" >"$RUN/$name.pid"
 }
 
@@ -507,8 +511,11 @@ setup_network() {
   else
     log "warning: br_netfilter is not available; pod-to-Service traffic within the bridge may fail"
   fi
-  ip link add "$NODE_LINK" type dummy
-  ip addr add "$NODE_IP/32" dev "$NODE_LINK"
+  # A dummy interface where the kernel has the module; otherwise (as on this machine) an empty
+  # bridge, which holds a local address just as well.
+  ip link add "$NODE_LINK" type dummy 2>/dev/null || ip link add "$NODE_LINK" type bridge \
+    || die "could not create the interface $NODE_LINK for the node IP"
+  ip addr add "$NODE_IP/32" dev "$NODE_LINK" || die "could not add $NODE_IP to $NODE_LINK"
   ip link set "$NODE_LINK" up
   # Host-originated traffic to Services leaves from the node's address (kube-proxy DNATs it to a pod).
   ip route add "$SERVICE_CIDR" dev "$NODE_LINK" src "$NODE_IP"
@@ -530,7 +537,7 @@ cmd_up() {
     cmd_down
   fi
   local started=$SECONDS
-  mkdir -p "$WORK" "$RUN" "$LOGS"
+  mkdir -p "$WORK" "$RUN" "$LOGS" "$CONF"
   setup_network
   make_pki
   for k in admin kube-controller-manager kube-scheduler kubelet kube-proxy; do make_kubeconfig "$k"; done
@@ -624,7 +631,8 @@ kill_cgroup_tree() { # kills every process in the kubelet's pod cgroups, then re
   for dir in /sys/fs/cgroup/*/kubepods /sys/fs/cgroup/kubepods; do
     [ -d "$dir" ] || continue
     while IFS= read -r f; do
-      while read -r pid; do kill -KILL "$pid" 2>/dev/null || true; done <"$f"
+      # The cgroup may vanish while we walk the tree.
+      { while read -r pid; do kill -KILL "$pid" 2>/dev/null || true; done <"$f"; } 2>/dev/null || true
     done < <(find "$dir" -name cgroup.procs 2>/dev/null)
   done
   sleep 0.5
@@ -663,7 +671,12 @@ cmd_down() {
       conntrack -D -d "$c" >/dev/null 2>&1 || true
     done
   fi
-  rm -f /var/lib/cni/results/"$CNI_NETWORK"-* 2>/dev/null || true
+  # libcni's cache: our network's entries and the loopback entries of the same sandboxes.
+  for m in /var/lib/cni/results/"$CNI_NETWORK"-*-eth0; do
+    [ -e "$m" ] || continue
+    c=${m##*/"$CNI_NETWORK"-}
+    rm -f "$m" "/var/lib/cni/results/cni-loopback-${c%-eth0}-lo"
+  done
   # Kernel settings back to what they were before `up`.
   if [ -f "$RUN/sysctl.saved" ]; then
     while IFS='=' read -r c m; do sysctl -q -w "$c=$m" 2>/dev/null || true; done <"$RUN/sysctl.saved"
