@@ -113,19 +113,14 @@ export CONTAINERS_STORAGE_CONF="$buildah_dir/storage.conf"
 export BUILDAH_ISOLATION=chroot BUILDAH_FORMAT=docker
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/images.XXXXXX")
-containers=()
-cleanup() {
-  local c
-  for c in "${containers[@]}"; do buildah rm "$c" >/dev/null 2>&1 || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
+container=""
+# The storage is this script's alone and the lock is held: every working container can go,
+# including those `buildah bud` leaves behind for the Dockerfile's binary-only stages.
+remove_containers() { buildah rm --all >/dev/null 2>&1 || true; }
+trap 'remove_containers; rm -rf "$work"' EXIT
 
-new_container() { # <image>: a working container, removed at exit
-  local c
-  c=$(buildah from --pull=never --quiet "$1")
-  containers+=("$c")
-  printf '%s\n' "$c"
+new_container() { # <image>: sets $container to a new working container of <image>, removed at exit
+  container=$(buildah from --pull=never --quiet "$1")
 }
 
 # Layer and creation times: the last commit's, so an unchanged input gives the same image.
@@ -163,10 +158,14 @@ if [ "${#cargo_targets[@]}" -gt 0 ]; then
   CARGO_TARGET_DIR="$target_dir" cargo build --release --locked "${cargo_targets[@]}" >&2 ||
     die "cargo build --release failed"
 fi
+# Copied out at once: other checkouts sharing the target directory overwrite target/release.
+mkdir -p "$work/prebuilt-registrar" "$work/prebuilt-demo"
 if wants consul-registrar; then
-  got=$("$registrar_bin" --version) || die "$registrar_bin --version failed"
+  cp "$registrar_bin" "$work/prebuilt-registrar/consul-registrar"
+  got=$("$work/prebuilt-registrar/consul-registrar" --version) || die "$registrar_bin --version failed"
   [ "$got" = "consul-registrar $version" ] || die "$registrar_bin says '$got', Cargo.toml says $version"
 fi
+! wants consul-registrar-demo-app || cp "$demo_app_bin" "$work/prebuilt-demo/demo-app"
 
 if wants consul-registrar-hello-server || wants consul-registrar-hello-client; then
   log "providing the Go peers (scripts/go-peers.sh)"
@@ -203,7 +202,8 @@ build_base_static() {
   local c root
   log "base $BASE_STATIC: CA bundle, passwd (nonroot 65532), /tmp"
   [ -f /etc/ssl/certs/ca-certificates.crt ] || die "no /etc/ssl/certs/ca-certificates.crt (apt-get install ca-certificates)"
-  c=$(new_container scratch)
+  new_container scratch
+  c=$container
   root=$(buildah mount "$c")
   mkdir -p "$root"/{etc/ssl/certs,usr/local/bin,bin,tmp,root,home/nonroot}
   install -m 0644 /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"
@@ -236,7 +236,8 @@ EOF
 build_base_cc() {
   local c root p n=0
   log "base $BASE_CC: + glibc and libgcc from the host's libc6 and libgcc-s1 ($(dpkg-query -W -f='${Version}' libc6))"
-  c=$(new_container "$BASE_STATIC")
+  new_container "$BASE_STATIC"
+  c=$container
   root=$(buildah mount "$c")
   while IFS= read -r p; do
     if [ -L "$p" ]; then
@@ -267,14 +268,10 @@ build_dockerfile_target() { # <target> <image> <prebuilt dir>
 }
 
 build_registrar() {
-  mkdir -p "$work/prebuilt-registrar"
-  cp "$registrar_bin" "$work/prebuilt-registrar/consul-registrar"
   build_dockerfile_target consul-registrar "$1" "$work/prebuilt-registrar"
 }
 
 build_demo_app() {
-  mkdir -p "$work/prebuilt-demo"
-  cp "$demo_app_bin" "$work/prebuilt-demo/demo-app"
   build_dockerfile_target demo-app "$1" "$work/prebuilt-demo"
 }
 
@@ -286,7 +283,8 @@ labels() { # <title> <description>: buildah config arguments for the OCI labels
 build_go_peer() { # <image> <binary> <description> [cmd json]
   local c args
   log "$1: $2 (static) on $BASE_STATIC"
-  c=$(new_container "$BASE_STATIC")
+  new_container "$BASE_STATIC"
+  c=$container
   buildah copy --quiet --chmod 0755 "$c" "$peers/$2" "/usr/local/bin/$2" >/dev/null
   mapfile -t args < <(labels "$2" "$3")
   [ -z "${4:-}" ] || args+=(--cmd "$4")
@@ -297,7 +295,8 @@ build_go_peer() { # <image> <binary> <description> [cmd json]
 build_consul() { # <image>
   local c root args
   log "$1: Consul $consul_version (static) on $BASE_STATIC, user consul 100:1000"
-  c=$(new_container "$BASE_STATIC")
+  new_container "$BASE_STATIC"
+  c=$container
   root=$(buildah mount "$c")
   # The official image's user and layout: consul 100:1000, /consul/{data,config}, /bin/consul.
   printf 'consul:x:100:1000:consul:/consul:/sbin/nologin\n' >>"$root/etc/passwd"
@@ -318,7 +317,8 @@ build_consul() { # <image>
 smoke() { # <image> <command...>
   local image=$1 c out
   shift
-  c=$(new_container "$image")
+  new_container "$image"
+  c=$container
   if ! out=$(buildah run --isolation chroot "$c" -- "$@" 2>&1); then
     printf '%s\n' "$out" >&2
     die "$image: \`$*\` failed in the image's root filesystem"
@@ -381,5 +381,6 @@ for w in "${wanted[@]}"; do
 done
 
 # Drop what this run superseded (untagged images, the build's intermediate stages).
-buildah rmi --prune >/dev/null 2>&1 || true
+remove_containers
+buildah rmi --prune >/dev/null || log "warning: buildah rmi --prune failed (old images stay in $buildah_dir)"
 printf '%s\n' "${archives[@]}"
