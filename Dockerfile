@@ -7,6 +7,9 @@
 # VERSION is required and must be Cargo.toml's `version` (the builder checks it), so the image's
 # version label always says what the binary's `--version` says. REVISION (optional): the git commit.
 #
+# Needs BuildKit (docker build's builder since Docker 23, and buildx): it builds only the stages
+# the target reaches, so the stages BINARIES does not select are never looked at.
+#
 # The final stages hold one binary on distroless `cc` (glibc, libgcc, CA certificates; no shell,
 # no package manager) and run as UID/GID 65532. The dependency layer is built from Cargo.toml and
 # Cargo.lock alone, so a source change rebuilds only the crate itself.
@@ -29,6 +32,9 @@
 #   skopeo inspect --raw docker://gcr.io/distroless/cc-debian12:nonroot | sha256sum
 #
 # (the same for rust:1.95-slim-bookworm; keep the builder on bookworm, the runtime's glibc).
+# The pins below were written without registry access (2026-11-25): each is the digest that many
+# public Dockerfiles pin for its tag, not re-resolved from the registry here, and may be older
+# than the tag's newest build. Re-resolve both with the commands above before a release.
 #
 # Without Docker, scripts/images.sh (`make images`) builds the two runtime stages with buildah:
 # BINARIES=prebuilt takes the release binaries `cargo build --release --locked` made on the host
