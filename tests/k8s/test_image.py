@@ -4,14 +4,15 @@ of defaulting to a copy of it; the base images are pinned by digest with the upd
 multi-architecture commands written down; the final stages are minimal and non-root with an
 explicit ENTRYPOINT; prebuilt binaries can stand in for the builder (scripts/images.sh builds the
 runtime stages that way with buildah, which is where they are built for real on this machine);
-and .dockerignore lets through everything that is copied."""
+the demo workloads run the images that script builds; and .dockerignore lets through everything
+that is copied."""
 
 import re
 import subprocess
 import tomllib
 
 import podspec
-from conftest import REPO
+from conftest import CHART, DEPLOY, REPO
 
 DOCKERFILE = (REPO / "Dockerfile").read_text()
 CARGO = tomllib.loads((REPO / "Cargo.toml").read_text())
@@ -146,6 +147,32 @@ def test_header_says_what_this_machine_does_not_exercise():
     header = DOCKERFILE.split("\nARG ", 1)[0]
     assert "scripts/images.sh" in header
     assert "unexercised" in header and "builder stages" in header and "distroless base" in header
+
+
+def built_by_images_sh() -> set[str]:
+    """NAME:TAG of every image scripts/images.sh builds: ours at `dev`, Consul at the version
+    scripts/consul.sh pins (also tagged hashicorp/consul)."""
+    script = (REPO / "scripts" / "images.sh").read_text()
+    names = re.search(r"^all=\((.*)\)$", script, re.M).group(1).split()
+    consul = re.search(r'CONSUL_VERSION="\$\{CONSUL_VERSION:-([0-9.]+)\}"', (REPO / "scripts" / "consul.sh").read_text()).group(1)
+    assert "consul" in names and 'docker.io/hashicorp/consul:$tag' in script
+    return {f"{n}:dev" for n in names if n != "consul"} | {f"consul:{consul}", f"hashicorp/consul:{consul}"}
+
+
+def test_the_demo_workloads_use_images_that_images_sh_builds(helm, kustomize):
+    """What the demo values, the example overlay and the Consul dev server run without a registry
+    (imagePullPolicy Never, or Consul's pinned tag) is what scripts/images.sh puts in its archives."""
+    built = built_by_images_sh()
+    docs = helm.template(files=[CHART / "ci" / "demo-values.yaml"])
+    docs += kustomize(DEPLOY / "overlays" / "example") + kustomize(DEPLOY / "consul-dev")
+    local = set()
+    for doc in docs:
+        spec = doc.get("spec", {}).get("template", {}).get("spec", {})
+        for container in spec.get("containers", []) + spec.get("initContainers", []):
+            if container.get("imagePullPolicy") == "Never" or container["image"].startswith("hashicorp/consul:"):
+                local.add(container["image"])
+    assert {"consul-registrar:dev", "consul-registrar-demo-app:dev"} <= local, local
+    assert local <= built, f"used but not built by scripts/images.sh: {local - built}"
 
 
 def test_dockerignore_lets_through_what_is_copied():
