@@ -308,7 +308,8 @@ build_consul() { # <image>
   mapfile -t args < <(labels consul "Consul $consul_version, built from its Go module by scripts/consul.sh")
   buildah config --user 100:1000 --workingdir /consul --entrypoint '["/bin/consul"]' \
     --cmd '["agent","-dev","-client","0.0.0.0"]' \
-    --port 8500 --port 8600/udp --port 8600 --port 8300 --port 8301 --port 8301/udp --port 8302 --port 8502 --port 8503 \
+    --port 8500/tcp --port 8600/tcp --port 8600/udp --port 8300/tcp --port 8301/tcp --port 8301/udp --port 8302/tcp \
+    --port 8502/tcp --port 8503/tcp \
     --label org.opencontainers.image.version="$consul_version" "${args[@]}" "$c"
   commit "$c" "$1"
 }
