@@ -81,6 +81,12 @@ for arg in "$@"; do
   wanted+=("$arg")
 done
 [ "${#wanted[@]}" -gt 0 ] || wanted=("${all[@]}")
+for w in "${wanted[@]}"; do # ours are always :dev; Consul's tag is checked once its version is known
+  case "$w" in
+  consul:* | *:dev | "${w%%:*}") ;;
+  *) die "$w: this checkout builds ${w%%:*}:dev" ;;
+  esac
+done
 
 wants() { # <name>: asked for?
   local w
@@ -123,7 +129,8 @@ new_container() { # <image>: sets $container to a new working container of <imag
   container=$(buildah from --pull=never --quiet "$1")
 }
 
-# Layer and creation times: the last commit's, so an unchanged input gives the same image.
+# Layer and creation times: the last commit's, so an unchanged input gives the same layers (the
+# config, hence the image ID, still differs between runs).
 epoch=$(git log -1 --format=%ct 2>/dev/null || echo 0)
 revision=$(git rev-parse HEAD 2>/dev/null || echo unknown)
 version=$(grep -m1 '^version' Cargo.toml | cut -d'"' -f2)
