@@ -1,45 +1,115 @@
-# consul-registrar's container images. Two targets share one builder:
+# consul-registrar's container images. One target per image, and each compiles only its own binary:
 #
-#   docker build -t consul-registrar:dev .                             # the sidecar (default target)
-#   docker build --target demo-app -t consul-registrar-demo-app:dev .  # the demo gRPC app
+#   VERSION="$(grep -m1 '^version' Cargo.toml | cut -d'"' -f2)"
+#   docker build --build-arg VERSION="$VERSION" -t consul-registrar:dev .                            # the sidecar (default target)
+#   docker build --build-arg VERSION="$VERSION" --target demo-app -t consul-registrar-demo-app:dev . # the demo gRPC app
+#
+# VERSION is required and must be Cargo.toml's `version` (the builder checks it), so the image's
+# version label always says what the binary's `--version` says. REVISION (optional): the git commit.
+#
+# Needs BuildKit (docker build's builder since Docker 23, and buildx): it builds only the stages
+# the target reaches, so the stages BINARIES does not select are never looked at.
 #
 # The final stages hold one binary on distroless `cc` (glibc, libgcc, CA certificates; no shell,
 # no package manager) and run as UID/GID 65532. The dependency layer is built from Cargo.toml and
 # Cargo.lock alone, so a source change rebuilds only the crate itself.
+#
+# Multi-architecture: both base images are pinned by the digest of their multi-platform index, so
+# one pin resolves every architecture:
+#
+#   docker buildx build --platform linux/amd64,linux/arm64 --build-arg VERSION="$VERSION" \
+#     -t REGISTRY/consul-registrar:"$VERSION" --push .
+#
+# Each platform's builder compiles natively, so the platform that is not the host's runs under QEMU
+# (install binfmt handlers first, e.g. `docker run --privileged --rm tonistiigi/binfmt --install
+# arm64`; expect a release build several times slower), or give buildx one native node per
+# platform (`docker buildx create --append`).
+#
+# Updating a base image: change tag and digest together. The digest is that of the tag's index
+# (not of one platform's manifest); either command prints it:
+#
+#   docker buildx imagetools inspect gcr.io/distroless/cc-debian12:nonroot   # the "Digest:" line
+#   skopeo inspect --raw docker://gcr.io/distroless/cc-debian12:nonroot | sha256sum
+#
+# (the same for rust:1.95-slim-bookworm; keep the builder on bookworm, the runtime's glibc).
+# The pins below were written without registry access (2026-11-25): each is the digest that many
+# public Dockerfiles pin for its tag, not re-resolved from the registry here, and may be older
+# than the tag's newest build. Re-resolve both with the commands above before a release.
+#
+# Without Docker, scripts/images.sh (`make images`) builds the two runtime stages with buildah:
+# BINARIES=prebuilt takes the release binaries `cargo build --release --locked` made on the host
+# (build context `prebuilt`, a directory holding consul-registrar and demo-app), and
+# DISTROLESS_IMAGE names a distroless-like base that script assembles from the host's Debian 12
+# glibc, libgcc, CA bundle and a nonroot (65532) user. What that leaves unexercised: the rust
+# builder stages (workspace, compiled-*) and the real distroless base, whose pull and digest are
+# only checked where a registry is reachable (`docker build` as above, tests/e2e/kind).
 
-ARG RUST_VERSION=1.95
-ARG DISTROLESS_IMAGE=gcr.io/distroless/cc-debian12:nonroot
+ARG RUST_IMAGE=rust:1.95-slim-bookworm@sha256:d7482085ff5b415f84dba5647ae71606650bdef00db7aeb69f4b3d170c3e4082
+ARG DISTROLESS_IMAGE=gcr.io/distroless/cc-debian12:nonroot@sha256:9dac0a79194e45a7da0158a9c6da57b217585af0786db3845d1f0ec1a0dd182f
+# Where the binaries come from: `compiled` (the builder stages below) or `prebuilt` (build context
+# `prebuilt`, binaries built for bookworm's glibc and the target platform).
+ARG BINARIES=compiled
 
-# ---- builder: dependencies first, then the sources -----------------------------------------
-# bookworm, like distroless/cc-debian12, so the binary links against the same glibc.
-FROM rust:${RUST_VERSION}-slim-bookworm AS builder
+# ---- builder: the manifests and placeholder sources, shared by both binaries -----------------
+# bookworm, like distroless/cc-debian12, so the binaries link against the same glibc.
+FROM ${RUST_IMAGE} AS workspace
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 WORKDIR /src
-
-# 1. Dependencies. Placeholder sources stand in for the crate so that this layer depends only on
-#    the manifest, the lock file and the build script's inputs (protoc comes from the
-#    protoc-bin-vendored build-dependency: no system package needed).
 COPY Cargo.toml Cargo.lock build.rs ./
+ARG VERSION
+RUN want="$(grep -m1 '^version' Cargo.toml | cut -d'"' -f2)" \
+ && if [ "${VERSION}" != "$want" ]; then \
+      echo "VERSION='${VERSION}' but Cargo.toml says $want: build with --build-arg VERSION=$want" >&2; exit 1; \
+    fi
+# Placeholder sources stand in for the crate, so that each dependency layer below depends only on
+# the manifest, the lock file and the build script's inputs (protoc comes from the
+# protoc-bin-vendored build-dependency: no system package needed).
 COPY proto ./proto
 RUN mkdir -p src examples \
  && echo 'fn main() {}' > src/main.rs \
  && touch src/lib.rs \
- && echo 'fn main() {}' > examples/demo_app.rs \
- && cargo build --release --locked --bin consul-registrar --example demo-app \
- && rm -rf src examples
+ && echo 'fn main() {}' > examples/demo_app.rs
 
-# 2. The crate. Removing its fingerprints makes cargo rebuild it even where COPY kept older mtimes
-#    than the placeholder build's.
+# ---- the sidecar's binary: its dependencies, then the crate ----------------------------------
+# Removing the crate's fingerprints makes cargo rebuild it even where COPY kept older mtimes than
+# the placeholder build's.
+FROM workspace AS compiled-consul-registrar
+RUN cargo build --release --locked --bin consul-registrar
+COPY src ./src
+RUN rm -rf target/release/.fingerprint/consul-registrar-* \
+ && cargo build --release --locked --bin consul-registrar \
+ && mkdir -p /out \
+ && cp target/release/consul-registrar /out/ \
+ && /out/consul-registrar --version
+
+# ---- the demo app's binary (an example: it also needs the dev-dependencies) -------------------
+FROM workspace AS compiled-demo-app
+RUN cargo build --release --locked --example demo-app
 COPY src ./src
 COPY examples ./examples
 RUN rm -rf target/release/.fingerprint/consul-registrar-* \
- && cargo build --release --locked --bin consul-registrar --example demo-app \
+ && cargo build --release --locked --example demo-app \
  && mkdir -p /out \
- && cp target/release/consul-registrar target/release/examples/demo-app /out/ \
- && /out/consul-registrar --version
+ && cp target/release/examples/demo-app /out/ \
+ && /out/demo-app --help >/dev/null
+
+# ---- or binaries built elsewhere (--build-arg BINARIES=prebuilt --build-context prebuilt=DIR) --
+# Nothing refers to these stages unless BINARIES=prebuilt, so a plain build never looks for DIR.
+FROM scratch AS prebuilt-consul-registrar
+# hadolint ignore=DL3022
+COPY --from=prebuilt consul-registrar /out/consul-registrar
+
+FROM scratch AS prebuilt-demo-app
+# hadolint ignore=DL3022
+COPY --from=prebuilt demo-app /out/demo-app
+
+# ---- each binary, from where BINARIES says ---------------------------------------------------
+FROM ${BINARIES}-consul-registrar AS consul-registrar-binary
+FROM ${BINARIES}-demo-app AS demo-app-binary
 
 # ---- the demo app (`--target demo-app`) ----------------------------------------------------
 FROM ${DISTROLESS_IMAGE} AS demo-app
-ARG VERSION=0.1.0
+ARG VERSION
 ARG REVISION=unknown
 LABEL org.opencontainers.image.title="consul-registrar demo app" \
       org.opencontainers.image.description="The helloworld.Greeter gRPC server with a flippable gRPC health service, for consul-registrar demos and e2e tests" \
@@ -47,7 +117,7 @@ LABEL org.opencontainers.image.title="consul-registrar demo app" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${REVISION}"
-COPY --from=builder /out/demo-app /usr/local/bin/demo-app
+COPY --from=demo-app-binary /out/demo-app /usr/local/bin/demo-app
 USER 65532:65532
 EXPOSE 50051
 ENTRYPOINT ["/usr/local/bin/demo-app"]
@@ -56,7 +126,7 @@ CMD ["serve", "--listen", "0.0.0.0:50051", "--control", "127.0.0.1:8080"]
 
 # ---- the sidecar (default target) ------------------------------------------------------------
 FROM ${DISTROLESS_IMAGE} AS consul-registrar
-ARG VERSION=0.1.0
+ARG VERSION
 ARG REVISION=unknown
 LABEL org.opencontainers.image.title="consul-registrar" \
       org.opencontainers.image.description="A sidecar that keeps an application's Consul registration in step with its gRPC health" \
@@ -65,7 +135,7 @@ LABEL org.opencontainers.image.title="consul-registrar" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${REVISION}"
-COPY --from=builder /out/consul-registrar /usr/local/bin/consul-registrar
+COPY --from=consul-registrar-binary /out/consul-registrar /usr/local/bin/consul-registrar
 USER 65532:65532
 # The admin server: /metrics, /healthz, /readyz, /drain, /status.
 EXPOSE 9102

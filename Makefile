@@ -7,7 +7,7 @@ SHELL := bash
 CACHE_DIR ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/consul-registrar
 export CARGO_TARGET_DIR ?= $(CACHE_DIR)/target
 
-.PHONY: test demo lint unit-and-integration podsim fuzz consul k8s e2e-kind bench
+.PHONY: test demo lint unit-and-integration podsim fuzz consul k8s e2e-kind bench images
 
 ## make test: formatting, lints, unit and integration tests against a real Consul (including the
 ## pod simulation, which needs root for network namespaces), then the Kubernetes packaging checks.
@@ -40,6 +40,11 @@ k8s:
 ## The kind e2e suite (needs docker, kind, kubectl, helm; skips with a message without them).
 e2e-kind:
 	bash tests/e2e/kind/run.sh
+
+## Container images without Docker (buildah): archives under ~/.cache/consul-registrar/images,
+## their paths printed; `kind load image-archive` or `ctr -n k8s.io images import` takes them.
+images:
+	bash scripts/images.sh
 
 ## Benchmarks against Consul's own gRPC check (reports figures; never fails on a slow machine).
 bench:

@@ -1,18 +1,32 @@
-"""The Dockerfile, read as text (no Docker engine here; tests/e2e/kind builds it for real): the
-targets the chart, deploy/ and the kind e2e rely on exist, the final stages are minimal and
-non-root with an explicit ENTRYPOINT, and .dockerignore lets through everything that is copied."""
+"""The Dockerfile, read as text: the targets the chart, deploy/ and the e2e suites rely on exist;
+each target compiles only its own binary; the version label is checked against Cargo.toml instead
+of defaulting to a copy of it; the base images are pinned by digest with the update and
+multi-architecture commands written down; the final stages are minimal and non-root with an
+explicit ENTRYPOINT; prebuilt binaries can stand in for the builder (scripts/images.sh builds the
+runtime stages that way with buildah, which is where they are built for real on this machine);
+the demo workloads run the images that script builds; and .dockerignore lets through everything
+that is copied."""
 
 import re
+import subprocess
+import tomllib
 
 import podspec
-from conftest import REPO
+from conftest import CHART, DEPLOY, REPO
 
 DOCKERFILE = (REPO / "Dockerfile").read_text()
+CARGO = tomllib.loads((REPO / "Cargo.toml").read_text())
+# (target, its binary, the cargo selection that builds it)
+TARGETS = (
+    ("consul-registrar", "consul-registrar", "--bin consul-registrar"),
+    ("demo-app", "demo-app", "--example demo-app"),
+)
 
 
 def stages() -> dict[str, str]:
-    """Stage name -> its instructions."""
-    parts = re.split(r"^FROM\s+", DOCKERFILE, flags=re.M)[1:]
+    """Stage name -> its FROM line's image and its instructions (comments dropped)."""
+    text = "\n".join(line for line in DOCKERFILE.splitlines() if not line.lstrip().startswith("#"))
+    parts = re.split(r"^FROM\s+", text, flags=re.M)[1:]
     named = {}
     for part in parts:
         header = part.splitlines()[0]
@@ -22,33 +36,143 @@ def stages() -> dict[str, str]:
     return named
 
 
+def base_of(stage: str) -> str:
+    return stages()[stage].split()[0]
+
+
+def arg_default(name: str) -> str | None:
+    match = re.search(rf"^ARG {name}=(\S+)$", DOCKERFILE, re.M)
+    return match.group(1) if match else None
+
+
+def cargo_builds(stage: str) -> list[str]:
+    return re.findall(r"cargo build ([^&\\\n]*)", stages()[stage])
+
+
 def test_targets():
     names = list(stages())
     assert names[-1] == "consul-registrar", "the last stage is what `docker build .` produces: the sidecar"
-    assert "demo-app" in names, "the kind e2e builds --target demo-app"
-    assert "builder" in names
+    assert "demo-app" in names, "the e2e suites build --target demo-app"
+
+
+def test_each_target_compiles_only_its_own_binary():
+    for target, binary, selection in TARGETS:
+        # The runtime stage copies from <target>-binary, which is the compiled (or prebuilt) stage.
+        assert base_of(f"{binary}-binary") == f"${{BINARIES}}-{binary}"
+        builds = cargo_builds(f"compiled-{binary}")
+        assert builds, f"compiled-{binary} runs no cargo build"
+        for build in builds:
+            assert build.split() == ["--release", "--locked", *selection.split()], (
+                f"compiled-{binary}: `cargo build {build}` should build exactly {selection}"
+            )
+    assert "COPY examples" not in stages()["compiled-consul-registrar"], "the sidecar does not need the examples"
+
+
+def test_dependencies_are_built_before_the_sources_are_copied():
+    for _, binary, _ in TARGETS:
+        stage = stages()[f"compiled-{binary}"]
+        assert stage.index("COPY src") > stage.index("cargo build"), (
+            f"compiled-{binary}: the dependency layer must be built before the sources are copied"
+        )
+    workspace = stages()["workspace"]
+    assert "COPY src" not in workspace and "COPY examples" not in workspace
+    assert base_of("compiled-consul-registrar") == base_of("compiled-demo-app") == "workspace"
+
+
+def test_version_label_comes_from_cargo_toml():
+    # No stage defaults VERSION to a copy of Cargo.toml's version that could drift from it ...
+    assert re.findall(r"^ARG VERSION\b(.*)$", DOCKERFILE, re.M), "VERSION is a build argument"
+    assert all(not rest for rest in re.findall(r"^ARG VERSION\b(.*)$", DOCKERFILE, re.M)), "ARG VERSION has no default"
+    # ... the builder refuses any other value than Cargo.toml's ...
+    workspace = stages()["workspace"]
+    check = re.search(r'want="\$\((.*?)\)"', workspace)
+    assert check, "the workspace stage compares VERSION with Cargo.toml's version"
+    assert workspace.index("COPY Cargo.toml") < check.start()
+    assert re.search(r'"\$\{VERSION\}" != "\$want".*exit 1', workspace, re.S)
+    # ... and that command, run here on the real Cargo.toml, gives Cargo.toml's version.
+    got = subprocess.run(["bash", "-o", "pipefail", "-c", check.group(1)], cwd=REPO, capture_output=True, text=True, check=True)
+    assert got.stdout.strip() == CARGO["package"]["version"]
+    # The label is the argument in both final stages.
+    for target, _, _ in TARGETS:
+        assert 'org.opencontainers.image.version="${VERSION}"' in stages()[target]
+
+
+def test_base_images_are_pinned_by_digest():
+    digest = r"@sha256:[0-9a-f]{64}"
+    rust = arg_default("RUST_IMAGE")
+    distroless = arg_default("DISTROLESS_IMAGE")
+    assert rust and re.fullmatch(rf"rust:(\d+)\.(\d+)-slim-bookworm{digest}", rust), rust
+    assert distroless and re.fullmatch(rf"gcr\.io/distroless/cc-debian12:nonroot{digest}", distroless), distroless
+    assert base_of("workspace") == "${RUST_IMAGE}"
+    # The builder's toolchain is at least the crate's minimum supported Rust.
+    major, minor = map(int, re.match(r"rust:(\d+)\.(\d+)", rust).groups())
+    msrv = tuple(map(int, CARGO["package"]["rust-version"].split(".")[:2]))
+    assert (major, minor) >= msrv, f"{rust} is older than rust-version {CARGO['package']['rust-version']}"
+    # Every FROM is a pinned argument, a stage of this file or scratch.
+    for name, stage in stages().items():
+        base = stage.split()[0]
+        assert base.startswith("${") or base in stages() or base == "scratch", f"{name}: FROM {base} is not pinned"
+    # How to move a pin, and how to build for several architectures, are written down.
+    assert "docker buildx imagetools inspect gcr.io/distroless/cc-debian12:nonroot" in DOCKERFILE
+    assert "skopeo inspect --raw docker://" in DOCKERFILE
+    assert re.search(r"docker buildx build --platform linux/amd64,linux/arm64\b", DOCKERFILE)
+
+
+def test_prebuilt_binaries_can_stand_in_for_the_builder():
+    assert arg_default("BINARIES") == "compiled", "a plain `docker build` compiles"
+    for _, binary, _ in TARGETS:
+        stage = stages()[f"prebuilt-{binary}"]
+        assert stage.split()[0] == "scratch"
+        assert re.findall(r"^COPY\s+(.*)$", stage, re.M) == [f"--from=prebuilt {binary} /out/{binary}"]
+    script = (REPO / "scripts" / "images.sh").read_text()
+    for arg in ("--build-arg BINARIES=prebuilt", '--build-arg DISTROLESS_IMAGE="$BASE_CC"', "--build-context prebuilt="):
+        assert arg in script, f"scripts/images.sh should build the Dockerfile with {arg}"
 
 
 def test_final_stages_hold_one_binary_and_run_as_non_root():
     uid, gid = podspec.image_user()
-    for name, binary in (("consul-registrar", "consul-registrar"), ("demo-app", "demo-app")):
-        stage = stages()[name]
-        assert stage.startswith("${DISTROLESS_IMAGE}"), f"{name} should start from the distroless base"
+    for target, binary, _ in TARGETS:
+        stage = stages()[target]
+        assert base_of(target) == "${DISTROLESS_IMAGE}", f"{target} should start from the distroless base"
         copies = re.findall(r"^COPY\s+(.*)$", stage, re.M)
-        assert copies == [f"--from=builder /out/{binary} /usr/local/bin/{binary}"], copies
-        assert re.search(rf"^USER {uid}:{gid}$", stage, re.M), f"{name}: numeric USER {uid}:{gid}"
-        assert re.search(rf'^ENTRYPOINT \["/usr/local/bin/{binary}"\]$', stage, re.M), f"{name}: exec-form ENTRYPOINT"
+        assert copies == [f"--from={binary}-binary /out/{binary} /usr/local/bin/{binary}"], copies
+        assert re.search(rf"^USER {uid}:{gid}$", stage, re.M), f"{target}: numeric USER {uid}:{gid}"
+        assert re.search(rf'^ENTRYPOINT \["/usr/local/bin/{binary}"\]$', stage, re.M), f"{target}: exec-form ENTRYPOINT"
         for label in ("title", "description", "source", "licenses", "version", "revision"):
-            assert f"org.opencontainers.image.{label}=" in stage, f"{name}: OCI label {label}"
-        assert not re.search(r"^RUN\b", stage, re.M), f"{name}: a distroless stage has no shell to RUN in"
-    assert re.search(r"^ARG DISTROLESS_IMAGE=gcr\.io/distroless/cc-debian12:nonroot$", DOCKERFILE, re.M)
+            assert f"org.opencontainers.image.{label}=" in stage, f"{target}: OCI label {label}"
+        assert not re.search(r"^RUN\b", stage, re.M), f"{target}: a distroless stage has no shell to RUN in"
 
 
-def test_dependencies_are_built_before_the_sources_are_copied():
-    builder = stages()["builder"]
-    first_build = builder.index("cargo build")
-    assert builder.index("COPY src") > first_build, "sources must be copied after the dependency build"
-    assert "--locked" in builder
+def test_header_says_what_this_machine_does_not_exercise():
+    header = DOCKERFILE.split("\nARG ", 1)[0]
+    assert "scripts/images.sh" in header
+    assert "unexercised" in header and "builder stages" in header and "distroless base" in header
+
+
+def built_by_images_sh() -> set[str]:
+    """NAME:TAG of every image scripts/images.sh builds: ours at `dev`, Consul at the version
+    scripts/consul.sh pins (also tagged hashicorp/consul)."""
+    script = (REPO / "scripts" / "images.sh").read_text()
+    names = re.search(r"^all=\((.*)\)$", script, re.M).group(1).split()
+    consul = re.search(r'CONSUL_VERSION="\$\{CONSUL_VERSION:-([0-9.]+)\}"', (REPO / "scripts" / "consul.sh").read_text()).group(1)
+    assert "consul" in names and 'docker.io/hashicorp/consul:$tag' in script
+    return {f"{n}:dev" for n in names if n != "consul"} | {f"consul:{consul}", f"hashicorp/consul:{consul}"}
+
+
+def test_the_demo_workloads_use_images_that_images_sh_builds(helm, kustomize):
+    """What the demo values, the example overlay and the Consul dev server run without a registry
+    (imagePullPolicy Never, or Consul's pinned tag) is what scripts/images.sh puts in its archives."""
+    built = built_by_images_sh()
+    docs = helm.template(files=[CHART / "ci" / "demo-values.yaml"])
+    docs += kustomize(DEPLOY / "overlays" / "example") + kustomize(DEPLOY / "consul-dev")
+    local = set()
+    for doc in docs:
+        spec = doc.get("spec", {}).get("template", {}).get("spec", {})
+        for container in spec.get("containers", []) + spec.get("initContainers", []):
+            if container.get("imagePullPolicy") == "Never" or container["image"].startswith("hashicorp/consul:"):
+                local.add(container["image"])
+    assert {"consul-registrar:dev", "consul-registrar-demo-app:dev"} <= local, local
+    assert local <= built, f"used but not built by scripts/images.sh: {local - built}"
 
 
 def test_dockerignore_lets_through_what_is_copied():

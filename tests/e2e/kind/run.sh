@@ -148,8 +148,9 @@ app_state() { # running | terminated | waiting | gone
 
 say "building the images ($REGISTRAR_IMAGE, $DEMO_IMAGE)"
 revision=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-docker build --build-arg REVISION="$revision" -t "$REGISTRAR_IMAGE" .
-docker build --build-arg REVISION="$revision" --target demo-app -t "$DEMO_IMAGE" .
+version=$(grep -m1 '^version' Cargo.toml | cut -d'"' -f2) # the Dockerfile checks it against Cargo.toml
+docker build --build-arg VERSION="$version" --build-arg REVISION="$revision" -t "$REGISTRAR_IMAGE" .
+docker build --build-arg VERSION="$version" --build-arg REVISION="$revision" --target demo-app -t "$DEMO_IMAGE" .
 docker image ls "$REGISTRAR_IMAGE"
 consul_image=$(kubectl kustomize deploy/consul-dev | sed -n 's/^ *image: *//p' | head -n 1)
 [ -n "$consul_image" ] || fail "no image found in deploy/consul-dev"
