@@ -60,6 +60,12 @@ existing)
   ;;
 esac
 
+# The local cluster's own kubectl (the same version as its API server), when the build script is there.
+if [ "$provider_name" = local ] && [ -f scripts/kubernetes.sh ]; then
+  kube_bin=$(bash scripts/kubernetes.sh) || fail "scripts/kubernetes.sh could not provide the Kubernetes binaries"
+  export PATH="$kube_bin:$PATH" KUBECTL="$kube_bin/kubectl"
+fi
+
 log "providing helm and the Python tools (scripts/check-k8s.sh --tools)"
 tools=$(bash scripts/check-k8s.sh --tools) || fail "scripts/check-k8s.sh --tools could not provide helm and pytest"
 eval "$tools"
@@ -100,8 +106,14 @@ if [ -n "$provider" ]; then
   export KUBECONFIG
   log "loading the images ($provider load)"
   bash "$provider" load "${archives[@]}" || fail "$provider load failed"
-  # Kubernetes has no API that kills one container of a running pod: the provider does it.
-  export E2E_KILL_CONTAINER="bash $provider kill-container"
+  # Kubernetes has no API that kills one container of a running pod: the provider does it (the
+  # local provider without that verb: ctr on the node's containerd, in local.sh's work directory).
+  if grep -q 'kill-container' "$provider"; then
+    export E2E_KILL_CONTAINER="bash $provider kill-container"
+  elif [ "$provider_name" = local ]; then
+    sock="${CONSUL_REGISTRAR_E2E_DIR:-/var/lib/consul-registrar-e2e}/run/containerd.sock"
+    export E2E_KILL_CONTAINER="ctr --address $sock -n k8s.io task kill -s SIGKILL"
+  fi
 fi
 
 export PYTHONDONTWRITEBYTECODE=1

@@ -9,7 +9,7 @@
 #   load ARCHIVE...   load image archives (docker-archive or OCI tar) into the node
 #   images            build the suite's images with docker (for machines without buildah) and
 #                     print the archives' paths, one per line
-#   kill-container ID SIGKILL a container of the node by its runtime id (`containerd://…`)
+#   kill-container ID SIGKILL a container of the node by its runtime id (`containerd://` optional)
 #
 # Needs docker (with an engine) and kind 0.21+ (node images are Kubernetes 1.29+).
 # Environment: KIND_CLUSTER_NAME (consul-registrar-e2e), KIND_NODE_IMAGE (kind's default).
@@ -106,7 +106,7 @@ DOCKERFILE
 }
 
 kill_container() {
-  [ $# -eq 1 ] || die "usage: $0 kill-container containerd://ID"
+  [ $# -eq 1 ] || die "usage: $0 kill-container ID"
   docker exec "$node" ctr -n k8s.io task kill -s SIGKILL "${1#containerd://}" >&2
 }
 

@@ -12,7 +12,7 @@ with tests/e2e/cluster/local.sh or tests/e2e/kind/cluster.sh) only provision it 
 - `figure(name, value, unit)`: prints `FIGURE name=value unit` at once and again in the summary.
 
 Environment: KUBECONFIG (required), KUBECTL, HELM_BIN, E2E_KILL_CONTAINER (a command that SIGKILLs
-a container given its runtime id, `containerd://…`; set by the provider; without it the
+a container given its bare runtime id, appended; set by tests/e2e/run.sh; without it the
 sidecar-kill scenario fails under CI=true and skips otherwise).
 """
 
@@ -431,6 +431,7 @@ def kill_container() -> Callable[[str], None]:
         pytest.skip(message)
 
     def kill(container_id: str) -> None:
-        subprocess.run([*shlex.split(command), container_id], check=True, timeout=30)
+        # The bare id: the status's `containerd://<id>` without the runtime's prefix.
+        subprocess.run([*shlex.split(command), container_id.split("://", 1)[-1]], check=True, timeout=30)
 
     return kill
