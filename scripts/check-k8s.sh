@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # Checks the Kubernetes packaging on a machine without a cluster or a Docker engine:
 #   - hadolint on the Dockerfile; shellcheck on every shell script of the repository;
-#   - helm lint --strict of charts/consul-registrar with its default and its demo values;
-#   - tests/k8s (pytest): `helm template` variants (native and classic sidecar, existing ConfigMap,
-#     token and TLS, monitoring, demo values) and the kustomize builds of deploy/, validated
-#     strictly against the Kubernetes JSON schemas; the rendered pod spec read back and checked
-#     (sidecar env and args, preStop drain hook, grace period, security contexts, checksum); a
-#     render that must fail when the grace period does not cover the drain delay; the Dockerfile
-#     read back (targets, non-root distroless stages, .dockerignore).
+#   - helm lint --strict of charts/consul-registrar with each ci/ values file (demo; a user's app as
+#     a Deployment and a StatefulSet) and of the library chart charts/consul-registrar-lib;
+#   - tests/k8s (pytest), the three routes from a clean copy of the checkout: the chart
+#     (`helm template` variants: native and classic sidecar, Deployment and StatefulSet, existing
+#     ConfigMap, token and TLS, monitoring, NetworkPolicy, demo and user values, a chart-version-only
+#     upgrade), the library (examples/charts/my-app after `helm dependency build`, as a Deployment,
+#     StatefulSet and DaemonSet) and the kustomize Component (deploy/overlays/*, and a team's own
+#     workloads of each kind); everything validated strictly against the Kubernetes JSON schemas
+#     (typos in free-form fields such as probes are caught there); the rendered pod spec read back
+#     and checked (sidecar env and args, preStop drain hook and its token, grace period, security
+#     contexts, checksum); renders that must fail (grace period, PDB, image tags, required values);
+#     the Dockerfile read back (targets, non-root distroless stages, .dockerignore).
 # Ends with "k8s: N passed, M failed" and exits non-zero when anything failed.
 #
 # Tools are provided once and cached by version under
@@ -176,9 +181,26 @@ run_pytest() {
 
 check "hadolint Dockerfile" "$python_dir/bin/hadolint" --no-color --failure-threshold style Dockerfile
 check "shellcheck" run_shellcheck
-check "helm lint (default values)" "$helm" lint --strict charts/consul-registrar
+# The chart has no app of its own (app.image is required): lint it with each ci/ values file.
 check "helm lint (demo values)" "$helm" lint --strict charts/consul-registrar \
   -f charts/consul-registrar/ci/demo-values.yaml
+check "helm lint (a user's values)" "$helm" lint --strict charts/consul-registrar \
+  -f charts/consul-registrar/ci/user-values.yaml
+check "helm lint (a user's values, StatefulSet)" "$helm" lint --strict charts/consul-registrar \
+  -f charts/consul-registrar/ci/user-values.yaml -f charts/consul-registrar/ci/statefulset-values.yaml
+check "helm lint (library chart)" "$helm" lint --strict charts/consul-registrar-lib
+
+# The library route as a team takes it: the example chart with its dependency built, in a copy
+# (helm dependency build writes the library's archive into the chart).
+lint_example_chart() {
+  local copy="$work/example-chart"
+  mkdir -p "$copy/examples/charts" "$copy/charts"
+  cp -R examples/charts/my-app "$copy/examples/charts/"
+  cp -R charts/consul-registrar-lib "$copy/charts/"
+  "$helm" dependency build "$copy/examples/charts/my-app" >&2 &&
+    "$helm" lint --strict "$copy/examples/charts/my-app"
+}
+check "helm lint (examples/charts/my-app: the library route)" lint_example_chart
 log "== pytest tests/k8s"
 pytest_status=0
 run_pytest || pytest_status=$?

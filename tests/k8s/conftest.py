@@ -13,7 +13,10 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "consul-registrar"
+LIBRARY = REPO / "charts" / "consul-registrar-lib"
+EXAMPLE_CHART = REPO / "examples" / "charts" / "my-app"
 DEPLOY = REPO / "deploy"
+COMPONENT = DEPLOY / "components" / "consul-registrar"
 
 
 def _tool(var: str) -> str:
@@ -46,9 +49,9 @@ class Helm:
         self.count = 0
 
     def template(self, *values: dict, files=(), kube_version: str | None = None, chart: Path = CHART,
-                 extra=()) -> list[dict]:
+                 extra=(), release: str = "demo") -> list[dict]:
         """`helm template` with the given values (dicts, applied in order after `files`)."""
-        args = [self.binary, "template", "demo", str(chart), "--namespace", "shop"]
+        args = [self.binary, "template", release, str(chart), "--namespace", "shop"]
         if kube_version:
             args += ["--kube-version", kube_version]
         for f in files:
@@ -63,6 +66,29 @@ class Helm:
         if result.returncode != 0:
             raise RenderError(result.stderr.strip())
         return parse(result.stdout)
+
+    def run(self, *args: str, cwd: Path | None = None) -> str:
+        result = subprocess.run([self.binary, *args], capture_output=True, text=True, cwd=cwd)
+        if result.returncode != 0:
+            raise RenderError(result.stderr.strip())
+        return result.stdout
+
+    def checkout_copy(self, *paths: Path) -> Path:
+        """A fresh copy of the given repository paths (same layout, symlinks followed) in a
+        temporary directory, as a clean checkout has them; returns the copy's root."""
+        self.count += 1
+        root = self.tmp / f"checkout-{self.count}"
+        for path in paths:
+            shutil.copytree(path, root / path.relative_to(REPO), ignore=shutil.ignore_patterns("*.tgz", "Chart.lock"))
+        return root
+
+    def example_chart(self) -> Path:
+        """examples/charts/my-app as a team builds it: `helm dependency build` against the library
+        chart's path, in a copy of the checkout."""
+        root = self.checkout_copy(EXAMPLE_CHART, LIBRARY)
+        chart = root / EXAMPLE_CHART.relative_to(REPO)
+        self.run("dependency", "build", str(chart))
+        return chart
 
     def notes(self, *values: dict) -> str:
         """NOTES.txt as `helm install` would print it: `helm template` leaves it out, so render a

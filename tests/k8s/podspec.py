@@ -5,11 +5,13 @@ these checks, so the two ways of installing cannot drift apart on what matters:
 - the sidecar gets the Downward API variables the manifest reads, and its args name the manifest
   and the admin address;
 - the app's preStop hook GETs the sidecar's /drain?wait=true on the admin port (the kubelet sends
-  it to the pod IP), so the instance leaves Consul before the app gets SIGTERM;
-- the grace period leaves room for the drain delay;
+  it to the pod IP) with the drain token the sidecar reads from a Secret, so the instance leaves
+  Consul before the app gets SIGTERM;
+- the grace period leaves room for the drain delay, the deregistration and the app's shutdown;
 - every container runs non-root, read-only, without capabilities, with resource requests.
 """
 
+import base64
 import posixpath
 import re
 from pathlib import Path
@@ -146,9 +148,15 @@ def check_sidecar(spec: dict, native: bool) -> dict:
     return {"admin_port": port, "config_map": config_map["name"], "key": key, "sidecar": sidecar, "env": env}
 
 
-def check_prestop(spec: dict, port: int) -> None:
-    """Every app container drains through the sidecar before it gets SIGTERM."""
-    for app in app_containers(spec):
+DRAIN_TOKEN_ENV = "CONSUL_REGISTRAR_DRAIN_TOKEN"
+DRAIN_TOKEN_HEADER = "X-Drain-Token"
+
+
+def check_prestop(spec: dict, port: int, apps: list[dict] | None = None) -> list[str]:
+    """Every app container (or those given) drains through the sidecar before it gets SIGTERM,
+    sending the drain token. Returns the header values."""
+    tokens = []
+    for app in apps if apps is not None else app_containers(spec):
         get = app.get("lifecycle", {}).get("preStop", {}).get("httpGet")
         assert get, f"app container {app['name']} needs a preStop httpGet to the sidecar's drain endpoint"
         assert get["path"] == "/drain?wait=true", f"preStop path is {get['path']!r}"
@@ -156,12 +164,46 @@ def check_prestop(spec: dict, port: int) -> None:
         assert get["port"] == port, f"preStop port {get['port']!r} is not the sidecar's admin port {port}"
         assert "host" not in get, "the preStop GET must go to the pod IP (no host)"
         assert get.get("scheme", "HTTP") == "HTTP"
+        headers = {h["name"]: h["value"] for h in get.get("httpHeaders", [])}
+        assert DRAIN_TOKEN_HEADER in headers, f"{app['name']}: the preStop GET must send {DRAIN_TOKEN_HEADER}"
+        tokens.append(headers[DRAIN_TOKEN_HEADER])
+    return tokens
 
 
-def check_grace(spec: dict, drain_delay: str) -> None:
+def drain_token_secret(sidecar: dict) -> tuple[str, str]:
+    """(Secret name, key) the sidecar reads its drain token from."""
+    env = env_of(sidecar)
+    assert DRAIN_TOKEN_ENV in env, f"the sidecar needs {DRAIN_TOKEN_ENV}"
+    ref = env[DRAIN_TOKEN_ENV].get("valueFrom", {}).get("secretKeyRef")
+    assert ref, f"{DRAIN_TOKEN_ENV} must come from a Secret (secretKeyRef), not a literal"
+    return ref["name"], ref["key"]
+
+
+def secret_value(docs: list[dict], name: str, key: str) -> str:
+    secrets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret"}
+    assert name in secrets, f"Secret {name} is not rendered ({list(secrets)})"
+    secret = secrets[name]
+    if key in secret.get("stringData", {}):
+        return secret["stringData"][key]
+    return base64.b64decode(secret["data"][key]).decode()
+
+
+def check_drain_token(docs: list[dict], spec: dict, sidecar: dict, port: int) -> str:
+    """The preStop header and the sidecar's Secret carry the same token."""
+    headers = check_prestop(spec, port)
+    name, key = drain_token_secret(sidecar)
+    token = secret_value(docs, name, key)
+    assert len(token) >= 16, "the drain token is too short"
+    assert set(headers) == {token}, "the preStop header must carry the token of the sidecar's Secret"
+    return token
+
+
+def check_grace(spec: dict, drain: dict, app_shutdown: float = 0) -> None:
+    """The grace period covers the drain delay, the deregistration and the app's shutdown."""
     grace = spec.get("terminationGracePeriodSeconds", 30)
-    assert grace > parse_duration(drain_delay), (
-        f"terminationGracePeriodSeconds {grace} does not exceed the drain delay {drain_delay}"
+    needed = parse_duration(drain["delay"]) + parse_duration(drain.get("deregisterTimeout", "10s")) + app_shutdown
+    assert grace >= needed, (
+        f"terminationGracePeriodSeconds {grace} does not cover the drain {drain} plus {app_shutdown}s of app shutdown"
     )
 
 

@@ -1,9 +1,12 @@
 """The Helm chart, rendered with `helm template` and read back: every variant validates strictly
 against the Kubernetes schemas, and the pod spec carries what the sidecar contract needs (see
-podspec.py). Run through `bash scripts/check-k8s.sh`."""
+podspec.py). The chart describes the user's app: renders start from a user's values (APP, or
+ci/user-values.yaml), never from demo defaults. Run through `bash scripts/check-k8s.sh`."""
 
+import copy
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -15,8 +18,22 @@ from conftest import k8s_versions
 from k8s_schemas import assert_valid
 
 DEMO_VALUES = CHART / "ci" / "demo-values.yaml"
+USER_VALUES = CHART / "ci" / "user-values.yaml"
+STATEFULSET_VALUES = CHART / "ci" / "statefulset-values.yaml"
 DEFAULTS = yaml.safe_load((CHART / "values.yaml").read_text())
+TOKEN = "test-drain-token-0123456789"
 
+# The least a user sets: an image, a port, requests, the services; a fixed drain token so that
+# renders compare (a generated one differs per `helm template`).
+APP = {
+    "app": {
+        "image": {"repository": "registry.example.com/shop", "tag": "2.4.1"},
+        "ports": [{"name": "grpc", "containerPort": 8443, "protocol": "TCP"}],
+        "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}},
+    },
+    "manifest": {"services": [{"name": "shop", "port": 8443, "health": {"address": "127.0.0.1", "service": "shop.v1.Shop"}}]},
+    "drainToken": {"value": TOKEN},
+}
 TLS_AND_TOKEN = {
     "consul": {
         "namespace": "team-a",
@@ -31,12 +48,14 @@ TLS_AND_TOKEN = {
         },
     },
 }
-# Each variant: (values dicts, values files, native sidecar?)
+# Each variant: (values dicts applied after APP — or after the files, without APP —, values files, native sidecar?)
 VARIANTS = {
-    "defaults": ([], [], True),
+    "minimal": ([], [], True),
     "classic-sidecar": ([{"sidecar": {"native": False}}], [], False),
     "demo-values": ([], [DEMO_VALUES], True),
     "demo-values-classic": ([{"sidecar": {"native": False}}], [DEMO_VALUES], False),
+    "user-values": ([], [USER_VALUES], True),
+    "user-statefulset": ([], [USER_VALUES, STATEFULSET_VALUES], False),
     "existing-configmap": ([{"manifest": {"existingConfigMap": "shop-registrar", "existingConfigMapKey": "registrar.yaml"}}], [], True),
     "tls-and-token": ([TLS_AND_TOKEN], [], True),
     "tls-and-token-classic": ([TLS_AND_TOKEN, {"sidecar": {"native": False}}], [], False),
@@ -45,6 +64,7 @@ VARIANTS = {
             "metrics": {"podMonitor": {"enabled": True, "labels": {"release": "prom"}},
                         "serviceMonitor": {"enabled": True, "scrapeTimeout": "10s"}},
             "podDisruptionBudget": {"enabled": True, "minAvailable": "50%"},
+            "networkPolicy": {"enabled": True, "metrics": {"from": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}]}},
         }],
         [],
         True,
@@ -76,7 +96,7 @@ VARIANTS = {
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
             "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
                                            "whenUnsatisfiable": "ScheduleAnyway",
-                                           "labelSelector": {"matchLabels": {"app.kubernetes.io/name": "consul-registrar"}}}],
+                                           "labelSelector": {"matchLabels": {"app.kubernetes.io/name": "shop"}}}],
         }],
         [],
         True,
@@ -84,23 +104,39 @@ VARIANTS = {
 }
 
 
-def render(helm, name: str, **kw) -> list[dict]:
+def variant_values(name: str) -> tuple[list[dict], list[Path]]:
     values, files, _ = VARIANTS[name]
+    return (list(values) if files else [APP, *values]), files
+
+
+def render(helm, name: str, **kw) -> list[dict]:
+    values, files = variant_values(name)
     return helm.template(*values, files=files, **kw)
 
 
-def deployment_spec(docs: list[dict]) -> dict:
-    return podspec.pod_spec(one(docs, "Deployment"))
-
-
-def drain_delay(docs: list[dict], name: str) -> str:
-    values, files, _ = VARIANTS[name]
-    merged = DEFAULTS["manifest"]["drain"]["delay"]
-    for f in files:
-        merged = yaml.safe_load(Path(f).read_text()).get("manifest", {}).get("drain", {}).get("delay", merged)
-    for v in values:
-        merged = v.get("manifest", {}).get("drain", {}).get("delay", merged)
+def merged_values(name: str) -> dict:
+    """The variant's values merged over values.yaml as Helm does (maps merged, the rest replaced)."""
+    def merge(dst, src):
+        for k, v in src.items():
+            if isinstance(v, dict) and isinstance(dst.get(k), dict):
+                merge(dst[k], v)
+            else:
+                dst[k] = v
+    merged = copy.deepcopy(DEFAULTS)
+    values, files = variant_values(name)
+    for source in [yaml.safe_load(Path(f).read_text()) for f in files] + values:
+        merge(merged, copy.deepcopy(source))
     return merged
+
+
+def workload(docs: list[dict]) -> dict:
+    found = [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
+    assert len(found) == 1, [d["kind"] for d in found]
+    return found[0]
+
+
+def workload_spec(docs: list[dict]) -> dict:
+    return podspec.pod_spec(workload(docs))
 
 
 @pytest.mark.parametrize("version", k8s_versions())
@@ -112,10 +148,10 @@ def test_render_is_valid_kubernetes(helm, variant, version):
 def test_native_sidecar_needs_kubernetes_1_29(helm):
     """Native sidecars exist from 1.29 on: the chart refuses them for older clusters, and the
     schemas agree (restartPolicy on an init container is unknown to 1.27's)."""
-    with pytest.raises(RenderError, match="sidecar.native=true needs Kubernetes 1.29"):
-        render(helm, "defaults", kube_version="1.28")
+    with pytest.raises(RenderError, match="native consul-registrar sidecar needs Kubernetes 1.29"):
+        render(helm, "minimal", kube_version="1.28")
     with pytest.raises(AssertionError, match="restartPolicy"):
-        assert_valid(render(helm, "defaults"), ["1.27"])
+        assert_valid(render(helm, "minimal"), ["1.27"])
     assert_valid(render(helm, "classic-sidecar", kube_version="1.27"), ["1.27"])
     with pytest.raises(RenderError, match="kubeVersion"):
         render(helm, "classic-sidecar", kube_version="1.26")
@@ -125,15 +161,15 @@ def test_native_sidecar_needs_kubernetes_1_29(helm):
 def test_pod_spec_has_what_the_sidecar_needs(helm, variant):
     docs = render(helm, variant)
     native = VARIANTS[variant][2]
-    spec = deployment_spec(docs)
+    values = merged_values(variant)
+    spec = workload_spec(docs)
     facts = podspec.check_sidecar(spec, native)
-    podspec.check_prestop(spec, facts["admin_port"])
-    podspec.check_grace(spec, drain_delay(docs, variant))
+    podspec.check_drain_token(docs, spec, facts["sidecar"], facts["admin_port"])
+    podspec.check_grace(spec, values["manifest"]["drain"], values["app"]["shutdownSeconds"])
     podspec.check_security(spec)
-    deployment = one(docs, "Deployment")
-    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
-    selector = deployment["spec"]["selector"]["matchLabels"]
-    assert selector.items() <= pod_labels.items(), "the Deployment's selector must match its pods"
+    pod_labels = workload(docs)["spec"]["template"]["metadata"]["labels"]
+    selector = workload(docs)["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= pod_labels.items(), "the workload's selector must match its pods"
     if variant != "existing-configmap":
         manifest = manifest_of(docs, facts["config_map"], facts["key"])
         args = [str(a) for a in facts["sidecar"]["args"]]
@@ -142,7 +178,7 @@ def test_pod_spec_has_what_the_sidecar_needs(helm, variant):
 
 
 def test_sidecar_args_and_env_by_default(helm):
-    spec = deployment_spec(render(helm, "defaults"))
+    spec = workload_spec(render(helm, "minimal"))
     sidecar = podspec.sidecar_of(spec, native=True)
     assert sidecar["args"] == [
         "run", "--manifest", "/etc/consul-registrar/manifest.yaml", "--admin-addr", "0.0.0.0:9102",
@@ -154,18 +190,175 @@ def test_sidecar_args_and_env_by_default(helm):
     assert not {"CONSUL_HTTP_TOKEN_FILE", "CONSUL_CACERT", "CONSUL_HTTP_SSL"} & set(env)
     assert sidecar["image"] == "ghcr.io/consul-registrar/consul-registrar:0.1.0"
     assert sidecar["startupProbe"]["httpGet"]["path"] == "/healthz", "the app starts once the sidecar answers"
+    assert sidecar["resources"] == {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}}
     assert [c["name"] for c in spec["containers"]] == ["app"]
 
 
 def test_classic_sidecar_is_a_second_container(helm):
-    spec = deployment_spec(render(helm, "classic-sidecar"))
+    spec = workload_spec(render(helm, "classic-sidecar"))
     assert "initContainers" not in spec
     assert [c["name"] for c in spec["containers"]] == ["app", "consul-registrar"]
 
 
+def test_the_app_is_required_and_nothing_of_the_demo_is_left_in_the_defaults(helm):
+    services = {"manifest": APP["manifest"]}
+    for values, complaint in [
+        (services, "app.image.repository is required"),
+        ({**services, "app": {"image": {"repository": "shop"}}}, r"app.image.tag \(or app.image.digest\) is required"),
+        ({"app": {"image": {"repository": "shop", "tag": "1"}}}, "set manifest.services"),
+    ]:
+        with pytest.raises(RenderError, match=complaint):
+            helm.template(values)
+    text = (CHART / "values.yaml").read_text()
+    for demo in ("demo-app", "helloworld", "hello", "50051"):
+        assert demo not in text, f"values.yaml still mentions the demo's {demo!r}"
+
+
+def test_image_tags_must_be_strings(helm):
+    """YAML reads `tag: 1.10` as the number 1.1: refused, not rendered as `:1.1`."""
+    for values in ({"app": {"image": {"tag": 1.10}}}, {"sidecar": {"image": {"tag": 1.10}}}):
+        with pytest.raises(RenderError, match=r"image/tag.*(string|got number)|must be a string"):
+            helm.template(APP, values)
+    spec = workload_spec(render(helm, "user-values"))
+    assert podspec.app_containers(spec)[0]["image"] == "registry.example.com/payments/shop:1.10"
+
+
+def test_user_kubernetes_objects_replace_the_defaults(helm):
+    """A user's probe, resources or security context is rendered as written, never merged with a
+    default (a user's httpGet next to a default grpc handler would be invalid)."""
+    exec_probe = {"exec": {"command": ["/bin/true"]}, "periodSeconds": 7}
+    values = {"sidecar": {"livenessProbe": exec_probe, "resources": {"requests": {"cpu": "1", "memory": "1Gi"}},
+                          "securityContext": {"runAsNonRoot": True, "allowPrivilegeEscalation": False,
+                                              "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]},
+                                              "runAsUser": 1234}},
+              "podSecurityContext": {"runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532,
+                                     "seccompProfile": {"type": "RuntimeDefault"}}}
+    docs = helm.template(APP, values)
+    spec = workload_spec(docs)
+    sidecar = podspec.sidecar_of(spec, native=True)
+    assert sidecar["livenessProbe"] == exec_probe
+    assert sidecar["resources"] == {"requests": {"cpu": "1", "memory": "1Gi"}}
+    assert sidecar["securityContext"]["runAsUser"] == 1234
+    assert "fsGroup" not in spec["securityContext"], "the user's pod security context replaces the default"
+    app = podspec.app_containers(workload_spec(render(helm, "user-values")))[0]
+    assert app["readinessProbe"] == {"httpGet": {"path": "/ready", "port": 8081}}
+    assert app["livenessProbe"] == {"exec": {"command": ["/shop", "healthcheck"]}}
+    assert_valid(docs, k8s_versions())
+
+
+@pytest.mark.parametrize(
+    "typo, complaint",
+    [
+        ({"app": {"readinessProbe": {"grpcc": {"port": 8443}}}}, "grpcc"),
+        ({"strategy": {"type": "Recreat"}}, "Recreat"),
+        ({"sidecar": {"securityContext": {"runAsNonRot": True}}}, "runAsNonRot"),
+        ({"app": {"env": [{"name": "A", "valu": "1"}]}}, "valu"),
+    ],
+)
+def test_typos_in_free_form_kubernetes_fields_are_caught(helm, typo, complaint):
+    """Probes, strategies, security contexts and env are passed through as written: the strict
+    Kubernetes schemas catch what values.schema.json cannot."""
+    docs = helm.template(APP, typo)
+    with pytest.raises(AssertionError, match=complaint):
+        assert_valid(docs, k8s_versions())
+
+
+def pod_template(chart: Path, helm, *values, files=()) -> tuple[dict, dict]:
+    docs = helm.template(*values, files=files, chart=chart)
+    w = workload(docs)
+    return w["spec"]["template"], w["metadata"]["labels"]
+
+
+@pytest.mark.parametrize("variant", ["minimal", "user-values", "user-statefulset"])
+def test_a_chart_version_only_upgrade_leaves_the_pod_template_unchanged(helm, tmp_path, variant):
+    """Rendered twice, with the chart's version changed in between: the pod template (and so the
+    pods) stays the same; only the objects' helm.sh/chart label changes."""
+    bumped = tmp_path / "consul-registrar"
+    shutil.copytree(CHART, bumped)
+    chart_yaml = bumped / "Chart.yaml"
+    text = chart_yaml.read_text()
+    assert re.search(r"^version: \S+$", text, re.M)
+    chart_yaml.write_text(re.sub(r"^version: \S+$", "version: 99.1.0", text, flags=re.M))
+    values, files = variant_values(variant)
+    before, before_labels = pod_template(CHART, helm, *values, files=files)
+    after, after_labels = pod_template(bumped, helm, *values, files=files)
+    assert before_labels["helm.sh/chart"] != after_labels["helm.sh/chart"], "the chart version did change"
+    assert json.dumps(before, sort_keys=True) == json.dumps(after, sort_keys=True), "the pod template changed"
+    text = json.dumps(before)
+    assert "99.1.0" not in text and "helm.sh/chart" not in text
+
+
+def test_names_and_labels_follow_the_app(helm):
+    docs = helm.template(APP, release="shop")
+    w = workload(docs)
+    assert w["metadata"]["name"] == "shop"
+    assert w["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": "shop", "app.kubernetes.io/instance": "shop"}
+    assert w["metadata"]["labels"]["app.kubernetes.io/version"] == "2.4.1", "the app's version, not the chart's"
+    assert "app.kubernetes.io/part-of" not in json.dumps(docs)
+    sidecar_objects = {d["kind"] for d in docs if d["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "consul-registrar"}
+    assert sidecar_objects == {"ConfigMap", "Secret", "Pod"}, "the sidecar's objects are marked as its component"
+    assert "app.kubernetes.io/component" not in w["metadata"]["labels"]
+    named = workload(helm.template(APP, {"nameOverride": "payments"}, release="prod"))
+    assert named["metadata"]["name"] == "prod-payments"
+    assert named["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"] == "payments"
+    assert workload(helm.template(APP, {"fullnameOverride": "x"}))["metadata"]["name"] == "x"
+    # The demo values keep the names the e2e suites look for.
+    demo = workload(render(helm, "demo-values"))
+    assert demo["metadata"]["name"] == "demo-consul-registrar"
+    assert demo["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"] == "consul-registrar"
+
+
+def test_replicas_can_be_left_to_an_autoscaler(helm):
+    assert workload(helm.template(APP))["spec"]["replicas"] == 1
+    w = workload(helm.template(APP, {"replicaCount": None}))
+    assert "replicas" not in w["spec"]
+
+
+def test_statefulset(helm):
+    docs = render(helm, "user-statefulset")
+    sts = one(docs, "StatefulSet")
+    assert sts["spec"]["serviceName"] == "demo"
+    assert sts["spec"]["updateStrategy"] == {"type": "RollingUpdate"}
+    service = one(docs, "Service")
+    assert service["metadata"]["name"] == "demo" and service["spec"]["clusterIP"] == "None"
+    assert "Deployment" not in kinds(docs)
+
+
+def test_service_is_optional_and_follows_the_app_ports(helm):
+    assert "Service" not in kinds(helm.template(APP))
+    docs = helm.template(APP, {"service": {"enabled": True}})
+    service = one(docs, "Service")
+    assert service["spec"]["ports"] == [{"name": "grpc", "port": 8443, "targetPort": "grpc", "protocol": "TCP"}]
+    assert service["spec"]["selector"].items() <= workload(docs)["spec"]["template"]["metadata"]["labels"].items()
+    with pytest.raises(RenderError, match="service.enabled needs service.ports or app.ports"):
+        helm.template(APP, {"app": {"ports": None}, "service": {"enabled": True}})
+
+
+@pytest.mark.parametrize(
+    "pdb, replicas, ok",
+    [
+        ({"minAvailable": 2}, 3, True),
+        ({"minAvailable": 3}, 3, False),
+        ({"minAvailable": 4}, 3, False),
+        ({"minAvailable": "100%"}, 3, False),
+        ({"minAvailable": "50%"}, 3, True),
+        ({"maxUnavailable": 0}, 3, False),
+        ({"maxUnavailable": "0%"}, 3, False),
+        ({"maxUnavailable": 1}, 1, True),
+    ],
+)
+def test_pdb_cannot_block_node_drains(helm, pdb, replicas, ok):
+    values = {"replicaCount": replicas, "podDisruptionBudget": {"enabled": True, **pdb}}
+    if ok:
+        one(helm.template(APP, values), "PodDisruptionBudget")
+    else:
+        with pytest.raises(RenderError, match="every node drain blocks"):
+            helm.template(APP, values)
+
+
 def test_token_and_tls_come_from_secrets(helm):
     docs = render(helm, "tls-and-token")
-    spec = deployment_spec(docs)
+    spec = workload_spec(docs)
     facts = podspec.check_sidecar(spec, native=True)
     env = {k: v.get("value") for k, v in facts["env"].items()}
     mounts = {m["name"]: m for m in facts["sidecar"]["volumeMounts"]}
@@ -199,58 +392,80 @@ def test_token_and_tls_come_from_secrets(helm):
     assert not app.get("volumeMounts") and not app.get("env")
 
 
+def test_drain_token(helm):
+    """Set: the same everywhere and in every render. Generated: 32 characters, one per render,
+    the same in the Secret and the preStop header."""
+    docs = helm.template(APP)
+    spec = workload_spec(docs)
+    facts = podspec.check_sidecar(spec, native=True)
+    assert podspec.check_drain_token(docs, spec, facts["sidecar"], facts["admin_port"]) == TOKEN
+    assert podspec.drain_token_secret(facts["sidecar"]) == ("demo-registrar-drain-token", "token")
+    generated = []
+    for _ in range(2):
+        docs = helm.template({**APP, "drainToken": {"value": ""}})
+        spec = workload_spec(docs)
+        facts = podspec.check_sidecar(spec, native=True)
+        generated.append(podspec.check_drain_token(docs, spec, facts["sidecar"], facts["admin_port"]))
+    assert all(re.fullmatch(r"[A-Za-z0-9]{32}", t) for t in generated), generated
+    assert generated[0] != generated[1], "without cluster access each render generates a new token"
+    with pytest.raises(RenderError, match="drainToken"):
+        helm.template({**APP, "drainToken": {"value": "short"}})
+    notes_or_values = (CHART / "values.yaml").read_text()
+    assert "whoever can read the pod spec can read the token" in notes_or_values
+
+
 def test_existing_configmap_is_mounted_as_is(helm):
     docs = render(helm, "existing-configmap")
     assert "ConfigMap" not in kinds(docs)
-    spec = deployment_spec(docs)
+    spec = workload_spec(docs)
     facts = podspec.check_sidecar(spec, native=True)
     assert (facts["config_map"], facts["key"]) == ("shop-registrar", "registrar.yaml")
-    annotations = one(docs, "Deployment")["spec"]["template"]["metadata"].get("annotations", {})
+    annotations = workload(docs)["spec"]["template"]["metadata"].get("annotations", {})
     assert "checksum/manifest" not in annotations
     env = podspec.env_of(facts["sidecar"])
     assert "CONSUL_HTTP_ADDR" in env, "an existing manifest still gets the Consul address from the env"
 
 
 @pytest.mark.parametrize(
-    "delay, grace, margin, ok",
+    "delay, deregister, shutdown, grace, ok",
     [
-        ("5s", 30, 5, True),
-        ("5s", 10, 5, True),
-        ("5s", 9, 5, False),
-        ("5s", 5, 5, False),  # equal to the delay
-        ("5s", 4, 5, False),  # below it
-        ("20s", 20, 1, False),
-        ("20s", 21, 1, True),
-        ("1m30s", 30, 5, False),
-        ("1m30s", 95, 5, True),
-        ("1500ms", 6, 5, False),  # rounded up: 2 s + 5 s
-        ("1500ms", 7, 5, True),
-        ("0s", 1, 1, True),
+        ("5s", "10s", 5, 30, True),
+        ("5s", "10s", 5, 20, True),
+        ("5s", "10s", 5, 19, False),
+        ("5s", "10s", 0, 15, True),
+        ("5s", "10s", 0, 14, False),  # the deregistration is part of the budget
+        ("20s", "1s", 1, 21, False),
+        ("20s", "1s", 1, 22, True),
+        ("1m30s", "10s", 5, 30, False),
+        ("1m30s", "10s", 5, 105, True),
+        ("1500ms", "500ms", 2, 4, False),  # rounded up: 2 s + 1 s + 2 s
+        ("1500ms", "500ms", 2, 5, True),
+        ("0s", "0s", 1, 1, True),
     ],
 )
-def test_grace_period_must_exceed_the_drain_delay(helm, delay, grace, margin, ok):
-    values = {"manifest": {"drain": {"delay": delay}}, "terminationGracePeriodSeconds": grace,
-              "drainGraceMarginSeconds": margin}
+def test_grace_period_must_cover_the_drain_and_the_app_shutdown(helm, delay, deregister, shutdown, grace, ok):
+    values = {"manifest": {"drain": {"delay": delay, "deregisterTimeout": deregister}},
+              "terminationGracePeriodSeconds": grace, "app": {"shutdownSeconds": shutdown}}
     if ok:
-        spec = deployment_spec(helm.template(values))
+        spec = workload_spec(helm.template(APP, values))
         assert spec["terminationGracePeriodSeconds"] == grace
-        podspec.check_grace(spec, delay)
+        podspec.check_grace(spec, values["manifest"]["drain"], shutdown)
     else:
-        with pytest.raises(RenderError, match=r"terminationGracePeriodSeconds \(\d+\) must be at least the drain delay"):
-            helm.template(values)
+        with pytest.raises(RenderError, match=r"terminationGracePeriodSeconds \(\d+\) must be at least the drain delay .* plus drain.deregisterTimeout"):
+            helm.template(APP, values)
 
 
 def test_grace_period_check_also_guards_existing_configmaps(helm):
     with pytest.raises(RenderError, match="must be at least the drain delay"):
-        helm.template({"manifest": {"existingConfigMap": "x", "drain": {"delay": "40s"}}})
+        helm.template(APP, {"manifest": {"existingConfigMap": "x", "drain": {"delay": "40s"}}})
 
 
 def checksum(helm, *values) -> str:
-    docs = helm.template(*values)
-    return one(docs, "Deployment")["spec"]["template"]["metadata"]["annotations"]["checksum/manifest"]
+    docs = helm.template(APP, *values)
+    return workload(docs)["spec"]["template"]["metadata"]["annotations"]["checksum/manifest"]
 
 
-def test_manifest_checksum_follows_the_manifest(helm):
+def test_manifest_checksum_follows_the_manifest_data_only(helm):
     base = checksum(helm)
     assert re.fullmatch(r"[0-9a-f]{64}", base)
     assert checksum(helm) == base, "the checksum must be stable"
@@ -263,14 +478,15 @@ def test_manifest_checksum_follows_the_manifest(helm):
     }
     for what, values in changed.items():
         assert checksum(helm, values) != base, f"changing the {what} must roll the pods"
-    for what, values in {"replicas": {"replicaCount": 5}, "app image": {"app": {"image": {"tag": "2"}}}}.items():
+    same = {"replicas": {"replicaCount": 5}, "app image": {"app": {"image": {"tag": "2"}}},
+            "labels": {"commonLabels": {"team": "x"}}, "release": {}}
+    for what, values in same.items():
         assert checksum(helm, values) == base, f"changing the {what} must not change the manifest checksum"
 
 
 def test_prometheus_scraping(helm):
     docs = render(helm, "monitoring-and-pdb")
-    deployment = one(docs, "Deployment")
-    pod = deployment["spec"]["template"]
+    pod = workload(docs)["spec"]["template"]
     annotations = pod["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
     assert annotations["prometheus.io/port"] == "9102"
@@ -296,13 +512,85 @@ def test_prometheus_scraping(helm):
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
     assert pdb["spec"] == {"minAvailable": "50%", "selector": pdb["spec"]["selector"]}
 
-    quiet = one(helm.template({"metrics": {"scrapeAnnotations": False}}), "Deployment")
+    quiet = workload(helm.template(APP, {"metrics": {"scrapeAnnotations": False}}))
     assert not any(k.startswith("prometheus.io/") for k in quiet["spec"]["template"]["metadata"]["annotations"])
+
+
+def test_network_policy_keeps_the_admin_port_to_the_scrapers(helm):
+    assert "NetworkPolicy" not in kinds(helm.template(APP)), "off by default"
+    docs = render(helm, "user-values")
+    policy = one(docs, "NetworkPolicy")
+    labels = workload(docs)["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    admin = 9102
+
+    def allowed(port: int, protocol: str, peer: str) -> bool:
+        for rule in policy["spec"]["ingress"]:
+            peers = rule.get("from")
+            if peers is not None and peer == "anyone":
+                continue
+            for p in rule.get("ports", []):
+                if p.get("protocol", "TCP") == protocol and p["port"] <= port <= p.get("endPort", p["port"]):
+                    return True
+        return False
+
+    assert not allowed(admin, "TCP", "anyone"), "the admin port (/drain) must not be open to every peer"
+    assert allowed(admin, "TCP", "scraper")
+    for port in (1, 8443, admin - 1, admin + 1, 65535):
+        assert allowed(port, "TCP", "anyone"), f"the app's own port {port} must stay open"
+    assert allowed(53, "UDP", "anyone")
+    scrapers = [r for r in policy["spec"]["ingress"] if r.get("from")]
+    assert scrapers[0]["from"][0]["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
+    closed = one(helm.template(APP, {"networkPolicy": {"enabled": True, "allowOtherPorts": False}}), "NetworkPolicy")
+    assert closed["spec"]["ingress"] == [], "nothing allowed but what the user lists"
+
+
+def test_helm_test_pod_validates_the_manifest_the_pods_mount(helm):
+    docs = render(helm, "tls-and-token")
+    pod = one(docs, "Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    [container] = pod["spec"]["containers"]
+    assert container["args"][:2] == ["validate", "--manifest"]
+    spec = workload_spec(docs)
+    sidecar = podspec.sidecar_of(spec, native=True)
+    assert container["image"] == sidecar["image"]
+    assert container["env"] == [e for e in sidecar["env"] if e["name"] != podspec.DRAIN_TOKEN_ENV], (
+        "validate sees the sidecar's environment (but the drain token)")
+    assert container["volumeMounts"] == sidecar["volumeMounts"], "and its files (token, TLS, manifest)"
+    pod_volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    for mount in container["volumeMounts"]:
+        assert pod_volumes[mount["name"]] in spec["volumes"]
+    assert pod["spec"]["restartPolicy"] == "Never"
+    assert "Pod" not in kinds(helm.template(APP, {"tests": {"enabled": False}}))
+
+
+def test_validate_on_install_fails_the_release_before_any_pod_changes(helm):
+    """tests.validateOnInstall: a pre-install/pre-upgrade hook Pod validates a hook copy of the
+    manifest (the release's own ConfigMap does not exist yet before an install)."""
+    assert not [d for d in helm.template(APP) if "pre-install" in str(d["metadata"].get("annotations"))], "off by default"
+    docs = helm.template(APP, {"tests": {"validateOnInstall": True}})
+    hooks = [d for d in docs if d["metadata"].get("annotations", {}).get("helm.sh/hook") == "pre-install,pre-upgrade"]
+    assert sorted(d["kind"] for d in hooks) == ["ConfigMap", "Pod"]
+    config_map = one(hooks, "ConfigMap")
+    pod = one(hooks, "Pod")
+    assert int(config_map["metadata"]["annotations"]["helm.sh/hook-weight"]) < int(pod["metadata"]["annotations"]["helm.sh/hook-weight"])
+    volume = next(v for v in pod["spec"]["volumes"] if "configMap" in v)
+    assert volume["configMap"]["name"] == config_map["metadata"]["name"]
+    facts = podspec.check_sidecar(workload_spec(docs), native=True)
+    released = manifest_of(docs, facts["config_map"], facts["key"])
+    assert config_map["metadata"]["name"] != facts["config_map"]
+    assert yaml.safe_load(config_map["data"]["manifest.yaml"]) == released, "the hook checks the very manifest the pods get"
+    assert podspec.DRAIN_TOKEN_ENV not in json.dumps(pod), "the drain token's Secret does not exist before an install"
+    assert_valid(docs, k8s_versions())
+    existing = helm.template(APP, {"tests": {"validateOnInstall": True}, "manifest": {"existingConfigMap": "mine"}})
+    hooks = [d for d in existing if d["metadata"].get("annotations", {}).get("helm.sh/hook") == "pre-install,pre-upgrade"]
+    assert [d["kind"] for d in hooks] == ["Pod"], "an existing ConfigMap is validated in place"
 
 
 def test_user_pod_annotations_win(helm):
     docs = render(helm, "everything-else")
-    annotations = one(docs, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    annotations = workload(docs)["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "false"
 
 
@@ -311,6 +599,7 @@ def test_everything_else_is_passed_through(helm):
     deployment = one(docs, "Deployment")
     assert deployment["metadata"]["name"] == "shop"
     assert deployment["metadata"]["labels"]["team"] == "payments"
+    assert "team" not in deployment["spec"]["template"]["metadata"]["labels"], "commonLabels stay off the pod template"
     spec = podspec.pod_spec(deployment)
     assert spec["serviceAccountName"] == "shop" and "ServiceAccount" not in kinds(docs)
     app = podspec.app_containers(spec)[0]
@@ -334,17 +623,19 @@ def test_everything_else_is_passed_through(helm):
         ({"manifest": {"services": [{"name": "a", "port": 1, "health": {"intervall": "1s"}}]}},
          "additional properties 'intervall' not allowed"),
         ({"manifest": {"services": [{"name": "a"}]}}, "missing property 'port'"),
-        ({"manifest": {"services": []}}, "minItems"),
         ({"manifest": {"drain": {"delay": "5 seconds"}}}, "/manifest/drain/delay"),
+        ({"manifest": {"drain": {"deregisterTimeout": "${T}"}}}, "/manifest/drain/deregisterTimeout"),
         ({"sidecar": {"logFormat": "xml"}}, "/sidecar/logFormat"),
         ({"sidecar": {"adminBindAddress": "127.0.0.1"}}, "/sidecar/adminBindAddress"),
         ({"app": {"name": "consul-registrar"}}, "/app/name"),
         ({"sidecar": {"image": {"pullPolicy": "Sometimes"}}}, "/sidecar/image/pullPolicy"),
+        ({"kind": "DaemonSet"}, "/kind"),
+        ({"drainToken": {"value": "has spaces in it, sixteen+"}}, "/drainToken/value"),
     ],
 )
 def test_schema_rejects_mistakes(helm, values, complaint):
     with pytest.raises(RenderError) as error:
-        helm.template(values)
+        helm.template(APP, values)
     message = str(error.value)
     assert complaint in message or re.search(complaint, message), message
 
@@ -360,6 +651,8 @@ def test_demo_values_run_three_replicas_against_the_consul_dev_server(helm, kust
     for container in [facts["sidecar"], *podspec.app_containers(spec)]:
         assert container["imagePullPolicy"] == "Never"
         assert container["image"] in run_sh, f"kind/cluster.sh does not build {container['image']}"
+    assert {c["image"] for c in [facts["sidecar"], *podspec.app_containers(spec)]} == {
+        "consul-registrar:dev", "consul-registrar-demo-app:dev"}
     # The Consul address is the Service of deploy/consul-dev.
     consul = kustomize(DEPLOY / "consul-dev")
     service = one(consul, "Service")
@@ -369,16 +662,24 @@ def test_demo_values_run_three_replicas_against_the_consul_dev_server(helm, kust
     assert one(docs, "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
 
 
-@pytest.mark.parametrize("variant", ["defaults", "demo-values", "classic-sidecar", "everything-else"])
+@pytest.mark.parametrize("variant", ["minimal", "demo-values", "classic-sidecar", "everything-else", "user-values"])
 def test_rendered_manifest_is_accepted_by_the_sidecar(helm, registrar_bin, tmp_path, variant):
     docs = render(helm, variant)
-    facts = podspec.check_sidecar(deployment_spec(docs), VARIANTS[variant][2])
+    facts = podspec.check_sidecar(workload_spec(docs), VARIANTS[variant][2])
     config_map = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == facts["config_map"])
     env = dict(POD_ENV)
     for name, entry in facts["env"].items():
         if "value" in entry and "$(" not in entry["value"]:
             env[name] = entry["value"]
-    registrations = validate_manifest(registrar_bin, config_map["data"][facts["key"]], tmp_path, env)
+    text = config_map["data"][facts["key"]]
+    manifest = yaml.safe_load(text)
+    if "tokenFile" in manifest.get("consul", {}):
+        token_file = tmp_path / "acl-token"
+        token_file.write_text("00000000-0000-0000-0000-000000000000")
+        manifest["consul"]["tokenFile"] = str(token_file)
+        env.pop("CONSUL_HTTP_TOKEN_FILE", None)
+        text = yaml.safe_dump(manifest)
+    registrations = validate_manifest(registrar_bin, text, tmp_path, env)
     assert registrations, "no service registered"
     for reg in registrations:
         assert reg["Address"] == POD_ENV["POD_IP"], "instances register at the pod IP"
@@ -388,15 +689,24 @@ def test_rendered_manifest_is_accepted_by_the_sidecar(helm, registrar_bin, tmp_p
 @pytest.mark.parametrize(
     "values, expect",
     [
-        ({}, ["rollout status deployment/demo-consul-registrar", "/v1/health/service/hello", "HOST_IP"]),
+        ({}, ["rollout status deployment/demo", "/v1/health/service/shop", "CLIENT AGENT on every node",
+              "catalog mode", "helm test demo"]),
         ({"manifest": {"existingConfigMap": "shop"}}, ["ConfigMap shop"]),
         ({"app": {"drainOnStop": False}}, ["WARNING: app.drainOnStop=false"]),
+        ({"kind": "StatefulSet"}, ["rollout status statefulset/demo"]),
     ],
 )
 def test_notes(helm, values, expect):
-    notes = helm.notes(values)
+    notes = helm.notes(APP, values)
     for text in expect:
         assert text in notes, notes
+
+
+def test_chart_and_readme_say_that_the_default_needs_a_client_agent_on_every_node():
+    for path in (CHART / "README.md", CHART / "values.yaml", CHART.parents[1] / "README.md"):
+        text = " ".join(path.read_text().split())
+        assert re.search(r"client agent on every node", text, re.I), f"{path} must say the default needs a client agent per node"
+        assert "catalog mode" in text, f"{path} must point agentless users to catalog mode"
 
 
 def leaf_paths(values: dict, prefix: str = "") -> list[str]:

@@ -1,16 +1,22 @@
-"""The plain manifests of deploy/ (kustomize): each build validates strictly against the
-Kubernetes schemas, its pods carry what the sidecar contract needs (podspec.py), and the base keeps
-the same shape as the Helm chart's defaults. Run through `bash scripts/check-k8s.sh`."""
+"""The kustomize route (deploy/): the Component deploy/components/consul-registrar added to
+workloads the examples did not write (deploy/examples/*, a team's own manifests), through the
+example overlays. Each build validates strictly against the Kubernetes schemas, its pods carry
+what the sidecar contract needs (podspec.py), the Component's sidecar is the library's, and it
+touches only the workloads that opt in. Run through `bash scripts/check-k8s.sh`."""
 
+import json
 import re
+import shutil
 
 import pytest
+import yaml
 
 import podspec
-from conftest import CHART, DEPLOY, POD_ENV, REPO, k8s_versions, manifest_of, one, validate_manifest
+from conftest import CHART, COMPONENT, DEPLOY, POD_ENV, REPO, k8s_versions, manifest_of, one, validate_manifest
 from k8s_schemas import assert_valid
 
-BUILDS = ["base", "overlays/example", "consul-dev"]
+BUILDS = ["overlays/example", "overlays/example-statefulset", "consul-dev", "examples/hello-app", "examples/hello-statefulset"]
+OVERLAYS = {"overlays/example": "Deployment", "overlays/example-statefulset": "StatefulSet"}
 
 
 @pytest.mark.parametrize("build", BUILDS)
@@ -18,25 +24,30 @@ def test_build_is_valid_kubernetes(kustomize, build):
     assert_valid(kustomize(DEPLOY / build), k8s_versions())
 
 
-@pytest.mark.parametrize("build", ["base", "overlays/example"])
+@pytest.mark.parametrize("build", list(OVERLAYS))
 def test_pod_spec_has_what_the_sidecar_needs(kustomize, build):
     docs = kustomize(DEPLOY / build)
-    deployment = one(docs, "Deployment")
-    spec = podspec.pod_spec(deployment)
+    workload = one(docs, OVERLAYS[build])
+    spec = podspec.pod_spec(workload)
     facts = podspec.check_sidecar(spec, native=True)
-    podspec.check_prestop(spec, facts["admin_port"])
+    token = podspec.check_drain_token(docs, spec, facts["sidecar"], facts["admin_port"])
+    assert token == "hello-demo-drain-token-not-secret"
     podspec.check_security(spec)
     manifest = manifest_of(docs, facts["config_map"], facts["key"])
-    podspec.check_grace(spec, manifest["drain"]["delay"])
+    podspec.check_grace(spec, manifest["drain"])
     assert manifest["admin"]["address"] == podspec.flag(facts["sidecar"]["args"], "--admin-addr")
+    assert [s["name"] for s in manifest["services"]] == ["hello"], "the overlay's manifest replaced the placeholder"
     # configMapGenerator's hash suffix rolls the pods when the manifest changes.
-    assert re.fullmatch(r"hello-registrar-manifest-[a-z0-9]{10}", facts["config_map"]), facts["config_map"]
-    assert deployment["spec"]["selector"]["matchLabels"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    assert re.fullmatch(r"consul-registrar-manifest-[a-z0-9]{10}", facts["config_map"]), facts["config_map"]
+    assert workload["spec"]["selector"]["matchLabels"].items() <= workload["spec"]["template"]["metadata"]["labels"].items()
+    assert facts["env"]["CONSUL_HTTP_ADDR"]["value"] == "http://consul.consul.svc.cluster.local:8500"
+    assert "part-of" not in json.dumps(docs), "nothing stamps part-of on the team's app"
 
 
 def test_overlay_runs_the_demo_against_the_consul_dev_server(kustomize):
     docs = kustomize(DEPLOY / "overlays" / "example")
     deployment = one(docs, "Deployment")
+    assert deployment["metadata"]["name"] == "hello" and deployment["metadata"]["namespace"] == "hello-demo"
     assert deployment["spec"]["replicas"] == 3
     spec = podspec.pod_spec(deployment)
     facts = podspec.check_sidecar(spec, native=True)
@@ -50,20 +61,112 @@ def test_overlay_runs_the_demo_against_the_consul_dev_server(kustomize):
         repository, tag = container["image"].rsplit(":", 1)
         assert f"repository: {repository}\n" in demo and f"tag: {tag}\n" in demo, container["image"]
         assert container["imagePullPolicy"] == "Never"
+    assert spec["terminationGracePeriodSeconds"] == 20
 
 
 def comparable(container: dict) -> dict:
-    """A container without what legitimately differs between the chart and deploy/."""
-    return {k: v for k, v in container.items() if k not in ("image", "volumeMounts")}
+    """A sidecar without what legitimately differs between a Component build and a chart render:
+    the image, the log format, the Consul address and the drain token Secret's name."""
+    c = json.loads(json.dumps(container))
+    c.pop("image")
+    c["args"] = [a for a in c["args"] if a not in ("human", "json")]
+    c["env"] = [e for e in c["env"] if e["name"] not in ("CONSUL_HTTP_ADDR", podspec.DRAIN_TOKEN_ENV)]
+    c.pop("imagePullPolicy")
+    return c
 
 
-def test_base_has_the_shape_of_the_chart_defaults(helm, kustomize):
-    chart = podspec.pod_spec(one(helm.template(), "Deployment"))
-    base = podspec.pod_spec(one(kustomize(DEPLOY / "base"), "Deployment"))
-    for key in ("securityContext", "terminationGracePeriodSeconds", "automountServiceAccountToken"):
-        assert base.get(key) == chart.get(key), f"pod {key} differs from the chart's"
-    assert comparable(podspec.sidecar_of(base, True)) == comparable(podspec.sidecar_of(chart, True))
-    assert [comparable(c) for c in base["containers"]] == [comparable(c) for c in chart["containers"]]
+def test_component_sidecar_is_the_charts(helm, kustomize):
+    """The Component is YAML, not templates: it must stay equal to what the library renders with
+    its defaults, or the two routes drift apart."""
+    chart = podspec.pod_spec(one(helm.template({
+        "app": {"image": {"repository": "x", "tag": "1"}},
+        "manifest": {"services": [{"name": "hello", "port": 50051}]},
+        "drainToken": {"value": "0123456789abcdef"},
+    }), "Deployment"))
+    overlay = podspec.pod_spec(one(kustomize(DEPLOY / "overlays" / "example"), "Deployment"))
+    assert comparable(podspec.sidecar_of(overlay, True)) == comparable(podspec.sidecar_of(chart, True))
+    chart_hook = podspec.app_containers(chart)[0]["lifecycle"]["preStop"]["httpGet"]
+    overlay_hook = podspec.app_containers(overlay)[0]["lifecycle"]["preStop"]["httpGet"]
+    assert {**chart_hook, "httpHeaders": None} == {**overlay_hook, "httpHeaders": None}
+    component = yaml.safe_load((COMPONENT / "sidecar.yaml").read_text())
+    [sidecar] = component["spec"]["template"]["spec"]["initContainers"]
+    app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    assert sidecar["image"] == f"ghcr.io/consul-registrar/consul-registrar:{app_version}", "the chart's release"
+    [chart_volume] = [v for v in chart["volumes"] if v["name"] == "consul-registrar-manifest"]
+    [overlay_volume] = [v for v in overlay["volumes"] if v["name"] == "consul-registrar-manifest"]
+    assert chart_volume["configMap"]["items"] == overlay_volume["configMap"]["items"]
+
+
+@pytest.mark.parametrize("kind", ["Deployment", "StatefulSet", "DaemonSet", "Job"])
+def test_component_adds_the_sidecar_only_to_workloads_that_opt_in(kustomize, tmp_path, kind):
+    """A team's kustomization with two workloads of one kind, one labelled: only that one gets the
+    sidecar; its own init containers, volumes and annotations stay."""
+    shutil.copytree(COMPONENT, tmp_path / "component")
+    pod = {
+        "metadata": {"labels": {"app": "x"}, "annotations": {"team": "mine"}},
+        "spec": {
+            "initContainers": [{"name": "migrate", "image": "tool:1"}],
+            "containers": [{"name": "main", "image": "app:1", "lifecycle": {"postStart": {"exec": {"command": ["true"]}}}}],
+            "volumes": [{"name": "data", "emptyDir": {}}],
+        },
+    }
+    if kind == "Job":
+        pod["spec"]["restartPolicy"] = "Never"
+
+    def workload(name: str, opt_in: bool) -> dict:
+        labels = {"app": name, **({"consul-registrar.io/inject": "true"} if opt_in else {})}
+        api = "batch/v1" if kind == "Job" else "apps/v1"
+        spec = {"template": json.loads(json.dumps(pod))}
+        if kind != "Job":
+            spec["selector"] = {"matchLabels": {"app": "x"}}
+        if kind == "StatefulSet":
+            spec["serviceName"] = name
+        return {"apiVersion": api, "kind": kind, "metadata": {"name": name, "labels": labels}, "spec": spec}
+
+    resources = [workload("mine", True), workload("theirs", False),
+                 {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "consul-registrar-drain-token"},
+                  "stringData": {"token": "team-token-0123456789"}}]
+    (tmp_path / "app.yaml").write_text(yaml.safe_dump_all(resources))
+    (tmp_path / "manifest.yaml").write_text(yaml.safe_dump(
+        {"admin": {"address": "0.0.0.0:9102"}, "drain": {"delay": "5s"}, "services": [{"name": "x", "port": 80}]}))
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": ["app.yaml"], "components": ["component"],
+        "configMapGenerator": [{"name": "consul-registrar-manifest", "files": ["manifest.yaml"]}],
+    }))
+    docs = kustomize(tmp_path)
+    assert_valid(docs, k8s_versions())
+    by_name = {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+    mine, theirs = podspec.pod_spec(by_name["mine"]), podspec.pod_spec(by_name["theirs"])
+    facts = podspec.check_sidecar(mine, native=True)
+    assert podspec.check_drain_token(docs, mine, facts["sidecar"], facts["admin_port"]) == "team-token-0123456789"
+    assert [c["name"] for c in mine["initContainers"]] == ["consul-registrar", "migrate"], "the sidecar first, the app's own kept"
+    assert {v["name"] for v in mine["volumes"]} == {"data", "consul-registrar-manifest"}
+    assert by_name["mine"]["spec"]["template"]["metadata"]["annotations"]["team"] == "mine"
+    assert theirs == pod["spec"], "a workload without the label is left alone"
+
+
+def test_component_without_a_manifest_or_a_drain_token_fails_the_build(tmp_path):
+    """Forgetting the manifest or the token Secret is a build error, not a broken pod."""
+    import subprocess
+    import os
+    shutil.copytree(COMPONENT, tmp_path / "component")
+    (tmp_path / "app.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "a", "labels": {"consul-registrar.io/inject": "true"}},
+        "spec": {"selector": {"matchLabels": {"a": "a"}}, "template": {"metadata": {"labels": {"a": "a"}},
+                 "spec": {"containers": [{"name": "a", "image": "a"}]}}}}))
+    (tmp_path / "manifest.yaml").write_text("services: []\n")
+
+    def build(kustomization: dict) -> str:
+        (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({"resources": ["app.yaml"], "components": ["component"], **kustomization}))
+        result = subprocess.run([os.environ["KUSTOMIZE_BIN"], "build", str(tmp_path)], capture_output=True, text=True)
+        assert result.returncode != 0, result.stdout
+        return result.stderr
+
+    assert "consul-registrar-manifest" in build({}), "no manifest: a build error"
+    error = build({"configMapGenerator": [{"name": "consul-registrar-manifest", "files": ["manifest.yaml"]}]})
+    assert "consul-registrar-drain-token" in error, "no drain token: a build error"
 
 
 def test_consul_dev_server_runs_the_pinned_consul(kustomize):
@@ -94,10 +197,10 @@ def test_consul_dev_has_a_client_agent_at_the_sidecars_default_address(kustomize
         p for p in service["spec"]["ports"] if p["port"] == 8301 and p["protocol"] == "TCP").items()
 
 
-@pytest.mark.parametrize("build", ["base", "overlays/example"])
+@pytest.mark.parametrize("build", list(OVERLAYS))
 def test_manifest_is_accepted_by_the_sidecar(kustomize, registrar_bin, tmp_path, build):
     docs = kustomize(DEPLOY / build)
-    facts = podspec.check_sidecar(podspec.pod_spec(one(docs, "Deployment")), native=True)
+    facts = podspec.check_sidecar(podspec.pod_spec(one(docs, OVERLAYS[build])), native=True)
     config_map = next(d for d in docs if d["kind"] == "ConfigMap")
     registrations = validate_manifest(registrar_bin, config_map["data"][facts["key"]], tmp_path, POD_ENV)
     assert [r["ID"] for r in registrations] == [f"hello.{POD_ENV['POD_NAMESPACE']}.{POD_ENV['POD_NAME']}"]

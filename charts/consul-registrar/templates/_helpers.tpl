@@ -1,23 +1,22 @@
 {{/*
-Names, labels, images, the generated manifest and the shutdown-budget check. Everything the
-templates share lives here; the templates themselves only assemble.
+Names, labels, the app container and the pod template. The sidecar, its preStop hook, volumes,
+annotations and checks come from the library chart (charts/consul-registrar-lib), called with
+the dict built by "consul-registrar.registrar": the same templates a team's own chart uses.
 */}}
 
+{{/* The app's name: nameOverride, else the release name. It is app.kubernetes.io/name. */}}
 {{- define "consul-registrar.name" -}}
-{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- default .Release.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
-{{/* The workload's name: fullnameOverride, else <release>-<chart> (or <release> if it contains the chart name). */}}
+{{/* Resource names: fullnameOverride; else the release name, with nameOverride appended unless the release name contains it. */}}
 {{- define "consul-registrar.fullname" -}}
 {{- if .Values.fullnameOverride }}
 {{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else if and .Values.nameOverride (not (contains .Values.nameOverride .Release.Name)) }}
+{{- printf "%s-%s" .Release.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
 {{- else }}
-{{- $name := default .Chart.Name .Values.nameOverride }}
-{{- if contains $name .Release.Name }}
 {{- .Release.Name | trunc 63 | trimSuffix "-" }}
-{{- else }}
-{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
-{{- end }}
 {{- end }}
 {{- end }}
 
@@ -25,19 +24,29 @@ templates share lives here; the templates themselves only assemble.
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
+{{/* Selector labels: the only chart labels on the pod template (with podLabels). */}}
 {{- define "consul-registrar.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "consul-registrar.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
+{{/* Labels of the objects (never of the pod template, so that a chart upgrade does not roll pods). */}}
 {{- define "consul-registrar.labels" -}}
 helm.sh/chart: {{ include "consul-registrar.chart" . }}
 {{ include "consul-registrar.selectorLabels" . }}
-app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+{{- with .Values.app.image.tag }}
+app.kubernetes.io/version: {{ . | trunc 63 | trimSuffix "-" | quote }}
+{{- end }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- with .Values.commonLabels }}
 {{ toYaml . }}
 {{- end }}
+{{- end }}
+
+{{/* Labels of the objects that serve the sidecar rather than the app (manifest, drain token, metrics, test). */}}
+{{- define "consul-registrar.sidecarLabels" -}}
+{{ include "consul-registrar.labels" . }}
+app.kubernetes.io/component: consul-registrar
 {{- end }}
 
 {{- define "consul-registrar.serviceAccountName" -}}
@@ -48,235 +57,169 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 
-{{/* repository@digest, else repository:tag (tag defaulting to the chart's appVersion). Call with (list image ctx). */}}
-{{- define "consul-registrar.image" -}}
-{{- $image := index . 0 }}
-{{- $ctx := index . 1 }}
+{{/* The app image: repository@digest or repository:tag; both repository and a tag (or digest) are required. */}}
+{{- define "consul-registrar.appImage" -}}
+{{- $image := .Values.app.image }}
+{{- $repository := required "app.image.repository is required: the image of your application (see charts/consul-registrar/ci/ for examples)" $image.repository }}
 {{- if $image.digest }}
-{{- printf "%s@%s" $image.repository $image.digest }}
+{{- printf "%s@%s" $repository $image.digest }}
 {{- else }}
-{{- printf "%s:%s" $image.repository (default $ctx.Chart.AppVersion $image.tag | toString) }}
+{{- if not (kindIs "string" $image.tag) }}
+{{- fail (printf "app.image.tag must be a string: quote it (tag: \"%v\"), or YAML reads 1.10 as the number 1.1" $image.tag) }}
 {{- end }}
-{{- end }}
-
-{{/* The name of the ConfigMap holding the manifest, and the key inside it. */}}
-{{- define "consul-registrar.manifestConfigMap" -}}
-{{- default (printf "%s-manifest" (include "consul-registrar.fullname" .)) .Values.manifest.existingConfigMap }}
-{{- end }}
-
-{{- define "consul-registrar.manifestKey" -}}
-{{- if .Values.manifest.existingConfigMap }}{{ .Values.manifest.existingConfigMapKey }}{{ else }}manifest.yaml{{ end }}
-{{- end }}
-
-{{/* Where the sidecar finds its files. */}}
-{{- define "consul-registrar.manifestDir" -}}/etc/consul-registrar{{- end }}
-{{- define "consul-registrar.aclDir" -}}/var/run/secrets/consul-registrar/acl{{- end }}
-{{- define "consul-registrar.caDir" -}}/var/run/secrets/consul-registrar/ca{{- end }}
-{{- define "consul-registrar.clientTlsDir" -}}/var/run/secrets/consul-registrar/client-tls{{- end }}
-
-{{/* host:port for the admin server; IPv6 hosts get brackets. */}}
-{{- define "consul-registrar.adminAddress" -}}
-{{- $host := .Values.sidecar.adminBindAddress | toString }}
-{{- if contains ":" $host }}
-{{- printf "[%s]:%d" $host (int .Values.sidecar.adminPort) }}
-{{- else }}
-{{- printf "%s:%d" $host (int .Values.sidecar.adminPort) }}
-{{- end }}
-{{- end }}
-
-{{- define "consul-registrar.consulAddress" -}}
-{{- if .Values.consul.address }}
-{{- .Values.consul.address }}
-{{- else if .Values.consul.tls.enabled }}
-{{- "https://$(HOST_IP):8501" }}
-{{- else }}
-{{- "http://$(HOST_IP):8500" }}
+{{- printf "%s:%s" $repository (required "app.image.tag (or app.image.digest) is required: the version of your application's image" $image.tag) }}
 {{- end }}
 {{- end }}
 
 {{/*
-The generated manifest. Connection settings that Consul's own environment variables also carry
-(address, namespace, partition) come from the sidecar's env; the token and TLS files are named
-here as well as in the env so that the ConfigMap shows everything the sidecar reads.
+The dict every library template takes: the sidecar's settings in the library's shape, built from
+this chart's sidecar.*, consul.*, manifest.*, drainToken.* and app.shutdownSeconds.
 */}}
-{{- define "consul-registrar.manifest" -}}
-{{- $consul := deepCopy (default dict .Values.manifest.consul) }}
-{{- with .Values.consul.datacenter }}{{ $_ := set $consul "datacenter" . }}{{ end }}
-{{- if .Values.consul.aclToken.secretName }}
-{{- $_ := set $consul "tokenFile" (printf "%s/%s" (include "consul-registrar.aclDir" .) .Values.consul.aclToken.secretKey) }}
-{{- end }}
-{{- $tls := dict }}
-{{- if .Values.consul.tls.caSecretName }}
-{{- $_ := set $tls "caFile" (printf "%s/%s" (include "consul-registrar.caDir" .) .Values.consul.tls.caSecretKey) }}
-{{- end }}
-{{- if .Values.consul.tls.clientSecretName }}
-{{- $_ := set $tls "certFile" (printf "%s/%s" (include "consul-registrar.clientTlsDir" .) .Values.consul.tls.clientCertKey) }}
-{{- $_ := set $tls "keyFile" (printf "%s/%s" (include "consul-registrar.clientTlsDir" .) .Values.consul.tls.clientKeyKey) }}
-{{- end }}
-{{- with .Values.consul.tls.serverName }}{{ $_ := set $tls "serverName" . }}{{ end }}
-{{- if .Values.consul.tls.insecureSkipVerify }}{{ $_ := set $tls "insecureSkipVerify" true }}{{ end }}
-{{- if $tls }}{{ $_ := set $consul "tls" $tls }}{{ end }}
-{{- $manifest := dict "admin" (dict "address" (include "consul-registrar.adminAddress" .)) "drain" .Values.manifest.drain "services" .Values.manifest.services }}
-{{- if $consul }}{{ $_ := set $manifest "consul" $consul }}{{ end }}
-{{- toYaml $manifest }}
+{{- define "consul-registrar.registrarConfig" -}}
+{{- /* Use: $r := dict "config" (include "consul-registrar.registrarConfig" . | fromJson) "context" . */}}
+{{- $config := deepCopy .Values.sidecar }}
+{{- $_ := set $config "name" (include "consul-registrar.fullname" .) }}
+{{- $_ := set $config "consul" .Values.consul }}
+{{- $_ := set $config "manifest" .Values.manifest }}
+{{- $_ := set $config "drainToken" .Values.drainToken }}
+{{- $_ := set $config "terminationGracePeriodSeconds" .Values.terminationGracePeriodSeconds }}
+{{- $_ := set $config "appShutdownSeconds" .Values.app.shutdownSeconds }}
+{{- $_ := set $config "scrapeAnnotations" .Values.metrics.scrapeAnnotations }}
+{{- toJson $config }}
 {{- end }}
 
-{{/*
-Seconds in a Go-style duration ("500ms", "5s", "1m30s"), rounded up. values.schema.json has
-already checked the syntax.
-*/}}
-{{- define "consul-registrar.durationSeconds" -}}
-{{- $total := 0.0 }}
-{{- range regexFindAll "[0-9]+(\\.[0-9]+)?(ns|us|µs|μs|ms|s|m|h)" (toString .) -1 }}
-{{- $number := regexFind "^[0-9]+(\\.[0-9]+)?" . | float64 }}
-{{- $unit := regexReplaceAll "^[0-9]+(\\.[0-9]+)?" . "" }}
-{{- $scale := get (dict "ns" 0.000000001 "us" 0.000001 "µs" 0.000001 "μs" 0.000001 "ms" 0.001 "s" 1.0 "m" 60.0 "h" 3600.0) $unit }}
-{{- $total = addf $total (mulf $number $scale) }}
-{{- end }}
-{{- ceil $total | int }}
+{{/* The app container's secure defaults; a user's app.securityContext replaces them. */}}
+{{- define "consul-registrar.appSecurityContext" -}}
+runAsNonRoot: true
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop:
+    - ALL
 {{- end }}
 
-{{/*
-The pod's termination budget must cover the drain: the app's preStop hook blocks for the drain
-delay (plus deregistration) before the app even gets SIGTERM. Fails the render otherwise.
-*/}}
-{{- define "consul-registrar.validateGracePeriod" -}}
-{{- $delay := include "consul-registrar.durationSeconds" .Values.manifest.drain.delay | int }}
-{{- $grace := int .Values.terminationGracePeriodSeconds }}
-{{- $needed := add $delay (int .Values.drainGraceMarginSeconds) }}
-{{- if lt $grace $needed }}
-{{- fail (printf "terminationGracePeriodSeconds (%d) must be at least the drain delay manifest.drain.delay (%s = %ds) plus drainGraceMarginSeconds (%d): the app's preStop hook waits out the drain before the app gets SIGTERM, and the kubelet kills the pod when the grace period runs out. Set terminationGracePeriodSeconds to %d or more, or shorten the drain delay." $grace (toString .Values.manifest.drain.delay) $delay (int .Values.drainGraceMarginSeconds) $needed) }}
-{{- end }}
+{{/* The pod's secure defaults (the images run as 65532:65532); a user's podSecurityContext replaces them. */}}
+{{- define "consul-registrar.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 65532
+runAsGroup: 65532
+fsGroup: 65532
+seccompProfile:
+  type: RuntimeDefault
 {{- end }}
 
-{{/* Native sidecars (init containers with restartPolicy: Always) exist from Kubernetes 1.29 on. */}}
-{{- define "consul-registrar.validateNativeSidecar" -}}
-{{- if and .Values.sidecar.native (semverCompare "<1.29.0-0" .Capabilities.KubeVersion.Version) }}
-{{- fail (printf "sidecar.native=true needs Kubernetes 1.29 or later (this is %s): set sidecar.native=false to run the sidecar as a regular container" .Capabilities.KubeVersion.Version) }}
-{{- end }}
-{{- end }}
-
-{{/* The sidecar container (a native sidecar adds restartPolicy: Always in the Deployment). */}}
-{{- define "consul-registrar.sidecarContainer" -}}
-name: consul-registrar
-image: {{ include "consul-registrar.image" (list .Values.sidecar.image .) | quote }}
-imagePullPolicy: {{ .Values.sidecar.image.pullPolicy }}
-{{- if .Values.sidecar.native }}
-restartPolicy: Always
-{{- end }}
-args:
-  - run
-  - --manifest
-  - {{ printf "%s/manifest.yaml" (include "consul-registrar.manifestDir" .) }}
-  - --admin-addr
-  - {{ include "consul-registrar.adminAddress" . | quote }}
-  - --log-format
-  - {{ .Values.sidecar.logFormat }}
-  - --log-level
-  - {{ .Values.sidecar.logLevel | quote }}
-env:
-  # The Downward API: the manifest's defaults and ${VAR}s read these.
-  - name: POD_IP
-    valueFrom:
-      fieldRef:
-        fieldPath: status.podIP
-  - name: POD_NAME
-    valueFrom:
-      fieldRef:
-        fieldPath: metadata.name
-  - name: POD_NAMESPACE
-    valueFrom:
-      fieldRef:
-        fieldPath: metadata.namespace
-  - name: HOST_IP
-    valueFrom:
-      fieldRef:
-        fieldPath: status.hostIP
-  - name: NODE_NAME
-    valueFrom:
-      fieldRef:
-        fieldPath: spec.nodeName
-  # Consul's own client variables (after HOST_IP, so that $(HOST_IP) expands).
-  - name: CONSUL_HTTP_ADDR
-    value: {{ include "consul-registrar.consulAddress" . | quote }}
-  {{- if .Values.consul.aclToken.secretName }}
-  - name: CONSUL_HTTP_TOKEN_FILE
-    value: {{ printf "%s/%s" (include "consul-registrar.aclDir" .) .Values.consul.aclToken.secretKey | quote }}
+{{/* The pod template: the app container plus the library's sidecar, hook, volumes and annotations. */}}
+{{- define "consul-registrar.podTemplate" -}}
+{{- $r := dict "config" (include "consul-registrar.registrarConfig" . | fromJson) "context" . -}}
+metadata:
+  labels:
+    {{- include "consul-registrar.selectorLabels" . | nindent 4 }}
+    {{- with .Values.podLabels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- $annotations := include "consul-registrar-lib.podAnnotations" $r | fromYaml | default dict }}
+  {{- $annotations = merge (deepCopy .Values.podAnnotations) $annotations }}
+  {{- with $annotations }}
+  annotations:
+    {{- toYaml . | nindent 4 }}
   {{- end }}
-  {{- if .Values.consul.tls.enabled }}
-  - name: CONSUL_HTTP_SSL
-    value: "true"
+spec:
+  serviceAccountName: {{ include "consul-registrar.serviceAccountName" . }}
+  automountServiceAccountToken: {{ .Values.automountServiceAccountToken }}
+  terminationGracePeriodSeconds: {{ include "consul-registrar-lib.terminationGracePeriodSeconds" $r }}
+  {{- with .Values.priorityClassName }}
+  priorityClassName: {{ . }}
   {{- end }}
-  {{- if .Values.consul.tls.caSecretName }}
-  - name: CONSUL_CACERT
-    value: {{ printf "%s/%s" (include "consul-registrar.caDir" .) .Values.consul.tls.caSecretKey | quote }}
+  {{- with .Values.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
   {{- end }}
-  {{- if .Values.consul.tls.clientSecretName }}
-  - name: CONSUL_CLIENT_CERT
-    value: {{ printf "%s/%s" (include "consul-registrar.clientTlsDir" .) .Values.consul.tls.clientCertKey | quote }}
-  - name: CONSUL_CLIENT_KEY
-    value: {{ printf "%s/%s" (include "consul-registrar.clientTlsDir" .) .Values.consul.tls.clientKeyKey | quote }}
+  securityContext:
+    {{- if .Values.podSecurityContext }}
+    {{- toYaml .Values.podSecurityContext | nindent 4 }}
+    {{- else }}
+    {{- include "consul-registrar.podSecurityContext" . | nindent 4 }}
+    {{- end }}
+  {{- with include "consul-registrar-lib.initContainers" $r }}
+  initContainers:
+    {{- . | nindent 4 }}
   {{- end }}
-  {{- with .Values.consul.tls.serverName }}
-  - name: CONSUL_TLS_SERVER_NAME
-    value: {{ . | quote }}
+  containers:
+    - name: {{ .Values.app.name }}
+      image: {{ include "consul-registrar.appImage" . | quote }}
+      imagePullPolicy: {{ .Values.app.image.pullPolicy }}
+      {{- with .Values.app.command }}
+      command:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with .Values.app.args }}
+      args:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with .Values.app.env }}
+      env:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with .Values.app.envFrom }}
+      envFrom:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with .Values.app.ports }}
+      ports:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- if .Values.app.drainOnStop }}
+      lifecycle:
+        {{- include "consul-registrar-lib.preStop" $r | nindent 8 }}
+      {{- end }}
+      {{- with .Values.app.startupProbe }}
+      startupProbe:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with .Values.app.livenessProbe }}
+      livenessProbe:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with .Values.app.readinessProbe }}
+      readinessProbe:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with .Values.app.resources }}
+      resources:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      securityContext:
+        {{- if .Values.app.securityContext }}
+        {{- toYaml .Values.app.securityContext | nindent 8 }}
+        {{- else }}
+        {{- include "consul-registrar.appSecurityContext" . | nindent 8 }}
+        {{- end }}
+      {{- with .Values.app.volumeMounts }}
+      volumeMounts:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+    {{- with include "consul-registrar-lib.containers" $r }}
+    {{- . | nindent 4 }}
+    {{- end }}
+  volumes:
+    {{- include "consul-registrar-lib.volumes" $r | nindent 4 }}
+    {{- with .Values.extraVolumes }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- with .Values.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
   {{- end }}
-  {{- if .Values.consul.tls.insecureSkipVerify }}
-  - name: CONSUL_HTTP_SSL_VERIFY
-    value: "false"
+  {{- with .Values.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
   {{- end }}
-  {{- with .Values.consul.namespace }}
-  - name: CONSUL_NAMESPACE
-    value: {{ . | quote }}
+  {{- with .Values.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
   {{- end }}
-  {{- with .Values.consul.partition }}
-  - name: CONSUL_PARTITION
-    value: {{ . | quote }}
-  {{- end }}
-  {{- with .Values.sidecar.extraEnv }}
-  {{- toYaml . | nindent 2 }}
-  {{- end }}
-ports:
-  - name: registrar-admin
-    containerPort: {{ .Values.sidecar.adminPort }}
-    protocol: TCP
-{{- with .Values.sidecar.startupProbe }}
-startupProbe:
-  {{- toYaml . | nindent 2 }}
-{{- end }}
-{{- with .Values.sidecar.livenessProbe }}
-livenessProbe:
-  {{- toYaml . | nindent 2 }}
-{{- end }}
-{{- with .Values.sidecar.readinessProbe }}
-readinessProbe:
-  {{- toYaml . | nindent 2 }}
-{{- end }}
-{{- with .Values.sidecar.resources }}
-resources:
-  {{- toYaml . | nindent 2 }}
-{{- end }}
-{{- with .Values.sidecar.securityContext }}
-securityContext:
-  {{- toYaml . | nindent 2 }}
-{{- end }}
-volumeMounts:
-  - name: manifest
-    mountPath: {{ include "consul-registrar.manifestDir" . }}
-    readOnly: true
-  {{- if .Values.consul.aclToken.secretName }}
-  - name: consul-acl-token
-    mountPath: {{ include "consul-registrar.aclDir" . }}
-    readOnly: true
-  {{- end }}
-  {{- if .Values.consul.tls.caSecretName }}
-  - name: consul-ca
-    mountPath: {{ include "consul-registrar.caDir" . }}
-    readOnly: true
-  {{- end }}
-  {{- if .Values.consul.tls.clientSecretName }}
-  - name: consul-client-tls
-    mountPath: {{ include "consul-registrar.clientTlsDir" . }}
-    readOnly: true
+  {{- with .Values.topologySpreadConstraints }}
+  topologySpreadConstraints:
+    {{- toYaml . | nindent 4 }}
   {{- end }}
 {{- end }}

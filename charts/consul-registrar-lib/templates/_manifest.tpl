@@ -1,0 +1,81 @@
+{{/*
+The sidecar's manifest, generated from config.manifest and config.consul, the ConfigMap that
+holds it, and its checksum (the manifest data only: nothing else about the release rolls pods).
+*/}}
+
+{{/*
+The manifest document. Connection settings that Consul's own environment variables also carry
+(address, namespace, partition) come from the sidecar's env; the token and TLS files are named
+here as well as in the env so that the ConfigMap shows everything the sidecar reads.
+*/}}
+{{- define "consul-registrar-lib.manifest" -}}
+{{- include "consul-registrar-lib.resolve" . }}
+{{- $c := .resolved }}
+{{- $consul := deepCopy (default dict $c.manifest.consul) }}
+{{- with $c.consul.datacenter }}{{ $_ := set $consul "datacenter" . }}{{ end }}
+{{- if $c.consul.aclToken.secretName }}
+{{- $_ := set $consul "tokenFile" (printf "%s/%s" (include "consul-registrar-lib.aclDir" .) $c.consul.aclToken.secretKey) }}
+{{- end }}
+{{- $tls := dict }}
+{{- if $c.consul.tls.caSecretName }}
+{{- $_ := set $tls "caFile" (printf "%s/%s" (include "consul-registrar-lib.caDir" .) $c.consul.tls.caSecretKey) }}
+{{- end }}
+{{- if $c.consul.tls.clientSecretName }}
+{{- $_ := set $tls "certFile" (printf "%s/%s" (include "consul-registrar-lib.clientTlsDir" .) $c.consul.tls.clientCertKey) }}
+{{- $_ := set $tls "keyFile" (printf "%s/%s" (include "consul-registrar-lib.clientTlsDir" .) $c.consul.tls.clientKeyKey) }}
+{{- end }}
+{{- with $c.consul.tls.serverName }}{{ $_ := set $tls "serverName" . }}{{ end }}
+{{- if $c.consul.tls.insecureSkipVerify }}{{ $_ := set $tls "insecureSkipVerify" true }}{{ end }}
+{{- if $tls }}{{ $_ := set $consul "tls" $tls }}{{ end }}
+{{- $manifest := dict "admin" (dict "address" (include "consul-registrar-lib.adminAddress" .)) "drain" $c.manifest.drain "services" $c.manifest.services }}
+{{- if $consul }}{{ $_ := set $manifest "consul" $consul }}{{ end }}
+{{- toYaml $manifest }}
+{{- end }}
+
+{{/*
+The ConfigMap holding the manifest (nothing when config.manifest.existingConfigMap is set). Pass
+"labels" in the dict to label it; with "onInstall" true, the pre-install/pre-upgrade hook copy the
+`testPod` hook reads (see _test.tpl).
+*/}}
+{{- define "consul-registrar-lib.configMap" -}}
+{{- include "consul-registrar-lib.resolve" . }}
+{{- if not .resolved.manifest.existingConfigMap }}
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: {{ include "consul-registrar-lib.manifestConfigMapName" . }}
+  {{- with .labels }}
+  labels:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- if .onInstall }}
+  annotations:
+    helm.sh/hook: pre-install,pre-upgrade
+    helm.sh/hook-weight: "-10"
+    helm.sh/hook-delete-policy: before-hook-creation,hook-succeeded
+  {{- end }}
+data:
+  manifest.yaml: |
+    # The consul-registrar manifest, generated from the chart's values.
+    {{- include "consul-registrar-lib.manifest" . | nindent 4 }}
+{{- end }}
+{{- end }}
+
+{{/*
+The pod annotations: checksum/manifest (a changed manifest rolls the pods; an existing ConfigMap
+has none: roll them yourself) and prometheus.io/* for the sidecar's /metrics. A YAML map, to be
+placed under the pod template's metadata.annotations (merge your own over it).
+*/}}
+{{- define "consul-registrar-lib.podAnnotations" -}}
+{{- include "consul-registrar-lib.resolve" . }}
+{{- $annotations := dict }}
+{{- if not .resolved.manifest.existingConfigMap }}
+{{- $_ := set $annotations "checksum/manifest" (include "consul-registrar-lib.manifest" . | sha256sum) }}
+{{- end }}
+{{- if .resolved.scrapeAnnotations }}
+{{- $_ := set $annotations "prometheus.io/scrape" "true" }}
+{{- $_ := set $annotations "prometheus.io/port" (toString (int .resolved.adminPort)) }}
+{{- $_ := set $annotations "prometheus.io/path" "/metrics" }}
+{{- end }}
+{{- with $annotations }}{{ toYaml . }}{{ end }}
+{{- end }}
