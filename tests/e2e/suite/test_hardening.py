@@ -35,12 +35,11 @@ ADMIN_PORT = 9102
 
 @pytest.fixture
 def release(request, kube: Kube, helm: Helm, consul: Consul):
-    """`release(values)`: the chart with tests/e2e/values.yaml and `values`, two pods, in namespace
-    `adopt-<test>` with service `adopt-<test>`; removed afterwards (and Consul checked empty)."""
+    """`release(short, values)`: the chart with tests/e2e/values.yaml and `values`, two pods, in
+    namespace `adopt-<short>` with service `adopt-<short>`; removed afterwards (and Consul checked empty)."""
     made: list[Demo] = []
 
-    def install(values: dict) -> Demo:
-        short = request.node.originalname.removeprefix("test_").replace("_", "-")[:40].strip("-")
+    def install(short: str, values: dict) -> Demo:
         d = Demo(kube, consul, f"adopt-{short}", f"adopt-{short}")
         kube.create_namespace(d.namespace)
         made.append(d)
@@ -79,7 +78,7 @@ HEAL_WITHIN = 60  # s after the restarted app serves: generous against a 1 s pro
 
 
 def test_liveness_restart_of_the_app_comes_back_passing(release, kube):
-    d = release(LIVENESS_GRPC)
+    d = release("liveness", LIVENESS_GRPC)
     wait_for("all passing", lambda: d.all_passing(REPLICAS), 120)
     pods = [p["metadata"]["name"] for p in d.pods()]
     pod, other = pods[0], pods[1]
@@ -155,7 +154,7 @@ def drain_from_a_peer_pod(consul: Consul, pod_ip: str) -> tuple[int, str]:
 
 
 def test_drain_without_token_from_a_peer_pod_is_refused(release, kube, consul):
-    d = release({})
+    d = release("peer-drain", {})
     wait_for("all passing", lambda: d.all_passing(REPLICAS), 120)
     server = kube.pods("consul", "app.kubernetes.io/component=dev-server")
     assert server and not server[0]["spec"].get("hostNetwork"), "the Consul dev server is not a pod on the pod network"
