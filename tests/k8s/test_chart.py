@@ -646,11 +646,11 @@ def test_demo_values_run_three_replicas_against_the_consul_dev_server(helm, kust
     assert deployment["spec"]["replicas"] == 3
     spec = podspec.pod_spec(deployment)
     facts = podspec.check_sidecar(spec, native=True)
-    # The images the kind e2e builds and loads, never pulled.
-    run_sh = (Path(__file__).resolve().parents[1] / "e2e" / "kind" / "run.sh").read_text()
+    # The images the kind provider builds and loads, never pulled.
+    run_sh = (Path(__file__).resolve().parents[1] / "e2e" / "kind" / "cluster.sh").read_text()
     for container in [facts["sidecar"], *podspec.app_containers(spec)]:
         assert container["imagePullPolicy"] == "Never"
-        assert container["image"] in run_sh, f"run.sh does not build/load {container['image']}"
+        assert container["image"] in run_sh, f"kind/cluster.sh does not build {container['image']}"
     assert {c["image"] for c in [facts["sidecar"], *podspec.app_containers(spec)]} == {
         "consul-registrar:dev", "consul-registrar-demo-app:dev"}
     # The Consul address is the Service of deploy/consul-dev.

@@ -174,11 +174,27 @@ def test_consul_dev_server_runs_the_pinned_consul(kustomize):
     pinned = re.search(r'CONSUL_VERSION="\$\{CONSUL_VERSION:-([0-9.]+)\}"', (REPO / "scripts" / "consul.sh").read_text())
     assert pinned, "cannot find the pinned Consul version in scripts/consul.sh"
     container = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
-    assert container["image"] == f"hashicorp/consul:{pinned.group(1)}"
+    # The image scripts/images.sh builds from that Consul (tests/e2e loads it into the cluster).
+    assert container["image"] == f"consul:{pinned.group(1)}"
     assert "-dev" in container["command"] and "-client=0.0.0.0" in container["command"]
     service = one(docs, "Service")
     labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= labels.items()
+
+
+def test_consul_dev_has_a_client_agent_at_the_sidecars_default_address(kustomize):
+    docs = kustomize(DEPLOY / "consul-dev")
+    agent = one(docs, "DaemonSet")["spec"]["template"]["spec"]
+    # The node's own address and port 8500: the chart's default `http://$(HOST_IP):8500`.
+    assert agent["hostNetwork"] is True and agent["dnsPolicy"] == "ClusterFirstWithHostNet"
+    container = agent["containers"][0]
+    assert container["image"] == one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert "-client=$(HOST_IP)" in container["command"] and "-bind=$(HOST_IP)" in container["command"]
+    service = one(docs, "Service")
+    join = f"-retry-join={service['metadata']['name']}.{service['metadata']['namespace']}.svc.cluster.local"
+    assert join in container["command"]
+    assert {"port": 8301, "protocol": "TCP"}.items() <= next(
+        p for p in service["spec"]["ports"] if p["port"] == 8301 and p["protocol"] == "TCP").items()
 
 
 @pytest.mark.parametrize("build", list(OVERLAYS))

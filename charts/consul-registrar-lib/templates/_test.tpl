@@ -2,7 +2,9 @@
 A `helm test` Pod that runs `consul-registrar validate` on the manifest the release mounts, with
 the sidecar's own env (but the drain token) and files: `helm test <release>` fails when the
 sidecar would refuse the manifest. Pass "labels" in the dict to label it, "podSecurityContext" to
-set the pod's, "imagePullSecrets".
+set the pod's, "imagePullSecrets". The labels must not match your workload's selector: a
+DaemonSet (or a bare ReplicaSet) adopts an orphan pod its selector matches and deletes it, and
+`helm test` fails.
 
 With "onInstall" true in the dict it is a pre-install/pre-upgrade hook instead, reading the
 manifest from the hook ConfigMap `consul-registrar-lib.configMap` renders with the same flag: a

@@ -1,0 +1,437 @@
+"""Fixtures of the e2e suite: consul-registrar on a real Kubernetes cluster, judged through Consul's
+HTTP API. The suite runs against whatever cluster KUBECONFIG names; providers (tests/e2e/run.sh
+with tests/e2e/cluster/local.sh or tests/e2e/kind/cluster.sh) only provision it and load images.
+
+- `kube`: kubectl (KUBECTL, default `kubectl`) with waits that have deadlines;
+- `helm`: helm (HELM_BIN, default `helm`) installing charts/consul-registrar with
+  tests/e2e/values.yaml (the chart's default Consul address, the node-local agent);
+- `consul`: deploy/consul-dev applied (dev server + a client agent on every node), read through a
+  `kubectl port-forward` to the server's Service (restarted if it drops);
+- `demo`: a factory that installs the chart in a namespace of the test's own with a service name of
+  its own, and removes both (and waits until Consul holds none of its instances) afterwards;
+- `figure(name, value, unit)`: prints `FIGURE name=value unit` at once and again in the summary.
+
+Environment: KUBECONFIG (required), KUBECTL, HELM_BIN, E2E_KILL_CONTAINER (a command that SIGKILLs
+a container given its bare runtime id, appended; set by tests/e2e/run.sh; without it the
+sidecar-kill scenario fails under CI=true and skips otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[3]
+CHART = REPO / "charts" / "consul-registrar"
+VALUES = REPO / "tests" / "e2e" / "values.yaml"
+CONSUL_DEV = REPO / "deploy" / "consul-dev"
+IN_CI = os.environ.get("CI") == "true"
+
+_FIGURES: list[str] = []
+
+
+def figure(name: str, value, unit: str) -> None:
+    """Prints a scenario's figure as `FIGURE name=value unit` (also repeated in the summary)."""
+    if isinstance(value, float):
+        value = f"{value:.2f}"
+    line = f"FIGURE {name}={value} {unit}"
+    _FIGURES.append(line)
+    print(line, flush=True)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _FIGURES:
+        terminalreporter.section("figures")
+        for line in _FIGURES:
+            terminalreporter.write_line(line)
+
+
+def log(message: str) -> None:
+    print(f"e2e: {message}", flush=True)
+
+
+def wait_for(what: str, condition: Callable[[], object], timeout: float, interval: float = 0.25):
+    """Polls `condition` until it returns something truthy (returned); fails after `timeout` s.
+    An exception inside `condition` counts as "not yet" (the last one is reported)."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while True:
+        try:
+            result = condition()
+            if result:
+                return result
+        except (subprocess.CalledProcessError, OSError, ValueError, KeyError) as e:
+            last_error = e
+        if time.monotonic() > deadline:
+            detail = f" (last error: {last_error})" if last_error else ""
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for: {what}{detail}")
+        time.sleep(interval)
+
+
+# ---- kubectl ------------------------------------------------------------------------------------
+
+
+class Kube:
+    def __init__(self) -> None:
+        self.bin = os.environ.get("KUBECTL", "kubectl")
+
+    def run(self, *args: str, input: str | None = None, timeout: float = 120, check: bool = True) -> str:
+        proc = subprocess.run([self.bin, *args], input=input, capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise subprocess.CalledProcessError(proc.returncode, [self.bin, *args], proc.stdout, proc.stderr)
+        return proc.stdout
+
+    def json(self, *args: str, timeout: float = 60):
+        return json.loads(self.run(*args, "-o", "json", timeout=timeout))
+
+    def apply(self, manifest: dict | list, namespace: str | None = None) -> None:
+        docs = manifest if isinstance(manifest, list) else [manifest]
+        ns = ["-n", namespace] if namespace else []
+        self.run("apply", *ns, "-f", "-", input="\n---\n".join(json.dumps(d) for d in docs))
+
+    def pods(self, namespace: str, selector: str) -> list[dict]:
+        """The pods of the selector that are not being deleted, oldest first."""
+        items = self.json("-n", namespace, "get", "pods", "-l", selector)["items"]
+        items = [p for p in items if not p["metadata"].get("deletionTimestamp")]
+        return sorted(items, key=lambda p: (p["metadata"]["creationTimestamp"], p["metadata"]["name"]))
+
+    def pod(self, namespace: str, name: str) -> dict | None:
+        out = self.run("-n", namespace, "get", "pod", name, "-o", "json", "--ignore-not-found")
+        return json.loads(out) if out.strip() else None
+
+    def logs(self, namespace: str, pod: str, container: str, previous: bool = False) -> str:
+        args = ["-n", namespace, "logs", pod, "-c", container]
+        if previous:
+            args.append("--previous")
+        return self.run(*args, check=False)
+
+    def exec(self, namespace: str, pod: str, container: str, *command: str, check: bool = True) -> str:
+        return self.run("-n", namespace, "exec", pod, "-c", container, "--", *command, check=check, timeout=30)
+
+    def create_namespace(self, name: str) -> None:
+        self.run("delete", "namespace", name, "--ignore-not-found", "--wait=true", timeout=180)
+        self.run("create", "namespace", name)
+
+    def delete_namespace(self, name: str) -> None:
+        self.run("delete", "namespace", name, "--ignore-not-found", "--wait=true", timeout=180, check=False)
+
+
+def container_status(pod: dict | None, name: str) -> dict | None:
+    if not pod:
+        return None
+    status = pod.get("status", {})
+    for c in status.get("containerStatuses", []) + status.get("initContainerStatuses", []):
+        if c["name"] == name:
+            return c
+    return None
+
+
+def container_state(pod: dict | None, name: str) -> str:
+    """`running`, `terminated`, `waiting` or `gone` (no pod, or no such container status)."""
+    status = container_status(pod, name)
+    if not status:
+        return "gone"
+    state = status.get("state", {})
+    for key in ("running", "terminated", "waiting"):
+        if key in state:
+            return key
+    return "waiting"
+
+
+@pytest.fixture(scope="session")
+def kube() -> Kube:
+    if not os.environ.get("KUBECONFIG"):
+        pytest.fail("KUBECONFIG is not set: run the suite through tests/e2e/run.sh PROVIDER, or point it at a cluster")
+    k = Kube()
+    try:
+        version = k.json("version")
+    except (subprocess.CalledProcessError, OSError, subprocess.TimeoutExpired) as e:
+        pytest.fail(f"the cluster of KUBECONFIG={os.environ['KUBECONFIG']} does not answer: {e}")
+    log(f"kubectl {version['clientVersion']['gitVersion']}, server {version['serverVersion']['gitVersion']}")
+    return k
+
+
+# ---- helm ---------------------------------------------------------------------------------------
+
+
+class Helm:
+    def __init__(self, work: Path) -> None:
+        self.bin = os.environ.get("HELM_BIN", "helm")
+        self.work = work
+        self.env = dict(os.environ)
+        for var, sub in (("HELM_CACHE_HOME", "cache"), ("HELM_CONFIG_HOME", "config"), ("HELM_DATA_HOME", "data")):
+            self.env.setdefault(var, str(work / "helm" / sub))
+
+    def run(self, *args: str, timeout: float = 300) -> str:
+        proc = subprocess.run([self.bin, *args], capture_output=True, text=True, timeout=timeout, env=self.env)
+        if proc.returncode != 0:
+            raise subprocess.CalledProcessError(proc.returncode, [self.bin, *args], proc.stdout, proc.stderr)
+        return proc.stdout
+
+    def install(self, release: str, namespace: str, values: dict, wait: bool = True) -> None:
+        """`helm install` of the chart with tests/e2e/values.yaml and `values` on top (as a file)."""
+        extra = self.work / f"values-{namespace}-{release}.json"
+        extra.write_text(json.dumps(values))
+        args = ["install", release, str(CHART), "--namespace", namespace, "-f", str(VALUES), "-f", str(extra)]
+        if wait:
+            args += ["--wait", "--timeout", "4m"]
+        self.run(*args)
+
+
+@pytest.fixture(scope="session")
+def work() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="consul-registrar-e2e.") as d:
+        yield Path(d)
+
+
+@pytest.fixture(scope="session")
+def helm(work: Path) -> Helm:
+    return Helm(work)
+
+
+# ---- Consul -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Instance:
+    id: str
+    status: str  # the worst of its checks, as Consul's `?passing` filter sees it
+    address: str
+    port: int
+    node: str
+    meta: dict
+
+
+class Consul:
+    """Consul's HTTP API through `kubectl port-forward` to the dev server's Service: the catalog as
+    the servers hold it (what every Consul client discovers)."""
+
+    RANK = {"passing": 0, "warning": 1, "critical": 2}
+
+    def __init__(self, kube: Kube) -> None:
+        self.kube = kube
+        self.proc: subprocess.Popen | None = None
+        self.url = ""
+
+    def _forward(self) -> None:
+        self.close()
+        self.proc = subprocess.Popen(
+            [self.kube.bin, "-n", "consul", "port-forward", "svc/consul", ":8500"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()  # "Forwarding from 127.0.0.1:PORT -> 8500"
+        match = re.search(r"127\.0\.0\.1:(\d+)", line)
+        if not match:
+            self.close()
+            raise OSError(f"kubectl port-forward to svc/consul did not start: {line!r}")
+        self.url = f"http://127.0.0.1:{match.group(1)}"
+
+    def close(self) -> None:
+        if self.proc:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def get(self, path: str, timeout: float = 5):
+        """GET a JSON answer; one new port-forward and retry if the first attempt fails."""
+        for attempt in (1, 2):
+            if self.proc is None or self.proc.poll() is not None:
+                self._forward()
+            try:
+                with urllib.request.urlopen(self.url + path, timeout=timeout) as response:
+                    return json.load(response)
+            except (OSError, ValueError):
+                if attempt == 2:
+                    raise
+                self.close()
+
+    def instances(self, service: str) -> dict[str, Instance]:
+        """Every instance of `service`, by id. Raises when Consul does not answer, so an outage
+        never reads as "no instance"."""
+        found = {}
+        for entry in self.get(f"/v1/health/service/{service}"):
+            statuses = [c["Status"] for c in entry["Checks"]] or ["passing"]
+            worst = max(statuses, key=lambda s: self.RANK.get(s, 3))
+            svc = entry["Service"]
+            found[svc["ID"]] = Instance(svc["ID"], worst, svc["Address"], svc["Port"], entry["Node"]["Node"],
+                                        svc.get("Meta") or {})
+        return found
+
+    def statuses(self, service: str) -> dict[str, str]:
+        return {i: inst.status for i, inst in self.instances(service).items()}
+
+
+@pytest.fixture(scope="session")
+def consul(kube: Kube) -> Iterator[Consul]:
+    """deploy/consul-dev applied: the dev server and a client agent on every node, joined."""
+    kube.run("apply", "-k", str(CONSUL_DEV))
+    kube.run("-n", "consul", "rollout", "status", "deployment/consul", "--timeout=180s", timeout=200)
+    kube.run("-n", "consul", "rollout", "status", "daemonset/consul-client", "--timeout=180s", timeout=200)
+    c = Consul(kube)
+    nodes = {n["metadata"]["name"] for n in kube.json("get", "nodes")["items"]}
+
+    def agents_joined():
+        members = {m["Name"] for m in c.get("/v1/agent/members") if m["Status"] == 1}
+        return nodes <= members
+
+    wait_for(f"a Consul client agent on every node ({', '.join(sorted(nodes))}) joined to the server",
+             agents_joined, 120, 1)
+    log(f"Consul {c.get('/v1/agent/self')['Config']['Version']} at {c.url} (port-forward), agents on {sorted(nodes)}")
+    yield c
+    c.close()
+
+
+# ---- the demo release ---------------------------------------------------------------------------
+
+
+@dataclass
+class Demo:
+    """One install of the chart: the demo app with the sidecar, `service` registered per pod."""
+
+    kube: Kube
+    consul: Consul
+    namespace: str
+    service: str
+    release: str = "demo"
+
+    @property
+    def selector(self) -> str:
+        return f"app.kubernetes.io/instance={self.release}"
+
+    @property
+    def deployment(self) -> str:
+        names = self.kube.run("-n", self.namespace, "get", "deployments", "-l", self.selector, "-o", "name").split()
+        assert len(names) == 1, f"expected one Deployment of release {self.release}, got {names}"
+        return names[0]
+
+    def pods(self) -> list[dict]:
+        return self.kube.pods(self.namespace, self.selector)
+
+    def instance_id(self, pod: str) -> str:
+        return f"{self.service}.{self.namespace}.{pod}"
+
+    def instances(self) -> dict[str, Instance]:
+        return self.consul.instances(self.service)
+
+    def all_passing(self, n: int) -> bool:
+        """Exactly `n` instances, all passing, one for each of the `n` live pods."""
+        pods = [p for p in self.pods() if p["status"].get("phase") == "Running"]
+        instances = self.instances()
+        want = {self.instance_id(p["metadata"]["name"]) for p in pods}
+        return (len(pods) == n and set(instances) == want
+                and all(i.status == "passing" for i in instances.values()))
+
+    def flip(self, pod: str, status: str) -> None:
+        self.kube.exec(self.namespace, pod, "app", "/usr/local/bin/demo-app", "set", "--control", "127.0.0.1:8080",
+                       status)
+
+    def app_serves(self, pod: str) -> bool:
+        """The app answers SERVING to a gRPC health check from inside its pod (the sidecar's
+        binary is a grpc_health_probe)."""
+        proc = subprocess.run(
+            [self.kube.bin, "-n", self.namespace, "exec", pod, "-c", "consul-registrar", "--",
+             "/usr/local/bin/consul-registrar", "probe", "--addr", "127.0.0.1:50051", "--service",
+             "helloworld.Greeter"], capture_output=True, text=True, timeout=30)
+        return proc.returncode == 0
+
+
+@pytest.fixture
+def demo(request, kube: Kube, helm: Helm, consul: Consul) -> Iterator[Callable[..., Demo]]:
+    """`demo(values={...}, wait=True, before=fn)`: installs the chart in namespace `e2e-<test>` with service
+    `hello-<test>`; removed after the test, which then waits until Consul holds none of its
+    instances (a leftover would be a defect: the pods drain on deletion)."""
+    made: list[Demo] = []
+
+    def install(values: dict | None = None, wait: bool = True, suffix: str = "",
+                before: Callable[[Demo], None] | None = None) -> Demo:
+        short = re.sub(r"^test_\d*_?", "", request.node.originalname).replace("_", "-")[:30].strip("-") + suffix
+        d = Demo(kube, consul, f"e2e-{short}", f"hello-{short}")
+        kube.create_namespace(d.namespace)
+        made.append(d)
+        service = json.loads(json.dumps(base_service()))
+        service["name"] = d.service
+        merged = {"manifest": {"services": [service]}}
+        deep_merge(merged, values or {})
+        if before:
+            before(d)
+        helm.install(d.release, d.namespace, merged, wait=wait)
+        return d
+
+    yield install
+    for d in made:
+        if getattr(request.node, "rep_call_failed", False):
+            diagnostics(d)
+        kube.delete_namespace(d.namespace)
+        wait_for(f"no instance of {d.service} left in Consul after its namespace was deleted",
+                 lambda d=d: not d.instances(), 60, 0.5)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.when == "call":
+        item.rep_call_failed = report.failed
+    return report
+
+
+def diagnostics(d: Demo) -> None:
+    log(f"--- diagnostics of {d.namespace} ---")
+    print(d.kube.run("-n", d.namespace, "get", "pods", "-o", "wide", check=False))
+    print(d.kube.run("-n", d.namespace, "describe", "pods", check=False)[-6000:])
+    for container in ("consul-registrar", "app"):
+        print(d.kube.run("-n", d.namespace, "logs", "-l", d.selector, "-c", container, "--tail=30", "--prefix",
+                         check=False))
+    try:
+        for inst in d.instances().values():
+            print(f"  consul: {inst.id} {inst.status} {inst.address} node={inst.node}")
+    except OSError as e:
+        print(f"  consul: {e}")
+
+
+def base_service() -> dict:
+    """The service of tests/e2e/values.yaml (read with PyYAML, which the venv has)."""
+    import yaml
+
+    return yaml.safe_load(VALUES.read_text())["manifest"]["services"][0]
+
+
+def deep_merge(into: dict, extra: dict) -> dict:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            deep_merge(into[key], value)
+        else:
+            into[key] = value
+    return into
+
+
+# ---- the sidecar-kill helper of the provider ----------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def kill_container() -> Callable[[str], None]:
+    """SIGKILLs a container by its runtime id through the provider's E2E_KILL_CONTAINER command
+    (Kubernetes has no API that kills one container of a running pod)."""
+    command = os.environ.get("E2E_KILL_CONTAINER", "")
+    if not command:
+        message = "E2E_KILL_CONTAINER is not set: the provider has no way to kill a container"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+
+    def kill(container_id: str) -> None:
+        # The bare id: the status's `containerd://<id>` without the runtime's prefix.
+        subprocess.run([*shlex.split(command), container_id.split("://", 1)[-1]], check=True, timeout=30)
+
+    return kill
