@@ -220,10 +220,7 @@ def test_4_deleted_pod_leaves_consul_before_its_app_stops(demo, kube):
         # The container's state first, Consul afterwards: whenever the app is seen stopped, an
         # instance read later must already be gone.
         state = container_state(kube.pod(d.namespace, victim), "app")
-        try:
-            status = d.consul.statuses(d.service).get(iid)
-        except OSError:
-            continue
+        status = d.consul.statuses(d.service).get(iid)
         now = time.monotonic()
         if status is None and gone_at is None:
             gone_at = now
