@@ -123,7 +123,10 @@ pub struct Network {
 
 impl Network {
     /// Creates a bridge with an unused id (several simulations may run at once).
-    #[allow(clippy::new_without_default, reason = "it creates a bridge: no default value")]
+    #[allow(
+        clippy::new_without_default,
+        reason = "it creates a bridge: no default value"
+    )]
     pub fn new() -> Network {
         let start = (std::process::id() % 200) as u8;
         for i in 0..200u8 {
