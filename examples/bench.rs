@@ -19,23 +19,27 @@
 //! Figures are reported, never asserted: the program exits non-zero only when something could not
 //! run at all (Consul did not start, the sidecar never registered, a results file could not be
 //! written). Everything listens on 127.0.0.1, on ports below the ephemeral range.
+//!
+//! Consul, the demo app and the sidecar are started by the workspace's test kit (`testkit/`), the
+//! same code the integration tests use; this file holds what only the benchmark does: the
+//! observers, the resource readings, the statistics and the report.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::fs::File;
-use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
+use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use serde_json::{Value, json};
+use testkit::{
+    ConsulAgent, ConsulOptions, DemoApp, DemoAppOptions, Metrics, Sidecar, SidecarOptions,
+    instance_status,
+};
 
 /// The health service the demo app serves and every check asks about.
 const HEALTH_SERVICE: &str = "helloworld.Greeter";
-const SIGTERM: i32 = 15;
-const SIGKILL: i32 = 9;
 const PHASES: [&str; 5] = ["propagation", "footprint", "drain", "scale", "recovery"];
 
 #[derive(Parser)]
@@ -134,10 +138,14 @@ async fn run(args: Args) -> Result<()> {
     let logs = args.out.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("create {}", logs.display()))?;
     let _ = rustls::crypto::ring::default_provider().install_default();
+    testkit::use_binaries(
+        args.consul.clone(),
+        args.registrar.clone(),
+        args.demo_app.clone(),
+    );
     let bed = Bed {
         consul_bin: args.consul.clone(),
         registrar: args.registrar.clone(),
-        demo_app: args.demo_app.clone(),
         logs,
         http: reqwest::Client::builder()
             .no_proxy()
@@ -219,119 +227,77 @@ fn write_results(out: &Path, results: &Value) -> Result<()> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Processes, ports and the machine
+// The machine: processes' resource use
 // ---------------------------------------------------------------------------------------------
 
-/// What every phase needs: the binaries, the log directory and one HTTP client.
+/// What every phase needs: the binaries (for their sizes), the log directory and one HTTP client.
 struct Bed {
     consul_bin: PathBuf,
     registrar: PathBuf,
-    demo_app: PathBuf,
     logs: PathBuf,
     http: reqwest::Client,
 }
 
-/// A child process with its log; killed (SIGKILL) when dropped.
-struct Proc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    /// Spawns `cmd` with stdout and stderr appended to `logs/<name>.log`.
-    fn spawn(bed: &Bed, name: &str, cmd: &mut Command) -> Result<Proc> {
-        let log = bed.logs.join(format!("{name}.log"));
-        let file = File::options()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .with_context(|| format!("open {}", log.display()))?;
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(file.try_clone()?)
-            .stderr(file)
-            .spawn()
-            .with_context(|| format!("start {name} ({:?})", cmd.get_program()))?;
-        Ok(Proc { child, log })
+impl Bed {
+    /// A Consul agent (not started) with the log `logs/consul-<node>.log` and INFO logging,
+    /// Consul's default outside -dev (whose DEBUG logs every HTTP request).
+    fn consul(&self, node: &'static str, opts: ConsulOptions) -> ConsulAgent {
+        let mut agent = ConsulAgent::prepare(ConsulOptions {
+            node: Some(node),
+            log_level: Some("info"),
+            ..opts
+        });
+        agent.log_to(self.logs.join(format!("consul-{node}.log")));
+        agent
     }
 
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Sends a signal. `kill(2)` from the C library std links anyway: no child process in between,
-    /// so the moment it returns is the moment the signal was sent.
-    fn signal(&self, signal: i32) {
-        unsafe extern "C" {
-            fn kill(pid: i32, sig: i32) -> i32;
-        }
-        let pid = i32::try_from(self.pid()).unwrap_or(i32::MAX);
-        // SAFETY: kill(2) takes two integers and touches no memory of ours.
-        unsafe {
-            kill(pid, signal);
+    /// The HTTP API of `agent` through the bench's one client.
+    fn api(&self, agent: &ConsulAgent) -> Api {
+        Api {
+            http: self.http.clone(),
+            base: agent.http_addr(),
         }
     }
 
-    fn exited(&mut self) -> Option<ExitStatus> {
-        self.child.try_wait().ok().flatten()
+    /// The demo app with the log `logs/<name>.log`, serving `HEALTH_SERVICE` and `svc-0` …
+    /// `svc-{generate_services - 1}`.
+    async fn demo_app(&self, name: &str, generate_services: usize) -> DemoApp {
+        DemoApp::start(DemoAppOptions {
+            health_services: vec![HEALTH_SERVICE.into()],
+            generate_services,
+            log: Some(self.logs.join(format!("{name}.log"))),
+            ..Default::default()
+        })
+        .await
     }
 
-    /// Waits up to `timeout` for the process to exit.
-    async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.exited() {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    }
-
-    fn tail(&self, lines: usize) -> String {
-        let text = read(&self.log);
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+    /// The release sidecar with `manifest` in `logs/<name>.manifest.yaml`, its log in
+    /// `logs/<name>.log`, at log level INFO.
+    fn sidecar(&self, name: &str, manifest: &str) -> Sidecar {
+        Sidecar::start_with(
+            manifest,
+            &[],
+            &SidecarOptions {
+                log_level: "info",
+                files: Some((self.logs.clone(), name.to_string())),
+            },
+        )
     }
 }
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if self.exited().is_none() {
-            self.signal(SIGKILL);
-            let _ = self.child.wait();
-        }
+/// An error if `agent` has exited (it should not, except when the bench kills it).
+fn check_alive(agent: &mut ConsulAgent) -> Result<()> {
+    if let Some(status) = agent.exited() {
+        bail!(
+            "Consul exited unexpectedly with {status}:\n{}",
+            testkit::tail(&agent.log_path(), 20)
+        );
     }
+    Ok(())
 }
 
 fn read(path: impl AsRef<Path>) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
-}
-
-/// A port on 127.0.0.1 free for TCP and UDP, below Linux's ephemeral range (32768+), so no
-/// outgoing connection can take it between this call and the bind.
-fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    const LOW: u32 = 12_000;
-    const HIGH: u32 = 32_000;
-    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
-    let _ = NEXT.compare_exchange(
-        u32::MAX,
-        fastrand::u32(..(HIGH - LOW)),
-        Ordering::SeqCst,
-        Ordering::SeqCst,
-    );
-    for _ in 0..(HIGH - LOW) {
-        let port = (LOW + NEXT.fetch_add(1, Ordering::SeqCst) % (HIGH - LOW)) as u16;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok()
-            && UdpSocket::bind(("127.0.0.1", port)).is_ok()
-        {
-            return port;
-        }
-    }
-    panic!("no free port between {LOW} and {HIGH}")
 }
 
 /// The first line a binary prints for `args` (its version).
@@ -541,28 +507,6 @@ enum Want {
     Gone,
 }
 
-/// The status of instance `id` in a `/v1/health/service/<name>` answer, as the catalog aggregates
-/// its own checks (critical beats warning beats passing); None when absent.
-fn instance_status(entries: &Value, id: &str) -> Option<&'static str> {
-    let entry = entries
-        .as_array()?
-        .iter()
-        .find(|e| e["Service"]["ID"] == id)?;
-    let statuses: Vec<&str> = entry["Checks"]
-        .as_array()?
-        .iter()
-        .filter(|c| c["ServiceID"] == id)
-        .filter_map(|c| c["Status"].as_str())
-        .collect();
-    Some(if statuses.contains(&"critical") {
-        "critical"
-    } else if statuses.contains(&"warning") {
-        "warning"
-    } else {
-        "passing"
-    })
-}
-
 fn matches(want: Want, status: Option<&str>) -> bool {
     match want {
         Want::Status(s) => status == Some(s),
@@ -660,210 +604,9 @@ async fn observe_counts(
     }
 }
 
-/// A Consul agent on loopback ports of its own: a `-dev` server, or a client agent joined to one.
-struct ConsulAgent {
-    name: String,
-    http_port: u16,
-    serf_lan_port: u16,
-    server_port: u16,
-    serf_wan_port: u16,
-    /// For a client agent: the server's Serf LAN port to join, and the data directory.
-    join: Option<(u16, PathBuf)>,
-    /// More command-line arguments (e.g. `-hcl` limits).
-    extra: Vec<String>,
-    proc: Option<Proc>,
-}
-
-impl ConsulAgent {
-    fn dev(name: &str) -> ConsulAgent {
-        ConsulAgent {
-            name: name.to_string(),
-            http_port: free_port(),
-            serf_lan_port: free_port(),
-            server_port: free_port(),
-            serf_wan_port: free_port(),
-            join: None,
-            extra: Vec::new(),
-            proc: None,
-        }
-    }
-
-    fn client(name: &str, server: &ConsulAgent, data_dir: PathBuf) -> ConsulAgent {
-        ConsulAgent {
-            join: Some((server.serf_lan_port, data_dir)),
-            ..ConsulAgent::dev(name)
-        }
-    }
-
-    fn api(&self, bed: &Bed) -> Api {
-        Api {
-            http: bed.http.clone(),
-            base: self.address(),
-        }
-    }
-
-    fn address(&self) -> String {
-        format!("http://127.0.0.1:{}", self.http_port)
-    }
-
-    fn pid(&self) -> u32 {
-        self.proc.as_ref().map_or(0, Proc::pid)
-    }
-
-    /// Starts the process without waiting for it.
-    fn spawn(&mut self, bed: &Bed) -> Result<()> {
-        let mut cmd = Command::new(&bed.consul_bin);
-        cmd.arg("agent");
-        match &self.join {
-            None => {
-                cmd.arg("-dev");
-            }
-            Some((serf_lan, data_dir)) => {
-                std::fs::create_dir_all(data_dir)?;
-                cmd.arg("-server=false")
-                    .arg("-data-dir")
-                    .arg(data_dir)
-                    .args(["-retry-join", &format!("127.0.0.1:{serf_lan}")]);
-            }
-        }
-        // INFO, Consul's default outside -dev (whose DEBUG logs every HTTP request).
-        cmd.args([
-            "-bind",
-            "127.0.0.1",
-            "-client",
-            "127.0.0.1",
-            "-log-level",
-            "info",
-        ])
-        .args(["-node", &format!("bench-{}", self.name)])
-        .args([
-            "-dns-port",
-            "-1",
-            "-grpc-port",
-            "-1",
-            "-grpc-tls-port",
-            "-1",
-        ])
-        .args(["-http-port", &self.http_port.to_string()])
-        .args(["-server-port", &self.server_port.to_string()])
-        .args(["-serf-lan-port", &self.serf_lan_port.to_string()])
-        .args(["-serf-wan-port", &self.serf_wan_port.to_string()])
-        .args(&self.extra);
-        self.proc = Some(Proc::spawn(
-            bed,
-            &format!("consul-{}", self.name),
-            &mut cmd,
-        )?);
-        Ok(())
-    }
-
-    /// Starts the agent and waits until it answers with a leader (60 s at most).
-    async fn start(&mut self, bed: &Bed) -> Result<()> {
-        self.spawn(bed)?;
-        let api = self.api(bed);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(p) = self.proc.as_mut()
-                && let Some(status) = p.exited()
-            {
-                bail!(
-                    "Consul ({}) exited with {status} while starting:\n{}",
-                    self.name,
-                    p.tail(40)
-                );
-            }
-            if api.leader().await.is_ok_and(|l| !l.is_empty()) {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                let tail = self.proc.as_ref().map(|p| p.tail(40)).unwrap_or_default();
-                bail!("Consul ({}) did not start within 60 s:\n{tail}", self.name);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn kill(&mut self) {
-        self.proc = None;
-    }
-
-    /// An error if the agent has exited (it should not, except when the bench kills it).
-    fn check_alive(&mut self) -> Result<()> {
-        if let Some(p) = self.proc.as_mut()
-            && let Some(status) = p.exited()
-        {
-            bail!(
-                "Consul ({}) exited unexpectedly with {status}:\n{}",
-                self.name,
-                p.tail(20)
-            );
-        }
-        Ok(())
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
-// The demo app and the sidecar
+// Manifests and metrics
 // ---------------------------------------------------------------------------------------------
-
-/// The demo gRPC app on a free port, flipped through its control port.
-struct DemoApp {
-    /// Killed when the app is dropped.
-    _proc: Proc,
-    port: u16,
-    control: String,
-    http: reqwest::Client,
-}
-
-impl DemoApp {
-    async fn start(bed: &Bed, name: &str, generate_services: usize) -> Result<DemoApp> {
-        let port = free_port();
-        let control = format!("127.0.0.1:{}", free_port());
-        let mut cmd = Command::new(&bed.demo_app);
-        cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .args(["--control", &control])
-            .args(["--health-service", HEALTH_SERVICE])
-            .args(["--generate-services", &generate_services.to_string()]);
-        let mut proc = Proc::spawn(bed, name, &mut cmd)?;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(&control).is_err()
-            || TcpStream::connect(("127.0.0.1", port)).is_err()
-        {
-            if let Some(status) = proc.exited() {
-                bail!("the demo app exited with {status}:\n{}", proc.tail(20));
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "the demo app did not listen within 20 s:\n{}",
-                    proc.tail(20)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Ok(DemoApp {
-            _proc: proc,
-            port,
-            control,
-            http: bed.http.clone(),
-        })
-    }
-
-    /// Sets every health service of the app SERVING or NOT_SERVING.
-    async fn set(&self, serving: bool) -> Result<()> {
-        let path = if serving { "serving" } else { "not-serving" };
-        let resp = self
-            .http
-            .post(format!("http://{}/{path}", self.control))
-            .timeout(Duration::from_secs(10))
-            .send()
-            .await
-            .context("flip the demo app")?;
-        if !resp.status().is_success() {
-            bail!("the demo app answered {}", resp.status());
-        }
-        Ok(())
-    }
-}
 
 /// One instance of a manifest.
 struct Instance {
@@ -883,130 +626,6 @@ fn manifest(consul: &str, app_port: u16, instances: &[Instance]) -> String {
         );
     }
     m
-}
-
-/// The release sidecar with a manifest of its own.
-struct Sidecar {
-    proc: Proc,
-    admin: String,
-    http: reqwest::Client,
-}
-
-impl Sidecar {
-    fn start(bed: &Bed, name: &str, manifest: &str) -> Result<Sidecar> {
-        let path = bed.logs.join(format!("{name}.manifest.yaml"));
-        std::fs::write(&path, manifest).with_context(|| format!("write {}", path.display()))?;
-        let admin = format!("127.0.0.1:{}", free_port());
-        let mut cmd = Command::new(&bed.registrar);
-        cmd.args(["run", "--manifest"]).arg(&path).args([
-            "--admin-addr",
-            &admin,
-            "--log-level",
-            "info",
-        ]);
-        for var in [
-            "CONSUL_HTTP_ADDR",
-            "CONSUL_HTTP_TOKEN",
-            "CONSUL_HTTP_TOKEN_FILE",
-            "CONSUL_HTTP_SSL",
-            "CONSUL_CACERT",
-            "CONSUL_NAMESPACE",
-            "CONSUL_PARTITION",
-            "POD_IP",
-            "POD_NAME",
-            "POD_NAMESPACE",
-        ] {
-            cmd.env_remove(var);
-        }
-        Ok(Sidecar {
-            proc: Proc::spawn(bed, name, &mut cmd)?,
-            admin,
-            http: bed.http.clone(),
-        })
-    }
-
-    fn pid(&self) -> u32 {
-        self.proc.pid()
-    }
-
-    /// The sidecar's /metrics, parsed.
-    async fn metrics(&self) -> Metrics {
-        let text = match self
-            .http
-            .get(format!("http://{}/metrics", self.admin))
-            .timeout(Duration::from_secs(10))
-            .send()
-            .await
-        {
-            Ok(r) => r.text().await.unwrap_or_default(),
-            Err(_) => String::new(),
-        };
-        Metrics::parse(&text)
-    }
-
-    /// SIGTERM, then waits for the exit (the drain deregisters everything).
-    async fn stop(mut self) -> Option<ExitStatus> {
-        self.proc.signal(SIGTERM);
-        self.proc.wait_exit(Duration::from_secs(60)).await
-    }
-}
-
-/// Prometheus text-format samples: (name, labels, value).
-struct Metrics(Vec<(String, BTreeMap<String, String>, f64)>);
-
-impl Metrics {
-    fn parse(text: &str) -> Metrics {
-        let mut out = Vec::new();
-        for line in text
-            .lines()
-            .filter(|l| !l.starts_with('#') && !l.is_empty())
-        {
-            let Some((series, value)) = line.rsplit_once(' ') else {
-                continue;
-            };
-            let Ok(value) = value.parse::<f64>() else {
-                continue;
-            };
-            let (name, labels) = match series.split_once('{') {
-                Some((n, rest)) => (n, rest.trim_end_matches('}')),
-                None => (series, ""),
-            };
-            let labels = labels
-                .split("\",")
-                .filter_map(|kv| kv.split_once("=\""))
-                .map(|(k, v)| (k.to_string(), v.trim_end_matches('"').to_string()))
-                .collect();
-            out.push((name.to_string(), labels, value));
-        }
-        Metrics(out)
-    }
-
-    /// The sum of every series of `name` whose labels include `label`=`value` (any, when None).
-    fn sum(&self, name: &str, label: Option<(&str, &str)>) -> f64 {
-        self.0
-            .iter()
-            .filter(|(n, labels, _)| {
-                n == name && label.is_none_or(|(k, v)| labels.get(k).is_some_and(|x| x == v))
-            })
-            .map(|(_, _, v)| v)
-            .sum()
-    }
-
-    /// Consul requests by operation and status class.
-    fn consul_requests(&self) -> BTreeMap<String, f64> {
-        let mut out = BTreeMap::new();
-        for (n, labels, v) in &self.0 {
-            if n == "consul_registrar_consul_requests_total" {
-                let key = format!(
-                    "{} {}",
-                    labels.get("operation").map_or("?", String::as_str),
-                    labels.get("status").map_or("?", String::as_str)
-                );
-                *out.entry(key).or_insert(0.0) += v;
-            }
-        }
-        out
-    }
 }
 
 /// Requests per minute by operation and status between two scrapes `seconds` apart.
@@ -1115,31 +734,30 @@ const FLOOR_CHECK: &str = "bench-floor-ttl";
 impl MainBed {
     async fn start(bed: &Bed) -> Result<MainBed> {
         say("starting the Consul dev server, the demo app and the sidecar");
-        let mut consul = ConsulAgent::dev("server");
-        consul.start(bed).await?;
-        let api = consul.api(bed);
-        let app = DemoApp::start(bed, "demo-app", 0).await?;
-        let us = Sidecar::start(
-            bed,
+        let mut consul = bed.consul("bench-server", ConsulOptions::default());
+        consul.start().await;
+        let api = bed.api(&consul);
+        let app = bed.demo_app("demo-app", 0).await;
+        let us = bed.sidecar(
             "sidecar-us",
             &manifest(
-                &consul.address(),
-                app.port,
+                &consul.http_addr(),
+                app.port(),
                 &[Instance {
                     name: US.0.into(),
                     id: US.1.into(),
                     health_service: HEALTH_SERVICE.into(),
                 }],
             ),
-        )?;
+        );
         // The peer: Consul's own gRPC check, run by the agent every second, against the same app.
         api.put(
             "/v1/agent/service/register",
             &json!({
-                "Name": PEER.0, "ID": PEER.1, "Address": "127.0.0.1", "Port": app.port,
+                "Name": PEER.0, "ID": PEER.1, "Address": "127.0.0.1", "Port": app.port(),
                 "Check": {
                     "Name": "gRPC health (Consul's own check)",
-                    "GRPC": format!("127.0.0.1:{}/{HEALTH_SERVICE}", app.port),
+                    "GRPC": format!("127.0.0.1:{}/{HEALTH_SERVICE}", app.port()),
                     "Interval": "1s",
                 },
             }),
@@ -1162,7 +780,7 @@ impl MainBed {
             {
                 bail!(
                     "{id} is not passing in Consul 30 s after start; sidecar log:\n{}",
-                    us.proc.tail(30)
+                    us.tail(30)
                 );
             }
         }
@@ -1280,7 +898,7 @@ async fn propagation(m: &mut MainBed, args: &Args) -> Result<Value> {
             0
         };
         let t0 = Instant::now();
-        m.app.set(!serving).await?;
+        m.app.set_serving(!serving).await;
         let (us_at, peer_at) = tokio::join!(
             observe(
                 &api,
@@ -1307,7 +925,7 @@ async fn propagation(m: &mut MainBed, args: &Args) -> Result<Value> {
             }
         );
         if us_at.is_none() {
-            m.consul.check_alive()?;
+            check_alive(&mut m.consul)?;
         }
         us.push(to, t0, us_at);
         if with_peer {
@@ -1327,7 +945,7 @@ async fn propagation(m: &mut MainBed, args: &Args) -> Result<Value> {
     let after = m.us.metrics().await;
     // Leave the app serving for the next phase.
     if !serving {
-        m.app.set(true).await?;
+        m.app.set_serving(true).await;
         settle(&api, US, "passing").await?;
     }
 
@@ -1411,11 +1029,15 @@ fn usage_report(a: &Usage, b: &Usage, peak_kib: u64) -> Value {
 async fn footprint(bed: &Bed, m: &mut MainBed, args: &Args) -> Result<Value> {
     // The per-node alternative: a Consul client agent joined to the dev server, running the peer's
     // gRPC check (interval 1 s) against the same app.
-    let data_dir = bed.logs.join("consul-client-data");
-    let _ = std::fs::remove_dir_all(&data_dir);
-    let mut client = ConsulAgent::client("client", &m.consul, data_dir);
-    client.start(bed).await?;
-    let client_api = client.api(bed);
+    let mut client = bed.consul(
+        "bench-client",
+        ConsulOptions {
+            join: Some(m.consul.serf_lan_port()),
+            ..Default::default()
+        },
+    );
+    client.start().await;
+    let client_api = bed.api(&client);
     let node = "bench-client";
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -1436,8 +1058,8 @@ async fn footprint(bed: &Bed, m: &mut MainBed, args: &Args) -> Result<Value> {
         .put(
             "/v1/agent/service/register",
             &json!({
-                "Name": node_peer.0, "ID": node_peer.1, "Address": "127.0.0.1", "Port": m.app.port,
-                "Check": { "GRPC": format!("127.0.0.1:{}/{HEALTH_SERVICE}", m.app.port), "Interval": "1s" },
+                "Name": node_peer.0, "ID": node_peer.1, "Address": "127.0.0.1", "Port": m.app.port(),
+                "Check": { "GRPC": format!("127.0.0.1:{}/{HEALTH_SERVICE}", m.app.port()), "Interval": "1s" },
             }),
         )
         .await?;
@@ -1472,7 +1094,7 @@ async fn footprint(bed: &Bed, m: &mut MainBed, args: &Args) -> Result<Value> {
     for i in 0..flips {
         ticker.tick().await;
         serving = !serving;
-        m.app.set(serving).await?;
+        m.app.set_serving(serving).await;
         if i % 10 == 0 {
             for (k, p) in pids.iter().enumerate() {
                 peak[k] = peak[k].max(usage(*p).map_or(0, |u| u.rss_kib));
@@ -1482,7 +1104,7 @@ async fn footprint(bed: &Bed, m: &mut MainBed, args: &Args) -> Result<Value> {
     ticker.tick().await;
     let load_end: Vec<Option<Usage>> = pids.iter().map(|p| usage(*p)).collect();
     if !serving {
-        m.app.set(true).await?;
+        m.app.set_serving(true).await;
     }
     settle(&m.api, US, "passing").await?;
 
@@ -1528,8 +1150,8 @@ async fn footprint(bed: &Bed, m: &mut MainBed, args: &Args) -> Result<Value> {
 async fn drain(bed: &Bed, m: &mut MainBed, args: &Args) -> Result<Value> {
     const DRAIN: (&str, &str) = ("bench-drain", "bench-drain-1");
     let text = manifest(
-        &m.consul.address(),
-        m.app.port,
+        &m.consul.http_addr(),
+        m.app.port(),
         &[Instance {
             name: DRAIN.0.into(),
             id: DRAIN.1.into(),
@@ -1543,7 +1165,7 @@ async fn drain(bed: &Bed, m: &mut MainBed, args: &Args) -> Result<Value> {
     let mut bad_exits = Vec::new();
     for run in 0..args.drain_runs {
         let spawned = Instant::now();
-        let mut sidecar = Sidecar::start(bed, "sidecar-drain", &text)?;
+        let mut sidecar = bed.sidecar("sidecar-drain", &text);
         let Some(up) = observe(
             &m.api,
             DRAIN.0,
@@ -1556,13 +1178,13 @@ async fn drain(bed: &Bed, m: &mut MainBed, args: &Args) -> Result<Value> {
         else {
             bail!(
                 "the drain sidecar did not register within 30 s:\n{}",
-                sidecar.proc.tail(30)
+                sidecar.tail(30)
             );
         };
         startup.push(ms(up - spawned));
         let (index, _) = current(&m.api, DRAIN.0, DRAIN.1).await?;
         let t0 = Instant::now();
-        sidecar.proc.signal(SIGTERM);
+        sidecar.signal("TERM");
         let (at, status) = tokio::join!(
             observe(
                 &m.api,
@@ -1573,7 +1195,7 @@ async fn drain(bed: &Bed, m: &mut MainBed, args: &Args) -> Result<Value> {
                 t0 + Duration::from_secs(10)
             ),
             async {
-                let s = sidecar.proc.wait_exit(Duration::from_secs(15)).await;
+                let s = sidecar.exit_within(Duration::from_secs(15)).await;
                 (s, Instant::now())
             }
         );
@@ -1585,7 +1207,7 @@ async fn drain(bed: &Bed, m: &mut MainBed, args: &Args) -> Result<Value> {
             (Some(s), t) if s.success() => exited.push(ms(t - t0)),
             (s, _) => bad_exits.push(format!("run {run}: {s:?}")),
         }
-        m.consul.check_alive()?;
+        check_alive(&mut m.consul)?;
         tokio::time::sleep(Duration::from_millis(fastrand::u64(20..100))).await;
     }
     let s = summary(&gone, timeouts);
@@ -1624,24 +1246,26 @@ fn at_least(status: &'static str, n: usize) -> impl Fn(&BTreeMap<String, usize>)
 
 async fn scale(bed: &Bed, args: &Args) -> Result<Value> {
     let most = args.scale.iter().copied().max().unwrap_or(0);
-    let app = DemoApp::start(bed, "demo-app-scale", most).await?;
+    let app = bed.demo_app("demo-app-scale", most).await;
     // Consul refuses a client past 200 connections by default. The sidecar keeps under that
     // (at most 32 calls in flight plus `consul.blockingWatches` watches), and an earlier version
     // did not, so the rows are measured against an agent with the limit raised, where a burst of
     // connections costs memory instead of refusals; the largest count is also run against an agent
     // with the default limits, and the report counts the calls it refused.
-    let mut consul = ConsulAgent::dev("scale");
-    consul.extra = vec![
-        "-hcl".into(),
-        format!("limits {{ http_max_conns_per_client = {SCALE_CONN_LIMIT} }}"),
-    ];
-    consul.start(bed).await?;
-    let api = consul.api(bed);
+    let mut consul = bed.consul(
+        "bench-scale",
+        ConsulOptions {
+            http_max_conns_per_client: Some(SCALE_CONN_LIMIT),
+            ..Default::default()
+        },
+    );
+    consul.start().await;
+    let api = bed.api(&consul);
     let mut rows = Vec::new();
     for &n in &args.scale {
         say(&format!("scale: {n} services"));
-        rows.push(scale_row(bed, &api, &consul.address(), &app, n, args).await?);
-        consul.check_alive()?;
+        rows.push(scale_row(bed, &api, &consul.http_addr(), &app, n, args).await?);
+        check_alive(&mut consul)?;
     }
     drop(consul);
     let default_limits = if most > 150 {
@@ -1665,9 +1289,9 @@ async fn scale_row(
     n: usize,
     args: &Args,
 ) -> Result<Value> {
-    let text = manifest(consul, app.port, &scale_instances(n));
+    let text = manifest(consul, app.port(), &scale_instances(n));
     let spawned = Instant::now();
-    let sidecar = Sidecar::start(bed, &format!("sidecar-scale-{n}"), &text)?;
+    let mut sidecar = bed.sidecar(&format!("sidecar-scale-{n}"), &text);
     let (up, counts) = observe_counts(
         api,
         SCALE_FILTER,
@@ -1703,7 +1327,7 @@ async fn scale_row(
         let serving = r % 2 == 1;
         let before = usage(sidecar.pid());
         let t = Instant::now();
-        app.set(serving).await?;
+        app.set_serving(serving).await;
         let (at, _) = observe_counts(
             api,
             SCALE_FILTER,
@@ -1724,10 +1348,10 @@ async fn scale_row(
             }
         }
     }
-    app.set(true).await?;
+    app.set_serving(true).await;
     let end = usage(sidecar.pid());
     let m2 = sidecar.metrics().await;
-    let status = sidecar.stop().await;
+    let status = sidecar.terminate(Duration::from_secs(60)).await;
     let (gone, _) = observe_counts(
         api,
         SCALE_FILTER,
@@ -1776,15 +1400,14 @@ async fn scale_with_default_limits(bed: &Bed, app: &DemoApp, n: usize) -> Result
     say(&format!(
         "scale: {n} services against Consul's default limits (20 s)"
     ));
-    let mut consul = ConsulAgent::dev("scale-default");
-    consul.start(bed).await?;
-    let api = consul.api(bed);
+    let mut consul = bed.consul("bench-scale-default", ConsulOptions::default());
+    consul.start().await;
+    let api = bed.api(&consul);
     let spawned = Instant::now();
-    let sidecar = Sidecar::start(
-        bed,
+    let mut sidecar = bed.sidecar(
         &format!("sidecar-scale-{n}-default-limits"),
-        &manifest(&consul.address(), app.port, &scale_instances(n)),
-    )?;
+        &manifest(&consul.http_addr(), app.port(), &scale_instances(n)),
+    );
     let (up, counts) = observe_counts(
         &api,
         SCALE_FILTER,
@@ -1794,8 +1417,8 @@ async fn scale_with_default_limits(bed: &Bed, app: &DemoApp, n: usize) -> Result
     .await;
     let metrics = sidecar.metrics().await;
     let requests = metrics.consul_requests();
-    let status = sidecar.stop().await;
-    consul.check_alive()?;
+    let status = sidecar.terminate(Duration::from_secs(60)).await;
+    check_alive(&mut consul)?;
     say(&format!(
         "scale: default limits: {counts:?} after 20 s, {} failed Consul calls",
         consul_errors(&metrics)
@@ -1817,23 +1440,22 @@ async fn scale_with_default_limits(bed: &Bed, app: &DemoApp, n: usize) -> Result
 
 async fn recovery(bed: &Bed, args: &Args) -> Result<Value> {
     const REC: (&str, &str) = ("bench-recovery", "bench-recovery-1");
-    let mut consul = ConsulAgent::dev("recovery");
-    consul.start(bed).await?;
-    let api = consul.api(bed);
-    let app = DemoApp::start(bed, "demo-app-recovery", 0).await?;
-    let sidecar = Sidecar::start(
-        bed,
+    let mut consul = bed.consul("bench-recovery", ConsulOptions::default());
+    consul.start().await;
+    let api = bed.api(&consul);
+    let app = bed.demo_app("demo-app-recovery", 0).await;
+    let sidecar = bed.sidecar(
         "sidecar-recovery",
         &manifest(
-            &consul.address(),
-            app.port,
+            &consul.http_addr(),
+            app.port(),
             &[Instance {
                 name: REC.0.into(),
                 id: REC.1.into(),
                 health_service: HEALTH_SERVICE.into(),
             }],
         ),
-    )?;
+    );
     if observe(
         &api,
         REC.0,
@@ -1847,7 +1469,7 @@ async fn recovery(bed: &Bed, args: &Args) -> Result<Value> {
     {
         bail!(
             "the recovery sidecar did not register:\n{}",
-            sidecar.proc.tail(30)
+            sidecar.tail(30)
         );
     }
     let mut from_http = Vec::new();
@@ -1857,8 +1479,8 @@ async fn recovery(bed: &Bed, args: &Args) -> Result<Value> {
     let mut timeouts = 0;
     for run in 0..args.recovery_runs {
         let killed = Instant::now();
-        consul.kill();
-        consul.spawn(bed)?;
+        consul.stop();
+        consul.spawn();
         let mut http_at = None;
         let deadline = Instant::now() + Duration::from_secs(60);
         let leader_at = loop {

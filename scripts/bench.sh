@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The benchmark suite (`make bench`): builds the sidecar, the demo app and the bench driver once
 # (release profile), provides Consul (scripts/consul.sh) and a plotting venv (matplotlib, cached),
-# runs examples/bench.rs against a real Consul dev agent on loopback, and draws the latency plot.
+# runs examples/bench.rs (which starts its processes with the workspace's test kit, testkit/) against
+# a real Consul dev agent on loopback, and draws the latency plot.
 #
 # Output in $BENCH_OUT (default bench-results/, git-ignored): results.md (the tables),
 # results.json (every sample), latency.png, bench.log and logs/ (every process's log).
@@ -47,7 +48,7 @@ mkdir -p "$(dirname "$venv")"
 ) 9>"$venv.lock"
 
 log "building the sidecar, the demo app and the bench driver (release profile)"
-cargo build --release --locked --bin consul-registrar --example demo-app --example bench
+cargo build --release --locked --workspace --bin consul-registrar --bin demo-app --example bench
 target_dir=$(cargo metadata --format-version 1 --no-deps |
   python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
 release="$target_dir/release"
@@ -56,14 +57,14 @@ mkdir -p "$out"
 rm -rf "$out/logs" "$out/results.json" "$out/results.md" "$out/latency.png"
 commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 # Only what goes into the measured binaries counts as a local change.
-git diff --quiet HEAD -- src examples proto build.rs Cargo.toml Cargo.lock 2>/dev/null ||
+git diff --quiet HEAD -- src examples demo-app testkit Cargo.toml Cargo.lock 2>/dev/null ||
   commit="$commit+local changes"
 
 log "running; results go to $out/"
 "$release/examples/bench" \
   --consul "$consul_bin" \
   --registrar "$release/consul-registrar" \
-  --demo-app "$release/examples/demo-app" \
+  --demo-app "$release/demo-app" \
   --out "$out" \
   --commit "$commit" \
   --rustc "$(rustc --version)" 2>&1 | tee "$out/bench.log"

@@ -18,11 +18,18 @@ DEMO_FLIP_SECONDS="${DEMO_FLIP_SECONDS:-5}"
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 consul_bin=$(bash scripts/consul.sh)
-say "building the sidecar and the demo app"
-cargo build --quiet --bin consul-registrar --example demo-app
-target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
-registrar="$target_dir/debug/consul-registrar"
-demo_app="$target_dir/debug/examples/demo-app"
+# CONSUL_REGISTRAR_BIN and DEMO_APP_BIN name binaries built already (tests/demo.rs passes the ones
+# under test, so that no cargo build runs inside a test); otherwise the script builds them.
+if [ -n "${CONSUL_REGISTRAR_BIN:-}" ] && [ -n "${DEMO_APP_BIN:-}" ]; then
+  registrar="$CONSUL_REGISTRAR_BIN"
+  demo_app="$DEMO_APP_BIN"
+else
+  say "building the sidecar and the demo app"
+  cargo build --quiet --locked --bin consul-registrar --bin demo-app --workspace
+  target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+  registrar="$target_dir/debug/consul-registrar"
+  demo_app="$target_dir/debug/demo-app"
+fi
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/consul-registrar-demo.XXXXXX")
 pids=()

@@ -17,6 +17,9 @@ fn make_demo_shows_registration_follow_health_and_drain() {
         .env("CONTROL_PORT", port())
         .env("ADMIN_PORT", port())
         .env("CONSUL_BIN", support::consul_bin())
+        // The binaries the tests run, so that the script starts no cargo build of its own.
+        .env("CONSUL_REGISTRAR_BIN", support::registrar_bin())
+        .env("DEMO_APP_BIN", support::demo_app_bin())
         .output()
         .expect("run scripts/demo.sh");
     let stdout = String::from_utf8_lossy(&out.stdout);

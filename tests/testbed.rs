@@ -13,9 +13,7 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-mod hello {
-    tonic::include_proto!("helloworld");
-}
+use demo_app::hello;
 
 const SECOND: Duration = Duration::from_secs(1);
 

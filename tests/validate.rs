@@ -8,23 +8,10 @@ use std::process::{Command, Output};
 
 fn registrar() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_consul-registrar"));
-    for var in [
-        "CONSUL_HTTP_ADDR",
-        "CONSUL_HTTP_TOKEN",
-        "CONSUL_HTTP_TOKEN_FILE",
-        "CONSUL_HTTP_SSL",
-        "CONSUL_CACERT",
-        "CONSUL_CLIENT_CERT",
-        "CONSUL_CLIENT_KEY",
-        "CONSUL_TLS_SERVER_NAME",
-        "CONSUL_HTTP_SSL_VERIFY",
-        "CONSUL_NAMESPACE",
-        "CONSUL_PARTITION",
-        "POD_IP",
-        "POD_NAME",
-        "POD_NAMESPACE",
-        "CONSUL_REGISTRAR_TEST_UNSET_VAR",
-    ] {
+    for var in testkit::CONSUL_ENV
+        .into_iter()
+        .chain(["CONSUL_REGISTRAR_TEST_UNSET_VAR"])
+    {
         cmd.env_remove(var);
     }
     cmd

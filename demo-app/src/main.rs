@@ -36,11 +36,8 @@ use tonic_health::pb::health_server::{Health, HealthServer};
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 use tonic_health::server::{HealthReporter, HealthService};
 
-mod hello {
-    tonic::include_proto!("helloworld");
-}
-use hello::greeter_server::{Greeter, GreeterServer};
-use hello::{HelloReply, HelloRequest};
+use demo_app::hello::greeter_server::{Greeter, GreeterServer};
+use demo_app::hello::{HelloReply, HelloRequest};
 
 #[derive(Parser)]
 #[command(
