@@ -351,6 +351,9 @@ pub struct Pod {
 
 pub const APP_PORT: u16 = 50051;
 pub const ADMIN_PORT: u16 = 9102;
+/// The drain token every pod's sidecar gets (`CONSUL_REGISTRAR_DRAIN_TOKEN`) and the kubelet's
+/// preStop sends (`X-Drain-Token`), as the chart provisions it.
+pub const DRAIN_TOKEN: &str = "podsim-drain-token";
 
 /// The pieces a pod needs to start.
 pub struct PodSpec<'a> {
@@ -430,7 +433,8 @@ services:
             .arg(&manifest_path)
             .env("POD_IP", &ns.addr)
             .env("POD_NAME", spec.name)
-            .env("POD_NAMESPACE", "sim");
+            .env("POD_NAMESPACE", "sim")
+            .env("CONSUL_REGISTRAR_DRAIN_TOKEN", DRAIN_TOKEN);
         let sidecar = Proc::spawn(sidecar_cmd, dir.path().join("sidecar.log"));
         Pod {
             name: spec.name.to_string(),
@@ -455,6 +459,7 @@ services:
             let url = self.admin_url("/drain?wait=true");
             let r = super::http_client()
                 .get(&url)
+                .header("X-Drain-Token", DRAIN_TOKEN)
                 .timeout(how.grace)
                 .send()
                 .await;
