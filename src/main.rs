@@ -2,8 +2,7 @@
 //! would be registered), `probe` (a one-shot gRPC health check, grpc_health_probe-compatible).
 //!
 //! Exit codes: 0 success; 1 runtime failure (drain incomplete by drain.delay +
-//! drain.deregisterTimeout, admin port taken, Consul client
-//! set-up); 2 command-line usage; 65 invalid manifest; 66 manifest unreadable. `probe` uses
+//! drain.deregisterTimeout, admin port taken, Consul client set-up); 2 command-line usage; 65 invalid manifest; 66 manifest unreadable. `probe` uses
 //! grpc_health_probe's codes instead: 0 serving, 1 bad arguments, 2 connection failure, 3 RPC
 //! failure or timeout, 4 not serving.
 
