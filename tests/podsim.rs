@@ -658,6 +658,9 @@ async fn scenario_8_a_liveness_restart_heals_the_drain_and_a_pod_deletion_ends_d
         pod.app.wait_until(Instant::now() + 10 * SECOND).is_some(),
         "the app did not stop"
     );
+    // The kubelet's restart takes a while (stop, remove, create and start the container); the
+    // sidecar notices an app gone for longer than its 200 ms poll.
+    tokio::time::sleep(SECOND).await;
     restart_demo_app(&mut pod);
     wait_passing(&consul, &pod).await;
     let back_after = restarted.elapsed();
