@@ -6,11 +6,15 @@
 //!   started; 503 otherwise, with the reason.
 //! - `GET|POST /drain[?wait=true]`: starts the drain (202); with `wait=true` answers 200 only when
 //!   every instance is deregistered (500 if that failed). GET is accepted because Kubernetes
-//!   `preStop` `httpGet` hooks can only send GET.
+//!   `preStop` `httpGet` hooks can only send GET. Only a caller holding the drain token (header
+//!   `X-Drain-Token`, see [`DrainAuth`]) may drain; without a configured token, only a loopback
+//!   peer. Anyone else gets 403, counted in `admin_requests_refused_total`.
 //! - `GET /status`: JSON with each instance's probe verdict, Consul state and last errors.
 //! - `GET /metrics`: Prometheus text format.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,11 +26,20 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::manifest::Secret;
 use crate::metrics::Metrics;
-use crate::shutdown::{DrainHandle, Phase};
+use crate::shutdown::{DrainHandle, Origin, Phase};
 use crate::status::StatusBoard;
+
+/// The request header that carries the drain token.
+pub const DRAIN_TOKEN_HEADER: &str = "X-Drain-Token";
+
+/// How long requests in flight (a preStop's `/drain?wait=true`) may still be answered when the
+/// sidecar stops.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
 /// What the admin endpoints read.
 #[derive(Clone)]
@@ -34,13 +47,87 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub board: Arc<StatusBoard>,
     pub drain: DrainHandle,
+    pub drain_auth: Arc<DrainAuth>,
 }
 
-/// Serves on `listener` until `cancel`.
+/// Who may start a drain: set from `CONSUL_REGISTRAR_DRAIN_TOKEN` or
+/// `CONSUL_REGISTRAR_DRAIN_TOKEN_FILE` (the file wins when both are set).
+#[derive(Debug, Clone)]
+pub enum DrainAuth {
+    /// No token configured: only a peer on loopback (inside the pod) may drain.
+    LoopbackOnly,
+    /// Callers must send the token in `X-Drain-Token`.
+    Token(Secret),
+    /// As `Token`, read from this file on every drain request, so that a mounted Secret that
+    /// Kubernetes updates in place takes effect without a restart. Surrounding whitespace is
+    /// ignored; an unreadable or empty file refuses every drain.
+    TokenFile(PathBuf),
+}
+
+impl DrainAuth {
+    /// From the environment variables' values; an empty token counts as none.
+    pub fn from_settings(token: Option<String>, file: Option<PathBuf>) -> DrainAuth {
+        match (token, file) {
+            (_, Some(file)) => DrainAuth::TokenFile(file),
+            (Some(token), None) if !token.trim().is_empty() => {
+                DrainAuth::Token(Secret::new(token.trim()))
+            }
+            _ => DrainAuth::LoopbackOnly,
+        }
+    }
+
+    /// Whether a request from `peer` with `presented` (the header's value) may drain; the reason
+    /// (a metric label) when not.
+    fn check(&self, peer: SocketAddr, presented: Option<&[u8]>) -> Result<(), &'static str> {
+        let expected = match self {
+            DrainAuth::LoopbackOnly => {
+                return if peer.ip().to_canonical().is_loopback() {
+                    Ok(())
+                } else {
+                    Err("not_loopback")
+                };
+            }
+            DrainAuth::Token(secret) => secret.expose().to_string(),
+            DrainAuth::TokenFile(path) => match std::fs::read_to_string(path) {
+                Ok(text) if !text.trim().is_empty() => text.trim().to_string(),
+                Ok(_) => {
+                    tracing::error!(file = %path.display(), "the drain token file is empty; refusing every drain");
+                    return Err("token_unreadable");
+                }
+                Err(e) => {
+                    tracing::error!(file = %path.display(), error = %e, "cannot read the drain token file; refusing every drain");
+                    return Err("token_unreadable");
+                }
+            },
+        };
+        match presented {
+            None => Err("missing_token"),
+            Some(p) if constant_time_eq(p, expected.as_bytes()) => Ok(()),
+            Some(_) => Err("wrong_token"),
+        }
+    }
+}
+
+/// Compares without returning early, so the time taken does not tell how much of a guess was
+/// right (only the length of the longer input shows).
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = u8::from(a.len() != b.len());
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0);
+        diff |= std::hint::black_box(x ^ y);
+    }
+    diff == 0
+}
+
+/// Serves on `listener` until `cancel`; then answers the requests in flight (a waiting
+/// `/drain?wait=true` gets its answer) for up to [`SHUTDOWN_GRACE`] and returns.
 pub async fn serve(listener: TcpListener, state: AdminState, cancel: CancellationToken) {
+    let mut connections = JoinSet::new();
     loop {
-        let (stream, _) = tokio::select! {
-            _ = cancel.cancelled() => return,
+        let (stream, peer) = tokio::select! {
+            _ = cancel.cancelled() => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
@@ -53,27 +140,35 @@ pub async fn serve(listener: TcpListener, state: AdminState, cancel: Cancellatio
         };
         let state = state.clone();
         let cancel = cancel.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let service = service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(route(req, &state).await) }
+                async move { Ok::<_, Infallible>(route(req, peer, &state).await) }
             });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
                 .max_buf_size(64 * 1024)
                 .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
             tokio::select! {
-                _ = conn => {}
+                _ = conn.as_mut() => return,
                 _ = cancel.cancelled() => {}
             }
+            // Finish the request in flight, if any, then close.
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn).await;
         });
     }
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
 }
 
 type Reply = Response<Full<Bytes>>;
 
-async fn route(req: Request<Incoming>, state: &AdminState) -> Reply {
+async fn route(req: Request<Incoming>, peer: SocketAddr, state: &AdminState) -> Reply {
     let path = req.uri().path();
     let allowed: &[Method] = match path {
         "/drain" => &[Method::GET, Method::POST],
@@ -104,7 +199,19 @@ async fn route(req: Request<Incoming>, state: &AdminState) -> Reply {
             r
         }
         "/status" => status(state),
-        _ => drain(req.uri().query().unwrap_or_default(), state).await,
+        _ => {
+            let presented = req.headers().get(DRAIN_TOKEN_HEADER).map(|v| v.as_bytes());
+            if let Err(reason) = state.drain_auth.check(peer, presented) {
+                state
+                    .metrics
+                    .admin_refused
+                    .with_label_values(&["drain", reason])
+                    .inc();
+                tracing::warn!(%peer, reason, "drain request refused");
+                return text(StatusCode::FORBIDDEN, "forbidden\n");
+            }
+            drain(req.uri().query().unwrap_or_default(), state).await
+        }
     }
 }
 
@@ -142,13 +249,14 @@ async fn drain(query: &str, state: &AdminState) -> Reply {
     let wait = query
         .split('&')
         .any(|kv| matches!(kv, "wait=true" | "wait=1" | "wait"));
-    if state.drain.request() {
+    let ticket = state.drain.request(Origin::Admin);
+    if ticket.started {
         tracing::info!(wait, "drain requested over the admin endpoint");
     }
     if !wait {
         return text(StatusCode::ACCEPTED, "draining\n");
     }
-    match state.drain.finished().await {
+    match state.drain.finished(ticket).await {
         Phase::Failed(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}\n")),
         _ => text(StatusCode::OK, "drained\n"),
     }
@@ -162,4 +270,63 @@ fn text(status: StatusCode, body: &str) -> Reply {
         hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(ip: &str) -> SocketAddr {
+        SocketAddr::new(ip.parse().expect("ip"), 40000)
+    }
+
+    #[test]
+    fn without_a_token_only_loopback_peers_may_drain() {
+        let auth = DrainAuth::from_settings(Some("  ".into()), None);
+        assert!(auth.check(peer("127.0.0.1"), None).is_ok());
+        assert!(auth.check(peer("::1"), None).is_ok());
+        assert!(auth.check(peer("::ffff:127.0.0.1"), None).is_ok());
+        assert_eq!(auth.check(peer("10.0.0.7"), None), Err("not_loopback"));
+        assert_eq!(
+            auth.check(peer("10.0.0.7"), Some(b"anything")),
+            Err("not_loopback")
+        );
+    }
+
+    #[test]
+    fn with_a_token_every_peer_needs_it() {
+        let auth = DrainAuth::from_settings(Some("s3cret\n".into()), None);
+        assert_eq!(auth.check(peer("127.0.0.1"), None), Err("missing_token"));
+        assert_eq!(
+            auth.check(peer("10.0.0.7"), Some(b"s3cre")),
+            Err("wrong_token")
+        );
+        assert_eq!(
+            auth.check(peer("10.0.0.7"), Some(b"s3cret!")),
+            Err("wrong_token")
+        );
+        assert!(auth.check(peer("10.0.0.7"), Some(b"s3cret")).is_ok());
+        assert!(!format!("{auth:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn a_token_file_is_read_on_every_request() {
+        let dir = std::env::temp_dir().join(format!("drain-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("token");
+        let auth = DrainAuth::from_settings(Some("ignored".into()), Some(file.clone()));
+        assert_eq!(
+            auth.check(peer("127.0.0.1"), Some(b"ignored")),
+            Err("token_unreadable")
+        );
+        std::fs::write(&file, "one\n").expect("write");
+        assert!(auth.check(peer("10.0.0.7"), Some(b"one")).is_ok());
+        std::fs::write(&file, "two").expect("write");
+        assert_eq!(
+            auth.check(peer("10.0.0.7"), Some(b"one")),
+            Err("wrong_token")
+        );
+        assert!(auth.check(peer("10.0.0.7"), Some(b"two")).is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod consul;
+pub mod heal;
 pub mod manifest;
 pub mod metrics;
 pub mod probe;

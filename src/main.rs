@@ -1,8 +1,8 @@
 //! The `consul-registrar` command: `run` (the sidecar), `validate` (check a manifest and print what
 //! would be registered), `probe` (a one-shot gRPC health check, grpc_health_probe-compatible).
 //!
-//! Exit codes: 0 success; 1 runtime failure (drain incomplete, admin port taken, Consul client
-//! set-up); 2 command-line usage; 65 invalid manifest; 66 manifest unreadable. `probe` uses
+//! Exit codes: 0 success; 1 runtime failure (drain incomplete by drain.delay +
+//! drain.deregisterTimeout, admin port taken, Consul client set-up); 2 command-line usage; 65 invalid manifest; 66 manifest unreadable. `probe` uses
 //! grpc_health_probe's codes instead: 0 serving, 1 bad arguments, 2 connection failure, 3 RPC
 //! failure or timeout, 4 not serving.
 
@@ -218,7 +218,7 @@ fn run(path: &std::path::Path, admin_addr: Option<SocketAddr>) -> ExitCode {
         .build()
         .context("cannot start the async runtime")
         .and_then(|rt| {
-            rt.block_on(sidecar::run(manifest, admin))
+            rt.block_on(sidecar::run(manifest, admin, drain_auth()))
                 .context("consul-registrar stopped with an error")
         });
     match result {
@@ -228,6 +228,16 @@ fn run(path: &std::path::Path, admin_addr: Option<SocketAddr>) -> ExitCode {
             ExitCode::from(EXIT_RUNTIME)
         }
     }
+}
+
+/// Who may call `/drain`: `CONSUL_REGISTRAR_DRAIN_TOKEN_FILE` or `CONSUL_REGISTRAR_DRAIN_TOKEN`
+/// (environment only: a token on the command line would show in `ps`).
+fn drain_auth() -> consul_registrar::admin::DrainAuth {
+    let var = |name| std::env::var_os(name).filter(|v| !v.is_empty());
+    consul_registrar::admin::DrainAuth::from_settings(
+        var("CONSUL_REGISTRAR_DRAIN_TOKEN").map(|v| v.to_string_lossy().into_owned()),
+        var("CONSUL_REGISTRAR_DRAIN_TOKEN_FILE").map(PathBuf::from),
+    )
 }
 
 struct ProbeArgs {

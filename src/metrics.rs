@@ -7,8 +7,8 @@
 use std::sync::Arc;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Buckets for things that should take milliseconds (probe RPCs, Consul calls, sync lag).
@@ -46,8 +46,16 @@ pub struct Metrics {
     pub sync_lag: Histogram,
     /// `consul_registrar_consul_reachable`: 1 when the last Consul call got an HTTP answer.
     pub consul_reachable: IntGauge,
-    /// `consul_registrar_draining`: 1 once a drain has started.
+    /// `consul_registrar_draining`: 1 from the start of a drain until it heals (or the end).
     pub draining: IntGauge,
+    /// `consul_registrar_drains_healed_total`: drains from `/drain` cancelled because the app was
+    /// restarted and serves again (a liveness or startup probe restart, see `heal.rs`).
+    pub drains_healed: IntCounter,
+    /// `consul_registrar_admin_requests_refused_total{endpoint,reason}`: admin requests refused
+    /// with 403; `endpoint` = `drain`, `reason` = `missing_token`, `wrong_token`,
+    /// `token_unreadable` (the token file could not be read) or `not_loopback` (no token is
+    /// configured and the peer is not on loopback).
+    pub admin_refused: IntCounterVec,
     /// `consul_registrar_build_info{version}`: always 1.
     pub build_info: IntGaugeVec,
 }
@@ -112,9 +120,19 @@ impl Metrics {
             .expect("valid gauge"),
             draining: IntGauge::new(
                 "consul_registrar_draining",
-                "1 once the sidecar has started draining.",
+                "1 from the start of a drain until it heals or the sidecar ends.",
             )
             .expect("valid gauge"),
+            drains_healed: IntCounter::new(
+                "consul_registrar_drains_healed_total",
+                "Drains from /drain cancelled because the app was restarted and serves again.",
+            )
+            .expect("valid counter"),
+            admin_refused: counter_vec(
+                "admin_requests_refused_total",
+                "Admin requests refused with 403, by endpoint and reason.",
+                &["endpoint", "reason"],
+            ),
             build_info: gauge_vec("build_info", "Build information; always 1.", &["version"]),
             registry,
         };
@@ -133,6 +151,8 @@ impl Metrics {
             Box::new(m.sync_lag.clone()),
             Box::new(m.consul_reachable.clone()),
             Box::new(m.draining.clone()),
+            Box::new(m.drains_healed.clone()),
+            Box::new(m.admin_refused.clone()),
             Box::new(m.build_info.clone()),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ];
@@ -200,6 +220,9 @@ mod tests {
             .observe(0.002);
         m.repairs.with_label_values(&["a", "a-1", "missing"]).inc();
         m.sync_lag.observe(0.003);
+        m.admin_refused
+            .with_label_values(&["drain", "missing_token"])
+            .inc();
         let text = m.render();
         for family in [
             "consul_registrar_probe_results_total",
@@ -213,6 +236,8 @@ mod tests {
             "consul_registrar_sync_lag_seconds_bucket",
             "consul_registrar_consul_reachable",
             "consul_registrar_draining",
+            "consul_registrar_drains_healed_total",
+            "consul_registrar_admin_requests_refused_total{endpoint=\"drain\",reason=",
             "consul_registrar_build_info{version=",
             "process_resident_memory_bytes",
         ] {

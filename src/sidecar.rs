@@ -13,13 +13,13 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::{self, AdminState};
+use crate::admin::{self, AdminState, DrainAuth};
 use crate::consul::{ConsulClient, ConsulError};
 use crate::manifest::Manifest;
 use crate::metrics::Metrics;
 use crate::probe::{self, HealthProbe, ProbeSetupError, Verdict};
 use crate::reconcile::{AntiEntropy, Reconciler};
-use crate::shutdown::{DrainHandle, Drainer, Phase};
+use crate::shutdown::{DrainHandle, Drainer, Origin, Phase};
 use crate::status::StatusBoard;
 
 /// Why the sidecar could not run or did not finish cleanly.
@@ -40,8 +40,12 @@ pub enum SidecarError {
     DrainFailed(String),
 }
 
-/// Runs the sidecar until a signal has drained it.
-pub async fn run(manifest: Manifest, admin_address: SocketAddr) -> Result<(), SidecarError> {
+/// Runs the sidecar until a signal has drained it. `drain_auth` says who may call `/drain`.
+pub async fn run(
+    manifest: Manifest,
+    admin_address: SocketAddr,
+    drain_auth: DrainAuth,
+) -> Result<(), SidecarError> {
     let metrics = Metrics::new();
     let board = StatusBoard::new(
         manifest
@@ -53,7 +57,6 @@ pub async fn run(manifest: Manifest, admin_address: SocketAddr) -> Result<(), Si
     let drain = DrainHandle::new();
     let everything = CancellationToken::new();
     let _stop_everything = everything.clone().drop_guard();
-    let sync = everything.child_token();
 
     let listener =
         TcpListener::bind(admin_address)
@@ -67,22 +70,37 @@ pub async fn run(manifest: Manifest, admin_address: SocketAddr) -> Result<(), Si
         admin = %listener.local_addr().unwrap_or(admin_address),
         consul = %client.address(),
         instances = manifest.services.len(),
+        drain_auth = match &drain_auth {
+            DrainAuth::LoopbackOnly => "loopback peers only (no drain token configured)",
+            DrainAuth::Token(_) => "X-Drain-Token (from CONSUL_REGISTRAR_DRAIN_TOKEN)",
+            DrainAuth::TokenFile(_) => "X-Drain-Token (from CONSUL_REGISTRAR_DRAIN_TOKEN_FILE)",
+        },
         "consul-registrar started"
     );
-    tokio::spawn(admin::serve(
+    if let DrainAuth::TokenFile(file) = &drain_auth
+        && std::fs::read_to_string(file).map_or(true, |t| t.trim().is_empty())
+    {
+        tracing::warn!(file = %file.display(), "the drain token file is unreadable or empty: /drain refuses every request until it holds a token");
+    }
+    // The admin server has its own stop, so it can answer requests in flight after the rest.
+    let admin_stop = CancellationToken::new();
+    let _stop_admin = admin_stop.clone().drop_guard();
+    let admin_server = tokio::spawn(admin::serve(
         listener,
         AdminState {
             metrics: Arc::clone(&metrics),
             board: Arc::clone(&board),
             drain: drain.clone(),
+            drain_auth: Arc::new(drain_auth),
         },
-        everything.child_token(),
+        admin_stop.clone(),
     ));
 
     // Probes of the same target share one HTTP/2 connection.
     let mut channels = HashMap::new();
     let mut reconcilers = Vec::with_capacity(manifest.services.len());
     let alarm = AntiEntropy::alarm();
+    let consul_settings = &manifest.consul;
     for (i, spec) in manifest.services.iter().enumerate() {
         let key = format!(
             "{}|{}|{:?}",
@@ -106,17 +124,37 @@ pub async fn run(manifest: Manifest, admin_address: SocketAddr) -> Result<(), Si
             board.entry(i),
         );
         tokio::spawn(probe.run(verdict_tx, everything.child_token()));
-        let reconciler = Reconciler::new(
+        reconcilers.push((
             spec.clone(),
-            client.clone(),
-            Arc::clone(&metrics),
             board.entry(i),
-            manifest.consul.retry,
-            manifest.consul.resync_interval,
-            AntiEntropy::member(&alarm, i < manifest.consul.blocking_watches),
-        );
-        reconcilers.push(tokio::spawn(reconciler.run(verdict_rx, sync.clone())));
+            AntiEntropy::member(&alarm, i < consul_settings.blocking_watches),
+            verdict_rx,
+        ));
     }
+    // The drainer starts them, stops them when a drain starts, and starts them again if it heals.
+    let (retry, resync_interval) = (consul_settings.retry, consul_settings.resync_interval);
+    let start_reconcilers = {
+        let client = client.clone();
+        let metrics = Arc::clone(&metrics);
+        let everything = everything.clone();
+        Box::new(move || {
+            reconcilers
+                .iter()
+                .map(|(spec, entry, anti_entropy, verdicts)| {
+                    let reconciler = Reconciler::new(
+                        spec.clone(),
+                        client.clone(),
+                        Arc::clone(&metrics),
+                        entry.clone(),
+                        retry,
+                        resync_interval,
+                        anti_entropy.clone(),
+                    );
+                    tokio::spawn(reconciler.run(verdicts.clone(), everything.child_token()))
+                })
+                .collect()
+        })
+    };
 
     tokio::spawn(
         Drainer {
@@ -127,8 +165,7 @@ pub async fn run(manifest: Manifest, admin_address: SocketAddr) -> Result<(), Si
             retry: manifest.consul.retry,
             metrics,
             board,
-            sync,
-            reconcilers,
+            start_reconcilers,
         }
         .run(),
     );
@@ -137,25 +174,32 @@ pub async fn run(manifest: Manifest, admin_address: SocketAddr) -> Result<(), Si
     // rest of the drain delay. The process ends when a signal has come and the drain is over.
     let signals_handle = signals.handle();
     let mut signals = signals.fuse();
-    let mut signalled = false;
+    let mut ticket = None;
     let outcome = loop {
         tokio::select! {
             Some(sig) = signals.next() => {
                 let name = if sig == SIGTERM { "SIGTERM" } else { "SIGINT" };
-                if !signalled {
-                    signalled = true;
-                    if drain.request() {
+                if ticket.is_none() {
+                    let t = drain.request(Origin::Signal);
+                    if t.started {
                         tracing::info!(signal = name, "signal received: draining");
+                    } else {
+                        tracing::info!(signal = name, "signal received: finishing the drain under way (it no longer heals)");
                     }
+                    ticket = Some(t);
                 } else {
                     tracing::info!(signal = name, "another signal received");
                     drain.skip_delay();
                 }
             }
-            phase = drain.finished(), if signalled => break phase,
+            phase = async { match ticket { Some(t) => drain.finished(t).await, None => std::future::pending().await } } => break phase,
         }
     };
     signals_handle.close();
+    // A classic sidecar gets SIGTERM while the app's preStop still waits on /drain?wait=true:
+    // answer it before exiting, so the kubelet does not see a reset (FailedPreStopHook).
+    admin_stop.cancel();
+    let _ = tokio::time::timeout(admin::SHUTDOWN_GRACE * 2, admin_server).await;
     match outcome {
         Phase::Failed(e) => Err(SidecarError::DrainFailed(e)),
         _ => Ok(()),

@@ -272,3 +272,194 @@ async fn metrics_move_with_the_scenarios_and_pass_promtool() {
             >= 2.0
     );
 }
+
+/// GET with an optional `X-Drain-Token`: (status, body).
+async fn get_with_token(sidecar: &Sidecar, path: &str, token: Option<&str>) -> (u16, String) {
+    let mut req = support::http_client()
+        .get(format!("http://{}{path}", sidecar.admin))
+        .timeout(30 * SECOND);
+    if let Some(t) = token {
+        req = req.header("X-Drain-Token", t);
+    }
+    match req.send().await {
+        Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+        Err(e) => (0, e.to_string()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_drain_token_only_its_holder_drains_and_a_rotated_file_takes_effect() {
+    let consul = ConsulAgent::start_dev().await;
+    let app = DemoApp::start(DemoAppOptions::default()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token_file = dir.path().join("drain-token");
+    std::fs::write(&token_file, "first-token-0123456789\n").expect("token file");
+    let file = token_file.to_string_lossy().to_string();
+    let sidecar = Sidecar::start(
+        &manifest(&consul.http_addr(), app.port(), "0s"),
+        &[("CONSUL_REGISTRAR_DRAIN_TOKEN_FILE", &file)],
+    );
+    assert!(
+        wait_until(10 * SECOND, || async {
+            sidecar.get("/readyz").await.0 == 200
+        })
+        .await
+    );
+    let refused = |reason: &'static str| {
+        let sidecar = &sidecar;
+        async move {
+            sidecar
+                .metric(&format!(
+                    "consul_registrar_admin_requests_refused_total{{endpoint=\"drain\",reason=\"{reason}\"}}"
+                ))
+                .await
+                .unwrap_or(0.0)
+        }
+    };
+
+    // Without the header (even from loopback), with a wrong one, with a wrong method: refused,
+    // counted, and nothing is drained.
+    let (code, body) = get_with_token(&sidecar, "/drain?wait=true", None).await;
+    assert_eq!((code, body.as_str()), (403, "forbidden\n"));
+    assert_eq!(
+        sidecar.request(reqwest::Method::POST, "/drain").await.0,
+        403
+    );
+    assert_eq!(refused("missing_token").await, 2.0);
+    assert_eq!(
+        get_with_token(&sidecar, "/drain", Some("first-token-012345678"))
+            .await
+            .0,
+        403
+    );
+    assert_eq!(refused("wrong_token").await, 1.0);
+    for path in ["/metrics", "/healthz", "/readyz", "/status"] {
+        assert_eq!(sidecar.get(path).await.0, 200, "{path} not readable");
+    }
+    assert_eq!(
+        consul.check_status("hello", "hello-1").await.as_deref(),
+        Some("passing"),
+        "a refused request drained"
+    );
+
+    // The file is read on each request: after a rotation the old token is refused.
+    std::fs::write(&token_file, "second-token-abcdef\n").expect("rotate");
+    assert_eq!(
+        get_with_token(&sidecar, "/drain", Some("first-token-0123456789"))
+            .await
+            .0,
+        403
+    );
+    let (code, body) =
+        get_with_token(&sidecar, "/drain?wait=true", Some("second-token-abcdef")).await;
+    assert_eq!(code, 200, "{body}");
+    assert!(consul.catalog_service("hello").await.is_empty());
+
+    // The token shows nowhere.
+    let (_, status) = sidecar.get("/status").await;
+    let (_, metrics) = sidecar.get("/metrics").await;
+    for text in [sidecar.logs(), status, metrics] {
+        assert!(
+            !text.contains("first-token") && !text.contains("second-token"),
+            "token leaked:\n{text}"
+        );
+    }
+    assert!(sidecar.logs().contains("drain request refused"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_heals_when_the_app_restarts_but_not_when_the_app_stays_or_a_signal_follows() {
+    let consul = ConsulAgent::start_dev().await;
+    let mut app = DemoApp::start(DemoAppOptions::default()).await;
+    let mut sidecar = Sidecar::start(&manifest(&consul.http_addr(), app.port(), "0s"), &[]);
+    let ready = |want: u16| {
+        let sidecar = &sidecar;
+        async move {
+            wait_until(10 * SECOND, || async {
+                sidecar.get("/readyz").await.0 == want
+            })
+            .await
+        }
+    };
+    assert!(ready(200).await);
+
+    // The preStop of a liveness restart: drained, and while the app stays up it stays drained
+    // (an operator's manual /drain holds).
+    assert_eq!(sidecar.get("/drain?wait=true").await.0, 200);
+    tokio::time::sleep(2 * SECOND).await;
+    assert!(consul.catalog_service("hello").await.is_empty());
+    assert_eq!(sidecar.get("/readyz").await.0, 503);
+    assert_eq!(
+        sidecar.metric("consul_registrar_drains_healed_total").await,
+        Some(0.0)
+    );
+
+    // The kubelet restarts the app container: gone, then serving on the same port.
+    app.kill();
+    tokio::time::sleep(SECOND).await;
+    assert!(
+        consul.catalog_service("hello").await.is_empty(),
+        "registered again while the app was gone"
+    );
+    app.restart().await;
+    assert!(
+        wait_until(10 * SECOND, || async {
+            consul.check_status("hello", "hello-1").await.as_deref() == Some("passing")
+                && consul.check_status("greeter", "greeter-1").await.as_deref() == Some("passing")
+        })
+        .await,
+        "not registered again after the app came back"
+    );
+    assert!(ready(200).await, "/readyz did not come back");
+    assert_eq!(
+        sidecar.metric("consul_registrar_drains_healed_total").await,
+        Some(1.0)
+    );
+    assert_eq!(sidecar.metric("consul_registrar_draining").await, Some(0.0));
+    assert!(sidecar.logs().contains("drain healed"));
+
+    // Pod deletion: the preStop drains, the app stops for good, then SIGTERM: drained, exit 0.
+    assert_eq!(sidecar.get("/drain?wait=true").await.0, 200);
+    assert!(consul.catalog_service("hello").await.is_empty());
+    app.kill();
+    tokio::time::sleep(SECOND / 2).await;
+    sidecar.signal("TERM");
+    let status = sidecar.wait_exit(5 * SECOND).expect("exits after SIGTERM");
+    assert_eq!(status.code(), Some(0), "{}", sidecar.logs());
+    assert!(consul.catalog_service("hello").await.is_empty());
+    assert!(consul.catalog_service("greeter").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_makes_the_drain_final_even_if_the_app_comes_back() {
+    let consul = ConsulAgent::start_dev().await;
+    let mut app = DemoApp::start(DemoAppOptions::default()).await;
+    // A long drain delay, so the app is gone and back while the drain still runs.
+    let mut sidecar = Sidecar::start(&manifest(&consul.http_addr(), app.port(), "3s"), &[]);
+    assert!(
+        wait_until(10 * SECOND, || async {
+            sidecar.get("/readyz").await.0 == 200
+        })
+        .await
+    );
+    let waiter = {
+        let admin = sidecar.admin.clone();
+        tokio::spawn(async move {
+            support::http_client()
+                .get(format!("http://{admin}/drain?wait=true"))
+                .timeout(30 * SECOND)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        })
+    };
+    tokio::time::sleep(SECOND / 2).await;
+    sidecar.signal("TERM");
+    app.restart().await;
+    let status = sidecar.wait_exit(10 * SECOND).expect("exits after SIGTERM");
+    assert_eq!(status.code(), Some(0), "{}", sidecar.logs());
+    assert!(consul.catalog_service("hello").await.is_empty());
+    assert!(!sidecar.logs().contains("drain healed"));
+    // The classic sidecar's pending preStop request got its answer, not a reset.
+    assert_eq!(waiter.await.expect("waiter").ok(), Some(200));
+}

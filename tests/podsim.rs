@@ -590,3 +590,193 @@ async fn scenario_3_consul_restarted_empty_under_traffic_gets_every_instance_bac
         ),
     );
 }
+
+/// Starts the demo app in `pod` again on the same port, as the kubelet restarts a container.
+fn restart_demo_app(pod: &mut Pod) {
+    let mut cmd = pod.ns.command(support::demo_app_bin());
+    cmd.args([
+        "serve",
+        "--listen",
+        &format!("0.0.0.0:{}", podsim::APP_PORT),
+        "--name",
+        &pod.name,
+    ]);
+    pod.app = podsim::Proc::spawn(cmd, pod.dir().join("app-restarted.log"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scenario_8_a_liveness_restart_heals_the_drain_and_a_pod_deletion_ends_drained() {
+    if podsim::skip_unless_available() {
+        return;
+    }
+    let net = Network::new();
+    let consul = consul_on(&net).await;
+    let mut pod = demo_pod(&net, "l0", &consul.http_addr(), "      ttl: 5s");
+    wait_passing(&consul, &pod).await;
+    let client = support::http_client();
+
+    // A peer on the pod network without the token, or with a wrong one, cannot drain.
+    for token in [None, Some("guess")] {
+        let mut req = client.get(pod.admin_url("/drain")).timeout(5 * SECOND);
+        if let Some(t) = token {
+            req = req.header("X-Drain-Token", t);
+        }
+        let code = req.send().await.map(|r| r.status().as_u16()).ok();
+        assert_eq!(code, Some(403), "a network peer drained with {token:?}");
+    }
+    assert_eq!(
+        metric(
+            &pod.admin_url("/metrics"),
+            "consul_registrar_admin_requests_refused_total{endpoint=\"drain\",reason=\"missing_token\"}"
+        )
+        .await,
+        Some(1.0)
+    );
+    assert_eq!(
+        consul.check_status("hello", &pod.id).await.as_deref(),
+        Some("passing")
+    );
+
+    // A liveness restart: the kubelet runs the app's preStop (the drain), stops the app and
+    // starts it again. The instance leaves Consul, then comes back once the new app serves.
+    let prestop = client
+        .get(pod.admin_url("/drain?wait=true"))
+        .header("X-Drain-Token", podsim::DRAIN_TOKEN)
+        .timeout(30 * SECOND)
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .ok();
+    assert_eq!(prestop, Some(200));
+    assert!(consul.check_status("hello", &pod.id).await.is_none());
+    let restarted = Instant::now();
+    pod.app.signal("TERM");
+    assert!(
+        pod.app.wait_until(Instant::now() + 10 * SECOND).is_some(),
+        "the app did not stop"
+    );
+    // The kubelet's restart takes a while (stop, remove, create and start the container); the
+    // sidecar notices an app gone for longer than its 200 ms poll.
+    tokio::time::sleep(SECOND).await;
+    restart_demo_app(&mut pod);
+    wait_passing(&consul, &pod).await;
+    let back_after = restarted.elapsed();
+    assert_eq!(
+        metric(
+            &pod.admin_url("/metrics"),
+            "consul_registrar_drains_healed_total"
+        )
+        .await,
+        Some(1.0)
+    );
+    let ready = client
+        .get(pod.admin_url("/readyz"))
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .ok();
+    assert_eq!(ready, Some(200), "the pod stays unready after the restart");
+
+    // Pod deletion (native sidecar): preStop drain, the app stops for good, then the sidecar's
+    // SIGTERM. Drained, and nothing comes back.
+    pod.terminate(Termination {
+        pre_stop: true,
+        native_sidecar: true,
+        grace: 30 * SECOND,
+    })
+    .await;
+    assert!(
+        consul.check_status("hello", &pod.id).await.is_none(),
+        "still registered after the pod's deletion\n{}",
+        pod.logs()
+    );
+    assert_eq!(
+        pod.sidecar.logs().matches("drain healed").count(),
+        1,
+        "{}",
+        pod.logs()
+    );
+    figure(
+        "8 liveness restart, then pod deletion",
+        format!(
+            "instance back and passing {:.2}s after the app was stopped for its restart; gone after the deletion",
+            back_after.as_secs_f64()
+        ),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scenario_9_without_a_drain_token_only_the_pod_itself_can_drain() {
+    if podsim::skip_unless_available() {
+        return;
+    }
+    let net = Network::new();
+    let consul = consul_on(&net).await;
+    let mut pod = demo_pod(&net, "t0", &consul.http_addr(), "      ttl: 5s");
+    wait_passing(&consul, &pod).await;
+    // The same pod's sidecar again, without a drain token.
+    pod.sidecar.kill();
+    let mut cmd = pod.ns.command(support::registrar_bin());
+    cmd.args(["run", "--manifest"])
+        .arg(pod.dir().join("manifest.yaml"))
+        .env("POD_IP", &pod.ns.addr)
+        .env("POD_NAME", &pod.name)
+        .env("POD_NAMESPACE", "sim")
+        .env_remove("CONSUL_REGISTRAR_DRAIN_TOKEN");
+    pod.sidecar = podsim::Proc::spawn(cmd, pod.dir().join("sidecar-no-token.log"));
+    let client = support::http_client();
+    assert!(
+        wait_until(10 * SECOND, || async {
+            client
+                .get(pod.admin_url("/readyz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        })
+        .await,
+        "{}",
+        pod.logs()
+    );
+
+    // From the node (a peer on the pod network): refused, even with some token.
+    for token in [None, Some(podsim::DRAIN_TOKEN)] {
+        let mut req = client.get(pod.admin_url("/drain")).timeout(5 * SECOND);
+        if let Some(t) = token {
+            req = req.header("X-Drain-Token", t);
+        }
+        let code = req.send().await.map(|r| r.status().as_u16()).ok();
+        assert_eq!(code, Some(403));
+    }
+    assert_eq!(
+        metric(
+            &pod.admin_url("/metrics"),
+            "consul_registrar_admin_requests_refused_total{endpoint=\"drain\",reason=\"not_loopback\"}"
+        )
+        .await,
+        Some(2.0)
+    );
+    assert_eq!(
+        consul.check_status("hello", &pod.id).await.as_deref(),
+        Some("passing")
+    );
+    // From inside the pod (loopback): accepted.
+    let out = pod
+        .ns
+        .command("bash")
+        .args([
+            "-c",
+            "exec 3<>/dev/tcp/127.0.0.1/9102; printf 'GET /drain?wait=true HTTP/1.0\\r\\n\\r\\n' >&3; head -1 <&3",
+        ])
+        .output()
+        .expect("bash in the pod");
+    let line = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        line.contains(" 200 "),
+        "drain from the pod itself: {line:?}"
+    );
+    assert!(consul.check_status("hello", &pod.id).await.is_none());
+    figure(
+        "9 no drain token",
+        "a peer on the pod network got 403; the pod itself drained".into(),
+    );
+}

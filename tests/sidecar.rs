@@ -648,3 +648,81 @@ async fn many_instances_register_within_consuls_default_connection_limit() {
     assert_eq!(calls("register", "4xx").await, 0.0, "registrations refused");
     assert_eq!(calls("update_ttl", "4xx").await, 0.0, "TTL updates refused");
 }
+
+/// An "agent" that accepts connections and never answers: every call hangs until its timeout.
+fn silent_agent() -> (String, std::thread::JoinHandle<()>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = format!("http://{}", listener.local_addr().expect("addr"));
+    let held = std::thread::spawn(move || {
+        let mut open = Vec::new();
+        // Holds every connection open, silent, until the test process ends.
+        for stream in listener.incoming().flatten() {
+            open.push(stream);
+        }
+    });
+    (addr, held)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_against_an_agent_that_never_answers_fits_delay_plus_deregister_timeout() {
+    let (agent, _held) = silent_agent();
+    let app = DemoApp::start(DemoAppOptions::default()).await;
+    // Delay 1 s + deregisterTimeout 2 s: the kubelet's budget must cover 3 s, not the 10 s a
+    // single Consul call may take.
+    let m = manifest(&agent, app.port(), "hello-1", "", "")
+        .replace("deregisterTimeout: 3s", "deregisterTimeout: 2s");
+    let mut sidecar = Sidecar::start(&m, &[]);
+    // Let the reconciler's first registration get stuck in flight.
+    tokio::time::sleep(2 * SECOND).await;
+    let t0 = Instant::now();
+    sidecar.signal("TERM");
+    let status = sidecar.wait_exit(15 * SECOND).expect("exits");
+    let took = t0.elapsed();
+    assert!(
+        took <= 4 * SECOND,
+        "took {took:?}, past delay + deregisterTimeout + 1 s\n{}",
+        sidecar.logs()
+    );
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "an incomplete drain exits 1\n{}",
+        sidecar.logs()
+    );
+    assert!(
+        sidecar
+            .logs()
+            .contains("could not deregister 1 instance(s)")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_wait_sent_before_sigterm_gets_its_answer_before_the_sidecar_exits() {
+    let consul = ConsulAgent::start_dev().await;
+    let app = DemoApp::start(DemoAppOptions::default()).await;
+    // Several rounds: the exit and the answer race, so one lucky round proves little.
+    for round in 0..3 {
+        let id = format!("hello-{round}");
+        let m = manifest(&consul.http_addr(), app.port(), &id, "", "")
+            .replace("delay: 1s", "delay: 300ms");
+        let mut sidecar = Sidecar::start(&m, &[]);
+        assert!(status_becomes(&consul, &id, Some("passing"), 10 * SECOND).await);
+        let admin = sidecar.admin.clone();
+        let waiter = tokio::spawn(async move {
+            support::http_client()
+                .get(format!("http://{admin}/drain?wait=true"))
+                .timeout(10 * SECOND)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .map_err(|e| e.to_string())
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // A classic sidecar: SIGTERM while the app's preStop still waits.
+        sidecar.signal("TERM");
+        let answer = waiter.await.expect("waiter");
+        assert_eq!(answer, Ok(200), "round {round}\n{}", sidecar.logs());
+        let status = sidecar.wait_exit(5 * SECOND).expect("exits");
+        assert_eq!(status.code(), Some(0));
+    }
+}

@@ -279,6 +279,9 @@ pub struct Pod {
 
 pub const APP_PORT: u16 = 50051;
 pub const ADMIN_PORT: u16 = 9102;
+/// The drain token every pod's sidecar gets (`CONSUL_REGISTRAR_DRAIN_TOKEN`) and the kubelet's
+/// preStop sends (`X-Drain-Token`), as the chart provisions it.
+pub const DRAIN_TOKEN: &str = "podsim-drain-token";
 
 /// The pieces a pod needs to start.
 pub struct PodSpec<'a> {
@@ -358,7 +361,8 @@ services:
             .arg(&manifest_path)
             .env("POD_IP", &ns.addr)
             .env("POD_NAME", spec.name)
-            .env("POD_NAMESPACE", "sim");
+            .env("POD_NAMESPACE", "sim")
+            .env("CONSUL_REGISTRAR_DRAIN_TOKEN", DRAIN_TOKEN);
         let sidecar = Proc::spawn(sidecar_cmd, dir.path().join("sidecar.log"));
         Pod {
             name: spec.name.to_string(),
@@ -381,7 +385,12 @@ services:
         let deadline = t0 + how.grace;
         if how.pre_stop {
             let url = self.admin_url("/drain?wait=true");
-            let r = http_client().get(&url).timeout(how.grace).send().await;
+            let r = http_client()
+                .get(&url)
+                .header("X-Drain-Token", DRAIN_TOKEN)
+                .timeout(how.grace)
+                .send()
+                .await;
             assert!(
                 r.is_ok_and(|r| r.status().is_success()),
                 "preStop drain of {} failed",
