@@ -28,7 +28,7 @@ HELP
   exit 1
 }
 
-version_of() { "$1" version 2>/dev/null | head -n 1 | sed -n 's/^Consul v\([0-9][0-9.]*\).*/\1/p'; }
+version_of() { "$1" version 2>/dev/null | sed -n '1s/^Consul v\([0-9][0-9.]*\).*/\1/p'; }
 
 if [ -n "${CONSUL_BIN:-}" ]; then
   [ -x "$CONSUL_BIN" ] || die "CONSUL_BIN=$CONSUL_BIN is not an executable file"
