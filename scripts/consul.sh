@@ -8,12 +8,16 @@
 #   4. a build from Consul's Go module at the pinned version (machine's Go toolchain, Go module proxy);
 #   5. without Go: the official release archive (needs curl and unzip, and releases.hashicorp.com).
 # Everything but the final path goes to stderr. Safe to run concurrently (flock) and idempotent.
+# Go's module and build caches stay under the cache root too: consul-registrar/go/{mod,build}.
 set -euo pipefail
 
 CONSUL_VERSION="${CONSUL_VERSION:-1.22.3}"
 cache_root="${CONSUL_REGISTRAR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/consul-registrar}"
 dest_dir="$cache_root/consul/$CONSUL_VERSION"
 dest="$dest_dir/consul"
+# Go's module and build caches stay under the project's cache directory (not ~/go, ~/.cache/go-build).
+export GOMODCACHE="$cache_root/go/mod"
+export GOCACHE="$cache_root/go/build"
 
 log() { printf 'consul.sh: %s\n' "$*" >&2; }
 die() {
@@ -26,6 +30,25 @@ consul.sh: how to provide Consul $CONSUL_VERSION:
   - install curl and unzip with access to releases.hashicorp.com so it can download the release.
 HELP
   exit 1
+}
+
+# Runs "$@" and says every minute that it is still running (a cold `go build` prints nothing for
+# minutes), then how long it took.
+with_heartbeat() {
+  local what=$1 pid started=$SECONDS next=60 status=0
+  shift
+  "$@" &
+  pid=$!
+  while kill -0 "$pid" 2>/dev/null; do
+    sleep 1
+    if [ $((SECONDS - started)) -ge "$next" ] && kill -0 "$pid" 2>/dev/null; then
+      log "still $what ($((next / 60)) min so far)"
+      next=$((next + 60))
+    fi
+  done
+  wait "$pid" || status=$?
+  log "$what took $((SECONDS - started)) s"
+  return "$status"
 }
 
 version_of() { "$1" version 2>/dev/null | sed -n '1s/^Consul v\([0-9][0-9.]*\).*/\1/p'; }
@@ -63,7 +86,8 @@ trap 'chmod -R u+w "$work" 2>/dev/null; rm -rf "$work"' EXIT
 
 build_from_go_module() {
   local mod="github.com/hashicorp/consul@v$CONSUL_VERSION" src
-  log "building Consul $CONSUL_VERSION from the Go module $mod with $(go version) (a few minutes, once)"
+  log "building Consul $CONSUL_VERSION from the Go module $mod with $(go version) (once)"
+  log "downloading the Consul module into $GOMODCACHE"
   src=$(cd "$work" && GOFLAGS=-mod=mod go mod download -json "$mod" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
   [ -n "$src" ] && [ -d "$src" ] || { log "go mod download $mod failed"; return 1; }
   cp -R "$src" "$work/src"
@@ -75,7 +99,9 @@ build_from_go_module() {
   while read -r m; do
     go mod edit -dropreplace="$m"
   done < <(awk '{ if ($1 == "replace") { $1 = ""; $0 = $0 } } $2 == "=>" && $3 ~ /^\.\.?\// { print $1 }' go.mod)
-  GOFLAGS=-mod=mod CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$work/consul" . >&2 || {
+  log "downloading Consul's dependencies, then compiling: roughly 5-7 minutes on 2 idle cores with a cold Go build cache, longer on a busy machine; go build prints nothing while it compiles"
+  with_heartbeat "compiling Consul" env GOFLAGS=-mod=mod CGO_ENABLED=0 \
+    go build -trimpath -ldflags "-s -w" -o "$work/consul" . >&2 || {
     log "go build failed"
     return 1
   }
