@@ -296,7 +296,7 @@ impl FirstFrameWatch {
     fn is_settings(h: &[u8; 9]) -> bool {
         let length = u32::from_be_bytes([0, h[0], h[1], h[2]]);
         let stream = u32::from_be_bytes([h[5] & 0x7f, h[6], h[7], h[8]]);
-        h[3] == 0x4 && h[4] & 0x1 == 0 && stream == 0 && length % 6 == 0
+        h[3] == 0x4 && h[4] & 0x1 == 0 && stream == 0 && length.is_multiple_of(6)
     }
 
     fn judge(&mut self, verdict: bool) {
