@@ -1,6 +1,7 @@
 # The two commands a newcomer needs: `make demo` (the local demo) and `make test` (every check and
 # test; `.ci/run` runs exactly this). Heavy things are cached outside the checkout, keyed by version:
-# the Consul build (scripts/consul.sh), the cargo target dir, and the Kubernetes tools.
+# the Consul build (scripts/consul.sh), grpc_health_probe, the cargo target dir, Go's module and
+# build caches, and the Kubernetes tools.
 
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -28,8 +29,10 @@ TEST_BINS = CONSUL_REGISTRAR_BIN="$(CARGO_TARGET_DIR)/debug/consul-registrar" DE
 bins:
 	cargo build --locked --workspace --bins
 
+## tests/probe_compat.rs runs the real grpc_health_probe (built once from its Go module) beside `probe`.
 unit-and-integration: consul bins
-	$(TEST_BINS) CONSUL_BIN="$$(bash scripts/consul.sh)" PROMTOOL="$$(bash scripts/promtool.sh)" cargo test --locked -- --skip scenario_
+	$(TEST_BINS) CONSUL_BIN="$$(bash scripts/consul.sh)" PROMTOOL="$$(bash scripts/promtool.sh)" \
+	GRPC_HEALTH_PROBE="$$(bash scripts/grpc-health-probe.sh)" cargo test --locked -- --skip scenario_
 
 ## The reliability scenarios on the pod simulation, with their figures printed (FIGURE lines). Needs
 ## root (network namespaces); without root it refuses and names the scenarios it did not run

@@ -36,6 +36,8 @@ export K8S_VERSIONS="${K8S_VERSIONS:-1.29 1.37}"
 
 cache_root="${CONSUL_REGISTRAR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/consul-registrar}"
 tools="$cache_root/tools"
+# Go's module and build caches stay under the project's cache directory (not ~/go, ~/.cache/go-build).
+export GOMODCACHE="$cache_root/go/mod" GOCACHE="$cache_root/go/build"
 requirements=tests/k8s/requirements.txt
 helm="$tools/helm-$HELM_VERSION/helm"
 kustomize="$tools/kustomize-$KUSTOMIZE_VERSION/kustomize"

@@ -24,7 +24,7 @@ if [ -n "${CONSUL_REGISTRAR_BIN:-}" ] && [ -n "${DEMO_APP_BIN:-}" ]; then
   registrar="$CONSUL_REGISTRAR_BIN"
   demo_app="$DEMO_APP_BIN"
 else
-  say "building the sidecar and the demo app"
+  say "building the sidecar and the demo app (about 3 minutes on 2 cores the first time, seconds after)"
   cargo build --quiet --locked --bin consul-registrar --bin demo-app --workspace
   target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
   registrar="$target_dir/debug/consul-registrar"
@@ -84,6 +84,7 @@ say "starting the demo gRPC app on 127.0.0.1:$APP_PORT (control port $CONTROL_PO
 pids+=($!)
 
 say "starting consul-registrar with examples/manifest.yaml"
+started=$(date +%s.%N)
 CONSUL_HTTP_ADDR="$consul" APP_PORT="$APP_PORT" ADMIN_ADDR="127.0.0.1:$ADMIN_PORT" \
   "$registrar" run --manifest examples/manifest.yaml &
 registrar_pid=$!
@@ -106,12 +107,34 @@ for e in entries:
 '
 }
 
-wait_for_status() { # wait_for_status passing|critical
-  for _ in $(seq 1 50); do
-    curl -fsS "$consul/v1/health/checks/hello" | grep -q "\"Status\":\"$1\"" && return 0
-    sleep 0.1
-  done
-  return 1
+# wait_for_status passing|critical SINCE LIMIT: waits until every consul-registrar check of `hello`
+# in Consul has the status (read with a JSON parser) and prints how long after SINCE (epoch seconds:
+# the flip) Consul showed it, e.g. "hello-1 → critical in Consul after 0.004 s". Fails after LIMIT
+# seconds.
+wait_for_status() {
+  python3 - "$consul" "$1" "$2" "$3" <<'PY'
+import json, sys, time, urllib.request
+consul, want, since, limit = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
+url = consul + "/v1/health/checks/hello"
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+seen = "no answer"
+while True:
+    try:
+        with opener.open(url, timeout=1) as r:
+            checks = [c for c in json.load(r) if c["CheckID"].startswith("consul-registrar:")]
+        seen = ", ".join("%s %s" % (c["ServiceID"], c["Status"]) for c in checks) or "no check"
+        if checks and all(c["Status"] == want for c in checks):
+            took = time.time() - since
+            for c in checks:
+                print("%s → %s in Consul after %.3f s" % (c["ServiceID"], want, took))
+            sys.exit(0)
+    except (OSError, ValueError, KeyError) as e:
+        seen = "error: %s" % e
+    if time.time() - since > limit:
+        print("Consul did not show %s within %g s (it shows: %s)" % (want, limit, seen), file=sys.stderr)
+        sys.exit(1)
+    time.sleep(0.005)
+PY
 }
 
 stop_demo() {
@@ -128,7 +151,8 @@ stop_demo() {
 }
 trap stop_demo INT TERM
 
-wait_for_status passing || true
+# The first registration: the sidecar starts, registers and sees the app SERVING (timed from its start).
+wait_for_status passing "$started" 15
 say "the app is SERVING"
 consul_view
 flips=0
@@ -138,14 +162,16 @@ while [ "$DEMO_FLIPS" = 0 ] || [ "$flips" -lt "$DEMO_FLIPS" ]; do
   wait $! || true
   if $serving; then
     say "flipping the app to NOT_SERVING"
+    flipped=$(date +%s.%N)
     curl -fsS -X POST "http://127.0.0.1:$CONTROL_PORT/not-serving" >/dev/null
     serving=false
-    wait_for_status critical || true
+    wait_for_status critical "$flipped" 5
   else
     say "flipping the app back to SERVING"
+    flipped=$(date +%s.%N)
     curl -fsS -X POST "http://127.0.0.1:$CONTROL_PORT/serving" >/dev/null
     serving=true
-    wait_for_status passing || true
+    wait_for_status passing "$flipped" 5
   fi
   consul_view
   flips=$((flips + 1))

@@ -8,7 +8,8 @@
 # an unchanged tree returns at once, without even needing Go. Modules come from the Go module
 # proxy; go.sum is authoritative (-mod=readonly: the source tree is never written). Safe to run
 # concurrently (flock). The directory path is the only thing on stdout; logs go to stderr.
-# CONSUL_REGISTRAR_CACHE overrides the cache root (…/consul-registrar).
+# CONSUL_REGISTRAR_CACHE overrides the cache root (…/consul-registrar); Go's module and build caches
+# live under it too (go/mod, go/build).
 set -euo pipefail
 
 src="$(cd "$(dirname "$0")/../tests/interop/go" && pwd)"
@@ -28,6 +29,9 @@ while IFS= read -r -d '' f; do files+=("$f"); done < <(find . -name '*.go' -type
 hash=$(sha256sum "${files[@]}" | sha256sum | cut -c1-16)
 cache_root="${CONSUL_REGISTRAR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/consul-registrar}"
 dest="$cache_root/go-peers/$hash"
+# Go's module and build caches stay under the project's cache directory (not ~/go, ~/.cache/go-build).
+export GOMODCACHE="$cache_root/go/mod"
+export GOCACHE="$cache_root/go/build"
 
 built() { [ -x "$dest/hello-server" ] && [ -x "$dest/hello-client" ]; }
 
@@ -70,7 +74,8 @@ if ! flock -n 9; then
   flock 9
 fi
 if ! built; then # not built while we waited
-  log "building hello-server and hello-client with $go_version ($go_bin) into $dest"
+  log "building hello-server and hello-client with $go_version ($go_bin) into $dest" \
+    "(downloads grpc-go and Consul's api module, then compiles: 1-2 minutes on 2 cores with a cold Go cache)"
   tmp=$(mktemp -d "$dest.build.XXXXXX")
   trap 'rm -rf "$tmp"' EXIT
   # The machine's toolchain, never a downloaded one; go.sum as committed.

@@ -6,6 +6,7 @@
 //! grpc_health_probe's codes instead: 0 serving, 1 bad arguments, 2 connection failure, 3 RPC
 //! failure or timeout, 4 not serving.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -15,7 +16,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use consul_registrar::consul::{AgentServiceRegistration, CheckStatus};
 use consul_registrar::manifest::{self, Environment, ManifestErrors};
-use consul_registrar::probe::HealthRpc;
+use consul_registrar::probe::{self, ConnectError, HealthRpc};
 use consul_registrar::sidecar;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -162,11 +163,16 @@ fn main() -> ExitCode {
     }
 }
 
+/// Logs go to stderr, in colour only when stderr is a terminal and `NO_COLOR` is unset or empty
+/// (<https://no-color.org>): files, pipes and log collectors get plain text.
 fn init_logging(format: LogFormat, level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let colour = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),
@@ -279,22 +285,22 @@ fn probe_once(args: ProbeArgs) -> ExitCode {
             failure_threshold: 1,
             initial_delay: Duration::ZERO,
         };
-        let endpoint = match consul_registrar::probe::endpoint_for(&spec) {
-            Ok(e) => e,
-            Err(e) => return (1, e.to_string()),
-        };
-        let channel = match tokio::time::timeout(args.connect_timeout, endpoint.connect()).await {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => {
+        let channel = match probe::connect_http2(&spec, args.connect_timeout).await {
+            Ok(channel) => channel,
+            Err(ConnectError::Setup(e)) => return (1, e.to_string()),
+            Err(ConnectError::TimedOut(_)) => {
+                return (
+                    2,
+                    format!(
+                        "timeout: failed to connect service {:?} within {:?}",
+                        args.addr, args.connect_timeout
+                    ),
+                );
+            }
+            Err(e) => {
                 return (
                     2,
                     format!("error: failed to connect service at {:?}: {e}", args.addr),
-                );
-            }
-            Err(_) => {
-                return (
-                    2,
-                    format!("error: timeout connecting to service at {:?}", args.addr),
                 );
             }
         };
@@ -306,7 +312,7 @@ fn probe_once(args: ProbeArgs) -> ExitCode {
             Err(_) => (
                 3,
                 format!(
-                    "error: health rpc did not complete within {:?}",
+                    "timeout: health rpc did not complete within {:?}",
                     args.rpc_timeout
                 ),
             ),

@@ -10,13 +10,24 @@
 //! An explicit NOT_SERVING / SERVICE_UNKNOWN counts at once; errors and timeouts count towards
 //! `failureThreshold`, SERVING answers towards `successThreshold`; nothing counts before
 //! `initialDelay`. In `auto` mode an UNIMPLEMENTED `Watch` falls back to polling.
+//!
+//! [`connect_http2`] is the one-shot `probe` command's connect, which waits, as
+//! grpc_health_probe does, until the server has spoken HTTP/2.
 
+use std::io::IoSlice;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::codec::{BufferSettings, Codec, Streaming};
+use tonic::codegen::Service;
+use tonic::codegen::http::Uri;
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Status};
@@ -177,6 +188,191 @@ fn client_tls(tls: &TlsSettings, address: &str) -> Result<ClientTlsConfig, Probe
         config = config.identity(Identity::from_pem(read(cert)?, read(key)?));
     }
     Ok(config)
+}
+
+/// Connects to the probe target the way grpc_health_probe's blocking grpc-go dial does, for the
+/// one-shot `probe` command: the connection counts only once the server speaks HTTP/2 — its first
+/// frame, a SETTINGS frame, has arrived (plaintext), or TLS has negotiated `h2` (over TLS the bytes
+/// are not visible here) — within `timeout`. So an HTTP/1 server, or one that accepts and never
+/// answers, is a connection failure (grpc_health_probe's exit code 2), not a failed RPC (3).
+pub async fn connect_http2(spec: &HealthSpec, timeout: Duration) -> Result<Channel, ConnectError> {
+    let endpoint = endpoint_for(spec)?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let (report, mut first_frame) = watch::channel(None);
+    let connector = FirstFrameConnector {
+        report: Arc::new(report),
+        watch: spec.tls.is_none(),
+    };
+    let channel =
+        match tokio::time::timeout_at(deadline, endpoint.connect_with_connector(connector)).await {
+            Err(_) => return Err(ConnectError::TimedOut(timeout)),
+            Ok(Err(e)) => return Err(ConnectError::Failed(error_chain(&e))),
+            Ok(Ok(channel)) => channel,
+        };
+    if spec.tls.is_some() {
+        return Ok(channel);
+    }
+    match tokio::time::timeout_at(deadline, first_frame.wait_for(Option::is_some)).await {
+        Err(_) => Err(ConnectError::TimedOut(timeout)),
+        Ok(Ok(seen)) if *seen == Some(true) => Ok(channel),
+        Ok(_) => Err(ConnectError::NotHttp2),
+    }
+}
+
+/// Why [`connect_http2`] found no HTTP/2 server.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error(transparent)]
+    Setup(#[from] ProbeSetupError),
+    #[error("{0}")]
+    Failed(String),
+    #[error("the server did not answer with HTTP/2 (its first bytes are no SETTINGS frame)")]
+    NotHttp2,
+    #[error("no HTTP/2 answer within {}", crate::manifest::duration::format(*.0))]
+    TimedOut(Duration),
+}
+
+/// An error and its sources, each once ("transport error: Connection refused (os error 111)").
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = s.source();
+    }
+    text
+}
+
+/// TCP connections (no delay, like tonic's own) that report the server's first frame.
+#[derive(Clone)]
+struct FirstFrameConnector {
+    /// `Some(true)` once a connection saw a SETTINGS frame first, `Some(false)` on anything else.
+    report: Arc<watch::Sender<Option<bool>>>,
+    /// False over TLS: the bytes read here are ciphertext.
+    watch: bool,
+}
+
+impl Service<Uri> for FirstFrameConnector {
+    type Response = TokioIo<FirstFrameWatch>;
+    type Error = std::io::Error;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = std::io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let report = self.watch.then(|| self.report.clone());
+        Box::pin(async move {
+            let host = uri.host().unwrap_or_default().trim_matches(['[', ']']);
+            let port = uri.port_u16().unwrap_or(443);
+            let tcp = TcpStream::connect((host, port)).await?;
+            tcp.set_nodelay(true)?;
+            Ok(TokioIo::new(FirstFrameWatch {
+                inner: tcp,
+                header: [0; 9],
+                seen: 0,
+                report,
+            }))
+        })
+    }
+}
+
+/// A TCP stream that passes everything through and judges the first 9 bytes the server sends: an
+/// HTTP/2 frame header of a SETTINGS frame (type 4, not an ACK, stream 0) or not.
+struct FirstFrameWatch {
+    inner: TcpStream,
+    header: [u8; 9],
+    seen: usize,
+    report: Option<Arc<watch::Sender<Option<bool>>>>,
+}
+
+impl FirstFrameWatch {
+    fn is_settings(h: &[u8; 9]) -> bool {
+        let length = u32::from_be_bytes([0, h[0], h[1], h[2]]);
+        let stream = u32::from_be_bytes([h[5] & 0x7f, h[6], h[7], h[8]]);
+        h[3] == 0x4 && h[4] & 0x1 == 0 && stream == 0 && length.is_multiple_of(6)
+    }
+
+    fn judge(&mut self, verdict: bool) {
+        if let Some(report) = self.report.take() {
+            // The first connection to judge decides.
+            report.send_if_modified(|seen| {
+                let first = seen.is_none();
+                if first {
+                    *seen = Some(verdict);
+                }
+                first
+            });
+        }
+    }
+}
+
+impl AsyncRead for FirstFrameWatch {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if self.report.is_some() {
+            match &result {
+                Poll::Ready(Ok(())) if buf.filled().len() == before => {
+                    self.judge(false); // closed before a whole frame header
+                }
+                Poll::Ready(Ok(())) => {
+                    let seen = self.seen;
+                    let new = &buf.filled()[before..];
+                    let take = new.len().min(9 - seen);
+                    self.header[seen..seen + take].copy_from_slice(&new[..take]);
+                    self.seen += take;
+                    if self.seen == 9 {
+                        let verdict = Self::is_settings(&self.header);
+                        self.judge(verdict);
+                    }
+                }
+                Poll::Ready(Err(_)) => self.judge(false),
+                Poll::Pending => {}
+            }
+        }
+        result
+    }
+}
+
+impl AsyncWrite for FirstFrameWatch {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// The probe could not be set up (bad address or TLS files).
@@ -612,6 +808,18 @@ mod tests {
         assert_eq!(t.unhealthy(), Some(CheckStatus::Critical));
         assert_eq!(t.failure(), None);
         assert_eq!(t.success(), Some(CheckStatus::Passing));
+    }
+
+    #[test]
+    fn only_a_settings_frame_header_counts_as_http2() {
+        let settings = [0, 0, 12, 4, 0, 0, 0, 0, 0];
+        assert!(FirstFrameWatch::is_settings(&settings));
+        let ack = [0, 0, 0, 4, 1, 0, 0, 0, 0];
+        assert!(!FirstFrameWatch::is_settings(&ack), "an ACK is no preface");
+        let on_stream = [0, 0, 0, 4, 0, 0, 0, 0, 1];
+        assert!(!FirstFrameWatch::is_settings(&on_stream));
+        let http1: [u8; 9] = *b"HTTP/1.1 ";
+        assert!(!FirstFrameWatch::is_settings(&http1));
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The command line as users and Kubernetes see it: `probe` with grpc_health_probe's exit codes,
-//! `--version`, JSON logs, and a shutdown that cannot reach Consul ending with a clear error.
+//! `--version`, JSON logs, colour only on a terminal without NO_COLOR, and a shutdown that cannot
+//! reach Consul ending with a clear error.
 
 mod support;
 
@@ -131,5 +132,93 @@ async fn json_logs_and_a_shutdown_without_consul_exits_non_zero_with_a_clear_lin
     assert!(
         last_error.contains("deregisterCriticalServiceAfter"),
         "the line names the safety net: {last_error}"
+    );
+}
+
+/// `run` with the admin port taken: it logs one ERROR line and exits 1, without needing Consul.
+fn failing_run(dir: &std::path::Path) -> (Command, std::net::TcpListener) {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let manifest = dir.join("manifest.yaml");
+    std::fs::write(
+        &manifest,
+        "consul:\n  address: http://127.0.0.1:1\nservices:\n  - name: hello\n    id: hello-1\n    address: 127.0.0.1\n    port: 1\n",
+    )
+    .expect("write manifest");
+    let mut cmd = Command::new(support::registrar_bin());
+    cmd.arg("run")
+        .arg("--manifest")
+        .arg(&manifest)
+        .arg("--admin-addr")
+        .arg(taken.local_addr().expect("addr").to_string())
+        .env_remove("NO_COLOR")
+        .env_remove("CONSUL_REGISTRAR_LOG_FORMAT");
+    (cmd, taken)
+}
+
+#[test]
+fn logs_to_a_pipe_have_no_colour_codes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut cmd, _taken) = failing_run(dir.path());
+    let out = cmd.output().expect("run");
+    let logs = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{logs}");
+    assert!(
+        logs.contains("cannot listen on the admin address"),
+        "{logs}"
+    );
+    assert!(
+        !out.stderr.contains(&0x1b),
+        "ANSI escape codes in logs written to a pipe: {logs:?}"
+    );
+}
+
+/// Runs `cmd` with stdout and stderr on a pseudo-terminal (util-linux `script`); its output.
+fn on_a_terminal(cmd: &Command, extra_env: &[(&str, &str)]) -> Option<Vec<u8>> {
+    let quote = |s: &std::ffi::OsStr| format!("'{}'", s.to_string_lossy().replace('\'', r"'\''"));
+    let line = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(quote)
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut script = Command::new("script");
+    script
+        .args(["-qec", &line, "/dev/null"])
+        .env_remove("NO_COLOR");
+    script.envs(extra_env.iter().copied());
+    match script.output() {
+        Ok(out) => Some(out.stdout),
+        Err(e) => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI=true and no `script` (util-linux) to run on a terminal: {e}"
+            );
+            None
+        }
+    }
+}
+
+#[test]
+fn logs_on_a_terminal_are_coloured_unless_no_color_is_set() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cmd, _taken) = failing_run(dir.path());
+    let Some(coloured) = on_a_terminal(&cmd, &[]) else {
+        eprintln!("SKIPPED: no `script` (util-linux) to give the binary a terminal");
+        return;
+    };
+    let text = String::from_utf8_lossy(&coloured);
+    assert!(
+        text.contains("cannot listen on the admin address"),
+        "{text}"
+    );
+    assert!(coloured.contains(&0x1b), "a terminal gets colour: {text:?}");
+    let plain = on_a_terminal(&cmd, &[("NO_COLOR", "1")]).expect("script ran before");
+    let text = String::from_utf8_lossy(&plain);
+    assert!(
+        text.contains("cannot listen on the admin address"),
+        "{text}"
+    );
+    assert!(
+        !plain.contains(&0x1b),
+        "NO_COLOR=1 turns colour off even on a terminal: {text:?}"
     );
 }

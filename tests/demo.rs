@@ -1,5 +1,6 @@
 //! The README's demo command tells the whole story: passing, critical, passing, and after the stop
-//! signal critical ("draining"), then gone, with the sidecar exiting 0.
+//! signal critical ("draining"), then gone, with the sidecar exiting 0. And it shows the speed it
+//! exists to show: Consul has each flip within a second (issue 14's bound on a status line's lag).
 
 mod support;
 
@@ -54,4 +55,38 @@ fn make_demo_shows_registration_follow_health_and_drain() {
         stdout.contains("/ui/dc1/services/hello"),
         "the demo prints the Consul UI address"
     );
+
+    let lags = flip_lags(&stdout);
+    assert_eq!(
+        lags.len(),
+        2,
+        "one timed status line per flip (DEMO_FLIPS=2):\n{stdout}"
+    );
+    for (line, lag) in &lags {
+        assert!(
+            *lag <= 1.0,
+            "Consul showed a flip {lag} s after it happened (more than 1 s): {line:?}\n{stdout}"
+        );
+    }
+}
+
+/// For each "flipping the app" header, the first following "hello-1 → STATUS in Consul after X s"
+/// line and its X.
+fn flip_lags(stdout: &str) -> Vec<(String, f64)> {
+    let mut lags = Vec::new();
+    let mut flipped = false;
+    for line in stdout.lines() {
+        if line.contains("flipping the app") {
+            flipped = true;
+        } else if let Some(rest) = line.split(" in Consul after ").nth(1)
+            && std::mem::take(&mut flipped)
+        {
+            let seconds = rest.trim_end_matches(" s").trim();
+            let lag = seconds
+                .parse::<f64>()
+                .unwrap_or_else(|e| panic!("{line:?}: {e}"));
+            lags.push((line.to_string(), lag));
+        }
+    }
+    lags
 }
