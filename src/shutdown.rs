@@ -7,14 +7,14 @@
 //! requests join it.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::consul::{CheckStatus, ConsulClient, ConsulError};
+use crate::consul::{CheckStatus, ConsulClient, ConsulError, ServiceWatch};
 use crate::manifest::{DrainPolicy, RetryPolicy, ServiceSpec, duration};
 use crate::metrics::Metrics;
 use crate::reconcile::Backoff;
@@ -140,6 +140,9 @@ impl Drainer {
         // 1. Critical at once. One try each: if Consul is down the deregistration below retries.
         let client = &self.client;
         let marks = self.services.iter().map(|s| async move {
+            if let Ok(true) = foreign(client, &s.id).await {
+                return;
+            }
             match client
                 .update_ttl(&s.check.id, CheckStatus::Critical, DRAINING_OUTPUT)
                 .await
@@ -166,18 +169,24 @@ impl Drainer {
         }
 
         // 3. Deregister, retrying until the deadline.
-        let deadline = Instant::now() + self.policy.deregister_timeout;
+        let deadline = crate::reconcile::instant_after(self.policy.deregister_timeout);
         let retry = self.retry;
         let results = join_all(self.services.iter().map(|s| async move {
             let mut backoff = Backoff::new(retry);
             let mut attempts = 0u32;
             loop {
                 attempts += 1;
-                match client.deregister(&s.id).await {
+                // Only ours: read first, deregister if nobody else's instance holds the ID.
+                let result = match foreign(client, &s.id).await {
+                    Ok(true) => return Ok(()),
+                    Ok(false) => client.deregister(&s.id).await,
+                    Err(e) => Err(e),
+                };
+                match result {
                     Ok(()) => return Ok(()),
                     Err(e) => {
                         let wait = backoff.next_delay();
-                        if Instant::now() + wait >= deadline {
+                        if Instant::now().checked_add(wait).is_none_or(|t| t >= deadline) {
                             return Err(format!("{} (after {attempts} attempts): {e}", s.id));
                         }
                         if attempts == 1 {
@@ -222,5 +231,17 @@ impl Drainer {
             tracing::error!("{message}");
             Phase::Failed(message)
         }
+    }
+}
+
+/// Whether Consul holds an instance under `id` that is not ours (the ownership rule,
+/// [`crate::consul::AgentService::is_ours`]): the drain leaves it alone, logging why.
+async fn foreign(client: &ConsulClient, id: &str) -> Result<bool, ConsulError> {
+    match client.watch_service(id, None, Duration::ZERO).await? {
+        ServiceWatch::Present { service, .. } if !service.is_ours() => {
+            tracing::warn!(instance = %id, "an instance with this ID in Consul was not registered by consul-registrar; the drain leaves it alone");
+            Ok(true)
+        }
+        _ => Ok(false),
     }
 }
