@@ -489,7 +489,7 @@ impl Resolver<'_> {
 
         let tls = self.tls(c.tls.as_ref(), &[Key("consul"), Key("tls")], true);
         if let Some(plain) = address.as_deref().filter(|a| a.starts_with("http://")) {
-            self.tls_without_https(c.tls.as_ref(), plain);
+            self.tls_without_https(c.tls.as_ref(), plain, c.address.is_some());
         }
         let retry = match &c.retry {
             None => RetryPolicy::default(),
@@ -540,8 +540,15 @@ impl Resolver<'_> {
     }
 
     /// TLS settings next to a plain-HTTP Consul address would be dropped, and the token sent in
-    /// clear text: an error, in the manifest or naming the variable.
-    fn tls_without_https(&mut self, raw: Option<&RawTls>, address: &str) {
+    /// clear text: an error, in the manifest or naming the variable. CONSUL_* TLS variables count
+    /// only when the address did not come from the manifest (an explicit `http://` there wins
+    /// over the environment, as every other manifest setting does).
+    fn tls_without_https(
+        &mut self,
+        raw: Option<&RawTls>,
+        address: &str,
+        address_in_manifest: bool,
+    ) {
         let fix = format!(
             "the Consul address {address} is plain HTTP, so TLS settings would be ignored and the token sent in clear text; use an https:// address (or CONSUL_HTTP_SSL=true with a scheme-less address), or remove the TLS settings"
         );
@@ -556,6 +563,9 @@ impl Resolver<'_> {
                 self.error(&[Key("consul"), Key("tls")], fix.clone());
                 return;
             }
+        }
+        if address_in_manifest {
+            return;
         }
         for var in [
             "CONSUL_CACERT",
