@@ -2,7 +2,9 @@
 //! would be registered), `probe` (a one-shot gRPC health check, grpc_health_probe-compatible).
 //!
 //! Exit codes: 0 success; 1 runtime failure (drain incomplete by drain.delay +
-//! drain.deregisterTimeout, admin port taken, Consul client set-up); 2 command-line usage; 65 invalid manifest; 66 manifest unreadable. `probe` uses
+//! drain.deregisterTimeout, admin port taken, Consul client set-up); 2 command-line usage; 65
+//! invalid manifest; 66 manifest unreadable; 78 a set-up that cannot work (calls to
+//! consul.address reach different agents). `probe` uses
 //! grpc_health_probe's codes instead: 0 serving, 1 bad arguments, 2 connection failure, 3 RPC
 //! failure or timeout, 4 not serving.
 
@@ -22,6 +24,8 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 
 const EXIT_RUNTIME: u8 = 1;
+/// The set-up cannot work (calls reach several Consul agents): change it, restarting won't help.
+const EXIT_CONFIG: u8 = 78;
 const EXIT_INVALID_MANIFEST: u8 = 65;
 const EXIT_UNREADABLE_MANIFEST: u8 = 66;
 
@@ -104,6 +108,10 @@ enum Command {
         tls_client_key: Option<PathBuf>,
         #[arg(long, requires = "tls")]
         tls_server_name: Option<String>,
+        /// Accept any server certificate (grpc_health_probe's -tls-no-verify). Without it and
+        /// without --tls-ca-cert, the system's CA bundle verifies the server.
+        #[arg(long, requires = "tls")]
+        tls_no_verify: bool,
     },
 }
 
@@ -144,13 +152,14 @@ fn main() -> ExitCode {
             tls_client_cert,
             tls_client_key,
             tls_server_name,
+            tls_no_verify,
         } => {
             let tls = tls.then_some(manifest::TlsSettings {
                 ca_file: tls_ca_cert,
                 cert_file: tls_client_cert,
                 key_file: tls_client_key,
                 server_name: tls_server_name,
-                insecure_skip_verify: false,
+                insecure_skip_verify: tls_no_verify,
             });
             probe_once(ProbeArgs {
                 addr,
@@ -231,7 +240,10 @@ fn run(path: &std::path::Path, admin_addr: Option<SocketAddr>) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
-            ExitCode::from(EXIT_RUNTIME)
+            let config = e
+                .downcast_ref::<sidecar::SidecarError>()
+                .is_some_and(sidecar::SidecarError::is_configuration);
+            ExitCode::from(if config { EXIT_CONFIG } else { EXIT_RUNTIME })
         }
     }
 }
@@ -244,6 +256,21 @@ fn drain_auth() -> consul_registrar::admin::DrainAuth {
         var("CONSUL_REGISTRAR_DRAIN_TOKEN").map(|v| v.to_string_lossy().into_owned()),
         var("CONSUL_REGISTRAR_DRAIN_TOKEN_FILE").map(PathBuf::from),
     )
+}
+
+/// An error and its causes on one line (tonic's "transport error" alone says little).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
 }
 
 struct ProbeArgs {
@@ -300,7 +327,11 @@ fn probe_once(args: ProbeArgs) -> ExitCode {
             Err(e) => {
                 return (
                     2,
-                    format!("error: failed to connect service at {:?}: {e}", args.addr),
+                    format!(
+                        "error: failed to connect service at {:?}: {}",
+                        args.addr,
+                        error_chain(&e)
+                    ),
                 );
             }
         };

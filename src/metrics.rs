@@ -34,9 +34,13 @@ pub struct Metrics {
     /// the sidecar last wrote it.
     pub instance_registered: IntGaugeVec,
     /// `consul_registrar_consul_requests_total{operation,status}`: Consul API calls by operation
-    /// (`register`, `update_ttl`, `deregister`, `read_service`, `watch_service`, `leader`) and
+    /// (`register`, `update_ttl`, `deregister`, `read_service`, `watch_service`, `leader`, `agent_self`) and
     /// status class (`2xx`, `4xx`, `5xx`, `error` for no HTTP answer).
     pub consul_requests: IntCounterVec,
+    /// `consul_registrar_consul_refused_total{service,instance}`: steps that failed because Consul
+    /// refused the request as malformed (HTTP 400 and other 4xx but 403/404/429); such a step is
+    /// retried once per `resyncInterval`.
+    pub consul_refused: IntCounterVec,
     /// `consul_registrar_consul_request_duration_seconds{operation}` (blocking watches excluded).
     pub consul_request_duration: HistogramVec,
     /// `consul_registrar_repairs_total{service,instance,reason}`: instances put back in Consul,
@@ -95,6 +99,11 @@ impl Metrics {
                 "Consul HTTP API requests by operation and status class.",
                 &["operation", "status"],
             ),
+            consul_refused: counter_vec(
+                "consul_refused_total",
+                "Steps refused by Consul as malformed requests (HTTP 400).",
+                &["service", "instance"],
+            ),
             consul_request_duration: histogram_vec(
                 "consul_request_duration_seconds",
                 "Duration of Consul HTTP API requests (blocking watches excluded).",
@@ -146,6 +155,7 @@ impl Metrics {
             Box::new(m.instance_healthy.clone()),
             Box::new(m.instance_registered.clone()),
             Box::new(m.consul_requests.clone()),
+            Box::new(m.consul_refused.clone()),
             Box::new(m.consul_request_duration.clone()),
             Box::new(m.repairs.clone()),
             Box::new(m.sync_lag.clone()),

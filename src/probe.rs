@@ -21,6 +21,10 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use hyper_util::rt::TokioIo;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
@@ -29,7 +33,7 @@ use tonic::codec::{BufferSettings, Codec, Streaming};
 use tonic::codegen::Service;
 use tonic::codegen::http::Uri;
 use tonic::codegen::http::uri::PathAndQuery;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Status};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
@@ -165,14 +169,23 @@ pub fn endpoint_for(spec: &HealthSpec) -> Result<Endpoint, ProbeSetupError> {
         .connect_timeout(spec.timeout)
         .tcp_nodelay(true);
     if let Some(tls) = &spec.tls {
+        let (config, verifier) = client_tls(tls, &spec.address, &uri)?;
         endpoint = endpoint
-            .tls_config(client_tls(tls, &spec.address)?)
+            .tls_config_with_verifier(config, verifier)
             .map_err(|e| ProbeSetupError(format!("TLS for {uri}: {e}")))?;
     }
     Ok(endpoint)
 }
 
-fn client_tls(tls: &TlsSettings, address: &str) -> Result<ClientTlsConfig, ProbeSetupError> {
+/// The TLS settings towards the app and the verifier of its certificate: against `caFile` when
+/// given, else against the system's CA bundle (SSL_CERT_FILE / SSL_CERT_DIR or the distribution's),
+/// or not at all with `insecureSkipVerify`.
+fn client_tls(
+    tls: &TlsSettings,
+    address: &str,
+    uri: &str,
+) -> Result<(ClientTlsConfig, Arc<dyn ServerCertVerifier>), ProbeSetupError> {
+    crate::consul::install_crypto_provider();
     let read = |p: &std::path::Path| {
         std::fs::read(p).map_err(|e| ProbeSetupError(format!("cannot read {}: {e}", p.display())))
     };
@@ -181,13 +194,103 @@ fn client_tls(tls: &TlsSettings, address: &str) -> Result<ClientTlsConfig, Probe
             .clone()
             .unwrap_or_else(|| address.to_string()),
     );
-    if let Some(ca) = &tls.ca_file {
-        config = config.ca_certificate(Certificate::from_pem(read(ca)?));
-    }
     if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
         config = config.identity(Identity::from_pem(read(cert)?, read(key)?));
     }
-    Ok(config)
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    if tls.insecure_skip_verify {
+        tracing::warn!(target = %uri, "health.tls.insecureSkipVerify is on: the app's certificate is not verified, anyone on the path can answer the probe");
+        return Ok((config, Arc::new(AnyServerCert(provider))));
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    match &tls.ca_file {
+        Some(ca) => {
+            let pem = read(ca)?;
+            for cert in CertificateDer::pem_slice_iter(&pem) {
+                let cert = cert.map_err(|e| {
+                    ProbeSetupError(format!("{} is not a PEM CA bundle: {e}", ca.display()))
+                })?;
+                roots.add(cert).map_err(|e| {
+                    ProbeSetupError(format!("{}: unusable CA certificate: {e}", ca.display()))
+                })?;
+            }
+            if roots.is_empty() {
+                return Err(ProbeSetupError(format!(
+                    "{} holds no PEM certificate (health.tls.caFile)",
+                    ca.display()
+                )));
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            let (added, _) = roots.add_parsable_certificates(found.certs);
+            if added == 0 {
+                let why = found
+                    .errors
+                    .first()
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default();
+                return Err(ProbeSetupError(format!(
+                    "TLS to {uri} without health.tls.caFile uses the system's CA bundle, but none was found{why} (looked at SSL_CERT_FILE, SSL_CERT_DIR and the usual system paths); set health.tls.caFile to the CA that signed the app's certificate"
+                )));
+            }
+        }
+    }
+    let verifier =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .map_err(|e| ProbeSetupError(format!("TLS for {uri}: {e}")))?;
+    Ok((config, verifier))
+}
+
+/// `insecureSkipVerify`: accepts any certificate the app presents (the handshake signatures are
+/// still checked, so the connection is encrypted, but to whoever answers).
+#[derive(Debug)]
+struct AnyServerCert(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AnyServerCert {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }
 
 /// Connects to the probe target the way grpc_health_probe's blocking grpc-go dial does, for the
@@ -688,9 +791,25 @@ fn from_rpc_error(status: &Status) -> Observation {
         },
         code => Observation::Failed {
             outcome: "error",
-            reason: format!("{code:?}: {}", short(status.message())),
+            reason: format!("{code:?}: {}", short(&with_causes(status))),
         },
     }
+}
+
+/// The status message and its causes ("transport error" alone says little; the cause says
+/// "invalid peer certificate: UnknownIssuer" or "connection refused").
+pub fn with_causes(status: &Status) -> String {
+    let mut out = status.message().to_string();
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        let text = e.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = e.source();
+    }
+    out
 }
 
 fn short(s: &str) -> String {

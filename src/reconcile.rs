@@ -53,7 +53,7 @@ impl Backoff {
     /// The next wait; the step doubles up to the cap.
     pub fn next_delay(&mut self) -> Duration {
         let step = self.next;
-        self.next = (self.next * 2).min(self.policy.max);
+        self.next = self.next.saturating_mul(2).min(self.policy.max);
         let half = step / 2;
         half + half.mul_f64(fastrand::f64())
     }
@@ -62,6 +62,18 @@ impl Backoff {
         self.next = self.policy.initial;
     }
 }
+
+/// `now + d`, or a moment so far ahead that it never comes when `d` does not fit (the manifest
+/// caps durations at Go's ~292 years, which fits; this keeps the arithmetic total anyway).
+pub fn instant_after(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d)
+        .or_else(|| now.checked_add(FAR_FUTURE))
+        .unwrap_or(now)
+}
+
+/// "Never" for timers: about 30 years, as tokio's own far future.
+const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365 * 30);
 
 /// Keeps one instance registered and its TTL check following the verdict.
 pub struct Reconciler {
@@ -73,6 +85,8 @@ pub struct Reconciler {
     retry: RetryPolicy,
     resync_interval: Duration,
     anti_entropy: AntiEntropy,
+    /// The client's token generation of our last registration.
+    registered_with: std::sync::atomic::AtomicU64,
 }
 
 /// The anti-entropy alarm shared by every reconciler of a sidecar. Only the first
@@ -133,6 +147,7 @@ impl Reconciler {
             retry,
             resync_interval,
             anti_entropy,
+            registered_with: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -163,7 +178,7 @@ impl Reconciler {
         // Unwatched instances are read again every resync interval (a watched one's blocking
         // query returns at least that often, which is its resync).
         let mut resync = tokio::time::interval_at(
-            tokio::time::Instant::now() + self.resync_interval,
+            instant_after(self.resync_interval).into(),
             self.resync_interval,
         );
 
@@ -195,9 +210,12 @@ impl Reconciler {
                         if last_logged.take().is_some() {
                             tracing::info!(instance = %self.spec.id, "Consul is in step again");
                         }
-                        self.status.update(|s| s.consul.last_error = None);
+                        self.status.update(|s| {
+                            s.consul.last_error = None;
+                            s.consul.refused = false;
+                        });
                         if let Some(when) = progress.refreshed_at {
-                            refresh_due = when + refresh_every;
+                            refresh_due = when.checked_add(refresh_every).unwrap_or(when);
                         }
                         if progress.registered {
                             registered_at = Some(Instant::now());
@@ -210,9 +228,14 @@ impl Reconciler {
                     Err(e) => {
                         let delay = match &e {
                             StepError::NotOurs => self.retry.max.max(Duration::from_secs(10)),
+                            // Consul refused the request itself (400): the same request is
+                            // refused again, so ask once per resync interval, not every second.
+                            StepError::Consul(c) if c.is_refusal() => {
+                                self.retry.max.max(self.resync_interval)
+                            }
                             _ => backoff.next_delay(),
                         };
-                        retry_at = Some(Instant::now() + delay);
+                        retry_at = Some(instant_after(delay));
                         self.report_error(&e, &mut last_logged);
                     }
                 }
@@ -296,6 +319,7 @@ impl Reconciler {
         let [service, instance] = self.labels();
         match view.clone() {
             View::Unknown => {
+                self.client.verify_agent(false).await?;
                 let seen = self
                     .client
                     .watch_service(&self.spec.id, None, Duration::ZERO)
@@ -303,6 +327,11 @@ impl Reconciler {
                 *view = match seen {
                     ServiceWatch::Missing => View::Missing,
                     ServiceWatch::Present { service, .. } => {
+                        // An instance of ours found in Consul (adopted after a restart) counts as
+                        // registered: a later repair puts back its current status, no flap.
+                        if service.is_ours() {
+                            *ever_registered = true;
+                        }
                         match service.drift_from(&self.desired) {
                             Drift::InSync => View::InSync,
                             Drift::Changed { field } => View::Differs(field),
@@ -313,9 +342,18 @@ impl Reconciler {
                 };
                 Ok(Progress::again())
             }
-            View::NotOurs => Err(StepError::NotOurs),
+            // Read again before every retry: the foreign instance may be gone by then (an
+            // unwatched instance has no watcher to tell it).
+            View::NotOurs => {
+                *view = View::Unknown;
+                Err(StepError::NotOurs)
+            }
             View::Missing | View::Differs(_) => {
                 let reason = match view {
+                    View::Differs("token") => {
+                        tracing::info!(%instance, "the ACL token changed; registering the instance again so that Consul syncs it with the new token");
+                        None
+                    }
                     View::Differs(field) => {
                         tracing::warn!(%instance, %field, "instance in Consul differs from the manifest; registering it again");
                         Some("changed")
@@ -327,10 +365,14 @@ impl Reconciler {
                     _ => None,
                 };
                 self.set_registered(false);
+                // An instance that went missing may have been registered on another agent
+                // behind the same address: make sure it is still the same one.
+                self.client.verify_agent(*ever_registered).await?;
                 // The first registration starts critical and the verdict follows as a status
                 // change, which Consul syncs to the catalog with its output at once (an
                 // output-only change waits for check_update_interval). A repair registers the
                 // current status directly, so watchers see no flap.
+                let generation = self.client.token_generation();
                 let mut body = self.desired.clone();
                 body.checks[0].status = if *ever_registered {
                     verdict.status
@@ -338,6 +380,8 @@ impl Reconciler {
                     CheckStatus::Critical
                 };
                 self.client.register(&body).await?;
+                self.registered_with
+                    .store(generation, std::sync::atomic::Ordering::Relaxed);
                 // Consul starts the check with an empty output; say what the probe saw.
                 self.client
                     .update_ttl(&self.spec.check.id, verdict.status, &verdict.output)
@@ -360,6 +404,15 @@ impl Reconciler {
                 })
             }
             View::InSync => {
+                if *ever_registered
+                    && self.client.token_generation()
+                        != self
+                            .registered_with
+                            .load(std::sync::atomic::Ordering::Relaxed)
+                {
+                    *view = View::Differs("token");
+                    return Ok(Progress::again());
+                }
                 let changed = acked.as_ref() != Some(&(verdict.status, verdict.output.clone()));
                 if !changed && Instant::now() < refresh_due {
                     return Ok(Progress::idle());
@@ -374,7 +427,9 @@ impl Reconciler {
                         Ok(Progress::refreshed())
                     }
                     Err(ConsulError::NotFound { .. }) => {
-                        *view = View::Missing;
+                        // Our check is gone; the instance may be gone too, or replaced by someone
+                        // else's under the same ID: read before registering again.
+                        *view = View::Unknown;
                         *acked = None;
                         Ok(Progress::again())
                     }
@@ -418,8 +473,19 @@ impl Reconciler {
     /// Logs an error when it is new (not on every retry) and shows it in the status.
     fn report_error(&self, e: &StepError, last_logged: &mut Option<String>) {
         let text = e.to_string();
+        let refused = matches!(e, StepError::Consul(c) if c.is_refusal());
+        if refused {
+            let [service, instance] = self.labels();
+            self.metrics
+                .consul_refused
+                .with_label_values(&[service, instance])
+                .inc();
+        }
         if last_logged.as_deref() != Some(&text) {
             match e {
+                _ if refused => {
+                    tracing::error!(instance = %self.spec.id, error = %text, retry_in = %crate::manifest::duration::format(self.retry.max.max(self.resync_interval)), "Consul refused the request; fix the manifest (retrying once per resync interval)")
+                }
                 StepError::Consul(ConsulError::Forbidden { .. }) | StepError::NotOurs => {
                     tracing::error!(instance = %self.spec.id, error = %text, "cannot sync with Consul; retrying with backoff")
                 }
@@ -430,7 +496,10 @@ impl Reconciler {
             *last_logged = Some(text.clone());
         }
         self.set_registered(false);
-        self.status.update(|s| s.consul.last_error = Some(text));
+        self.status.update(|s| {
+            s.consul.last_error = Some(text);
+            s.consul.refused = refused;
+        });
     }
 }
 

@@ -19,9 +19,7 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout_at};
 
-use crate::consul::{
-    AgentServiceRegistration, CheckStatus, ConsulClient, ConsulError, Drift, ServiceWatch,
-};
+use crate::consul::{CheckStatus, ConsulClient, ConsulError, ServiceWatch};
 use crate::manifest::{DrainPolicy, RetryPolicy, ServiceSpec, duration};
 use crate::metrics::Metrics;
 use crate::reconcile::Backoff;
@@ -267,11 +265,16 @@ impl Drainer {
             delay_end
         };
         let marks = self.services.iter().map(|s| async move {
-            match timeout_at(
-                marks_end,
-                client.update_ttl(&s.check.id, CheckStatus::Critical, DRAINING_OUTPUT),
-            )
-            .await
+            let mark = async {
+                // Only ours: an instance someone else holds under our ID is left alone.
+                if let Ok(true) = foreign(client, &s.id).await {
+                    return Ok(());
+                }
+                client
+                    .update_ttl(&s.check.id, CheckStatus::Critical, DRAINING_OUTPUT)
+                    .await
+            };
+            match timeout_at(marks_end, mark).await
             {
                 Ok(Ok(()) | Err(ConsulError::NotFound { .. })) => {}
                 Ok(Err(e)) => {
@@ -366,20 +369,26 @@ async fn deregister_until(
     retry: RetryPolicy,
     deadline: Instant,
 ) -> Result<(), String> {
-    let ours = AgentServiceRegistration::new(spec, CheckStatus::Critical);
     let mut backoff = Backoff::new(retry);
     let mut attempts = 0u32;
     let mut last_error = String::from("no attempt before the deadline");
     loop {
         attempts += 1;
         let attempt = async {
+            // Only ours: read first, deregister only if nobody else's instance holds the ID.
+            if foreign(client, &spec.id).await? {
+                return Ok(None);
+            }
             client.deregister(&spec.id).await?;
-            client.watch_service(&spec.id, None, Duration::ZERO).await
+            client
+                .watch_service(&spec.id, None, Duration::ZERO)
+                .await
+                .map(Some)
         };
         match timeout_at(deadline, attempt).await {
-            Ok(Ok(ServiceWatch::Missing)) => return Ok(()),
-            Ok(Ok(ServiceWatch::Present { service, .. })) => {
-                if service.drift_from(&ours) == Drift::NotOurs {
+            Ok(Ok(None | Some(ServiceWatch::Missing))) => return Ok(()),
+            Ok(Ok(Some(ServiceWatch::Present { service, .. }))) => {
+                if !service.is_ours() {
                     // Someone else registered this ID after our deregistration: not ours to remove.
                     return Ok(());
                 }
@@ -397,12 +406,27 @@ async fn deregister_until(
             }
         }
         let wait = backoff.next_delay();
-        if Instant::now() + wait >= deadline {
+        if Instant::now()
+            .checked_add(wait)
+            .is_none_or(|t| t >= deadline)
+        {
             return Err(format!(
                 "{} (after {attempts} attempts): {last_error}",
                 spec.id
             ));
         }
         tokio::time::sleep(wait).await;
+    }
+}
+
+/// Whether Consul holds an instance under `id` that is not ours (the ownership rule,
+/// [`crate::consul::AgentService::is_ours`]): the drain leaves it alone, logging why.
+async fn foreign(client: &ConsulClient, id: &str) -> Result<bool, ConsulError> {
+    match client.watch_service(id, None, Duration::ZERO).await? {
+        ServiceWatch::Present { service, .. } if !service.is_ours() => {
+            tracing::warn!(instance = %id, "an instance with this ID in Consul was not registered by consul-registrar; the drain leaves it alone");
+            Ok(true)
+        }
+        _ => Ok(false),
     }
 }

@@ -38,6 +38,17 @@ pub enum SidecarError {
     Signals(std::io::Error),
     #[error("drain incomplete: {0}")]
     DrainFailed(String),
+    /// A set-up the sidecar cannot work with, found while running (e.g. an address over several
+    /// Consul agents). Exit code 78.
+    #[error("{0}")]
+    Configuration(String),
+}
+
+impl SidecarError {
+    /// Whether the set-up must change before a restart can help (exit code 78, EX_CONFIG).
+    pub fn is_configuration(&self) -> bool {
+        matches!(self, SidecarError::Configuration(_))
+    }
 }
 
 /// Runs the sidecar until a signal has drained it. `drain_auth` says who may call `/drain`.
@@ -156,6 +167,7 @@ pub async fn run(
         })
     };
 
+    let several_agents = client.clone();
     tokio::spawn(
         Drainer {
             handle: drain.clone(),
@@ -177,6 +189,13 @@ pub async fn run(
     let mut ticket = None;
     let outcome = loop {
         tokio::select! {
+            // Calls reach several agents: nothing the sidecar does can be trusted to stick. Stop
+            // (the TTL checks expire and Consul removes the copies after
+            // deregisterCriticalServiceAfter) with the error that says what to change.
+            message = several_agents.several_agents() => {
+                signals_handle.close();
+                return Err(SidecarError::Configuration(message));
+            }
             Some(sig) = signals.next() => {
                 let name = if sig == SIGTERM { "SIGTERM" } else { "SIGINT" };
                 if ticket.is_none() {

@@ -44,6 +44,9 @@ pub struct ConsulStatus {
     /// The check status Consul acknowledged last.
     pub status: Option<&'static str>,
     pub last_error: Option<String>,
+    /// Consul refused the last request as malformed (HTTP 400): it is retried only once per
+    /// resync interval, and `last_error` carries Consul's message.
+    pub refused: bool,
     pub repairs: u64,
     #[serde(with = "unix_seconds")]
     pub changed_at: SystemTime,
@@ -72,6 +75,7 @@ impl StatusBoard {
                             ever_registered: false,
                             status: None,
                             last_error: None,
+                            refused: false,
                             repairs: 0,
                             changed_at: now,
                         },

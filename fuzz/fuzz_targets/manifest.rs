@@ -25,6 +25,12 @@ fuzz_target!(|data: &[u8]| {
                 assert!(s.check.ttl > s.health.interval + s.health.timeout);
                 assert!(s.health.success_threshold >= 1 && s.health.failure_threshold >= 1);
                 assert!(s.meta.len() <= 64);
+                assert!(s.meta.values().all(|v| v.len() <= 512), "a meta value Consul refuses");
+                assert!(s.id != "." && s.id != "..", "a path segment as id");
+                let max = consul_registrar::manifest::duration::MAX;
+                for d in [s.check.ttl, s.check.deregister_critical_service_after, s.health.interval, s.health.timeout, s.health.initial_delay] {
+                    assert!(d <= max, "{d:?} beyond Go's largest duration");
+                }
                 assert_eq!(s.meta.get("managed-by").map(String::as_str), Some("consul-registrar"));
             }
         }

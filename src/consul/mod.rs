@@ -4,7 +4,6 @@
 
 pub mod registration;
 
-use std::net::ToSocketAddrs;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -62,6 +61,14 @@ pub enum ConsulError {
     },
     #[error("cannot set up the Consul client: {0}")]
     Setup(String),
+    #[error(
+        "calls to {address} reached different Consul agents (node {first:?}, then node {now:?}): consul.address must be one agent, this node's own (e.g. the host IP), not a Service or load balancer over several agents or servers, because an agent keeps the instances it registered to itself. Registering through the catalog instead (consul.mode: catalog) is planned but not supported yet"
+    )]
+    SeveralAgents {
+        address: String,
+        first: String,
+        now: String,
+    },
 }
 
 impl ConsulError {
@@ -70,9 +77,15 @@ impl ConsulError {
     pub fn is_retryable(&self) -> bool {
         match self {
             ConsulError::Status { status, .. } => *status == 429 || *status >= 500,
-            ConsulError::Setup(_) => false,
+            ConsulError::Setup(_) | ConsulError::SeveralAgents { .. } => false,
             _ => true,
         }
+    }
+
+    /// Consul refused the request as such (HTTP 400 and the like, not 403/404/429): sending the
+    /// same request again gets the same answer.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, ConsulError::Status { status, .. } if (400..500).contains(status) && !matches!(status, 404 | 429))
     }
 }
 
@@ -81,7 +94,9 @@ impl ConsulError {
 pub struct ConsulClient {
     http: reqwest::Client,
     base: Arc<str>,
-    token: Option<Secret>,
+    token: Arc<TokenSource>,
+    /// The node name of the agent that answered first; every later answer must come from it.
+    agent: Arc<AgentIdentity>,
     /// `ns` / `partition` query parameters (Consul Enterprise), empty otherwise.
     scope: Arc<[(&'static str, String)]>,
     /// Permits for non-blocking calls: at most [`MAX_CONCURRENT_CALLS`] in flight.
@@ -121,24 +136,34 @@ impl ConsulClient {
         let mut base = conn.address.clone();
         let tls = &conn.tls;
         if base.starts_with("https://") {
-            if let Some(ca) = &tls.ca_file {
-                let pem = std::fs::read(ca).map_err(|e| {
-                    ConsulError::Setup(format!("cannot read {}: {e}", ca.display()))
-                })?;
-                let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-                    ConsulError::Setup(format!("{} is not a PEM CA bundle: {e}", ca.display()))
-                })?;
-                builder = builder.tls_certs_only(certs);
-            }
+            let roots = match &tls.ca_file {
+                Some(ca) => ca_bundle(ca)?,
+                None if tls.insecure_skip_verify => Vec::new(),
+                None => system_roots(&base)?,
+            };
+            // Only these roots: reqwest's default (the platform verifier) fails to build in an
+            // image without a CA bundle, with nothing but "builder error" to say why.
+            builder = builder.tls_certs_only(roots);
             if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
                 let mut pem = std::fs::read(cert).map_err(|e| {
-                    ConsulError::Setup(format!("cannot read {}: {e}", cert.display()))
+                    ConsulError::Setup(format!(
+                        "cannot read the client certificate {}: {e} (consul.tls.certFile or CONSUL_CLIENT_CERT)",
+                        cert.display()
+                    ))
                 })?;
                 pem.extend(std::fs::read(key).map_err(|e| {
-                    ConsulError::Setup(format!("cannot read {}: {e}", key.display()))
+                    ConsulError::Setup(format!(
+                        "cannot read the client key {}: {e} (consul.tls.keyFile or CONSUL_CLIENT_KEY)",
+                        key.display()
+                    ))
                 })?);
                 let identity = reqwest::Identity::from_pem(&pem).map_err(|e| {
-                    ConsulError::Setup(format!("client certificate or key is not valid PEM: {e}"))
+                    ConsulError::Setup(format!(
+                        "the client certificate {} or key {} is not valid PEM: {}",
+                        cert.display(),
+                        key.display(),
+                        error_chain(&e)
+                    ))
                 })?;
                 builder = builder.identity(identity);
             }
@@ -146,24 +171,35 @@ impl ConsulClient {
                 builder = builder.tls_danger_accept_invalid_certs(true);
             }
             if let Some(name) = &tls.server_name {
-                // Verify the certificate against `name` while connecting to the configured host:
-                // address the server by that name and pin the name to the real socket address.
-                let url =
-                    reqwest::Url::parse(&base).map_err(|e| ConsulError::Setup(e.to_string()))?;
-                let host = url.host_str().unwrap_or_default().trim_matches(['[', ']']);
+                // Verify the certificate against `name` (and send it as SNI) while connecting to
+                // the configured host: address the server by that name, and resolve the name to
+                // the configured host anew for every connection, so that a host whose address
+                // changes (a Service, a rescheduled node) is followed.
+                let url = reqwest::Url::parse(&base)
+                    .map_err(|e| ConsulError::Setup(format!("{base} is not a URL: {e}")))?;
+                let host = url
+                    .host_str()
+                    .unwrap_or_default()
+                    .trim_matches(['[', ']'])
+                    .to_string();
                 let port = url.port_or_known_default().unwrap_or(8501);
-                let addr = (host, port)
-                    .to_socket_addrs()
-                    .ok()
-                    .and_then(|mut a| a.next())
-                    .ok_or_else(|| ConsulError::Setup(format!("cannot resolve {host}:{port}")))?;
-                builder = builder.resolve(name, addr);
+                builder = builder.dns_resolver(Arc::new(ServerNameResolver {
+                    server_name: name.clone(),
+                    host,
+                }));
                 base = format!("https://{name}:{port}");
             }
+        } else {
+            // Plain HTTP needs no trust store; an empty one keeps reqwest from loading the
+            // system's (which fails in an image without a CA bundle).
+            builder = builder.tls_certs_only(Vec::new());
         }
-        let http = builder
-            .build()
-            .map_err(|e| ConsulError::Setup(e.to_string()))?;
+        let http = builder.build().map_err(|e| {
+            ConsulError::Setup(format!(
+                "the HTTP client for {base} could not be built: {}",
+                error_chain(&e)
+            ))
+        })?;
         let mut scope = Vec::new();
         if let Some(ns) = &conn.namespace {
             scope.push(("ns", ns.clone()));
@@ -174,7 +210,11 @@ impl ConsulClient {
         Ok(ConsulClient {
             http,
             base: base.into(),
-            token: conn.token.clone(),
+            token: Arc::new(TokenSource::new(
+                conn.token.clone(),
+                conn.token_file.clone(),
+            )),
+            agent: Arc::new(AgentIdentity::default()),
             scope: scope.into(),
             calls: Arc::new(Semaphore::new(MAX_CONCURRENT_CALLS)),
             metrics,
@@ -260,7 +300,8 @@ impl ConsulClient {
                 self.request(Method::GET, &path)
                     .query(&[("hash", h), ("wait", &format!("{}ms", wait.as_millis()))]),
                 // Consul adds up to wait/16 of jitter; leave room for it and the network.
-                wait + wait / 8 + Duration::from_secs(5),
+                wait.saturating_add(wait / 8)
+                    .saturating_add(Duration::from_secs(5)),
             ),
             None => (
                 "read_service",
@@ -299,9 +340,87 @@ impl ConsulClient {
         })
     }
 
+    /// Checks that calls reach the agent they reached first (its node name, from
+    /// `GET /v1/agent/self`): at start-up once, and again with `again` before an instance found
+    /// missing is registered anew, since an address over several agents shows itself that way.
+    /// A different node is fatal: [`ConsulClient::several_agents`] reports it.
+    pub async fn verify_agent(&self, again: bool) -> Result<(), ConsulError> {
+        if !again && self.agent.first.initialized() {
+            return Ok(());
+        }
+        let req = self.request(Method::GET, "/v1/agent/self");
+        let answer = match self.send("agent_self", req, REQUEST_TIMEOUT).await {
+            Ok(a) => a,
+            Err(ConsulError::Forbidden { .. }) => {
+                if !self
+                    .agent
+                    .forbidden
+                    .swap(true, std::sync::atomic::Ordering::Relaxed)
+                {
+                    tracing::warn!(
+                        "the ACL token may not read the agent (agent:read), so calls reaching different agents cannot be detected"
+                    );
+                }
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        #[derive(serde::Deserialize)]
+        struct AgentSelf {
+            #[serde(rename = "Config")]
+            config: AgentConfig,
+        }
+        #[derive(serde::Deserialize)]
+        struct AgentConfig {
+            #[serde(rename = "NodeName")]
+            node_name: String,
+        }
+        let node = serde_json::from_slice::<AgentSelf>(&answer.body)
+            .map_err(|e| ConsulError::Decode {
+                operation: "agent_self",
+                reason: e.to_string(),
+            })?
+            .config
+            .node_name;
+        let first = self
+            .agent
+            .first
+            .get_or_init(|| async { node.clone() })
+            .await;
+        if *first == node {
+            return Ok(());
+        }
+        let error = ConsulError::SeveralAgents {
+            address: self.base.to_string(),
+            first: first.clone(),
+            now: node,
+        };
+        self.agent.fatal.send_replace(Some(error.to_string()));
+        Err(error)
+    }
+
+    /// Which token calls carry now: it changes when the token file does. An instance registered
+    /// under an older one must be registered again (the agent syncs it with the token that
+    /// registered it, which may be deleted after a rotation).
+    pub fn token_generation(&self) -> u64 {
+        self.token
+            .generation
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Waits until calls were found to reach different agents; the message says what to do.
+    pub async fn several_agents(&self) -> String {
+        let mut rx = self.agent.fatal.subscribe();
+        match rx.wait_for(Option::is_some).await {
+            Ok(message) => message.clone().unwrap_or_default(),
+            // The sender lives in self: it cannot be dropped while we wait.
+            Err(_) => std::future::pending().await,
+        }
+    }
+
     fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
         let mut req = self.http.request(method, format!("{}{path}", self.base));
-        if let Some(token) = &self.token {
+        if let Some(token) = self.token.current() {
             req = req.header("X-Consul-Token", token.expose());
         }
         if !self.scope.is_empty() {
@@ -375,6 +494,8 @@ impl ConsulClient {
         let body = resp.text().await.unwrap_or_default();
         let body = body.trim().chars().take(300).collect::<String>();
         Err(if status == StatusCode::FORBIDDEN {
+            // The token may have been rotated: the next call uses the file's new one.
+            self.token.reload_if_changed();
             ConsulError::Forbidden { operation, body }
         } else {
             ConsulError::Status {
@@ -437,6 +558,149 @@ fn path_escape(segment: &str) -> String {
         }
     }
     out
+}
+
+/// The node identity behind the address (see [`ConsulClient::verify_agent`]).
+#[derive(Default)]
+struct AgentIdentity {
+    first: tokio::sync::OnceCell<String>,
+    /// Set once a different agent answered: the message to stop with.
+    fatal: tokio::sync::watch::Sender<Option<String>>,
+    /// The token may not read `/v1/agent/self`; warned once.
+    forbidden: std::sync::atomic::AtomicBool,
+}
+
+/// How often the token file is looked at without a 403 to prompt it.
+const TOKEN_RECHECK: Duration = Duration::from_secs(30);
+
+/// The ACL token, and the file it came from: read again after a 403 and every [`TOKEN_RECHECK`]
+/// (cheap: a small file), so a rotated Kubernetes Secret (updated in place through a symlink
+/// swap) takes effect without a restart.
+struct TokenSource {
+    file: Option<std::path::PathBuf>,
+    current: std::sync::RwLock<Option<Secret>>,
+    /// Counts token changes: instances registered with an older token are registered again,
+    /// since the agent syncs each instance to the catalog with the token that registered it.
+    generation: std::sync::atomic::AtomicU64,
+    checked_at: std::sync::Mutex<Instant>,
+}
+
+impl TokenSource {
+    fn new(token: Option<Secret>, file: Option<std::path::PathBuf>) -> Self {
+        TokenSource {
+            file,
+            current: std::sync::RwLock::new(token),
+            generation: std::sync::atomic::AtomicU64::new(0),
+            checked_at: std::sync::Mutex::new(Instant::now()),
+        }
+    }
+
+    /// The token to send, after looking at the file when it is due.
+    fn current(&self) -> Option<Secret> {
+        if self.file.is_some() {
+            let due = {
+                let mut at = self.checked_at.lock().unwrap_or_else(|p| p.into_inner());
+                let due = at.elapsed() >= TOKEN_RECHECK;
+                if due {
+                    *at = Instant::now();
+                }
+                due
+            };
+            if due {
+                self.reload_if_changed();
+            }
+        }
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Reads the file again; a different, non-empty token replaces the current one.
+    fn reload_if_changed(&self) {
+        let Some(file) = &self.file else { return };
+        let fresh = match std::fs::read_to_string(file) {
+            Ok(t) if !t.trim().is_empty() => Secret::new(t.trim()),
+            Ok(_) => {
+                tracing::warn!(file = %file.display(), "the token file is empty; keeping the token read before");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(file = %file.display(), error = %e, "cannot read the token file; keeping the token read before");
+                return;
+            }
+        };
+        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        if current.as_ref() != Some(&fresh) {
+            tracing::info!(file = %file.display(), "the token file changed; using the new token");
+            *current = Some(fresh);
+            self.generation
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+/// The CA certificates in the PEM bundle `path` (consul.tls.caFile or CONSUL_CACERT).
+fn ca_bundle(path: &std::path::Path) -> Result<Vec<reqwest::Certificate>, ConsulError> {
+    let pem = std::fs::read(path).map_err(|e| {
+        ConsulError::Setup(format!(
+            "cannot read the CA bundle {}: {e} (consul.tls.caFile or CONSUL_CACERT)",
+            path.display()
+        ))
+    })?;
+    reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+        ConsulError::Setup(format!(
+            "{} is not a PEM CA bundle: {} (consul.tls.caFile or CONSUL_CACERT)",
+            path.display(),
+            error_chain(&e)
+        ))
+    })
+}
+
+/// The system's CA certificates (SSL_CERT_FILE / SSL_CERT_DIR, else the distribution's bundle),
+/// for an https:// agent without a CA file of its own. None at all is an error that says what to
+/// do: a distroless or scratch image has no bundle unless one is added.
+fn system_roots(base: &str) -> Result<Vec<reqwest::Certificate>, ConsulError> {
+    let found = rustls_native_certs::load_native_certs();
+    let certs: Vec<reqwest::Certificate> = found
+        .certs
+        .iter()
+        .filter_map(|der| reqwest::Certificate::from_der(der).ok())
+        .collect();
+    if certs.is_empty() {
+        let why = match found.errors.first() {
+            Some(e) => format!(" ({e})"),
+            None => String::new(),
+        };
+        return Err(ConsulError::Setup(format!(
+            "{base} uses HTTPS but no CA certificates were found to verify it: the system has no CA bundle{why}, looked at SSL_CERT_FILE, SSL_CERT_DIR and the usual system paths; set consul.tls.caFile (or CONSUL_CACERT) to the CA that signed Consul's certificate, or add a CA bundle to the image"
+        )));
+    }
+    Ok(certs)
+}
+
+/// Resolves `server_name` to the configured Consul host at every connection (TLS then verifies
+/// the certificate against `server_name`); every other name is resolved as usual.
+struct ServerNameResolver {
+    server_name: String,
+    host: String,
+}
+
+impl reqwest::dns::Resolve for ServerNameResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let target = if name.as_str().eq_ignore_ascii_case(&self.server_name) {
+            self.host.clone()
+        } else {
+            name.as_str().to_string()
+        };
+        Box::pin(async move {
+            // The port is ignored: reqwest uses the URL's.
+            let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((target.as_str(), 0))
+                .await?
+                .collect();
+            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
 }
 
 /// rustls needs a process-wide crypto provider; we ship `ring`. Installing twice is harmless.

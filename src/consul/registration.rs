@@ -169,13 +169,24 @@ pub enum Drift {
 }
 
 impl AgentService {
+    /// The one ownership rule, applied by every path that writes to or removes an instance (the
+    /// reconciler before registering again, the drainer before marking critical and
+    /// deregistering): an instance is ours if and only if Consul's copy carries
+    /// `managed-by=consul-registrar` in its meta. Anything else under one of our IDs is left alone.
+    pub fn is_ours(&self) -> bool {
+        self.meta
+            .as_ref()
+            .and_then(|m| m.get(MANAGED_BY_KEY))
+            .is_some_and(|v| v == MANAGED_BY_VALUE)
+    }
+
     /// Compares with the registration we want. Tags are left alone when `enableTagOverride` lets
     /// others edit them.
     pub fn drift_from(&self, want: &AgentServiceRegistration) -> Drift {
-        let meta = self.meta.clone().unwrap_or_default();
-        if meta.get(MANAGED_BY_KEY).map(String::as_str) != Some(MANAGED_BY_VALUE) {
+        if !self.is_ours() {
             return Drift::NotOurs;
         }
+        let meta = self.meta.clone().unwrap_or_default();
         let tags = self.tags.clone().unwrap_or_default();
         let changed = |field| Drift::Changed { field };
         if self.service != want.name {

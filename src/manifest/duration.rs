@@ -16,9 +16,14 @@ pub enum DurationError {
     Invalid(String),
     #[error("unknown unit {unit:?} in duration {input:?} (use ns, us, ms, s, m or h)")]
     UnknownUnit { unit: String, input: String },
-    #[error("duration {0:?} is too large")]
+    #[error("duration {0:?} is too large: Go and Consul accept at most {max}", max = format(MAX))]
     Overflow(String),
 }
+
+/// The longest duration Go's `time.Duration` (and so Consul) can hold: 2^63 - 1 nanoseconds,
+/// about 292 years. Every duration in a manifest is at most this, so that what we send to Consul
+/// parses there and sums of two durations never overflow ours.
+pub const MAX: Duration = Duration::new(9_223_372_036, 854_775_807);
 
 /// Parses a Go-style duration. A bare `0` is accepted (as in Go); any other number needs a unit.
 pub fn parse(input: &str) -> Result<Duration, DurationError> {
@@ -83,12 +88,18 @@ pub fn parse(input: &str) -> Result<Duration, DurationError> {
         let mut frac_scale = scale;
         for digit in frac.bytes() {
             frac_scale /= 10;
+            if frac_scale == 0 {
+                break;
+            }
             part += u128::from(digit - b'0') * frac_scale;
         }
         total = total
             .checked_add(part)
             .ok_or_else(|| DurationError::Overflow(input.to_string()))?;
         rest = after;
+    }
+    if total > MAX.as_nanos() {
+        return Err(DurationError::Overflow(input.to_string()));
     }
     let secs = u64::try_from(total / 1_000_000_000)
         .map_err(|_| DurationError::Overflow(input.to_string()))?;
@@ -177,6 +188,25 @@ mod tests {
             parse("99999999999999999999999h"),
             Err(DurationError::Overflow(_))
         ));
+    }
+
+    #[test]
+    fn caps_at_gos_largest_duration() {
+        assert_eq!(parse("2562047h47m16.854775807s"), Ok(MAX));
+        assert_eq!(format(MAX), "2562047h47m16.854775807s");
+        for too_long in [
+            "2562047h47m16.854775808s",
+            "2562048h",
+            "3000000000000000h",
+            "9223372036854775808ns",
+        ] {
+            assert!(
+                matches!(parse(too_long), Err(DurationError::Overflow(_))),
+                "{too_long}"
+            );
+        }
+        // Two of the longest durations still add up without overflow.
+        assert!(MAX.checked_add(MAX).is_some());
     }
 
     #[test]

@@ -33,6 +33,8 @@ pub const RESERVED_META_KEYS: [&str; 4] =
     [MANAGED_BY_KEY, "pod-name", "pod-namespace", "node-name"];
 /// Consul's limit on meta pairs per instance.
 pub const MAX_META_KEYS: usize = 64;
+/// Consul's limit on the length of a meta value, in bytes.
+pub const MAX_META_VALUE_LEN: usize = 512;
 /// Consul raises any smaller `DeregisterCriticalServiceAfter` to this.
 pub const MIN_DEREGISTER_AFTER: Duration = Duration::from_secs(60);
 /// The admin server's address when neither flag, environment nor manifest sets one.
@@ -55,6 +57,9 @@ pub struct ConsulConnection {
     /// Base URL, `http://host:port` or `https://host:port`, without a trailing slash.
     pub address: String,
     pub token: Option<Secret>,
+    /// The file `token` was read from (consul.tokenFile or CONSUL_HTTP_TOKEN_FILE): the client
+    /// reads it again when it changes (Kubernetes updates a mounted Secret in place).
+    pub token_file: Option<PathBuf>,
     pub datacenter: Option<String>,
     pub namespace: Option<String>,
     pub partition: Option<String>,
@@ -461,6 +466,11 @@ impl Resolver<'_> {
         };
 
         // Token: manifest token / tokenFile, then CONSUL_HTTP_TOKEN_FILE, then CONSUL_HTTP_TOKEN.
+        let token_file = match (&c.token, &c.token_file) {
+            (None, Some(f)) => Some(PathBuf::from(&f.0)),
+            (None, None) => env.non_empty("CONSUL_HTTP_TOKEN_FILE").map(PathBuf::from),
+            _ => None,
+        };
         let token = match (&c.token, &c.token_file) {
             (Some(_), Some(_)) => {
                 self.error(
@@ -478,6 +488,9 @@ impl Resolver<'_> {
         };
 
         let tls = self.tls(c.tls.as_ref(), &[Key("consul"), Key("tls")], true);
+        if let Some(plain) = address.as_deref().filter(|a| a.starts_with("http://")) {
+            self.tls_without_https(c.tls.as_ref(), plain, c.address.is_some());
+        }
         let retry = match &c.retry {
             None => RetryPolicy::default(),
             Some(r) => {
@@ -508,6 +521,7 @@ impl Resolver<'_> {
         Some(ConsulConnection {
             address: address?,
             token,
+            token_file,
             datacenter: c
                 .datacenter
                 .as_ref()
@@ -523,6 +537,48 @@ impl Resolver<'_> {
                 .map_or(Duration::from_secs(60), |d| d.0),
             blocking_watches: c.blocking_watches.as_ref().map_or(8, |n| n.0 as usize),
         })
+    }
+
+    /// TLS settings next to a plain-HTTP Consul address would be dropped, and the token sent in
+    /// clear text: an error, in the manifest or naming the variable. CONSUL_* TLS variables count
+    /// only when the address did not come from the manifest (an explicit `http://` there wins
+    /// over the environment, as every other manifest setting does).
+    fn tls_without_https(
+        &mut self,
+        raw: Option<&RawTls>,
+        address: &str,
+        address_in_manifest: bool,
+    ) {
+        let fix = format!(
+            "the Consul address {address} is plain HTTP, so TLS settings would be ignored and the token sent in clear text; use an https:// address (or CONSUL_HTTP_SSL=true with a scheme-less address), or remove the TLS settings"
+        );
+        if let Some(raw) = raw {
+            let set = |f: &Option<Text>| f.as_ref().is_some_and(|t| !t.0.is_empty());
+            if set(&raw.ca_file)
+                || set(&raw.cert_file)
+                || set(&raw.key_file)
+                || set(&raw.server_name)
+                || raw.insecure_skip_verify.as_ref().is_some_and(|f| f.0)
+            {
+                self.error(&[Key("consul"), Key("tls")], fix.clone());
+                return;
+            }
+        }
+        if address_in_manifest {
+            return;
+        }
+        for var in [
+            "CONSUL_CACERT",
+            "CONSUL_CAPATH",
+            "CONSUL_CLIENT_CERT",
+            "CONSUL_CLIENT_KEY",
+            "CONSUL_TLS_SERVER_NAME",
+        ] {
+            if self.env.non_empty(var).is_some() {
+                self.env_error(var, fix);
+                return;
+            }
+        }
     }
 
     fn read_token(&mut self, file: &str, at: Option<&[Segment]>) -> Option<Secret> {
@@ -624,6 +680,16 @@ impl Resolver<'_> {
                     format!("meta key {:?} is set by consul-registrar itself", k.0),
                 );
             }
+            if v.0.len() > MAX_META_VALUE_LEN {
+                self.error(
+                    &at("meta"),
+                    format!(
+                        "the value of meta key {:?} has {} bytes; Consul allows at most {MAX_META_VALUE_LEN}",
+                        k.0,
+                        v.0.len()
+                    ),
+                );
+            }
             meta.insert(k.0, v.0);
         }
         meta.insert(MANAGED_BY_KEY.into(), MANAGED_BY_VALUE.into());
@@ -671,7 +737,8 @@ impl Resolver<'_> {
                 .map_or(MIN_DEREGISTER_AFTER, |d| d.0),
             notes: c.notes.map(|n| n.0),
         };
-        let cycle = health.interval + health.timeout;
+        // Both are at most duration::MAX, so the sum cannot overflow.
+        let cycle = health.interval.saturating_add(health.timeout);
         if check.ttl <= cycle {
             self.error(
                 &sub("check", "ttl"),

@@ -290,3 +290,47 @@ fn a_missing_token_file_is_an_error_with_its_place() {
         "{errs:?}"
     );
 }
+
+#[test]
+fn consul_tls_settings_next_to_a_plain_http_address_are_refused() {
+    let text = "consul:\n  address: http://127.0.0.1:8500\n  tls:\n    serverName: consul.local\nservices:\n  - name: hello\n    port: 1\n";
+    let errs = errors(text, &env(&[]));
+    assert!(
+        errs[0].contains("consul.tls: the Consul address http://127.0.0.1:8500 is plain HTTP"),
+        "{errs:?}"
+    );
+    let errs = errors(
+        MINIMAL,
+        &env(&[
+            ("CONSUL_HTTP_ADDR", "http://10.0.0.5:8500"),
+            ("CONSUL_CACERT", "/ca.pem"),
+        ]),
+    );
+    assert!(
+        errs.iter().any(|e| e.starts_with(
+            "m.yaml: $CONSUL_CACERT: the Consul address http://10.0.0.5:8500 is plain HTTP"
+        )),
+        "{errs:?}"
+    );
+}
+
+#[test]
+fn long_meta_values_and_path_segment_ids_are_refused() {
+    let long = format!(
+        "services:\n  - name: hello\n    port: 1\n    meta:\n      note: {}\n",
+        "x".repeat(513)
+    );
+    assert!(errors(&long, &env(&[]))[0].contains("has 513 bytes; Consul allows at most 512"));
+    let ok = format!(
+        "services:\n  - name: hello\n    port: 1\n    meta:\n      note: {}\n",
+        "x".repeat(512)
+    );
+    assert!(parse(&ok, "m.yaml", &env(&[])).is_ok());
+    for id in [".", ".."] {
+        let text = format!("services:\n  - name: hello\n    id: \"{id}\"\n    port: 1\n");
+        assert!(
+            errors(&text, &env(&[]))[0].contains("URL path segment"),
+            "{id}"
+        );
+    }
+}

@@ -154,6 +154,9 @@ manifest_scalar!(
         if s.len() > 255 {
             return Err(format!("{s:?} is longer than 255 characters"));
         }
+        if s == "." || s == ".." {
+            return Err(format!("{s:?} is a URL path segment of its own (the ID goes into Consul's URLs); choose another ID"));
+        }
         if let Some(c) = s.chars().find(|c| matches!(c, '/' | '?' | '#' | '%') || c.is_whitespace() || c.is_control()) {
             return Err(format!("{s:?} contains {c:?}, which cannot be used in a service ID"));
         }
