@@ -66,7 +66,7 @@ RUN want="$(grep -m1 '^version' Cargo.toml | cut -d'"' -f2)" \
     fi
 # cargo loads every workspace member (the sidecar ".", demo-app, testkit), so each one's manifest
 # is here, with placeholders for the targets it declares: each dependency layer below then depends
-# only on the manifests, the lock file and (the demo app's) the build script's inputs.
+# only on the manifests and the lock file (and, for the demo app, on its build.rs and proto/).
 COPY demo-app/Cargo.toml ./demo-app/
 COPY testkit/Cargo.toml ./testkit/
 RUN mkdir -p src demo-app/src testkit/src \
