@@ -11,8 +11,11 @@
 # the target reaches, so the stages BINARIES does not select are never looked at.
 #
 # The final stages hold one binary on distroless `cc` (glibc, libgcc, CA certificates; no shell,
-# no package manager) and run as UID/GID 65532. The dependency layer is built from Cargo.toml and
-# Cargo.lock alone, so a source change rebuilds only the crate itself.
+# no package manager) and run as UID/GID 65532. Each binary's dependency layer is built from the
+# workspace's manifests and Cargo.lock (and the demo app's build.rs and proto/) alone, so a source
+# change rebuilds only the crate itself. The sidecar's builder builds the consul-registrar package
+# only (`-p consul-registrar --bin consul-registrar`), the demo app's the demo-app workspace member
+# (`-p demo-app --bin demo-app`).
 #
 # Multi-architecture: both base images are pinned by the digest of their multi-platform index, so
 # one pin resolves every architecture:
@@ -37,7 +40,7 @@
 # than the tag's newest build. Re-resolve both with the commands above before a release.
 #
 # Without Docker, scripts/images.sh (`make images`) builds the two runtime stages with buildah:
-# BINARIES=prebuilt takes the release binaries `cargo build --release --locked` made on the host
+# BINARIES=prebuilt takes the release binaries `cargo build --release --locked -p …` made on the host
 # (build context `prebuilt`, a directory holding consul-registrar and demo-app), and
 # DISTROLESS_IMAGE names a distroless-like base that script assembles from the host's Debian 12
 # glibc, libgcc, CA bundle and a nonroot (65532) user. What that leaves unexercised: the rust
@@ -50,47 +53,52 @@ ARG DISTROLESS_IMAGE=gcr.io/distroless/cc-debian12:nonroot@sha256:9dac0a79194e45
 # `prebuilt`, binaries built for bookworm's glibc and the target platform).
 ARG BINARIES=compiled
 
-# ---- builder: the manifests and placeholder sources, shared by both binaries -----------------
+# ---- builder: the workspace's manifests and placeholder sources, shared by both binaries ------
 # bookworm, like distroless/cc-debian12, so the binaries link against the same glibc.
 FROM ${RUST_IMAGE} AS workspace
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 WORKDIR /src
-COPY Cargo.toml Cargo.lock build.rs ./
+COPY Cargo.toml Cargo.lock ./
 ARG VERSION
 RUN want="$(grep -m1 '^version' Cargo.toml | cut -d'"' -f2)" \
  && if [ "${VERSION}" != "$want" ]; then \
       echo "VERSION='${VERSION}' but Cargo.toml says $want: build with --build-arg VERSION=$want" >&2; exit 1; \
     fi
-# Placeholder sources stand in for the crate, so that each dependency layer below depends only on
-# the manifest, the lock file and the build script's inputs (protoc comes from the
-# protoc-bin-vendored build-dependency: no system package needed).
-COPY proto ./proto
-RUN mkdir -p src examples \
+# cargo loads every workspace member (the sidecar ".", demo-app, testkit), so each one's manifest
+# is here, with placeholders for the targets it declares: each dependency layer below then depends
+# only on the manifests and the lock file (and, for the demo app, on its build.rs and proto/).
+COPY demo-app/Cargo.toml ./demo-app/
+COPY testkit/Cargo.toml ./testkit/
+RUN mkdir -p src demo-app/src testkit/src \
  && echo 'fn main() {}' > src/main.rs \
  && touch src/lib.rs \
- && echo 'fn main() {}' > examples/demo_app.rs
+ && echo 'fn main() {}' > demo-app/src/main.rs \
+ && touch demo-app/src/lib.rs testkit/src/lib.rs
 
 # ---- the sidecar's binary: its dependencies, then the crate ----------------------------------
-# Removing the crate's fingerprints makes cargo rebuild it even where COPY kept older mtimes than
-# the placeholder build's.
+# Only the consul-registrar package: not the demo app (a dev-dependency), so no protoc build
+# script. Removing the crate's fingerprints makes cargo rebuild it even where COPY kept older
+# mtimes than the placeholder build's.
 FROM workspace AS compiled-consul-registrar
-RUN cargo build --release --locked --bin consul-registrar
+RUN cargo build --release --locked -p consul-registrar --bin consul-registrar
 COPY src ./src
 RUN rm -rf target/release/.fingerprint/consul-registrar-* \
- && cargo build --release --locked --bin consul-registrar \
+ && cargo build --release --locked -p consul-registrar --bin consul-registrar \
  && mkdir -p /out \
  && cp target/release/consul-registrar /out/ \
  && /out/consul-registrar --version
 
-# ---- the demo app's binary (an example: it also needs the dev-dependencies) -------------------
+# ---- the demo app's binary: the demo-app package (protoc comes from its protoc-bin-vendored
+# build-dependency: no system package needed) -------------------------------------------------
 FROM workspace AS compiled-demo-app
-RUN cargo build --release --locked --example demo-app
-COPY src ./src
-COPY examples ./examples
-RUN rm -rf target/release/.fingerprint/consul-registrar-* \
- && cargo build --release --locked --example demo-app \
+COPY demo-app/build.rs ./demo-app/
+COPY demo-app/proto ./demo-app/proto
+RUN cargo build --release --locked -p demo-app --bin demo-app
+COPY demo-app/src ./demo-app/src
+RUN rm -rf target/release/.fingerprint/demo-app-* \
+ && cargo build --release --locked -p demo-app --bin demo-app \
  && mkdir -p /out \
- && cp target/release/examples/demo-app /out/ \
+ && cp target/release/demo-app /out/ \
  && /out/demo-app --help >/dev/null
 
 # ---- or binaries built elsewhere (--build-arg BINARIES=prebuilt --build-context prebuilt=DIR) --

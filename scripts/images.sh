@@ -17,8 +17,9 @@
 # finds it. stdout: the archive paths, one per line, in the order asked; everything else (progress,
 # buildah's output) goes to stderr.
 #
-# How: the sidecar and the demo app come from `cargo build --release --locked` on this host
-# (CARGO_TARGET_DIR, default the shared cache) and go through the Dockerfile's own runtime stages
+# How: the sidecar and the demo app come from `cargo build --release --locked` on this host, each
+# package on its own (`-p consul-registrar --bin consul-registrar`, `-p demo-app --bin demo-app`;
+# CARGO_TARGET_DIR, default the shared cache), and go through the Dockerfile's own runtime stages
 # (`--build-arg BINARIES=prebuilt`) over a distroless-like base assembled here from the host's
 # Debian 12 glibc and libgcc, CA bundle and passwd (`localhost/consul-registrar-base:cc`); the Go
 # peers (static, from scripts/go-peers.sh) and Consul (static, from scripts/consul.sh) go onto the
@@ -33,8 +34,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The demo app's cargo target, `example:NAME` or `bin:NAME` (also the Dockerfile's compiled-demo-app stage).
-DEMO_APP_TARGET="example:demo-app"
+# What cargo builds for each image: the same package and binary as the Dockerfile's compiled-*
+# stages (the sidecar without the demo app's package, hence without its protoc build script).
+REGISTRAR_CARGO=(-p consul-registrar --bin consul-registrar)
+DEMO_APP_CARGO=(-p demo-app --bin demo-app)
 
 cache_root="${CONSUL_REGISTRAR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/consul-registrar}"
 images_dir="$cache_root/images"
@@ -148,31 +151,29 @@ is_static() {
 
 # ---- the binaries ---------------------------------------------------------------------------------
 
-demo_kind=${DEMO_APP_TARGET%%:*} demo_name=${DEMO_APP_TARGET#*:}
-case "$demo_kind" in
-example) demo_app_bin="$target_dir/release/examples/$demo_name" ;;
-bin) demo_app_bin="$target_dir/release/$demo_name" ;;
-*) die "DEMO_APP_TARGET=$DEMO_APP_TARGET: expected example:NAME or bin:NAME" ;;
-esac
 registrar_bin="$target_dir/release/consul-registrar"
+demo_app_bin="$target_dir/release/demo-app"
 
-cargo_targets=()
-wants consul-registrar && cargo_targets+=(--bin consul-registrar)
-wants consul-registrar-demo-app && cargo_targets+=("--$demo_kind" "$demo_name")
-if [ "${#cargo_targets[@]}" -gt 0 ]; then
+cargo_build() { # <cargo selection...>
   command -v cargo >/dev/null 2>&1 || die "cargo not found (https://rustup.rs)"
-  log "cargo build --release --locked ${cargo_targets[*]} (CARGO_TARGET_DIR=$target_dir; minutes when cold)"
-  CARGO_TARGET_DIR="$target_dir" cargo build --release --locked "${cargo_targets[@]}" >&2 ||
-    die "cargo build --release failed"
-fi
-# Copied out at once: other checkouts sharing the target directory overwrite target/release.
+  log "cargo build --release --locked $* (CARGO_TARGET_DIR=$target_dir; minutes when cold)"
+  CARGO_TARGET_DIR="$target_dir" cargo build --release --locked "$@" >&2 ||
+    die "cargo build --release --locked $* failed"
+}
+
+# Each binary is copied out as soon as it is built: other checkouts sharing the target directory
+# overwrite target/release.
 mkdir -p "$work/prebuilt-registrar" "$work/prebuilt-demo"
 if wants consul-registrar; then
+  cargo_build "${REGISTRAR_CARGO[@]}"
   cp "$registrar_bin" "$work/prebuilt-registrar/consul-registrar"
   got=$("$work/prebuilt-registrar/consul-registrar" --version) || die "$registrar_bin --version failed"
   [ "$got" = "consul-registrar $version" ] || die "$registrar_bin says '$got', Cargo.toml says $version"
 fi
-! wants consul-registrar-demo-app || cp "$demo_app_bin" "$work/prebuilt-demo/demo-app"
+if wants consul-registrar-demo-app; then
+  cargo_build "${DEMO_APP_CARGO[@]}"
+  cp "$demo_app_bin" "$work/prebuilt-demo/demo-app"
+fi
 
 if wants consul-registrar-hello-server || wants consul-registrar-hello-client; then
   log "providing the Go peers (scripts/go-peers.sh)"

@@ -7,6 +7,7 @@ runtime stages that way with buildah, which is where they are built for real on 
 the demo workloads run the images that script builds; and .dockerignore lets through everything
 that is copied."""
 
+import pathlib
 import re
 import subprocess
 import tomllib
@@ -16,11 +17,13 @@ from conftest import CHART, DEPLOY, REPO
 
 DOCKERFILE = (REPO / "Dockerfile").read_text()
 CARGO = tomllib.loads((REPO / "Cargo.toml").read_text())
-# (target, its binary, the cargo selection that builds it)
+# (target, its binary, the cargo selection that builds it: its own workspace package only)
 TARGETS = (
-    ("consul-registrar", "consul-registrar", "--bin consul-registrar"),
-    ("demo-app", "demo-app", "--example demo-app"),
+    ("consul-registrar", "consul-registrar", "-p consul-registrar --bin consul-registrar"),
+    ("demo-app", "demo-app", "-p demo-app --bin demo-app"),
 )
+# The workspace members' directories, their manifests read here.
+MEMBERS = {member: tomllib.loads((REPO / member / "Cargo.toml").read_text()) for member in CARGO["workspace"]["members"]}
 
 
 def stages() -> dict[str, str]:
@@ -49,6 +52,31 @@ def cargo_builds(stage: str) -> list[str]:
     return re.findall(r"cargo build ([^&\\\n]*)", stages()[stage])
 
 
+def copied(stage: str) -> list[str]:
+    """The build-context paths a stage's COPY instructions take (not those from other stages)."""
+    return [src.rstrip("/") for sources in re.findall(r"^COPY\s+(?!--from)(.*)\s+\S+$", stages()[stage], re.M) for src in sources.split()]
+
+
+def placeholders(stage: str) -> set[str]:
+    """The files a stage's RUN instructions create (`echo ... > FILE`, `touch FILE...`)."""
+    runs = " ".join(re.findall(r"^RUN\s+((?:.*\\\n)*.*)$", stages()[stage], re.M))
+    made = set(re.findall(r">\s*(\S+)", runs))
+    for files in re.findall(r"\btouch\s+([^&\\\n]*)", runs):
+        made.update(files.split())
+    return made
+
+
+def declared_targets(member: str) -> set[str]:
+    """The source files of a member's library and binaries, relative to the repository root: the
+    [lib] and [[bin]] paths its manifest declares, and the src/lib.rs and src/main.rs cargo finds
+    by itself (testkit declares none: without its src/lib.rs cargo refuses the whole workspace)."""
+    manifest = MEMBERS[member]
+    paths = [manifest["lib"]["path"]] if "lib" in manifest else []
+    paths += [b["path"] for b in manifest.get("bin", [])]
+    paths += [auto for auto in ("src/lib.rs", "src/main.rs") if (REPO / member / auto).is_file()]
+    return {str(pathlib.PurePosixPath(member) / path) for path in paths}
+
+
 def test_targets():
     names = list(stages())
     assert names[-1] == "consul-registrar", "the last stage is what `docker build .` produces: the sidecar"
@@ -65,17 +93,49 @@ def test_each_target_compiles_only_its_own_binary():
             assert build.split() == ["--release", "--locked", *selection.split()], (
                 f"compiled-{binary}: `cargo build {build}` should build exactly {selection}"
             )
-    assert "COPY examples" not in stages()["compiled-consul-registrar"], "the sidecar does not need the examples"
+    # The sidecar's builder takes nothing of the demo app's package (a dev-dependency of the sidecar
+    # only): not its sources, build script or proto, so no protoc runs for it.
+    sidecar = stages()["compiled-consul-registrar"]
+    assert not [p for p in copied("compiled-consul-registrar") if p.startswith("demo-app")], "the sidecar needs nothing of demo-app/"
+    assert "demo-app" not in " ".join(cargo_builds("compiled-consul-registrar")), "the sidecar builder builds the demo app"
+    assert "-p demo-app" not in sidecar and "--workspace" not in sidecar
+    assert "cp target/release/demo-app /out/" in stages()["compiled-demo-app"]
+    assert "cp target/release/consul-registrar /out/" in sidecar
+
+
+def test_the_workspace_stage_holds_every_member_manifest_and_a_placeholder_per_declared_target():
+    """cargo loads the whole workspace before it builds one package: every member's manifest must be
+    there, and every source file a manifest declares (placeholders, so the dependency layer does
+    not depend on the sources)."""
+    workspace = copied("workspace")
+    made = placeholders("workspace")
+    assert {"Cargo.toml", "Cargo.lock"} <= set(workspace)
+    for member in MEMBERS:
+        manifest = str(pathlib.PurePosixPath(member) / "Cargo.toml")
+        assert manifest in workspace, f"the workspace stage does not copy {manifest}"
+        missing = {path.removeprefix("./") for path in declared_targets(member)} - made
+        assert not missing, f"{member}: no placeholder for {sorted(missing)}"
+    # The root package's main and the demo app's main are placeholders that compile.
+    for main in ("src/main.rs", "demo-app/src/main.rs"):
+        assert re.search(rf"echo 'fn main\(\) \{{\}}' > {re.escape(main)}", stages()["workspace"]), main
+    # The demo app's build script and its proto are in its own dependency layer, before its sources.
+    demo = stages()["compiled-demo-app"]
+    assert {"demo-app/build.rs", "demo-app/proto"} <= set(copied("compiled-demo-app"))
+    assert demo.index("COPY demo-app/proto") < demo.index("cargo build") < demo.index("COPY demo-app/src")
+    assert (REPO / "demo-app" / "build.rs").is_file() and (REPO / "demo-app" / "proto").is_dir()
 
 
 def test_dependencies_are_built_before_the_sources_are_copied():
-    for _, binary, _ in TARGETS:
+    for _, binary, selection in TARGETS:
         stage = stages()[f"compiled-{binary}"]
-        assert stage.index("COPY src") > stage.index("cargo build"), (
+        package = selection.split()[1]
+        sources = "src" if package == CARGO["package"]["name"] else f"{package}/src"
+        assert f"COPY {sources} ./{sources}" in stage, f"compiled-{binary} copies {sources}"
+        assert stage.index(f"COPY {sources}") > stage.index("cargo build"), (
             f"compiled-{binary}: the dependency layer must be built before the sources are copied"
         )
-    workspace = stages()["workspace"]
-    assert "COPY src" not in workspace and "COPY examples" not in workspace
+        assert f"rm -rf target/release/.fingerprint/{package}-*" in stage, f"compiled-{binary}: {package} is rebuilt from its sources"
+    assert not [p for p in copied("workspace") if p.endswith("src")], "the workspace stage copies sources"
     assert base_of("compiled-consul-registrar") == base_of("compiled-demo-app") == "workspace"
 
 
@@ -127,6 +187,12 @@ def test_prebuilt_binaries_can_stand_in_for_the_builder():
     script = (REPO / "scripts" / "images.sh").read_text()
     for arg in ("--build-arg BINARIES=prebuilt", '--build-arg DISTROLESS_IMAGE="$BASE_CC"', "--build-context prebuilt="):
         assert arg in script, f"scripts/images.sh should build the Dockerfile with {arg}"
+    # The host's cargo builds what the compiled-* stages would: the same package and binary each.
+    for variable, (_, binary, selection) in zip(("REGISTRAR_CARGO", "DEMO_APP_CARGO"), TARGETS):
+        match = re.search(rf"^{variable}=\((.*)\)$", script, re.M)
+        assert match and match.group(1).split() == selection.split(), f"scripts/images.sh: {variable} should be ({selection})"
+        assert f'cargo_build "${{{variable}[@]}}"' in script
+        assert f'"$target_dir/release/{binary}"' in script, f"scripts/images.sh takes {binary} from target/release"
 
 
 def test_final_stages_hold_one_binary_and_run_as_non_root():
@@ -180,3 +246,6 @@ def test_dockerignore_lets_through_what_is_copied():
     for sources in re.findall(r"^COPY\s+(?!--from)(.*)\s+\S+$", DOCKERFILE, re.M):
         for source in sources.split():
             assert source.rstrip("/") in allowed, f"COPY {source}: excluded by .dockerignore"
+    # ... and nothing else: what no COPY takes only invalidates the build cache.
+    everything = {source for stage in stages() for source in copied(stage)}
+    assert allowed <= everything, f".dockerignore lets through what is never copied: {allowed - everything}"
