@@ -258,21 +258,6 @@ fn drain_auth() -> consul_registrar::admin::DrainAuth {
     )
 }
 
-/// An error and its causes on one line (tonic's "transport error" alone says little).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
-}
-
 struct ProbeArgs {
     addr: String,
     service: String,
@@ -330,7 +315,7 @@ fn probe_once(args: ProbeArgs) -> ExitCode {
                     format!(
                         "error: failed to connect service at {:?}: {}",
                         args.addr,
-                        error_chain(&e)
+                        consul_registrar::error_chain(&e)
                     ),
                 );
             }

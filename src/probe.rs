@@ -309,7 +309,7 @@ pub async fn connect_http2(spec: &HealthSpec, timeout: Duration) -> Result<Chann
     let channel =
         match tokio::time::timeout_at(deadline, endpoint.connect_with_connector(connector)).await {
             Err(_) => return Err(ConnectError::TimedOut(timeout)),
-            Ok(Err(e)) => return Err(ConnectError::Failed(error_chain(&e))),
+            Ok(Err(e)) => return Err(ConnectError::Failed(crate::error_chain(&e))),
             Ok(Ok(channel)) => channel,
         };
     if spec.tls.is_some() {
@@ -333,21 +333,6 @@ pub enum ConnectError {
     NotHttp2,
     #[error("no HTTP/2 answer within {}", crate::manifest::duration::format(*.0))]
     TimedOut(Duration),
-}
-
-/// An error and its sources, each once ("transport error: Connection refused (os error 111)").
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let more = s.to_string();
-        if !text.contains(&more) {
-            text.push_str(": ");
-            text.push_str(&more);
-        }
-        source = s.source();
-    }
-    text
 }
 
 /// TCP connections (no delay, like tonic's own) that report the server's first frame.

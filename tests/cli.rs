@@ -126,7 +126,9 @@ async fn json_logs_and_a_shutdown_without_consul_exits_non_zero_with_a_clear_lin
         .next()
         .unwrap_or_else(|| panic!("no JSON error line in:\n{logs}"));
     assert!(
-        last_error.contains("could not deregister 1 instance(s) within 1s"),
+        last_error.contains(
+            "could not deregister 1 instance(s) within drain.delay + drain.deregisterTimeout (1s)"
+        ),
         "{last_error}"
     );
     assert!(

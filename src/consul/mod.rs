@@ -162,7 +162,7 @@ impl ConsulClient {
                         "the client certificate {} or key {} is not valid PEM: {}",
                         cert.display(),
                         key.display(),
-                        error_chain(&e)
+                        crate::error_chain(&e)
                     ))
                 })?;
                 builder = builder.identity(identity);
@@ -197,7 +197,7 @@ impl ConsulClient {
         let http = builder.build().map_err(|e| {
             ConsulError::Setup(format!(
                 "the HTTP client for {base} could not be built: {}",
-                error_chain(&e)
+                crate::error_chain(&e)
             ))
         })?;
         let mut scope = Vec::new();
@@ -511,7 +511,7 @@ impl ConsulClient {
         ConsulError::Unreachable {
             address: self.base.to_string(),
             operation,
-            reason: error_chain(e),
+            reason: crate::error_chain(e),
         }
     }
 
@@ -530,21 +530,6 @@ fn status_class(status: StatusCode) -> &'static str {
         400..=499 => "4xx",
         _ => "5xx",
     }
-}
-
-/// The error and its causes on one line (reqwest's top-level message alone says little).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
 }
 
 /// Escapes an ID for use as one URL path segment.
@@ -652,7 +637,7 @@ fn ca_bundle(path: &std::path::Path) -> Result<Vec<reqwest::Certificate>, Consul
         ConsulError::Setup(format!(
             "{} is not a PEM CA bundle: {} (consul.tls.caFile or CONSUL_CACERT)",
             path.display(),
-            error_chain(&e)
+            crate::error_chain(&e)
         ))
     })
 }
