@@ -7,22 +7,8 @@ mod support;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::sidecar::Sidecar;
+use support::sidecar::{Sidecar, probe};
 use support::{ConsulAgent, DemoApp, DemoAppOptions, wait_until};
-
-fn probe(args: &[&str]) -> (Option<i32>, String) {
-    let out = Command::new(support::registrar_bin())
-        .arg("probe")
-        .args(args)
-        .output()
-        .expect("run probe");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code(), text)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn probe_exit_codes_match_grpc_health_probe() {

@@ -43,10 +43,9 @@ services:
 }
 
 async fn passing(consul: &ConsulAgent, id: &str, timeout: Duration) -> bool {
-    wait_until(timeout, || async {
-        consul.check_status("hello", id).await.as_deref() == Some("passing")
-    })
-    .await
+    consul
+        .wait_for_status("hello", id, "passing", timeout)
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,27 +5,12 @@
 
 mod support;
 
-use std::process::Command;
 use std::time::Duration;
 
-use support::sidecar::Sidecar;
+use support::sidecar::{Sidecar, probe};
 use support::{ConsulAgent, ConsulOptions, DemoApp, DemoAppOptions, wait_until};
 
 const SECOND: Duration = Duration::from_secs(1);
-
-fn probe(args: &[&str]) -> (Option<i32>, String) {
-    let out = Command::new(support::registrar_bin())
-        .arg("probe")
-        .args(args)
-        .output()
-        .expect("run probe");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code(), text)
-}
 
 fn manifest(consul: &str, app_port: u16, id: &str, tls: &str) -> String {
     format!(
@@ -110,10 +95,9 @@ async fn the_probe_verifies_with_the_ca_file_or_the_system_roots_or_not_at_all()
     );
     for (id, sidecar) in [("skip-1", &skip), ("ca-1", &with_ca)] {
         assert!(
-            wait_until(10 * SECOND, || async {
-                consul.check_status("hello", id).await.as_deref() == Some("passing")
-            })
-            .await,
+            consul
+                .wait_for_status("hello", id, "passing", 10 * SECOND)
+                .await,
             "{id}: {}",
             sidecar.logs()
         );

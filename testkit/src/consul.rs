@@ -405,6 +405,21 @@ impl ConsulAgent {
         }
     }
 
+    /// Waits up to `timeout` for instance `id` of service `name` to show `status` in the catalog
+    /// ([`ConsulAgent::check_status`]); true if it did.
+    pub async fn wait_for_status(
+        &self,
+        name: &str,
+        id: &str,
+        status: &str,
+        timeout: Duration,
+    ) -> bool {
+        crate::wait_until(timeout, || async {
+            self.check_status(name, id).await.as_deref() == Some(status)
+        })
+        .await
+    }
+
     /// Registers a service directly with the agent (as someone else would).
     pub async fn register_raw(&self, body: Value) {
         let status = self

@@ -7,6 +7,21 @@ use std::time::{Duration, Instant};
 
 use crate::{Metrics, Proc, free_port, http_client, registrar_bin, signal_pid};
 
+/// Runs `consul-registrar probe ARGS` once: its exit code and its stdout and stderr together.
+pub fn probe(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(registrar_bin())
+        .arg("probe")
+        .args(args)
+        .output()
+        .expect("run consul-registrar probe");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), text)
+}
+
 /// The environment variables the sidecar reads (the CONSUL_* set and the pod's downward API);
 /// cleared for every sidecar a test starts, so that the test's own environment cannot leak in.
 pub const CONSUL_ENV: [&str; 14] = [
