@@ -11,6 +11,15 @@
 //! `failureThreshold`, SERVING answers towards `successThreshold`; nothing counts before
 //! `initialDelay`. In `auto` mode an UNIMPLEMENTED `Watch` falls back to polling.
 //!
+//! A connection that went half-open (the peer vanished without a FIN or RST: a rescheduled remote
+//! target, a NAT or load balancer that dropped its state) would be reused until the kernel gives
+//! up, minutes later: every Check on it times out. After `failureThreshold` Check timeouts in a
+//! row, during which nothing at all came back over the connection (a slow app still answers some
+//! calls, and is not reconnected to), the probe replaces the target's channel with a new one,
+//! which opens a new connection ([`TargetChannel`]). HTTP/2 keepalive pings would find such a connection too, but grpc-go
+//! servers answer pings more frequent than their enforcement policy allows (5 min by default) with
+//! GOAWAY `too_many_pings`, so the rebuild is the remedy.
+//!
 //! [`connect_http2`] is the one-shot `probe` command's connect, which waits, as
 //! grpc_health_probe does, until the server has spoken HTTP/2.
 
@@ -143,16 +152,75 @@ enum Event {
     StreamBroken,
     /// The app does not implement Watch.
     WatchUnimplemented,
-    /// A Check finished; `started` orders it against Watch events.
+    /// A Check finished; `started` orders it against Watch events, `channel` is the generation
+    /// of the target's channel it used.
     Checked {
         started: Instant,
+        channel: u64,
         observation: Observation,
     },
 }
 
 /// A lazily connecting channel to the probe target; probes of the same target share one.
-pub fn channel_for(spec: &HealthSpec) -> Result<Channel, ProbeSetupError> {
-    Ok(endpoint_for(spec)?.connect_lazy())
+pub fn channel_for(spec: &HealthSpec) -> Result<TargetChannel, ProbeSetupError> {
+    let endpoint = endpoint_for(spec)?;
+    let channel = endpoint.connect_lazy();
+    Ok(TargetChannel {
+        endpoint,
+        current: Arc::new(watch::Sender::new((0, channel))),
+        answered: Arc::new(std::sync::Mutex::new(Instant::now())),
+    })
+}
+
+/// The channel to one probe target, shared by every probe of that target, and replaceable: when
+/// a probe sees `failureThreshold` Check timeouts in a row it calls [`TargetChannel::rebuild`],
+/// and every probe of the target moves to the new channel (a new connection; the old one is
+/// closed once its last call ends). Each channel has a generation, so that probes which saw the
+/// same dead connection replace it once, not once each; and the time of the last answer over it,
+/// so that a connection which still carries answers (an app slow to some calls, many probes of
+/// one target on a busy machine) is kept.
+#[derive(Clone)]
+pub struct TargetChannel {
+    endpoint: Endpoint,
+    current: Arc<watch::Sender<(u64, Channel)>>,
+    /// When an answer last came over the current channel (or when it was made).
+    answered: Arc<std::sync::Mutex<Instant>>,
+}
+
+impl TargetChannel {
+    /// The channel now, and its generation.
+    pub fn current(&self) -> (u64, Channel) {
+        self.current.borrow().clone()
+    }
+
+    /// An answer (a status or an RPC error, not a timeout) came over the channel of generation
+    /// `generation`: the connection is alive.
+    pub fn answered(&self, generation: u64) {
+        if self.current.borrow().0 == generation {
+            *self.answered.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        }
+    }
+
+    /// Replaces the channel of generation `seen` with a new one, unless it was replaced already
+    /// or an answer came over it after `since` (the start of the first of the timed-out calls).
+    /// Returns whether this call replaced it.
+    pub fn rebuild(&self, seen: u64, since: Instant) -> bool {
+        self.current.send_if_modified(|(generation, channel)| {
+            let mut answered = self.answered.lock().unwrap_or_else(|p| p.into_inner());
+            if *generation != seen || *answered > since {
+                return false;
+            }
+            *generation += 1;
+            *channel = self.endpoint.connect_lazy();
+            *answered = Instant::now();
+            true
+        })
+    }
+
+    /// Notified on every replacement.
+    fn subscribe(&self) -> watch::Receiver<(u64, Channel)> {
+        self.current.subscribe()
+    }
 }
 
 /// The gRPC endpoint of the probe target (address, connect timeout, TLS).
@@ -471,7 +539,7 @@ pub struct ProbeSetupError(String);
 /// Probes one health service and publishes the verdict.
 pub struct HealthProbe {
     spec: HealthSpec,
-    channel: Channel,
+    channel: TargetChannel,
     labels: [String; 2],
     metrics: Arc<Metrics>,
     status: StatusEntry,
@@ -480,7 +548,7 @@ pub struct HealthProbe {
 impl HealthProbe {
     pub fn new(
         spec: HealthSpec,
-        channel: Channel,
+        channel: TargetChannel,
         service: &str,
         instance: &str,
         metrics: Arc<Metrics>,
@@ -513,7 +581,7 @@ impl HealthProbe {
         let _stop_children = child.clone().drop_guard();
         if self.spec.mode != HealthMode::Poll {
             tokio::spawn(watch_stream(
-                HealthRpc::new(self.channel.clone()),
+                self.channel.clone(),
                 self.spec.service.clone(),
                 self.spec.interval,
                 events_tx.clone(),
@@ -528,6 +596,7 @@ impl HealthProbe {
         let mut check_due = false;
         let mut last_watch_event = Instant::now() - Duration::from_secs(3600);
         let mut watching = self.spec.mode != HealthMode::Poll;
+        let mut timeouts = Timeouts::default();
         loop {
             let observation = tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -568,8 +637,9 @@ impl HealthProbe {
                             continue;
                         }
                     }
-                    Some(Event::Checked { started, observation }) => {
+                    Some(Event::Checked { started, channel, observation }) => {
                         check_in_flight = false;
+                        self.count_timeouts(&observation, channel, started, &mut timeouts);
                         if std::mem::take(&mut check_due) {
                             check_in_flight = true;
                             self.spawn_check(events_tx.clone());
@@ -588,8 +658,46 @@ impl HealthProbe {
         }
     }
 
+    /// Counts Check timeouts in a row; at `failureThreshold`, when nothing came over the
+    /// connection meanwhile, the target's channel is replaced (see the module header: a
+    /// half-open connection).
+    fn count_timeouts(
+        &self,
+        observation: &Observation,
+        channel: u64,
+        started: Instant,
+        timeouts: &mut Timeouts,
+    ) {
+        let timed_out = matches!(
+            observation,
+            Observation::Failed {
+                outcome: "timeout",
+                ..
+            }
+        );
+        if !timed_out {
+            self.channel.answered(channel);
+            *timeouts = Timeouts::default();
+            return;
+        }
+        let since = *timeouts.since.get_or_insert(started);
+        timeouts.count = timeouts.count.saturating_add(1);
+        if timeouts.count < self.spec.failure_threshold.max(1) {
+            return;
+        }
+        *timeouts = Timeouts::default();
+        if self.channel.rebuild(channel, since) {
+            tracing::warn!(
+                target = %self.target(),
+                checks = self.spec.failure_threshold,
+                "Checks timed out in a row: connecting anew (the connection may be half-open)"
+            );
+        }
+    }
+
     fn spawn_check(&self, events: mpsc::Sender<Event>) {
-        let mut client = HealthRpc::new(self.channel.clone());
+        let (generation, channel) = self.channel.current();
+        let mut client = HealthRpc::new(channel);
         let request = HealthCheckRequest {
             service: self.spec.service.clone(),
         };
@@ -616,6 +724,7 @@ impl HealthProbe {
             let _ = events
                 .send(Event::Checked {
                     started,
+                    channel: generation,
                     observation,
                 })
                 .await;
@@ -689,18 +798,32 @@ impl HealthProbe {
     }
 }
 
-/// Keeps a Watch stream open, forwarding statuses; reconnects with backoff up to `interval`.
+/// Check timeouts in a row, and when the first of them started.
+#[derive(Default)]
+struct Timeouts {
+    count: u32,
+    since: Option<Instant>,
+}
+
+/// Keeps a Watch stream open, forwarding statuses; reconnects with backoff up to `interval`, and
+/// at once on the target's new channel when the channel is replaced (a stream on a half-open
+/// connection would wait forever).
 async fn watch_stream(
-    mut client: HealthRpc,
+    target: TargetChannel,
     service: String,
     interval: Duration,
     events: mpsc::Sender<Event>,
     cancel: CancellationToken,
 ) {
+    let mut replaced = target.subscribe();
     let mut backoff = Duration::from_millis(50);
     loop {
+        replaced.mark_unchanged();
+        let (generation, channel) = target.current();
+        let mut client = HealthRpc::new(channel);
         let opened = tokio::select! {
             _ = cancel.cancelled() => return,
+            _ = replaced.changed() => continue,
             // Boxed: the call's state is needed only while the stream opens, and the task lives
             // as long as the instance.
             r = Box::pin(client.watch(HealthCheckRequest { service: service.clone() })) => r,
@@ -711,11 +834,13 @@ async fn watch_stream(
                 loop {
                     let message = tokio::select! {
                         _ = cancel.cancelled() => return,
+                        _ = replaced.changed() => break,
                         m = stream.message() => m,
                     };
                     match message {
                         Ok(Some(m)) => {
                             backoff = Duration::from_millis(50);
+                            target.answered(generation);
                             if events
                                 .send(Event::Watched(from_serving_status(m.status)))
                                 .await

@@ -182,13 +182,10 @@ fn round_robin_proxy(backends: Vec<u16>) -> u16 {
     port
 }
 
-// Ignored until the identity check uses a fresh connection: the sidecar compares the agent's node
-// name over reqwest's pooled keep-alive connections, and this proxy (like any L4 load balancer)
-// routes per connection, so now and then every `/v1/agent/self` lands on the first agent and the
-// sidecar never stops (failed 2 of about 20 runs, both inside `make test`). Run it with
-// `cargo test --test consul_setup -- --ignored`; the gap is written down for issue 13 item 5.
+// The proxy, like any L4 load balancer, routes per connection: the identity check opens a
+// connection of its own each time, so it reaches the other agent too (over a pooled keep-alive
+// connection it could keep landing on the same one, and the sidecar never stopped).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "flaky until the agent-identity check uses a fresh connection (issue 13 item 5)"]
 async fn an_address_over_several_agents_stops_the_sidecar_with_exit_code_78() {
     let a = ConsulAgent::start_dev().await;
     let b = ConsulAgent::start_dev().await;

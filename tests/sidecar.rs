@@ -722,7 +722,11 @@ async fn a_drain_wait_sent_before_sigterm_gets_its_answer_before_the_sidecar_exi
             sidecar.metric("consul_registrar_draining").await == Some(1.0)
         })
         .await;
-        assert!(started, "round {round}: /drain did not start a drain\n{}", sidecar.logs());
+        assert!(
+            started,
+            "round {round}: /drain did not start a drain\n{}",
+            sidecar.logs()
+        );
         // A classic sidecar: SIGTERM while the app's preStop still waits.
         sidecar.signal("TERM");
         let answer = waiter.await.expect("waiter");
@@ -730,4 +734,150 @@ async fn a_drain_wait_sent_before_sigterm_gets_its_answer_before_the_sidecar_exi
         let status = sidecar.wait_exit(5 * SECOND).expect("exits");
         assert_eq!(status.code(), Some(0));
     }
+}
+
+/// A TCP proxy to `backend` on loopback that can freeze the connections it carries: a frozen
+/// connection stays open on both sides (the kernel keeps acknowledging what the sidecar sends)
+/// but no byte is forwarded any more, as over a connection whose far end vanished without a FIN
+/// (a half-open connection). Connections accepted after the freeze are forwarded as usual.
+struct FreezingProxy {
+    port: u16,
+    /// Bumped by [`FreezingProxy::freeze_existing`]; a connection is frozen once it is past the
+    /// value it was accepted under.
+    epoch: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl FreezingProxy {
+    async fn start(backend: u16) -> FreezingProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let epoch = std::sync::Arc::new(tokio::sync::watch::Sender::new(0u64));
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (epochs, count) = (epoch.clone(), accepted.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", backend)).await
+                else {
+                    continue;
+                };
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mine = *epochs.borrow();
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                for (from, to) in [(client_read, server_write), (server_read, client_write)] {
+                    tokio::spawn(forward(from, to, epochs.subscribe(), mine));
+                }
+            }
+        });
+        FreezingProxy {
+            port,
+            epoch,
+            accepted,
+        }
+    }
+
+    /// Freezes every connection open now.
+    fn freeze_existing(&self) {
+        self.epoch.send_modify(|e| *e += 1);
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Copies one direction of a proxied connection until it ends, or until it is frozen: then it
+/// holds both sockets open, reading and writing nothing, for as long as the test runs.
+async fn forward(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut epoch: tokio::sync::watch::Receiver<u64>,
+    mine: u64,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        tokio::select! {
+            // The borrowed value is dropped inside: it must not live across the await below.
+            _ = async { drop(epoch.wait_for(|e| *e > mine).await) } => {
+                std::future::pending::<()>().await;
+            }
+            read = from.read(&mut buf) => match read {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if to.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            },
+        }
+    }
+    let _ = to.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_open_connection_to_the_app_is_replaced_after_failure_threshold_timeouts() {
+    // Issue 13 item 10: the probe's connection to the app goes silent without closing (the far
+    // end vanished: a rescheduled remote target, a NAT or load balancer that dropped its state).
+    // The probe must turn critical, then connect anew and come back passing, instead of reusing
+    // the dead connection until the kernel gives up minutes later.
+    let consul = ConsulAgent::start_dev().await;
+    let app = DemoApp::start(DemoAppOptions::default()).await;
+    let proxy = FreezingProxy::start(app.port()).await;
+    // interval 200ms, timeout 200ms, failureThreshold 2 (the manifest's health settings).
+    let sidecar = Sidecar::start(
+        &manifest(&consul.http_addr(), proxy.port, "hello-1", "", ""),
+        &[],
+    );
+    assert!(
+        status_becomes(&consul, "hello-1", Some("passing"), 10 * SECOND).await,
+        "{}",
+        sidecar.logs()
+    );
+    let before = proxy.accepted();
+    let transitions = |to: &'static str| {
+        let sidecar = &sidecar;
+        async move {
+            sidecar
+                .metric(&format!("consul_registrar_health_transitions_total{{instance=\"hello-1\",service=\"hello\",to=\"{to}\"}}"))
+                .await
+                .unwrap_or(0.0)
+        }
+    };
+    let passed = transitions("passing").await;
+
+    let frozen_at = Instant::now();
+    proxy.freeze_existing();
+    // Critical (the verdict; in Consul it lasts only until the new connection answers, too
+    // briefly to be sure to see it there), then passing again, in Consul.
+    let failed = wait_until(5 * SECOND, || async {
+        transitions("critical").await >= 1.0
+    })
+    .await;
+    assert!(
+        failed,
+        "a connection that forwards nothing must fail the probe\n{}",
+        sidecar.logs()
+    );
+    // failureThreshold × (interval + timeout) for the timeouts, then a new connection and one
+    // SERVING answer; a few seconds more for the TTL update and the machine.
+    let bound = 2 * (Duration::from_millis(200) + Duration::from_millis(200)) + 4 * SECOND;
+    let back = wait_until(bound.saturating_sub(frozen_at.elapsed()), || async {
+        transitions("passing").await > passed
+            && consul.check_status("hello", "hello-1").await.as_deref() == Some("passing")
+    })
+    .await;
+    assert!(
+        back,
+        "not passing again {:?} after the connection to the app froze (bound {bound:?}): the probe keeps the half-open connection\n{}",
+        frozen_at.elapsed(),
+        sidecar.logs()
+    );
+    assert!(
+        proxy.accepted() > before,
+        "passing again without a new connection: the freeze did not take"
+    );
 }

@@ -108,6 +108,8 @@ impl ConsulError {
 #[derive(Clone)]
 pub struct ConsulClient {
     http: reqwest::Client,
+    /// The same settings without a connection pool: for [`ConsulClient::verify_agent`] only.
+    unpooled: reqwest::Client,
     base: Arc<str>,
     token: Arc<TokenSource>,
     /// The node name of the agent that answered first; every later answer must come from it.
@@ -143,80 +145,11 @@ pub enum ServiceWatch {
 impl ConsulClient {
     /// Builds a client from the resolved connection settings (reads the TLS files).
     pub fn new(conn: &ConsulConnection, metrics: Arc<Metrics>) -> Result<Self, ConsulError> {
-        install_crypto_provider();
-        let mut builder = reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(MAX_IDLE_CONNECTIONS)
-            .http1_only()
-            .no_proxy();
-        let mut base = conn.address.clone();
-        let tls = &conn.tls;
-        if base.starts_with("https://") {
-            let roots = match &tls.ca_file {
-                Some(ca) => ca_bundle(ca)?,
-                None if tls.insecure_skip_verify => Vec::new(),
-                None => system_roots(&base)?,
-            };
-            // Only these roots: reqwest's default (the platform verifier) fails to build in an
-            // image without a CA bundle, with nothing but "builder error" to say why.
-            builder = builder.tls_certs_only(roots);
-            if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
-                let mut pem = std::fs::read(cert).map_err(|e| {
-                    ConsulError::Setup(format!(
-                        "cannot read the client certificate {}: {e} (consul.tls.certFile or CONSUL_CLIENT_CERT)",
-                        cert.display()
-                    ))
-                })?;
-                pem.extend(std::fs::read(key).map_err(|e| {
-                    ConsulError::Setup(format!(
-                        "cannot read the client key {}: {e} (consul.tls.keyFile or CONSUL_CLIENT_KEY)",
-                        key.display()
-                    ))
-                })?);
-                let identity = reqwest::Identity::from_pem(&pem).map_err(|e| {
-                    ConsulError::Setup(format!(
-                        "the client certificate {} or key {} is not valid PEM: {}",
-                        cert.display(),
-                        key.display(),
-                        crate::error_chain(&e)
-                    ))
-                })?;
-                builder = builder.identity(identity);
-            }
-            if tls.insecure_skip_verify {
-                builder = builder.tls_danger_accept_invalid_certs(true);
-            }
-            if let Some(name) = &tls.server_name {
-                // Verify the certificate against `name` (and send it as SNI) while connecting to
-                // the configured host: address the server by that name, and resolve the name to
-                // the configured host anew for every connection, so that a host whose address
-                // changes (a Service, a rescheduled node) is followed.
-                let url = reqwest::Url::parse(&base)
-                    .map_err(|e| ConsulError::Setup(format!("{base} is not a URL: {e}")))?;
-                let host = url
-                    .host_str()
-                    .unwrap_or_default()
-                    .trim_matches(['[', ']'])
-                    .to_string();
-                let port = url.port_or_known_default().unwrap_or(8501);
-                builder = builder.dns_resolver(Arc::new(ServerNameResolver {
-                    server_name: name.clone(),
-                    host,
-                }));
-                base = format!("https://{name}:{port}");
-            }
-        } else {
-            // Plain HTTP needs no trust store; an empty one keeps reqwest from loading the
-            // system's (which fails in an image without a CA bundle).
-            builder = builder.tls_certs_only(Vec::new());
-        }
-        let http = builder.build().map_err(|e| {
-            ConsulError::Setup(format!(
-                "the HTTP client for {base} could not be built: {}",
-                crate::error_chain(&e)
-            ))
-        })?;
+        let (http, base) = http_client(conn, MAX_IDLE_CONNECTIONS)?;
+        // No idle connection kept: every identity check opens its own, so that a load balancer
+        // that routes per connection (any L4 one) may send it to another agent, as it does the
+        // calls' pooled connections; over a kept-alive one it would always see the same agent.
+        let (unpooled, _) = http_client(conn, 0)?;
         let mut scope = Vec::new();
         if let Some(ns) = &conn.namespace {
             scope.push(("ns", ns.clone()));
@@ -226,6 +159,7 @@ impl ConsulClient {
         }
         Ok(ConsulClient {
             http,
+            unpooled,
             base: base.into(),
             token: Arc::new(TokenSource::new(
                 conn.token.clone(),
@@ -362,13 +296,37 @@ impl ConsulClient {
     /// missing is registered anew, since an address over several agents shows itself that way.
     /// A different node is fatal: [`ConsulClient::several_agents`] reports it.
     pub async fn verify_agent(&self, again: bool) -> Result<(), ConsulError> {
-        if !again && self.agent.first.initialized() {
+        // At start-up every instance asks at once: one call answers them all.
+        let first = match self.agent.first.get_or_try_init(|| self.agent_node()).await {
+            Ok(first) if again => first,
+            Ok(_) | Err(ConsulError::Forbidden { .. }) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let node = match self.agent_node().await {
+            Ok(node) => node,
+            Err(ConsulError::Forbidden { .. }) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if *first == node {
             return Ok(());
         }
-        let req = self.request(Method::GET, "/v1/agent/self");
+        let error = ConsulError::SeveralAgents {
+            address: self.base.to_string(),
+            first: first.clone(),
+            now: node,
+        };
+        self.agent.fatal.send_replace(Some(error.to_string()));
+        Err(error)
+    }
+
+    /// The node name of the agent that answers `GET /v1/agent/self` on a connection of its own
+    /// (see `unpooled`). `Forbidden` when the token may not read the agent (warned once): then
+    /// nothing can be compared.
+    async fn agent_node(&self) -> Result<String, ConsulError> {
+        let req = self.request_on(&self.unpooled, Method::GET, "/v1/agent/self");
         let answer = match self.send("agent_self", req, REQUEST_TIMEOUT).await {
             Ok(a) => a,
-            Err(ConsulError::Forbidden { .. }) => {
+            Err(e @ ConsulError::Forbidden { .. }) => {
                 if !self
                     .agent
                     .forbidden
@@ -378,7 +336,7 @@ impl ConsulClient {
                         "the ACL token may not read the agent (agent:read), so calls reaching different agents cannot be detected"
                     );
                 }
-                return Ok(());
+                return Err(e);
             }
             Err(e) => return Err(e),
         };
@@ -399,21 +357,7 @@ impl ConsulClient {
             })?
             .config
             .node_name;
-        let first = self
-            .agent
-            .first
-            .get_or_init(|| async { node.clone() })
-            .await;
-        if *first == node {
-            return Ok(());
-        }
-        let error = ConsulError::SeveralAgents {
-            address: self.base.to_string(),
-            first: first.clone(),
-            now: node,
-        };
-        self.agent.fatal.send_replace(Some(error.to_string()));
-        Err(error)
+        Ok(node)
     }
 
     /// Which token calls carry now: it changes when the token file does. An instance registered
@@ -437,7 +381,16 @@ impl ConsulClient {
     }
 
     fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
-        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        self.request_on(&self.http, method, path)
+    }
+
+    fn request_on(
+        &self,
+        http: &reqwest::Client,
+        method: Method,
+        path: &str,
+    ) -> reqwest::RequestBuilder {
+        let mut req = http.request(method, format!("{}{path}", self.base));
         if let Some(token) = self.token.current() {
             req = req.header("X-Consul-Token", token.expose());
         }
@@ -580,6 +533,90 @@ fn needed_permission(operation: &str) -> &'static str {
         }
         _ => "service:write on the service, node:read and agent:read",
     }
+}
+
+/// An HTTP client for the agent with the connection's settings (TLS, server name, timeouts),
+/// keeping at most `idle_per_host` idle connections for reuse; and the base URL it calls (the
+/// server name's when one is set).
+fn http_client(
+    conn: &ConsulConnection,
+    idle_per_host: usize,
+) -> Result<(reqwest::Client, String), ConsulError> {
+    install_crypto_provider();
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(CONNECT_TIMEOUT)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(idle_per_host)
+        .http1_only()
+        .no_proxy();
+    let mut base = conn.address.clone();
+    let tls = &conn.tls;
+    if base.starts_with("https://") {
+        let roots = match &tls.ca_file {
+            Some(ca) => ca_bundle(ca)?,
+            None if tls.insecure_skip_verify => Vec::new(),
+            None => system_roots(&base)?,
+        };
+        // Only these roots: reqwest's default (the platform verifier) fails to build in an
+        // image without a CA bundle, with nothing but "builder error" to say why.
+        builder = builder.tls_certs_only(roots);
+        if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
+            let mut pem = std::fs::read(cert).map_err(|e| {
+                ConsulError::Setup(format!(
+                    "cannot read the client certificate {}: {e} (consul.tls.certFile or CONSUL_CLIENT_CERT)",
+                    cert.display()
+                ))
+            })?;
+            pem.extend(std::fs::read(key).map_err(|e| {
+                ConsulError::Setup(format!(
+                    "cannot read the client key {}: {e} (consul.tls.keyFile or CONSUL_CLIENT_KEY)",
+                    key.display()
+                ))
+            })?);
+            let identity = reqwest::Identity::from_pem(&pem).map_err(|e| {
+                ConsulError::Setup(format!(
+                    "the client certificate {} or key {} is not valid PEM: {}",
+                    cert.display(),
+                    key.display(),
+                    crate::error_chain(&e)
+                ))
+            })?;
+            builder = builder.identity(identity);
+        }
+        if tls.insecure_skip_verify {
+            builder = builder.tls_danger_accept_invalid_certs(true);
+        }
+        if let Some(name) = &tls.server_name {
+            // Verify the certificate against `name` (and send it as SNI) while connecting to
+            // the configured host: address the server by that name, and resolve the name to
+            // the configured host anew for every connection, so that a host whose address
+            // changes (a Service, a rescheduled node) is followed.
+            let url = reqwest::Url::parse(&base)
+                .map_err(|e| ConsulError::Setup(format!("{base} is not a URL: {e}")))?;
+            let host = url
+                .host_str()
+                .unwrap_or_default()
+                .trim_matches(['[', ']'])
+                .to_string();
+            let port = url.port_or_known_default().unwrap_or(8501);
+            builder = builder.dns_resolver(Arc::new(ServerNameResolver {
+                server_name: name.clone(),
+                host,
+            }));
+            base = format!("https://{name}:{port}");
+        }
+    } else {
+        // Plain HTTP needs no trust store; an empty one keeps reqwest from loading the
+        // system's (which fails in an image without a CA bundle).
+        builder = builder.tls_certs_only(Vec::new());
+    }
+    let http = builder.build().map_err(|e| {
+        ConsulError::Setup(format!(
+            "the HTTP client for {base} could not be built: {}",
+            crate::error_chain(&e)
+        ))
+    })?;
+    Ok((http, base))
 }
 
 fn status_class(status: StatusCode) -> &'static str {

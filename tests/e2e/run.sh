@@ -113,6 +113,8 @@ if [ -n "$provider" ]; then
   elif [ "$provider_name" = local ]; then
     sock="${CONSUL_REGISTRAR_E2E_DIR:-/var/lib/consul-registrar-e2e}/run/containerd.sock"
     export E2E_KILL_CONTAINER="ctr --address $sock -n k8s.io task kill -s SIGKILL"
+    # The frozen Consul agent of test_hardening.py (item 3): stopped, its sockets still accept.
+    export E2E_STOP_CONTAINER="ctr --address $sock -n k8s.io task kill -s SIGSTOP"
   fi
 fi
 

@@ -13,7 +13,8 @@ with tests/e2e/cluster/local.sh or tests/e2e/kind/cluster.sh) only provision it 
 
 Environment: KUBECONFIG (required), KUBECTL, HELM_BIN, E2E_KILL_CONTAINER (a command that SIGKILLs
 a container given its bare runtime id, appended; set by tests/e2e/run.sh; without it the
-sidecar-kill scenario fails under CI=true and skips otherwise).
+sidecar-kill scenario fails under CI=true and skips otherwise), E2E_STOP_CONTAINER (the same with
+SIGSTOP, for the frozen agent of test_hardening.py; set by run.sh for the local provider).
 """
 
 from __future__ import annotations
@@ -435,3 +436,20 @@ def kill_container() -> Callable[[str], None]:
         subprocess.run([*shlex.split(command), container_id.split("://", 1)[-1]], check=True, timeout=30)
 
     return kill
+
+
+@pytest.fixture(scope="session")
+def stop_container() -> Callable[[str], None]:
+    """SIGSTOPs a container by its runtime id through E2E_STOP_CONTAINER: the process answers
+    nothing while its sockets stay open (the kernel still accepts connections)."""
+    command = os.environ.get("E2E_STOP_CONTAINER", "")
+    if not command:
+        message = "E2E_STOP_CONTAINER is not set: the provider has no way to stop a container"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+
+    def stop(container_id: str) -> None:
+        subprocess.run([*shlex.split(command), container_id.split("://", 1)[-1]], check=True, timeout=30)
+
+    return stop

@@ -1,4 +1,4 @@
-"""Issue 13 items 1 and 2 on a real kubelet, with the chart (tests/e2e/values.yaml, two pods), each
+"""Issue 13 items 1, 2 and 3 on a real kubelet, with the chart (tests/e2e/values.yaml, two pods), each
 judged through Consul's HTTP API. Namespaces `adopt-<test>`, removed afterwards.
 
 1. **A container restart must not drain the pod for good.** The app's liveness probe switched to its
@@ -11,23 +11,30 @@ judged through Consul's HTTP API. Namespaces `adopt-<test>`, removed afterwards.
    The other pod is the Consul dev server (deploy/consul-dev, a pod on the pod network): an HTTP
    check registered on its agent makes the GET (no image of the project carries an HTTP client),
    and the check's output carries the status code it got.
-
-Item 3 (shutdown within delay + deregisterTimeout + 1 s against an agent that accepts connections
-and never answers) is not here: the node-local agent is shared by every test, and the node offers
-no clean way to make it hang for one pod (it is shown against a real Consul in the Rust tests).
+3. **Shutdown fits its budget.** The sidecar's `consul.address` is a Consul dev agent of the test's
+   own that registers the instance and is then frozen (SIGSTOP through the node's containerd, as
+   E2E_STOP_CONTAINER does: the kernel still accepts connections, nothing answers them). The pod
+   is deleted; from the kubelet's view (the sidecar's terminated state, held readable by a
+   finalizer) the sidecar exits 1 (drain incomplete), not 137 (SIGKILL), within drain.delay +
+   drain.deregisterTimeout + 1 s of the deletion. Classic and native sidecar: a native one gets
+   SIGTERM only after the app stops, so there the bound applies to the app, whose preStop is the
+   drain.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import socket
 import time
 import urllib.request
 import uuid
+from datetime import datetime
 
 import pytest
 
-from conftest import Consul, Demo, Helm, Kube, base_service, container_status, deep_merge, figure, log, wait_for
+from conftest import (Consul, Demo, Helm, Kube, base_service, container_status, deep_merge, figure, log,
+                      wait_for)
 
 REPLICAS = 2
 ADMIN_PORT = 9102
@@ -192,3 +199,129 @@ def test_drain_without_token_from_a_peer_pod_is_refused(release, kube, consul):
         assert time.monotonic() - began < 40, f"{name}'s app did not stop within 40 s"
         time.sleep(0.1)
     figure("prestop_with_token_delete_to_app_stopped", time.monotonic() - began, "s")
+
+
+# ---- 3. shutdown against an agent that accepts connections and never answers --------------------
+
+SILENT_DELAY, SILENT_DEREGISTER_TIMEOUT = 2, 3  # s: drain.delay, drain.deregisterTimeout
+DRAIN_INCOMPLETE_EXIT = 1  # src/main.rs: drain incomplete by drain.delay + drain.deregisterTimeout
+HOLD = "e2e.consul-registrar.io/hold"  # a finalizer: the deleted pod's statuses stay readable
+# finishedAt and deletionTimestamp have whole seconds: a difference may read up to 1 s long.
+TIMESTAMP_GRAIN = 1
+
+
+def timestamp(value: str) -> float:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def agent_pod(image: str) -> dict:
+    """A Consul dev agent of the test's own, like deploy/consul-dev's server (its image, its user)."""
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "agent", "labels": {"app.kubernetes.io/name": "silent-agent"}},
+        "spec": {
+            "automountServiceAccountToken": False, "enableServiceLinks": False,
+            "terminationGracePeriodSeconds": 1,
+            "securityContext": {"runAsNonRoot": True, "runAsUser": 100, "runAsGroup": 1000,
+                                "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [{
+                "name": "consul", "image": image, "imagePullPolicy": "IfNotPresent",
+                "command": ["consul", "agent", "-dev", "-client=0.0.0.0", "-log-level=warn"],
+                "ports": [{"name": "http", "containerPort": 8500}],
+                "readinessProbe": {"httpGet": {"path": "/v1/status/leader", "port": "http"}, "periodSeconds": 1},
+                "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+            }],
+        },
+    }
+
+
+def answers_within(ip: str, port: int, seconds: float) -> str | None:
+    """What an HTTP GET to ip:port gets within `seconds`: the start of the answer, `closed`, or
+    None when the connection was accepted and nothing came back."""
+    with socket.create_connection((ip, port), timeout=seconds) as s:
+        s.sendall(b"GET /v1/status/leader HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")
+        try:
+            data = s.recv(64)
+        except TimeoutError:
+            return None
+        return data.decode(errors="replace") or "closed"
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["classic", "native"])
+def test_shutdown_against_an_agent_that_never_answers_fits_its_budget(release, kube, consul, stop_container,
+                                                                         native):
+    agent_ns = f"adopt-silent-agent-{'native' if native else 'classic'}"
+    kube.create_namespace(agent_ns)
+    pod = name = None
+    try:
+        server = kube.json("-n", "consul", "get", "deployment", "consul")
+        image = server["spec"]["template"]["spec"]["containers"][0]["image"]
+        kube.apply(agent_pod(image), agent_ns)
+        kube.run("-n", agent_ns, "wait", "--for=condition=Ready", "pod/agent", "--timeout=120s", timeout=150)
+        agent_ip = kube.pod(agent_ns, "agent")["status"]["podIP"]
+
+        d = release(f"silent-{'native' if native else 'classic'}", {
+            "replicaCount": 1,
+            "sidecar": {"native": native},
+            "consul": {"address": f"http://{agent_ip}:8500"},
+            "manifest": {"drain": {"delay": f"{SILENT_DELAY}s",
+                                   "deregisterTimeout": f"{SILENT_DEREGISTER_TIMEOUT}s"}},
+        })
+        name = d.pods()[0]["metadata"]["name"]
+        iid = d.instance_id(name)
+
+        def passing_on_the_agent():
+            checks = json.loads(kube.run(
+                "get", "--raw", f"/api/v1/namespaces/{agent_ns}/pods/agent:8500/proxy/v1/health/service/{d.service}"))
+            return any(e["Service"]["ID"] == iid and e["Checks"] and all(c["Status"] == "passing" for c in e["Checks"])
+                       for e in checks)
+
+        wait_for(f"{iid} passing on the test's own agent", passing_on_the_agent, 60, 0.5)
+
+        # Freeze the agent: its socket stays open, the kernel accepts connections, nothing answers.
+        stop_container(container_status(kube.pod(agent_ns, "agent"), "consul")["containerID"])
+        got = answers_within(agent_ip, 8500, 3)
+        assert got is None, f"the frozen agent still answers: {got!r}"
+        kube.run("-n", d.namespace, "patch", "pod", name, "--type=merge", "-p",
+                 json.dumps({"metadata": {"finalizers": [HOLD]}}))
+        time.sleep(2)  # TTL refreshes and reads now hang in flight
+
+        kube.run("-n", d.namespace, "delete", "pod", name, "--wait=false")
+        meta = kube.pod(d.namespace, name)["metadata"]
+        deleted = timestamp(meta["deletionTimestamp"]) - int(meta["deletionGracePeriodSeconds"])
+        grace = int(meta["deletionGracePeriodSeconds"])
+
+        def both_terminated():
+            p = kube.pod(d.namespace, name)
+            states = [(container_status(p, c) or {}).get("state", {}) for c in ("consul-registrar", "app")]
+            return p if all("terminated" in s for s in states) else None
+
+        pod = wait_for(f"{name}'s containers terminated", both_terminated, grace + 15, 0.5)
+    finally:
+        if name:
+            kube.run("-n", d.namespace, "patch", "pod", name, "--type=json", "-p",
+                     json.dumps([{"op": "remove", "path": "/metadata/finalizers"}]), check=False)
+        kube.delete_namespace(agent_ns)
+
+    sidecar = container_status(pod, "consul-registrar")["state"]["terminated"]
+    app = container_status(pod, "app")["state"]["terminated"]
+    sidecar_after = timestamp(sidecar["finishedAt"]) - deleted
+    app_after = timestamp(app["finishedAt"]) - deleted
+    kind = "native" if native else "classic"
+    figure(f"silent_agent_{kind}_delete_to_sidecar_exit", sidecar_after, "s")
+    figure(f"silent_agent_{kind}_delete_to_app_exit", app_after, "s")
+    log(f"{name} ({kind} sidecar, agent frozen, grace {grace} s): sidecar exit {sidecar['exitCode']} "
+        f"({sidecar.get('reason')}) {sidecar_after:.0f} s after the deletion, app exit {app['exitCode']} "
+        f"{app_after:.0f} s after")
+    budget = SILENT_DELAY + SILENT_DEREGISTER_TIMEOUT + 1
+    assert sidecar["exitCode"] != 137, f"issue 13 item 3: the kubelet SIGKILLed the sidecar ({sidecar})"
+    assert sidecar["exitCode"] == DRAIN_INCOMPLETE_EXIT, (
+        f"issue 13 item 3: the sidecar exited {sidecar['exitCode']} ({sidecar}), want {DRAIN_INCOMPLETE_EXIT} "
+        f"(drain incomplete)")
+    # The drain starts at the deletion (the app's preStop; a classic sidecar's SIGTERM too): a classic
+    # sidecar exits by the budget; a native one gets SIGTERM only once the app has stopped, which the
+    # app does as soon as its preStop (the drain) returns.
+    bounded, after = ("sidecar", sidecar_after) if not native else ("app", app_after)
+    assert after <= budget + TIMESTAMP_GRAIN, (
+        f"issue 13 item 3: the {bounded} exited {after:.0f} s after the deletion, past drain.delay + "
+        f"drain.deregisterTimeout + 1 s = {budget} s (timestamps in whole seconds)")
