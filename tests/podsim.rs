@@ -948,16 +948,20 @@ async fn scenario_2_rolling_restart_without_the_drain_is_the_baseline() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs root: network namespaces (make podsim)"]
-async fn scenario_3_consul_restarted_empty_under_traffic_gets_every_instance_back() {
+/// Consul restarted with its state wiped under traffic: every instance back and passing within
+/// 2 s of Consul answering. In catalog mode the sessions and liveness keys went too: each sidecar
+/// makes a new session and takes its key again before it registers, and no reaper takes the
+/// instances coming back for ghosts.
+async fn consul_restarted_empty_under_traffic_gets_every_instance_back(reg: Registration) {
     podsim::require_available();
     let net = Network::new();
+    let nodes = sim_nodes(&net);
     let mut consul = consul_on(&net).await;
     let addr = consul.http_addr().trim_start_matches("http://").to_string();
     let pods: Vec<Pod> = ["c0", "c1", "c2"]
         .iter()
-        .map(|n| go_pod(&net, n, &consul.http_addr(), Mode::Agent))
+        .enumerate()
+        .map(|(i, n)| go_pod(&net, n, &consul.http_addr(), reg.mode(&nodes[i % 2])))
         .collect();
     for pod in &pods {
         wait_passing(&consul, pod).await;
@@ -977,9 +981,12 @@ async fn scenario_3_consul_restarted_empty_under_traffic_gets_every_instance_bac
     })
     .await;
     let back_after = answering.elapsed();
+    let logs = || pods.iter().map(Pod::logs).collect::<Vec<_>>().join("\n");
     assert!(
         all_back,
-        "not every instance back and passing within 2 s of Consul answering"
+        "not every instance back and passing within 2 s of Consul answering ({})\n{}",
+        reg.name(),
+        logs()
     );
     tokio::time::sleep(3 * SECOND).await;
     let report = client.finish();
@@ -988,8 +995,13 @@ async fn scenario_3_consul_restarted_empty_under_traffic_gets_every_instance_bac
         3,
         "duplicates or losses"
     );
+    assert_placement(&consul, &pods.iter().collect::<Vec<_>>()).await;
+    let scenario = match reg {
+        Registration::Agent => "3 Consul restarted with state wiped under traffic",
+        Registration::Catalog => "3c Consul restarted with state wiped under traffic, catalog mode",
+    };
     figure(
-        "3 Consul restarted with state wiped under traffic",
+        scenario,
         format!(
             "all 3 instances back and passing {:.3}s after Consul answered; client: {} sent, {} failed",
             back_after.as_secs_f64(),
@@ -997,6 +1009,18 @@ async fn scenario_3_consul_restarted_empty_under_traffic_gets_every_instance_bac
             report["failed"]
         ),
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: network namespaces (make podsim)"]
+async fn scenario_3_consul_restarted_empty_under_traffic_gets_every_instance_back() {
+    consul_restarted_empty_under_traffic_gets_every_instance_back(Registration::Agent).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: network namespaces (make podsim)"]
+async fn scenario_3c_catalog_mode_consul_restarted_empty_under_traffic_gets_every_instance_back() {
+    consul_restarted_empty_under_traffic_gets_every_instance_back(Registration::Catalog).await;
 }
 
 /// Starts the demo app in `pod` again on the same port, as the kubelet restarts a container.
