@@ -453,6 +453,20 @@ async fn a_pod_cut_off_from_consul_keeps_probing_and_converges_after_the_heal(re
                 "reaped during a cut shorter than the session's life"
             );
 
+            // A renewal hung on a connection cut off stays unanswered up to the sidecar's request
+            // timeout: start the long cut once a renewal went through again, so that the session
+            // expires 2 × TTL after a renewal just before the cut.
+            let renewals = "consul_registrar_session_renewals_total{outcome=\"ok\"}";
+            let renewed = metric(&metrics, renewals).await.unwrap_or(0.0);
+            assert!(
+                wait_until(2 * SESSION_TTL, || async {
+                    metric(&metrics, renewals).await.unwrap_or(0.0) > renewed
+                })
+                .await,
+                "no session renewal after the heal\n{}",
+                pod.logs()
+            );
+
             // A long cut: 30 s > 2 × TTL + 1 s. The other pod's sidecar reaps the instance once
             // the session expires.
             pod.ns.cut_path_to(&net.gateway(), true);
@@ -467,6 +481,11 @@ async fn a_pod_cut_off_from_consul_keeps_probing_and_converges_after_the_heal(re
             assert!(
                 reaped_after <= target,
                 "reaped {reaped_after:?} after the cut, later than 2 x session TTL + 1 s\n{}",
+                peer.logs()
+            );
+            assert!(
+                reaped_after >= SESSION_TTL,
+                "reaped {reaped_after:?} after the cut, before the session TTL: not through the session's expiry\n{}",
                 peer.logs()
             );
             assert_eq!(
