@@ -987,6 +987,21 @@ async fn consul_restarted_empty_under_traffic_gets_every_instance_back(reg: Regi
     }
     let client = TrafficClient::start(&addr, 200);
     tokio::time::sleep(2 * SECOND).await;
+    if reg == Registration::Catalog {
+        // The worst moment: just after a session renewal, so that the sidecar's next renewal (the
+        // one that finds the session gone) is TTL/3 away when Consul answers again empty.
+        let metrics = pods[0].admin_url("/metrics");
+        let renewals = "consul_registrar_session_renewals_total{outcome=\"ok\"}";
+        let renewed = metric(&metrics, renewals).await.unwrap_or(0.0);
+        assert!(
+            wait_until(SESSION_TTL, || async {
+                metric(&metrics, renewals).await.unwrap_or(0.0) > renewed
+            })
+            .await,
+            "no session renewal\n{}",
+            pods[0].logs()
+        );
+    }
     consul.restart_wiped().await;
     let answering = Instant::now();
     let all_back = wait_until(2 * SECOND, || async {
