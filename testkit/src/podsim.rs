@@ -345,6 +345,27 @@ pub const ADMIN_PORT: u16 = 9102;
 /// preStop sends (`X-Drain-Token`), as the chart provisions it.
 pub const DRAIN_TOKEN: &str = "podsim-drain-token";
 
+/// The sidecar of pod `name` in `ns`, with the Downward API's variables (and, on a simulated
+/// node, `NODE_NAME` and `HOST_IP`) and the drain token.
+fn sidecar_command(
+    ns: &Netns,
+    name: &str,
+    node: Option<&SimNode>,
+    manifest: &std::path::Path,
+) -> Command {
+    let mut cmd = ns.command(registrar_bin());
+    cmd.args(["run", "--manifest"])
+        .arg(manifest)
+        .env("POD_IP", &ns.addr)
+        .env("POD_NAME", name)
+        .env("POD_NAMESPACE", "sim")
+        .env("CONSUL_REGISTRAR_DRAIN_TOKEN", DRAIN_TOKEN);
+    if let Some(node) = node {
+        cmd.env("NODE_NAME", &node.name).env("HOST_IP", &node.addr);
+    }
+    cmd
+}
+
 /// The pieces a pod needs to start.
 pub struct PodSpec<'a> {
     pub name: &'a str,
@@ -427,23 +448,11 @@ services:
         );
         let manifest_path = dir.path().join("manifest.yaml");
         std::fs::write(&manifest_path, manifest).expect("manifest");
-        let mut sidecar_cmd = ns.command(registrar_bin());
-        sidecar_cmd
-            .args(["run", "--manifest"])
-            .arg(&manifest_path)
-            .env("POD_IP", &ns.addr)
-            .env("POD_NAME", spec.name)
-            .env("POD_NAMESPACE", "sim")
-            .env("CONSUL_REGISTRAR_DRAIN_TOKEN", DRAIN_TOKEN);
         let node = match spec.mode {
             Mode::Agent => None,
-            Mode::Catalog { node, .. } => {
-                sidecar_cmd
-                    .env("NODE_NAME", &node.name)
-                    .env("HOST_IP", &node.addr);
-                Some(node.clone())
-            }
+            Mode::Catalog { node, .. } => Some(node.clone()),
         };
+        let sidecar_cmd = sidecar_command(&ns, spec.name, node.as_ref(), &manifest_path);
         let sidecar = Proc::spawn(sidecar_cmd, dir.path().join("sidecar.log"));
         Pod {
             name: spec.name.to_string(),
@@ -455,6 +464,16 @@ services:
             node,
             dir,
         }
+    }
+
+    /// Starts the sidecar again with the same manifest and environment (killing the old one if
+    /// it still runs), as the kubelet restarts a crashed container; its log goes on in the same
+    /// file.
+    pub fn restart_sidecar(&mut self) {
+        self.sidecar.kill();
+        let manifest = self.dir.path().join("manifest.yaml");
+        let cmd = sidecar_command(&self.ns, &self.name, self.node.as_ref(), &manifest);
+        self.sidecar = Proc::spawn(cmd, self.dir.path().join("sidecar.log"));
     }
 
     pub fn admin_url(&self, path: &str) -> String {
