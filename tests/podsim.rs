@@ -4,6 +4,11 @@
 //! The scenarios on network namespaces need root: they are `#[ignore]`d, so that a plain
 //! `cargo test` counts them as ignored, never as passed; `make podsim` (`scripts/podsim.sh`) runs
 //! them as root, and without root refuses and names the scenarios it did not run.
+//!
+//! The rolling restart, the partition and the SIGKILL run twice: with the sidecars on the agent API
+//! and in catalog mode (`consul.mode: catalog`, issue 12), where the only Consul is a server and
+//! every pod's sidecar registers on the virtual node of its simulated Kubernetes node. Those
+//! scenarios take a [`Registration`] and assert each mode's own outcome.
 
 mod support;
 
@@ -11,10 +16,146 @@ use std::net::Ipv4Addr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::podsim::{self, App, Network, Pod, PodSpec, Termination, TrafficClient};
+use support::podsim::{
+    self, App, Mode, Network, Pod, PodSpec, SimNode, Termination, TrafficClient,
+};
 use support::{ConsulAgent, ConsulOptions, wait_until};
 
 const SECOND: Duration = Duration::from_secs(1);
+
+/// The scenarios with the Go client's traffic (200 RPC/s through three pods) run at most three at
+/// once, as before their catalog-mode variants existed: on 2 cores more of them at once starve the
+/// RPCs of CPU (`DeadlineExceeded`), whatever the drain does. The others run beside them.
+static TRAFFIC_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(3);
+
+async fn traffic_slot() -> tokio::sync::SemaphorePermit<'static> {
+    TRAFFIC_SLOTS.acquire().await.expect("never closed")
+}
+
+/// How a scenario's sidecars register.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Registration {
+    /// Through the agent API of the dev agent, with a TTL check.
+    Agent,
+    /// `consul.mode: catalog` against the dev server (no client agent in the pods' view), each pod
+    /// on the virtual node of its simulated node, with sessions of [`SESSION_TTL`].
+    Catalog,
+}
+
+/// The catalog-mode session TTL: Consul's minimum, so a crashed pod's instance goes soonest.
+const SESSION_TTL: Duration = Duration::from_secs(10);
+const SESSION_TTL_YAML: &str = "10s";
+/// The liveness keys' prefix (the manifest's default `consul.catalog.keyPrefix`).
+const KEY_PREFIX: &str = "consul-registrar/instances";
+
+impl Registration {
+    /// The pod's mode on simulated node `node` (which agent mode ignores).
+    fn mode(self, node: &SimNode) -> Mode<'_> {
+        match self {
+            Registration::Agent => Mode::Agent,
+            Registration::Catalog => Mode::Catalog {
+                node,
+                session_ttl: SESSION_TTL_YAML,
+            },
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Registration::Agent => "agent mode",
+            Registration::Catalog => "catalog mode",
+        }
+    }
+}
+
+/// Two simulated Kubernetes nodes (the gateway's address and one more on the bridge).
+fn sim_nodes(net: &Network) -> [SimNode; 2] {
+    [net.node("sim-a"), net.node("sim-b")]
+}
+
+/// The liveness key of a catalog-mode pod's instance.
+fn liveness_key(pod: &Pod) -> String {
+    let node = pod.node.as_ref().expect("a catalog-mode pod");
+    format!("{KEY_PREFIX}/{}/{}", node.consul_node(), pod.id)
+}
+
+/// The keys under the liveness prefix, sorted.
+async fn liveness_keys(consul: &ConsulAgent) -> Vec<String> {
+    match consul.get(&format!("/v1/kv/{KEY_PREFIX}/?keys")).await {
+        Ok((200, v)) => {
+            let mut keys: Vec<String> = v
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|k| k.as_str().map(str::to_string))
+                .collect();
+            keys.sort();
+            keys
+        }
+        Ok((404, _)) => Vec::new(),
+        other => panic!("liveness keys: {other:?}"),
+    }
+}
+
+/// The session holding a catalog-mode pod's liveness key (None without the key or a holder).
+async fn key_session(consul: &ConsulAgent, pod: &Pod) -> Option<String> {
+    match consul.get(&format!("/v1/kv/{}", liveness_key(pod))).await {
+        Ok((200, v)) => v[0]["Session"].as_str().map(str::to_string),
+        _ => None,
+    }
+}
+
+/// The names of the sessions Consul holds, sorted.
+async fn session_names(consul: &ConsulAgent) -> Vec<String> {
+    let (status, v) = consul.get("/v1/session/list").await.expect("session list");
+    assert_eq!(status, 200, "session list: {v}");
+    let mut names: Vec<String> = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| s["Name"].as_str().unwrap_or_default().to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Asserts where the pods' instances sit in the catalog: in catalog mode on the virtual node of
+/// the pod's simulated node (its address, our node meta), never on the Consul agent's own node,
+/// each with its liveness key; in agent mode on the agent's node.
+async fn assert_placement(consul: &ConsulAgent, pods: &[&Pod]) {
+    let (_, me) = consul.get("/v1/agent/self").await.expect("agent self");
+    let agent_node = me["Config"]["NodeName"].as_str().unwrap_or_default();
+    assert!(!agent_node.is_empty(), "no agent node name: {me}");
+    let entries = consul.catalog_service("hello").await;
+    let keys = liveness_keys(consul).await;
+    for pod in pods {
+        let entry = entries
+            .iter()
+            .find(|e| e["ServiceID"] == pod.id.as_str())
+            .unwrap_or_else(|| panic!("{} not in the catalog: {entries:?}", pod.id));
+        match &pod.node {
+            None => assert_eq!(entry["Node"], agent_node, "{entry}"),
+            Some(node) => {
+                assert_ne!(
+                    entry["Node"], agent_node,
+                    "on the agent's own node: {entry}"
+                );
+                assert_eq!(entry["Node"], node.consul_node().as_str(), "{entry}");
+                assert_eq!(entry["Address"], node.addr.as_str(), "{entry}");
+                assert_eq!(
+                    entry["NodeMeta"]["managed-by"], "consul-registrar",
+                    "{entry}"
+                );
+                assert_eq!(entry["ServiceAddress"], pod.ns.addr.as_str(), "{entry}");
+                assert!(
+                    keys.contains(&liveness_key(pod)),
+                    "no liveness key for {}: {keys:?}",
+                    pod.id
+                );
+            }
+        }
+    }
+}
 
 fn figure(scenario: &str, text: String) {
     println!("FIGURE {scenario}: {text}");
@@ -96,84 +237,337 @@ async fn scenario_6_a_hung_app_turns_critical_after_timeout_times_failure_thresh
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs root: network namespaces (make podsim)"]
-async fn scenario_5_a_killed_sidecar_leaves_a_critical_instance_that_consul_reaps() {
+/// SIGKILL of a pod's sidecar (no drain, no deregistration). Agent mode: the TTL check turns
+/// critical and Consul's reaper removes the instance after `deregisterCriticalServiceAfter`.
+/// Catalog mode: the instance keeps its last status until the sidecar's session expires; then
+/// another pod's sidecar (on the other simulated node) reaps it, within 2 × session TTL + 1 s.
+async fn a_killed_sidecar_leaves_an_instance_that_is_reaped(reg: Registration) {
     podsim::require_available();
     let net = Network::new();
+    let nodes = sim_nodes(&net);
     let consul = consul_on(&net).await;
-    let mut pod = demo_pod(
+    let check = match reg {
+        Registration::Agent => "      ttl: 3s\n      deregisterCriticalServiceAfter: 1m",
+        Registration::Catalog => "",
+    };
+    let mut pod = demo_pod_in(
         &net,
         "kill9",
         &consul.http_addr(),
-        "      ttl: 3s\n      deregisterCriticalServiceAfter: 1m",
+        reg.mode(&nodes[0]),
+        check,
     );
+    // The reaper: another pod's sidecar, on another node (catalog mode only).
+    let peer = (reg == Registration::Catalog).then(|| {
+        demo_pod_in(
+            &net,
+            "peer",
+            &consul.http_addr(),
+            reg.mode(&nodes[1]),
+            check,
+        )
+    });
     wait_passing(&consul, &pod).await;
+    if let Some(peer) = &peer {
+        wait_passing(&consul, peer).await;
+        assert_placement(&consul, &[&pod, peer]).await;
+    }
+
+    let mut adopted = String::new();
+    if let Some(peer) = &peer {
+        // A sidecar SIGKILLed and restarted at once, as the kubelet restarts a crashed container:
+        // it adopts its session, so its key is never released and nothing is reaped.
+        let before = key_session(&consul, &pod).await;
+        assert!(before.is_some(), "no session holds the key\n{}", pod.logs());
+        let restarted = Instant::now();
+        pod.restart_sidecar();
+        let renewals = "consul_registrar_session_renewals_total{outcome=\"ok\"}";
+        assert!(
+            wait_until(SESSION_TTL, || async {
+                metric(&pod.admin_url("/metrics"), renewals)
+                    .await
+                    .unwrap_or(0.0)
+                    >= 1.0
+            })
+            .await,
+            "the restarted sidecar never renewed a session\n{}",
+            pod.logs()
+        );
+        assert_eq!(
+            key_session(&consul, &pod).await,
+            before,
+            "the restarted sidecar did not adopt its session\n{}",
+            pod.logs()
+        );
+        assert!(
+            pod.sidecar.own_logs().contains("adopted the session"),
+            "{}",
+            pod.logs()
+        );
+        assert_eq!(
+            consul.check_status("hello", &pod.id).await.as_deref(),
+            Some("passing")
+        );
+        assert_eq!(
+            metric(&peer.admin_url("/metrics"), "consul_registrar_reaped_total").await,
+            Some(0.0),
+            "reaped while its sidecar restarted\n{}",
+            peer.logs()
+        );
+        adopted = format!(
+            "; a restarted sidecar adopted its session (renewed {:.1}s after the restart), nothing reaped",
+            restarted.elapsed().as_secs_f64()
+        );
+    }
 
     let t0 = Instant::now();
     pod.sidecar.kill(); // SIGKILL: no drain, no deregistration
-    assert!(
-        wait_until(6 * SECOND, || async {
-            consul.check_status("hello", &pod.id).await.as_deref() == Some("critical")
-        })
-        .await,
-        "TTL did not expire"
-    );
-    let critical_after = t0.elapsed();
-    assert!(
-        critical_after <= Duration::from_millis(3500),
-        "critical later than the 3 s TTL: {critical_after:?}"
-    );
-    // Consul's reaper runs every 30 s: removal lands between 1m and 1m30s after the check went critical.
-    assert!(
-        wait_until(Duration::from_secs(100), || async {
-            consul.check_status("hello", &pod.id).await.is_none()
-        })
-        .await,
-        "never reaped"
-    );
-    let reaped_after = t0.elapsed();
-    assert!(
-        reaped_after >= Duration::from_secs(60),
-        "reaped before deregisterCriticalServiceAfter: {reaped_after:?}"
-    );
-    figure(
-        "5 sidecar SIGKILLed",
-        format!(
-            "critical {:.1}s after SIGKILL (ttl 3s); reaped {:.1}s after SIGKILL (deregisterCriticalServiceAfter 1m + reaper period)",
-            critical_after.as_secs_f64(),
-            reaped_after.as_secs_f64()
-        ),
-    );
+    match reg {
+        Registration::Agent => {
+            assert!(
+                wait_until(6 * SECOND, || async {
+                    consul.check_status("hello", &pod.id).await.as_deref() == Some("critical")
+                })
+                .await,
+                "TTL did not expire"
+            );
+            let critical_after = t0.elapsed();
+            assert!(
+                critical_after <= Duration::from_millis(3500),
+                "critical later than the 3 s TTL: {critical_after:?}"
+            );
+            // Consul's reaper runs every 30 s: removal lands between 1m and 1m30s after the
+            // check went critical.
+            assert!(
+                wait_until(Duration::from_secs(100), || async {
+                    consul.check_status("hello", &pod.id).await.is_none()
+                })
+                .await,
+                "never reaped"
+            );
+            let reaped_after = t0.elapsed();
+            assert!(
+                reaped_after >= Duration::from_secs(60),
+                "reaped before deregisterCriticalServiceAfter: {reaped_after:?}"
+            );
+            figure(
+                "5 sidecar SIGKILLed",
+                format!(
+                    "critical {:.1}s after SIGKILL (ttl 3s); reaped {:.1}s after SIGKILL (deregisterCriticalServiceAfter 1m + reaper period)",
+                    critical_after.as_secs_f64(),
+                    reaped_after.as_secs_f64()
+                ),
+            );
+        }
+        Registration::Catalog => {
+            let peer = peer.expect("the reaper pod");
+            let target = 2 * SESSION_TTL + SECOND;
+            // Until its session expires the instance stays with the last verdict its sidecar
+            // wrote; nothing in Consul turns it critical.
+            let seen = std::cell::RefCell::new(Vec::new());
+            let reaped = wait_until(target + 10 * SECOND, || async {
+                let status = consul.check_status("hello", &pod.id).await;
+                let mut seen = seen.borrow_mut();
+                if seen.last() != Some(&status) {
+                    seen.push(status.clone());
+                }
+                status.is_none()
+            })
+            .await;
+            let seen = seen.into_inner();
+            let reaped_after = t0.elapsed();
+            assert!(
+                reaped,
+                "never reaped (statuses seen {seen:?})\n{}",
+                peer.logs()
+            );
+            assert!(
+                reaped_after <= target,
+                "reaped {reaped_after:?} after SIGKILL, later than 2 x session TTL + 1 s\n{}",
+                peer.logs()
+            );
+            assert!(
+                reaped_after >= SESSION_TTL,
+                "reaped {reaped_after:?} after SIGKILL, before the session TTL: not through the session's expiry"
+            );
+            assert_eq!(
+                seen,
+                [Some("passing".to_string()), None],
+                "the instance kept its last status until it was reaped"
+            );
+            assert!(
+                !liveness_keys(&consul).await.contains(&liveness_key(&pod)),
+                "the killed sidecar's key outlived its session"
+            );
+            assert_eq!(
+                metric(&peer.admin_url("/metrics"), "consul_registrar_reaped_total").await,
+                Some(1.0),
+                "the other pod's sidecar reaped it\n{}",
+                peer.logs()
+            );
+            assert_eq!(
+                consul.check_status("hello", &peer.id).await.as_deref(),
+                Some("passing"),
+                "the reaper's own instance stays"
+            );
+            figure(
+                "5c sidecar SIGKILLed, catalog mode",
+                format!(
+                    "passing (its last status) until reaped {:.1}s after SIGKILL by the other node's sidecar (session TTL 10s; target 2 x TTL + 1s = {}s){adopted}",
+                    reaped_after.as_secs_f64(),
+                    target.as_secs()
+                ),
+            );
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: network namespaces (make podsim)"]
-async fn scenario_4_a_pod_cut_off_from_consul_keeps_probing_and_converges_after_the_heal() {
+async fn scenario_5_a_killed_sidecar_leaves_a_critical_instance_that_consul_reaps() {
+    a_killed_sidecar_leaves_an_instance_that_is_reaped(Registration::Agent).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: network namespaces (make podsim)"]
+async fn scenario_5c_catalog_mode_a_killed_sidecars_instance_is_reaped_by_another_sidecar() {
+    a_killed_sidecar_leaves_an_instance_that_is_reaped(Registration::Catalog).await;
+}
+
+/// A pod cut off from Consul (its packets to Consul's address dropped) keeps probing and converges
+/// after the heal, with no duplicate. Agent mode: cut for 30 s, the app flips to NOT_SERVING
+/// meanwhile and the TTL check expires. Catalog mode, with another pod's sidecar on the other
+/// simulated node: a short cut (well within the session's life) leaves the instance in place with
+/// its last status, which catches up after the heal; a cut that outlasts 2 × session TTL gets the
+/// instance reaped by the other sidecar, and it comes back after the heal.
+async fn a_pod_cut_off_from_consul_keeps_probing_and_converges_after_the_heal(reg: Registration) {
     podsim::require_available();
     let net = Network::new();
+    let nodes = sim_nodes(&net);
     let consul = consul_on(&net).await;
-    let pod = demo_pod(
-        &net,
-        "cut",
-        &consul.http_addr(),
-        "      ttl: 5s\n      deregisterCriticalServiceAfter: 2m",
-    );
+    let check = match reg {
+        Registration::Agent => "      ttl: 5s\n      deregisterCriticalServiceAfter: 2m",
+        Registration::Catalog => "",
+    };
+    let pod = demo_pod_in(&net, "cut", &consul.http_addr(), reg.mode(&nodes[0]), check);
+    let peer = (reg == Registration::Catalog).then(|| {
+        demo_pod_in(
+            &net,
+            "peer",
+            &consul.http_addr(),
+            reg.mode(&nodes[1]),
+            check,
+        )
+    });
     wait_passing(&consul, &pod).await;
+    if let Some(peer) = &peer {
+        wait_passing(&consul, peer).await;
+    }
     let metrics = pod.admin_url("/metrics");
     let probes = "consul_registrar_probe_results_total{instance=\"hello.sim.cut\",outcome=\"serving\",service=\"hello\"}";
     let before = metric(&metrics, probes).await.unwrap_or(0.0);
+    let status = || async { consul.check_status("hello", &pod.id).await };
 
+    let mut detail = String::new();
     pod.ns.cut_path_to(&net.gateway(), true);
-    // Cut for 30 s. The sidecar keeps probing; the app flips to NOT_SERVING meanwhile.
-    tokio::time::sleep(10 * SECOND).await;
-    demo_flip(&pod, false);
-    tokio::time::sleep(20 * SECOND).await;
-    // The TTL expired in Consul meanwhile (nobody could refresh it).
-    assert_eq!(
-        consul.check_status("hello", &pod.id).await.as_deref(),
-        Some("critical")
-    );
+    match reg {
+        Registration::Agent => {
+            // Cut for 30 s. The sidecar keeps probing; the app flips to NOT_SERVING meanwhile.
+            tokio::time::sleep(10 * SECOND).await;
+            demo_flip(&pod, false);
+            tokio::time::sleep(20 * SECOND).await;
+            // The TTL expired in Consul meanwhile (nobody could refresh it).
+            assert_eq!(status().await.as_deref(), Some("critical"));
+        }
+        Registration::Catalog => {
+            let peer = peer.as_ref().expect("the other pod");
+            // A short cut: 8 s, while the session (renewed every TTL/3) lives 2 × TTL after its
+            // last renewal. The app flips meanwhile; Consul keeps the last verdict written.
+            tokio::time::sleep(2 * SECOND).await;
+            demo_flip(&pod, false);
+            tokio::time::sleep(6 * SECOND).await;
+            assert_eq!(
+                status().await.as_deref(),
+                Some("passing"),
+                "the instance stays with its last status during a short cut"
+            );
+            pod.ns.cut_path_to(&net.gateway(), false);
+            let healed = Instant::now();
+            assert!(
+                wait_until(10 * SECOND, || async {
+                    status().await.as_deref() == Some("critical")
+                })
+                .await,
+                "the status did not catch up after the heal\n{}",
+                pod.logs()
+            );
+            let caught_up = healed.elapsed();
+            demo_flip(&pod, true);
+            assert!(
+                wait_until(10 * SECOND, || async {
+                    status().await.as_deref() == Some("passing")
+                })
+                .await,
+                "{}",
+                pod.logs()
+            );
+            assert_eq!(
+                metric(&peer.admin_url("/metrics"), "consul_registrar_reaped_total").await,
+                Some(0.0),
+                "reaped during a cut shorter than the session's life"
+            );
+
+            // A renewal hung on a connection cut off stays unanswered up to the sidecar's request
+            // timeout: start the long cut once a renewal went through again, so that the session
+            // expires 2 × TTL after a renewal just before the cut.
+            let renewals = "consul_registrar_session_renewals_total{outcome=\"ok\"}";
+            let renewed = metric(&metrics, renewals).await.unwrap_or(0.0);
+            assert!(
+                wait_until(2 * SESSION_TTL, || async {
+                    metric(&metrics, renewals).await.unwrap_or(0.0) > renewed
+                })
+                .await,
+                "no session renewal after the heal\n{}",
+                pod.logs()
+            );
+
+            // A long cut: 30 s > 2 × TTL + 1 s. The other pod's sidecar reaps the instance once
+            // the session expires.
+            pod.ns.cut_path_to(&net.gateway(), true);
+            let cut = Instant::now();
+            let target = 2 * SESSION_TTL + SECOND;
+            assert!(
+                wait_until(target + 5 * SECOND, || async { status().await.is_none() }).await,
+                "not reaped during a long cut\n{}",
+                peer.logs()
+            );
+            let reaped_after = cut.elapsed();
+            assert!(
+                reaped_after <= target,
+                "reaped {reaped_after:?} after the cut, later than 2 x session TTL + 1 s\n{}",
+                peer.logs()
+            );
+            assert!(
+                reaped_after >= SESSION_TTL,
+                "reaped {reaped_after:?} after the cut, before the session TTL: not through the session's expiry\n{}",
+                peer.logs()
+            );
+            assert_eq!(
+                metric(&peer.admin_url("/metrics"), "consul_registrar_reaped_total").await,
+                Some(1.0),
+                "{}",
+                peer.logs()
+            );
+            let rest = (30 * SECOND).saturating_sub(cut.elapsed());
+            tokio::time::sleep(rest).await;
+            assert_eq!(status().await, None, "back while still cut off");
+            detail = format!(
+                "; short cut 8s: kept its last status, caught up {:.2}s after the heal; long cut 30s: reaped {:.1}s after the cut by the other node's sidecar",
+                caught_up.as_secs_f64(),
+                reaped_after.as_secs_f64()
+            );
+        }
+    }
     pod.ns.cut_path_to(&net.gateway(), false);
     let healed = Instant::now();
 
@@ -186,26 +580,47 @@ async fn scenario_4_a_pod_cut_off_from_consul_keeps_probing_and_converges_after_
     demo_flip(&pod, true);
     assert!(
         wait_until(20 * SECOND, || async {
-            consul.check_status("hello", &pod.id).await.as_deref() == Some("passing")
+            status().await.as_deref() == Some("passing")
         })
         .await,
         "did not converge after the heal\n{}",
         pod.logs()
     );
     let converged = healed.elapsed();
+    let instances = 1 + usize::from(peer.is_some());
     assert_eq!(
         consul.catalog_service("hello").await.len(),
-        1,
+        instances,
         "duplicate instances"
     );
+    let mut pods = vec![&pod];
+    pods.extend(peer.as_ref());
+    assert_placement(&consul, &pods).await;
+    let scenario = match reg {
+        Registration::Agent => "4 path to Consul cut for 30s",
+        Registration::Catalog => "4c path to Consul cut, catalog mode",
+    };
     figure(
-        "4 path to Consul cut for 30s",
+        scenario,
         format!(
-            "converged {:.2}s after the heal; 1 instance, no duplicates; {} probes during the cut",
+            "converged {:.2}s after the heal; {instances} instance(s), no duplicates; {} probes during the cut{detail}",
             converged.as_secs_f64(),
             during - before
         ),
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: network namespaces (make podsim)"]
+async fn scenario_4_a_pod_cut_off_from_consul_keeps_probing_and_converges_after_the_heal() {
+    a_pod_cut_off_from_consul_keeps_probing_and_converges_after_the_heal(Registration::Agent).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: network namespaces (make podsim)"]
+async fn scenario_4c_catalog_mode_a_pod_cut_off_from_consul_stays_or_is_reaped_and_comes_back() {
+    a_pod_cut_off_from_consul_keeps_probing_and_converges_after_the_heal(Registration::Catalog)
+        .await;
 }
 
 /// A three-server Consul cluster and a client agent, each on its own loopback address.
@@ -409,14 +824,21 @@ async fn scenario_7_the_leader_dies_while_sidecars_register_and_flip_and_everyth
 }
 
 /// A pod running the demo app, probed every 500 ms with a 500 ms timeout (failureThreshold 3),
-/// no drain delay; `check` holds the `check:` lines of the manifest.
+/// no drain delay, registering through the agent API; `check` holds the `check:` lines of the
+/// manifest.
 fn demo_pod(net: &Network, name: &str, consul: &str, check: &str) -> Pod {
+    demo_pod_in(net, name, consul, Mode::Agent, check)
+}
+
+/// [`demo_pod`] in the given mode.
+fn demo_pod_in(net: &Network, name: &str, consul: &str, mode: Mode<'_>, check: &str) -> Pod {
     Pod::start(
         net,
         PodSpec {
             name,
             app: App::Demo,
             consul,
+            mode,
             drain_delay: "0s",
             health: "      interval: 500ms\n      timeout: 500ms\n      failureThreshold: 3",
             check,
@@ -424,16 +846,21 @@ fn demo_pod(net: &Network, name: &str, consul: &str, check: &str) -> Pod {
     )
 }
 
-fn go_pod<'a>(net: &Network, name: &'a str, consul: &'a str) -> Pod {
+/// A pod running the tutorial's Go server with a 2 s drain delay (TTL 5 s in agent mode).
+fn go_pod(net: &Network, name: &str, consul: &str, mode: Mode<'_>) -> Pod {
     Pod::start(
         net,
         PodSpec {
             name,
             app: App::GoHello,
             consul,
+            mode,
             drain_delay: "2s",
             health: "      interval: 500ms\n      timeout: 500ms",
-            check: "      ttl: 5s",
+            check: match mode {
+                Mode::Agent => "      ttl: 5s",
+                Mode::Catalog { .. } => "",
+            },
         },
     )
 }
@@ -451,24 +878,35 @@ async fn wait_passing(consul: &ConsulAgent, pod: &Pod) {
 }
 
 /// Three pods behind the tutorial's client at 200 RPC/s, replaced one by one the way a rolling
-/// update does: the new pod becomes ready, then the kubelet terminates an old one.
-async fn rolling_restart(how: Termination) -> serde_json::Value {
+/// update does: the new pod becomes ready, then the kubelet terminates an old one. In catalog mode
+/// the pods alternate between two simulated nodes, each replacement on the other node than the
+/// pod it replaces, and a terminated pod leaves neither its liveness key nor its session behind.
+async fn rolling_restart(how: Termination, reg: Registration) -> serde_json::Value {
+    let _slot = traffic_slot().await;
     let net = Network::new();
+    let nodes = sim_nodes(&net);
     let consul = consul_on(&net).await;
     let addr = consul.http_addr().trim_start_matches("http://").to_string();
     let names = ["a0", "a1", "a2", "b0", "b1", "b2"];
     let mut old: Vec<Pod> = Vec::new();
-    for name in &names[..3] {
-        old.push(go_pod(&net, name, &consul.http_addr()));
+    for (i, name) in names[..3].iter().enumerate() {
+        old.push(go_pod(
+            &net,
+            name,
+            &consul.http_addr(),
+            reg.mode(&nodes[i % 2]),
+        ));
     }
     for pod in &old {
         wait_passing(&consul, pod).await;
     }
+    assert_placement(&consul, &old.iter().collect::<Vec<_>>()).await;
     let client = TrafficClient::start(&addr, 200);
     tokio::time::sleep(2 * SECOND).await;
     let mut new = Vec::new();
     for (i, mut pod) in old.into_iter().enumerate() {
-        let replacement = go_pod(&net, names[3 + i], &consul.http_addr());
+        let node = &nodes[(i + 1) % 2];
+        let replacement = go_pod(&net, names[3 + i], &consul.http_addr(), reg.mode(node));
         wait_passing(&consul, &replacement).await;
         new.push(replacement);
         pod.terminate(how).await;
@@ -478,6 +916,15 @@ async fn rolling_restart(how: Termination) -> serde_json::Value {
             pod.name,
             pod.logs()
         );
+        if pod.node.is_some() {
+            let keys = liveness_keys(&consul).await;
+            assert!(
+                !keys.contains(&liveness_key(&pod)),
+                "{} left its liveness key: {keys:?}\n{}",
+                pod.name,
+                pod.logs()
+            );
+        }
     }
     tokio::time::sleep(2 * SECOND).await;
     let report = client.finish();
@@ -498,38 +945,83 @@ async fn rolling_restart(how: Termination) -> serde_json::Value {
         3,
         "three instances at the end"
     );
+    assert_placement(&consul, &new.iter().collect::<Vec<_>>()).await;
+    if reg == Registration::Catalog {
+        let mut keys: Vec<String> = new.iter().map(liveness_key).collect();
+        keys.sort();
+        assert_eq!(
+            liveness_keys(&consul).await,
+            keys,
+            "liveness keys at the end"
+        );
+        let mut sessions: Vec<String> = new
+            .iter()
+            .map(|p| {
+                let node = p.node.as_ref().expect("catalog pod");
+                format!("consul-registrar/{}/{}", node.consul_node(), p.id)
+            })
+            .collect();
+        sessions.sort();
+        assert_eq!(
+            session_names(&consul).await,
+            sessions,
+            "the terminated pods' sessions are destroyed, the live pods' kept"
+        );
+    }
     report
+}
+
+async fn rolling_restart_with_the_prestop_drain_fails_no_rpc(reg: Registration) {
+    podsim::require_available();
+    let report = rolling_restart(
+        Termination {
+            pre_stop: true,
+            native_sidecar: true,
+            grace: 30 * SECOND,
+        },
+        reg,
+    )
+    .await;
+    let scenario = match reg {
+        Registration::Agent => "1 rolling restart, preStop drain",
+        Registration::Catalog => "1c rolling restart, preStop drain, catalog mode",
+    };
+    figure(
+        scenario,
+        format!("{} RPCs sent, {} failed", report["sent"], report["failed"]),
+    );
+    assert_eq!(
+        report["failed"],
+        0,
+        "failed RPCs with the preStop drain ({}): {report}",
+        reg.name()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: network namespaces (make podsim)"]
 async fn scenario_1_rolling_restart_with_the_prestop_drain_fails_no_rpc() {
-    podsim::require_available();
-    let report = rolling_restart(Termination {
-        pre_stop: true,
-        native_sidecar: true,
-        grace: 30 * SECOND,
-    })
-    .await;
-    figure(
-        "1 rolling restart, preStop drain",
-        format!("{} RPCs sent, {} failed", report["sent"], report["failed"]),
-    );
-    assert_eq!(
-        report["failed"], 0,
-        "failed RPCs with the preStop drain: {report}"
-    );
+    rolling_restart_with_the_prestop_drain_fails_no_rpc(Registration::Agent).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: network namespaces (make podsim)"]
+async fn scenario_1c_catalog_mode_rolling_restart_with_the_prestop_drain_fails_no_rpc() {
+    rolling_restart_with_the_prestop_drain_fails_no_rpc(Registration::Catalog).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root: network namespaces (make podsim)"]
 async fn scenario_2_rolling_restart_without_the_drain_is_the_baseline() {
     podsim::require_available();
-    let report = rolling_restart(Termination {
-        pre_stop: false,
-        native_sidecar: false,
-        grace: 30 * SECOND,
-    })
+    let report = rolling_restart(
+        Termination {
+            pre_stop: false,
+            native_sidecar: false,
+            grace: 30 * SECOND,
+        },
+        Registration::Agent,
+    )
     .await;
     figure(
         "2 rolling restart, classic sidecar, no preStop",
@@ -540,22 +1032,42 @@ async fn scenario_2_rolling_restart_without_the_drain_is_the_baseline() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs root: network namespaces (make podsim)"]
-async fn scenario_3_consul_restarted_empty_under_traffic_gets_every_instance_back() {
+/// Consul restarted with its state wiped under traffic: every instance back and passing within
+/// 2 s of Consul answering. In catalog mode the sessions and liveness keys went too: each sidecar
+/// makes a new session and takes its key again before it registers, and no reaper takes the
+/// instances coming back for ghosts.
+async fn consul_restarted_empty_under_traffic_gets_every_instance_back(reg: Registration) {
     podsim::require_available();
+    let _slot = traffic_slot().await;
     let net = Network::new();
+    let nodes = sim_nodes(&net);
     let mut consul = consul_on(&net).await;
     let addr = consul.http_addr().trim_start_matches("http://").to_string();
     let pods: Vec<Pod> = ["c0", "c1", "c2"]
         .iter()
-        .map(|n| go_pod(&net, n, &consul.http_addr()))
+        .enumerate()
+        .map(|(i, n)| go_pod(&net, n, &consul.http_addr(), reg.mode(&nodes[i % 2])))
         .collect();
     for pod in &pods {
         wait_passing(&consul, pod).await;
     }
     let client = TrafficClient::start(&addr, 200);
     tokio::time::sleep(2 * SECOND).await;
+    if reg == Registration::Catalog {
+        // The worst moment: just after a session renewal, so that the sidecar's next renewal (the
+        // one that finds the session gone) is TTL/3 away when Consul answers again empty.
+        let metrics = pods[0].admin_url("/metrics");
+        let renewals = "consul_registrar_session_renewals_total{outcome=\"ok\"}";
+        let renewed = metric(&metrics, renewals).await.unwrap_or(0.0);
+        assert!(
+            wait_until(SESSION_TTL, || async {
+                metric(&metrics, renewals).await.unwrap_or(0.0) > renewed
+            })
+            .await,
+            "no session renewal\n{}",
+            pods[0].logs()
+        );
+    }
     consul.restart_wiped().await;
     let answering = Instant::now();
     let all_back = wait_until(2 * SECOND, || async {
@@ -569,9 +1081,12 @@ async fn scenario_3_consul_restarted_empty_under_traffic_gets_every_instance_bac
     })
     .await;
     let back_after = answering.elapsed();
+    let logs = || pods.iter().map(Pod::logs).collect::<Vec<_>>().join("\n");
     assert!(
         all_back,
-        "not every instance back and passing within 2 s of Consul answering"
+        "not every instance back and passing within 2 s of Consul answering ({})\n{}",
+        reg.name(),
+        logs()
     );
     tokio::time::sleep(3 * SECOND).await;
     let report = client.finish();
@@ -580,8 +1095,13 @@ async fn scenario_3_consul_restarted_empty_under_traffic_gets_every_instance_bac
         3,
         "duplicates or losses"
     );
+    assert_placement(&consul, &pods.iter().collect::<Vec<_>>()).await;
+    let scenario = match reg {
+        Registration::Agent => "3 Consul restarted with state wiped under traffic",
+        Registration::Catalog => "3c Consul restarted with state wiped under traffic, catalog mode",
+    };
     figure(
-        "3 Consul restarted with state wiped under traffic",
+        scenario,
         format!(
             "all 3 instances back and passing {:.3}s after Consul answered; client: {} sent, {} failed",
             back_after.as_secs_f64(),
@@ -589,6 +1109,18 @@ async fn scenario_3_consul_restarted_empty_under_traffic_gets_every_instance_bac
             report["failed"]
         ),
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: network namespaces (make podsim)"]
+async fn scenario_3_consul_restarted_empty_under_traffic_gets_every_instance_back() {
+    consul_restarted_empty_under_traffic_gets_every_instance_back(Registration::Agent).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: network namespaces (make podsim)"]
+async fn scenario_3c_catalog_mode_consul_restarted_empty_under_traffic_gets_every_instance_back() {
+    consul_restarted_empty_under_traffic_gets_every_instance_back(Registration::Catalog).await;
 }
 
 /// Starts the demo app in `pod` again on the same port, as the kubelet restarts a container.

@@ -43,8 +43,10 @@ struct NodeEntry {
 
 #[derive(Deserialize)]
 struct NodeServices {
+    /// `null` for a node without services (a virtual node whose sidecar has made its session but
+    /// not yet registered, or whose instances are all gone).
     #[serde(rename = "Services", default)]
-    services: Vec<NodeService>,
+    services: Option<Vec<NodeService>>,
 }
 
 #[derive(Deserialize)]
@@ -248,7 +250,7 @@ impl Reaper {
                 reason: e.to_string(),
             })?;
         Ok(services
-            .map(|s| s.services)
+            .and_then(|s| s.services)
             .unwrap_or_default()
             .into_iter()
             .filter(|s| {
@@ -292,5 +294,18 @@ impl Reaper {
             }
             Err(e) => Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_without_services_reads_as_no_instances() {
+        // What Consul 1.22 answers for a virtual node that has a session but no service yet.
+        let body = r#"{"Node":{"ID":"","Node":"consul-registrar-a","Address":"10.0.0.1"},"Services":null}"#;
+        let parsed: Option<NodeServices> = serde_json::from_str(body).expect("decodes");
+        assert!(parsed.and_then(|s| s.services).is_none());
     }
 }

@@ -94,9 +94,33 @@ impl Liveness {
         if !force && lock(&self.acquired).contains(id) {
             return Ok(());
         }
-        self.acquire(id, &session).await?;
+        match self.acquire(id, &session).await {
+            // Consul no longer has the session (servers wiped or restored, a hand `destroy`): the
+            // renewal would find out only at its next tick, up to TTL/3 later. Replace it now.
+            Err(e) if is_invalid_session(&e) => {
+                tracing::warn!(
+                    "Consul no longer has our session (servers wiped or restored, or destroyed by hand): making a new one and taking the keys again"
+                );
+                self.forget(&session).await;
+                let session = self.session().await?;
+                self.acquire(id, &session).await?;
+            }
+            other => other?,
+        }
         lock(&self.acquired).insert(id.to_string());
         Ok(())
+    }
+
+    /// Drops `session` as the current one (if it still is): the next [`hold`](Self::hold) makes
+    /// or adopts another, and every reconciler reads its instance again (claiming its key anew).
+    async fn forget(&self, session: &str) {
+        let mut current = self.session.lock().await;
+        if current.as_deref() == Some(session) {
+            *current = None;
+            lock(&self.acquired).clear();
+            drop(current);
+            self.alarm.send_modify(|generation| *generation += 1);
+        }
     }
 
     /// Deletes the key of instance `id` (after it was deregistered).
@@ -337,6 +361,12 @@ impl Liveness {
     }
 }
 
+/// Consul's answer to an acquire with a session it does not have:
+/// `500 raft apply failed: invalid session "<id>"`.
+fn is_invalid_session(e: &ConsulError) -> bool {
+    matches!(e, ConsulError::Status { status: 500, body, .. } if body.contains("invalid session"))
+}
+
 fn lock(set: &std::sync::Mutex<BTreeSet<String>>) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
     set.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -352,4 +382,26 @@ pub fn key_path(key: &str) -> String {
         .map(path_escape)
         .collect::<Vec<_>>()
         .join("/")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn consuls_answer_to_an_acquire_with_a_lost_session_is_recognised() {
+        let lost = ConsulError::Status {
+            operation: "key_acquire",
+            status: 500,
+            body: r#"raft apply failed: invalid session "346e104d-850c-e207-8bd7-bcc65c457f6f""#
+                .into(),
+        };
+        assert!(is_invalid_session(&lost));
+        let no_leader = ConsulError::Status {
+            operation: "key_acquire",
+            status: 500,
+            body: "No cluster leader".into(),
+        };
+        assert!(!is_invalid_session(&no_leader));
+    }
 }

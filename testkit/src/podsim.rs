@@ -1,7 +1,10 @@
 //! A pod simulation from Linux network namespaces, real processes and real signals.
 //!
 //! A [`Network`] is a bridge in the root namespace (the "node", which also runs Consul on the
-//! bridge address) with a /24 of its own. A [`Pod`] is a namespace with its own IP on that bridge,
+//! bridge address) with a /24 of its own. [`Network::node`] adds a simulated Kubernetes node (a
+//! name and one more address on the bridge, the node's `HOST_IP`) for pods whose sidecar runs in
+//! catalog mode ([`Mode::Catalog`]): the sidecar gets `NODE_NAME` and `HOST_IP` from it as the
+//! Downward API would give them, and registers on that node's virtual Consul node. A [`Pod`] is a namespace with its own IP on that bridge,
 //! where an app and the sidecar share the pod's localhost, as containers of a Kubernetes pod do.
 //! [`Pod::terminate`] plays the kubelet: optional preStop `GET /drain?wait=true` to the pod IP,
 //! SIGTERM (classic sidecar: app and sidecar at once; native sidecar: the app first, the sidecar
@@ -118,6 +121,8 @@ pub struct Network {
     id: u8,
     bridge: String,
     next_host: AtomicU8,
+    /// The next simulated node's address (counting down from the gateway, `.254`).
+    next_node: AtomicU8,
     namespaces: Mutex<Vec<String>>,
 }
 
@@ -150,6 +155,7 @@ impl Network {
                     id,
                     bridge,
                     next_host: AtomicU8::new(1),
+                    next_node: AtomicU8::new(254),
                     namespaces: Mutex::new(Vec::new()),
                 };
             }
@@ -160,6 +166,21 @@ impl Network {
     /// The node's address on the bridge (where Consul listens).
     pub fn gateway(&self) -> String {
         format!("10.213.{}.254", self.id)
+    }
+
+    /// A simulated Kubernetes node called `name`: the first one has the gateway's address, each
+    /// further one another address on the bridge (`.253`, `.252`, ...), in the root namespace.
+    pub fn node(&self, name: &str) -> SimNode {
+        let host = self.next_node.fetch_sub(1, Ordering::SeqCst);
+        assert!(host > 250, "too many simulated nodes");
+        let addr = format!("10.213.{}.{host}", self.id);
+        if host != 254 {
+            ip(&["addr", "add", &format!("{addr}/24"), "dev", &self.bridge]);
+        }
+        SimNode {
+            name: name.to_string(),
+            addr,
+        }
     }
 
     /// A new namespace with its own IP on the bridge.
@@ -247,6 +268,45 @@ impl Netns {
     }
 }
 
+/// A simulated Kubernetes node: what the Downward API gives a pod as `NODE_NAME` and `HOST_IP`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SimNode {
+    pub name: String,
+    pub addr: String,
+}
+
+impl SimNode {
+    /// The virtual Consul node a catalog-mode sidecar on this node registers on, by the default
+    /// naming rule (`consul-registrar-` + `NODE_NAME`).
+    pub fn consul_node(&self) -> String {
+        format!("consul-registrar-{}", self.name)
+    }
+}
+
+/// How a pod's sidecar registers.
+#[derive(Debug, Clone, Copy)]
+pub enum Mode<'a> {
+    /// Through the agent API of the Consul it is given (`consul.mode` left at its default).
+    Agent,
+    /// `consul.mode: catalog` on the Consul servers it is given, on the virtual node of `node`
+    /// (`NODE_NAME`, `HOST_IP`; `consul.catalog.node` and `nodeAddress` left at their defaults),
+    /// with a session of `session_ttl`.
+    Catalog {
+        node: &'a SimNode,
+        session_ttl: &'a str,
+    },
+}
+
+impl Mode<'_> {
+    /// `agent` or `catalog`, for scenario names and figures.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Mode::Agent => "agent",
+            Mode::Catalog { .. } => "catalog",
+        }
+    }
+}
+
 /// Which app a pod runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum App {
@@ -274,6 +334,8 @@ pub struct Pod {
     pub sidecar: Proc,
     pub id: String,
     pub app_kind: App,
+    /// The simulated node of a catalog-mode pod (None in agent mode).
+    pub node: Option<SimNode>,
     dir: tempfile::TempDir,
 }
 
@@ -283,14 +345,37 @@ pub const ADMIN_PORT: u16 = 9102;
 /// preStop sends (`X-Drain-Token`), as the chart provisions it.
 pub const DRAIN_TOKEN: &str = "podsim-drain-token";
 
+/// The sidecar of pod `name` in `ns`, with the Downward API's variables (and, on a simulated
+/// node, `NODE_NAME` and `HOST_IP`) and the drain token.
+fn sidecar_command(
+    ns: &Netns,
+    name: &str,
+    node: Option<&SimNode>,
+    manifest: &std::path::Path,
+) -> Command {
+    let mut cmd = ns.command(registrar_bin());
+    cmd.args(["run", "--manifest"])
+        .arg(manifest)
+        .env("POD_IP", &ns.addr)
+        .env("POD_NAME", name)
+        .env("POD_NAMESPACE", "sim")
+        .env("CONSUL_REGISTRAR_DRAIN_TOKEN", DRAIN_TOKEN);
+    if let Some(node) = node {
+        cmd.env("NODE_NAME", &node.name).env("HOST_IP", &node.addr);
+    }
+    cmd
+}
+
 /// The pieces a pod needs to start.
 pub struct PodSpec<'a> {
     pub name: &'a str,
     pub app: App,
     pub consul: &'a str,
+    pub mode: Mode<'a>,
     /// Extra YAML lines under the service's `health:` / top level `drain:` etc.
     pub drain_delay: &'a str,
     pub health: &'a str,
+    /// The lines under the service's `check:` (none: no `check:` at all).
     pub check: &'a str,
 }
 
@@ -328,11 +413,22 @@ impl Pod {
         };
         let app = Proc::spawn(app_cmd, dir.path().join("app.log"));
         let id = format!("hello.sim.{}", spec.name);
+        let consul_mode = match spec.mode {
+            Mode::Agent => String::new(),
+            Mode::Catalog { session_ttl, .. } => {
+                format!("  mode: catalog\n  catalog:\n    sessionTTL: {session_ttl}\n")
+            }
+        };
+        let check = if spec.check.is_empty() {
+            String::new()
+        } else {
+            format!("    check:\n{}\n", spec.check)
+        };
         let manifest = format!(
             "consul:
   address: {consul}
   retry: {{initial: 50ms, max: 500ms}}
-admin:
+{consul_mode}admin:
   address: 0.0.0.0:{ADMIN_PORT}
 drain:
   delay: {delay}
@@ -345,24 +441,18 @@ services:
       address: 127.0.0.1
       service: helloworld.Greeter
 {health}
-    check:
-{check}
-",
+{check}",
             consul = spec.consul,
             delay = spec.drain_delay,
             health = spec.health,
-            check = spec.check,
         );
         let manifest_path = dir.path().join("manifest.yaml");
         std::fs::write(&manifest_path, manifest).expect("manifest");
-        let mut sidecar_cmd = ns.command(registrar_bin());
-        sidecar_cmd
-            .args(["run", "--manifest"])
-            .arg(&manifest_path)
-            .env("POD_IP", &ns.addr)
-            .env("POD_NAME", spec.name)
-            .env("POD_NAMESPACE", "sim")
-            .env("CONSUL_REGISTRAR_DRAIN_TOKEN", DRAIN_TOKEN);
+        let node = match spec.mode {
+            Mode::Agent => None,
+            Mode::Catalog { node, .. } => Some(node.clone()),
+        };
+        let sidecar_cmd = sidecar_command(&ns, spec.name, node.as_ref(), &manifest_path);
         let sidecar = Proc::spawn(sidecar_cmd, dir.path().join("sidecar.log"));
         Pod {
             name: spec.name.to_string(),
@@ -371,8 +461,19 @@ services:
             sidecar,
             id,
             app_kind: spec.app,
+            node,
             dir,
         }
+    }
+
+    /// Starts the sidecar again with the same manifest and environment (killing the old one if
+    /// it still runs), as the kubelet restarts a crashed container; its log goes on in the same
+    /// file.
+    pub fn restart_sidecar(&mut self) {
+        self.sidecar.kill();
+        let manifest = self.dir.path().join("manifest.yaml");
+        let cmd = sidecar_command(&self.ns, &self.name, self.node.as_ref(), &manifest);
+        self.sidecar = Proc::spawn(cmd, self.dir.path().join("sidecar.log"));
     }
 
     pub fn admin_url(&self, path: &str) -> String {
