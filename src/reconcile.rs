@@ -351,24 +351,26 @@ impl<R: Registry> Reconciler<R> {
                 Err(StepError::NotOurs)
             }
             View::Missing | View::Differs(_) => {
-                let reason = match view {
-                    View::Differs("token") => {
-                        tracing::info!(%instance, "the ACL token changed; registering the instance again so that Consul syncs it with the new token");
-                        None
-                    }
-                    View::Differs("check") => {
-                        tracing::warn!(%instance, "the instance's check in Consul differs from the probe's verdict (a restored snapshot or a hand edit); registering it again");
-                        Some("changed")
-                    }
-                    View::Differs(field) => {
-                        tracing::warn!(%instance, %field, "instance in Consul differs from the manifest; registering it again");
-                        Some("changed")
-                    }
-                    _ if *ever_registered => {
-                        tracing::warn!(%instance, "instance is missing from Consul; registering it again");
-                        Some("missing")
-                    }
-                    _ => None,
+                // Said once the repair is made (while Consul is unreachable the step is retried
+                // with backoff, and the error is logged once, not the intent on every try).
+                let (reason, why): (Option<&'static str>, String) = match view {
+                    View::Differs("token") => (
+                        None,
+                        "the ACL token changed; registered the instance again so that Consul syncs it with the new token".into(),
+                    ),
+                    View::Differs("check") => (
+                        Some("changed"),
+                        "the instance's check in Consul differed from the probe's verdict (a restored snapshot or a hand edit); registered it again".into(),
+                    ),
+                    View::Differs(field) => (
+                        Some("changed"),
+                        format!("instance in Consul differed from the manifest ({field}); registered it again"),
+                    ),
+                    _ if *ever_registered => (
+                        Some("missing"),
+                        "instance was missing from Consul; registered it again".into(),
+                    ),
+                    _ => (None, String::new()),
                 };
                 self.set_registered(false);
                 // An instance that went missing may have been registered on another agent
@@ -387,11 +389,14 @@ impl<R: Registry> Reconciler<R> {
                 self.registered_with
                     .store(generation, std::sync::atomic::Ordering::Relaxed);
                 if let Some(reason) = reason {
+                    tracing::warn!(%instance, "{why}");
                     self.metrics
                         .repairs
                         .with_label_values(&[service, instance, reason])
                         .inc();
                     self.status.update(|s| s.consul.repairs += 1);
+                } else if !why.is_empty() {
+                    tracing::info!(%instance, "{why}");
                 } else {
                     tracing::info!(%instance, status = %verdict.status, "registered instance");
                 }

@@ -371,7 +371,7 @@ async fn a_restarted_sidecar_adopts_its_instance_and_leaves_foreign_ones_alone()
         "re-registered an instance that was in sync"
     );
     assert!(
-        !second.logs().contains("registering it again"),
+        !second.logs().contains("registered it again"),
         "{}",
         second.logs()
     );
