@@ -146,7 +146,8 @@ def test_c1_catalog_registers_on_virtual_nodes_flips_and_drains(catalog_demo, ku
         time.sleep(0.1)
     assert gone_at is not None
     figure("catalog_delete_to_deregistered", gone_at - began, "s")
-    assert liveness_key(d.consul, node, iid) is None, f"{iid}'s liveness key outlived its deregistration"
+    wait_for(f"{iid}'s liveness key deleted after its deregistration",
+             lambda: liveness_key(d.consul, node, iid) is None, 5, 0.2)
     wait_for(f"the session of {victim}'s sidecar destroyed", lambda: not sessions_of(d.consul, node, victim), 30, 0.5)
     wait_for("the replacement pod registered: all passing", lambda: d.all_passing(REPLICAS), 120)
     assert reaped_total(kube, d) == 0, "a drained pod is deregistered by its own sidecar, not reaped"
@@ -233,11 +234,16 @@ def test_c3_catalog_rollout_restart_under_traffic(catalog_demo, kube):
     """The Go client resolves through the servers' Service (there is no agent on the node)."""
     d = catalog_demo(suffix="-c")
     rollout_under_traffic(d, kube, "catalog", True, consul_address="consul-server.consul.svc.cluster.local:8500")
-    # Afterwards: one liveness key and one session per new pod, nothing of the old pods left.
-    keys = [k for k in (d.consul.get_or_none(f"/v1/kv/{KEY_PREFIX}/?keys") or []) if f".{d.namespace}." in k]
+    # Afterwards (once the old pods' sidecars have finished): one liveness key and one session per
+    # new pod, nothing of the old pods left.
     pods = {p["metadata"]["name"]: p for p in d.pods()}
     want = sorted(f"{KEY_PREFIX}/{virtual_node(p['spec']['nodeName'])}/{d.instance_id(n)}" for n, p in pods.items())
-    assert sorted(keys) == want, (keys, want)
-    for name, pod in pods.items():
-        assert len(sessions_of(d.consul, virtual_node(pod["spec"]["nodeName"]), name)) == 1, name
-    log("catalog rollout: " + json.dumps({"keys": keys}))
+
+    def only_the_new_pods():
+        keys = sorted(k for k in (d.consul.get_or_none(f"/v1/kv/{KEY_PREFIX}/?keys") or []) if f".{d.namespace}." in k)
+        sessions = sorted(s["Name"] for s in d.consul.get("/v1/session/list") if f".{d.namespace}." in s.get("Name", ""))
+        return keys == want and len(sessions) == len(pods) and all(
+            any(name in s for s in sessions) for name in pods) and (keys, sessions)
+
+    keys, sessions = wait_for(f"one key and one session per new pod only ({want})", only_the_new_pods, 30, 0.5)
+    log("catalog rollout: " + json.dumps({"keys": keys, "sessions": sessions}))
