@@ -65,7 +65,8 @@ VARIANTS = {
     "tls-and-token": ([TLS_AND_TOKEN], [], True),
     "tls-and-token-classic": ([TLS_AND_TOKEN, {"sidecar": {"native": False}}], [], False),
     "catalog-mode": ([CATALOG], [], True),
-    "catalog-mode-classic-tls": ([TLS_AND_TOKEN, CATALOG, {"sidecar": {"native": False}}], [], False),
+    "catalog-mode-classic-tls": ([TLS_AND_TOKEN, CATALOG, {"consul": {"address": "https://consul-server.consul.svc:8501"}},
+                                  {"sidecar": {"native": False}}], [], False),
     "monitoring-and-pdb": (
         [{
             "metrics": {"podMonitor": {"enabled": True, "labels": {"release": "prom"}},
@@ -606,6 +607,8 @@ def test_catalog_mode_goes_into_the_manifest_and_the_sidecar_reaches_the_servers
         ({"consul": {"mode": "Catalog"}}, r"/consul/mode"),
         ({"consul": {"mode": "catalog", "address": SERVERS, "catalog": {"sessionTtl": "10s"}}}, "additional properties 'sessionTtl' not allowed"),
         ({"manifest": {"consul": {"mode": "catalog"}}}, "additional properties 'mode' not allowed"),
+        ({**CATALOG, "consul": {**CATALOG["consul"], "catalog": {"node": "node a"}}}, r"/consul/catalog/node"),
+        ({**CATALOG, "consul": {**CATALOG["consul"], "catalog": {"keyPrefix": "/abs"}}}, r"/consul/catalog/keyPrefix"),
     ],
 )
 def test_mode_settings_that_do_not_go_together_are_refused(helm, values, complaint):
@@ -619,6 +622,10 @@ def test_mode_settings_that_do_not_go_together_are_refused(helm, values, complai
 def test_catalog_mode_accepts_what_the_sidecar_accepts(helm):
     for ttl in ("10s", "24h", "1m30s", "${SESSION_TTL}"):
         helm.template(APP, CATALOG, {"consul": {"catalog": {"sessionTTL": ttl}}})
+    for node in ("consul-registrar-${NODE_NAME}", "kind-worker.eu_1"):
+        helm.template(APP, CATALOG, {"consul": {"catalog": {"node": node}}})
+    for prefix in ("consul-registrar/instances", "a/b/", "teams/${TEAM}/instances"):
+        helm.template(APP, CATALOG, {"consul": {"catalog": {"keyPrefix": prefix}}})
     helm.template(APP, CATALOG, {"manifest": {"services": [{"name": "shop", "port": 1, "check": {"notes": "kept"}}]}})
 
 
