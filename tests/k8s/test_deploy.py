@@ -150,8 +150,8 @@ def test_catalog_overlay_is_the_example_in_catalog_mode(helm, kustomize):
 
 def test_servers_only_consul_has_servers_behind_a_service_and_no_agent(kustomize):
     """consul-dev/servers-only, consul-k8s's agentless layout: no client-agent DaemonSet, three
-    servers that find each other through the headless Service (Ready or not) and expect exactly
-    the StatefulSet's replicas, and the Service consul-server in front of the Ready ones."""
+    servers started one after the other that find each other through the headless Service and
+    expect exactly the StatefulSet's replicas, and the Service consul-server in front of them."""
     docs = kustomize(DEPLOY / "consul-dev" / "servers-only")
     assert "DaemonSet" not in [d["kind"] for d in docs], "no client agent"
     assert not [d for d in docs if d["kind"] == "Deployment"], "no dev server"
@@ -159,7 +159,8 @@ def test_servers_only_consul_has_servers_behind_a_service_and_no_agent(kustomize
     container = sts["spec"]["template"]["spec"]["containers"][0]
     command = container["command"]
     replicas = sts["spec"]["replicas"]
-    assert replicas == 3 and sts["spec"]["podManagementPolicy"] == "Parallel"
+    # OrderedReady: servers started at once each resolve only themselves, join themselves, stop retrying.
+    assert replicas == 3 and sts["spec"].get("podManagementPolicy", "OrderedReady") == "OrderedReady"
     assert "-server" in command and "-dev" not in command
     assert f"-bootstrap-expect={replicas}" in command
     services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
@@ -174,7 +175,7 @@ def test_servers_only_consul_has_servers_behind_a_service_and_no_agent(kustomize
     labels = sts["spec"]["template"]["metadata"]["labels"]
     for service in (server, headless):
         assert service["spec"]["selector"].items() <= labels.items()
-    assert not server["spec"].get("publishNotReadyAddresses"), "only servers with a leader answer clients"
+    assert not server["spec"].get("publishNotReadyAddresses"), "only servers that answer get clients"
     assert {p["port"] for p in server["spec"]["ports"]} == {8500}
     # The same pinned Consul as the dev server, and labels no Service or DaemonSet of ../ selects.
     dev = kustomize(DEPLOY / "consul-dev")
@@ -184,7 +185,7 @@ def test_servers_only_consul_has_servers_behind_a_service_and_no_agent(kustomize
         selector = selector.get("matchLabels", selector) if isinstance(selector, dict) else {}
         if selector:
             assert not selector.items() <= labels.items(), f"{other['kind']} {other['metadata']['name']} selects the servers"
-    assert container["readinessProbe"]["exec"]["command"][:2] == ["consul", "operator"], "Ready = a leader answers"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v1/status/leader", "Ready without a leader (OrderedReady)"
 
 
 @pytest.mark.parametrize("kind", ["Deployment", "StatefulSet", "DaemonSet", "Job"])
