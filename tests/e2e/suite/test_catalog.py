@@ -207,7 +207,8 @@ def test_c2_catalog_killed_sidecar_adopts_and_crashed_pod_is_reaped(catalog_demo
     while True:
         instances = d.instances()
         now = time.monotonic()
-        assert len(instances) <= REPLICAS, f"more instances than pods: {sorted(instances)}"
+        # The ghost and the replacement pod's instance may overlap: one more than the pods, no more.
+        assert len(instances) <= REPLICAS + 1, f"more instances than pods and the ghost: {sorted(instances)}"
         if iid not in instances:
             break
         ghost_seen = True
