@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 import podspec
-from conftest import CHART, DEPLOY, POD_ENV, RenderError, kinds, manifest_of, one, validate_manifest
+from conftest import CHART, DEPLOY, POD_ENV, RenderError, kinds, manifest_of, one, registered_instance, validate_manifest
 from conftest import k8s_versions
 from k8s_schemas import assert_valid
 
@@ -765,7 +765,9 @@ def test_rendered_manifest_is_accepted_by_the_sidecar(helm, registrar_bin, tmp_p
         text = yaml.safe_dump(manifest)
     registrations = validate_manifest(registrar_bin, text, tmp_path, env)
     assert registrations, "no service registered"
-    for reg in registrations:
+    assert all(("Service" in reg) == (manifest.get("consul", {}).get("mode") == "catalog") for reg in registrations), (
+        "catalog registrations in catalog mode, agent ones otherwise")
+    for reg in map(registered_instance, registrations):
         assert reg["Address"] == POD_ENV["POD_IP"], "instances register at the pod IP"
         assert POD_ENV["POD_NAME"] in reg["ID"], "instance IDs are per pod"
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 import podspec
-from conftest import CHART, COMPONENT, DEPLOY, POD_ENV, REPO, k8s_versions, manifest_of, one, validate_manifest
+from conftest import CHART, COMPONENT, DEPLOY, POD_ENV, REPO, k8s_versions, manifest_of, one, registered_instance, validate_manifest
 from k8s_schemas import assert_valid
 
 BUILDS = ["overlays/example", "overlays/example-statefulset", "overlays/example-catalog", "consul-dev",
@@ -294,4 +294,5 @@ def test_manifest_is_accepted_by_the_sidecar(kustomize, registrar_bin, tmp_path,
     facts = podspec.check_sidecar(podspec.pod_spec(one(docs, OVERLAYS[build])), native=True)
     config_map = next(d for d in docs if d["kind"] == "ConfigMap")
     registrations = validate_manifest(registrar_bin, config_map["data"][facts["key"]], tmp_path, POD_ENV)
-    assert [r["ID"] for r in registrations] == [f"hello.{POD_ENV['POD_NAMESPACE']}.{POD_ENV['POD_NAME']}"]
+    assert [registered_instance(r)["ID"] for r in registrations] == [f"hello.{POD_ENV['POD_NAMESPACE']}.{POD_ENV['POD_NAME']}"]
+    assert all("Service" in r for r in registrations) == (build == "overlays/example-catalog")
