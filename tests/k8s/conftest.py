@@ -166,6 +166,20 @@ def validate_manifest(binary: str, manifest_text: str, tmp: Path, env: dict) -> 
     return json.loads(result.stdout)
 
 
+def registered_instance(registration: dict) -> dict:
+    """The instance of one registration `consul-registrar validate` prints: an agent registration
+    is the instance itself; a catalog one (catalog mode) holds it under `Service`, next to the
+    virtual node (`Node`, `Address`: the node's) and the check. Checks the node's side against
+    POD_ENV when it is a catalog registration."""
+    if "Service" not in registration:
+        return registration
+    assert registration["Node"] == f"consul-registrar-{POD_ENV['NODE_NAME']}", registration["Node"]
+    assert registration["Address"] == POD_ENV["HOST_IP"], "the virtual node sits at the node's IP"
+    assert registration["NodeMeta"] == {"managed-by": "consul-registrar"}, registration["NodeMeta"]
+    assert registration["Check"]["ServiceID"] == registration["Service"]["ID"], registration["Check"]
+    return registration["Service"]
+
+
 # The environment a pod gives the sidecar (Downward API), for `consul-registrar validate`.
 POD_ENV = {
     "POD_IP": "10.244.1.7",

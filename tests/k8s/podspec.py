@@ -227,3 +227,26 @@ def check_security(spec: dict) -> None:
         assert sc.get("runAsNonRoot", True) is True, f"{name}: runAsNonRoot must not be turned off"
         requests = c.get("resources", {}).get("requests", {})
         assert "cpu" in requests and "memory" in requests, f"{name}: set cpu and memory requests"
+
+
+AGENT_ONLY_CHECK_FIELDS = ("ttl", "deregisterCriticalServiceAfter")
+
+
+def check_catalog_mode(manifest: dict, env: dict) -> None:
+    """A catalog-mode manifest (consul.mode: catalog) in a pod that can run it: the sidecar talks
+    to the servers (not the node's agent, $(HOST_IP)), its virtual node and the node's address
+    default to the Downward API's NODE_NAME and HOST_IP unless the manifest names them, and no
+    service carries the agent-only check fields the sidecar refuses in catalog mode."""
+    consul = manifest.get("consul", {})
+    assert consul.get("mode") == "catalog", f"not a catalog-mode manifest: consul {consul}"
+    address = env["CONSUL_HTTP_ADDR"].get("value", "")
+    assert address and "$(HOST_IP)" not in address, (
+        f"catalog mode talks to the Consul servers, not the node's agent: CONSUL_HTTP_ADDR={address!r}")
+    catalog = consul.get("catalog", {})
+    for field, var in (("node", "NODE_NAME"), ("nodeAddress", "HOST_IP")):
+        if not catalog.get(field):
+            assert env.get(var, {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == DOWNWARD_API[var], (
+                f"consul.catalog.{field} defaults to ${var}, which the sidecar must get from the Downward API")
+    for i, service in enumerate(manifest.get("services", [])):
+        for field in AGENT_ONLY_CHECK_FIELDS:
+            assert field not in (service.get("check") or {}), f"services[{i}].check.{field} is agent-only"

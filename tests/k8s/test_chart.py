@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 import podspec
-from conftest import CHART, DEPLOY, POD_ENV, RenderError, kinds, manifest_of, one, validate_manifest
+from conftest import CHART, DEPLOY, POD_ENV, RenderError, kinds, manifest_of, one, registered_instance, validate_manifest
 from conftest import k8s_versions
 from k8s_schemas import assert_valid
 
@@ -48,6 +48,11 @@ TLS_AND_TOKEN = {
         },
     },
 }
+SERVERS = "http://consul-server.consul.svc:8500"
+# Catalog mode (issue 12): the servers' address, the virtual node's settings left to their defaults
+# but the two a user most likely sets.
+CATALOG = {"consul": {"mode": "catalog", "address": SERVERS,
+                      "catalog": {"sessionTTL": "15s", "keyPrefix": "shop/instances"}}}
 # Each variant: (values dicts applied after APP — or after the files, without APP —, values files, native sidecar?)
 VARIANTS = {
     "minimal": ([], [], True),
@@ -59,6 +64,9 @@ VARIANTS = {
     "existing-configmap": ([{"manifest": {"existingConfigMap": "shop-registrar", "existingConfigMapKey": "registrar.yaml"}}], [], True),
     "tls-and-token": ([TLS_AND_TOKEN], [], True),
     "tls-and-token-classic": ([TLS_AND_TOKEN, {"sidecar": {"native": False}}], [], False),
+    "catalog-mode": ([CATALOG], [], True),
+    "catalog-mode-classic-tls": ([TLS_AND_TOKEN, CATALOG, {"consul": {"address": "https://consul-server.consul.svc:8501"}},
+                                  {"sidecar": {"native": False}}], [], False),
     "monitoring-and-pdb": (
         [{
             "metrics": {"podMonitor": {"enabled": True, "labels": {"release": "prom"}},
@@ -175,6 +183,10 @@ def test_pod_spec_has_what_the_sidecar_needs(helm, variant):
         args = [str(a) for a in facts["sidecar"]["args"]]
         assert manifest["admin"]["address"] == podspec.flag(args, "--admin-addr")
         assert set(manifest) <= {"consul", "admin", "drain", "services"}, f"unexpected manifest keys {set(manifest)}"
+        if values["consul"]["mode"] == "catalog":
+            podspec.check_catalog_mode(manifest, facts["env"])
+        else:
+            assert not {"mode", "catalog"} & set(manifest.get("consul", {})), manifest["consul"]
 
 
 def test_sidecar_args_and_env_by_default(helm):
@@ -546,6 +558,77 @@ def test_network_policy_keeps_the_admin_port_to_the_scrapers(helm):
     assert closed["spec"]["ingress"] == [], "nothing allowed but what the user lists"
 
 
+def test_catalog_mode_goes_into_the_manifest_and_the_sidecar_reaches_the_servers(helm):
+    """consul.mode=catalog: the manifest says so (with the catalog settings that were set, and
+    nothing for those left to the sidecar's defaults), CONSUL_HTTP_ADDR is the servers', the
+    sidecar (and the helm test Pod) get NODE_NAME and HOST_IP from the Downward API, the virtual
+    node's defaults. Agent mode leaves the manifest (and its checksum: no pods roll on upgrade)
+    as it was before catalog mode existed."""
+    docs = render(helm, "catalog-mode")
+    spec = workload_spec(docs)
+    facts = podspec.check_sidecar(spec, native=True)
+    manifest = manifest_of(docs, facts["config_map"], facts["key"])
+    assert manifest["consul"] == {"mode": "catalog", "catalog": {"sessionTTL": "15s", "keyPrefix": "shop/instances"}}
+    assert facts["env"]["CONSUL_HTTP_ADDR"]["value"] == SERVERS
+    podspec.check_catalog_mode(manifest, facts["env"])
+    test_pod = one(docs, "Pod")["spec"]["containers"][0]
+    for var in ("NODE_NAME", "HOST_IP"):
+        assert podspec.env_of(test_pod)[var] == facts["env"][var], f"helm test validates with the pod's {var}"
+    named = {"node": "registrar-${NODE_NAME}-x", "nodeAddress": "${HOST_IP}", "sessionTTL": "1m", "keyPrefix": "k"}
+    docs = helm.template(APP, CATALOG, {"consul": {"catalog": named}})
+    facts = podspec.check_sidecar(workload_spec(docs), native=True)
+    assert manifest_of(docs, facts["config_map"], facts["key"])["consul"]["catalog"] == named
+    # Agent mode, said or not: the same manifest and checksum as a chart without catalog mode.
+    assert checksum(helm) == checksum(helm, {"consul": {"mode": "agent", "catalog": {}}})
+    facts = podspec.check_sidecar(workload_spec(helm.template(APP)), native=True)
+    assert "consul" not in manifest_of(helm.template(APP), facts["config_map"], facts["key"])
+    assert checksum(helm, CATALOG) != checksum(helm, {"consul": {"address": SERVERS}}), "switching mode rolls the pods"
+
+
+@pytest.mark.parametrize(
+    "values, complaint",
+    [
+        # catalog-only values in agent mode
+        ({"consul": {"catalog": {"node": "x"}}}, r"consul.catalog.node is only read in catalog mode, and consul.mode is agent"),
+        ({"consul": {"address": SERVERS, "catalog": {"sessionTTL": "10s"}}}, r"consul.catalog.sessionTTL is only read in catalog mode"),
+        ({"consul": {"catalog": {"keyPrefix": "k"}}}, r"consul.catalog.keyPrefix is only read in catalog mode"),
+        # agent-only values in catalog mode
+        ({**CATALOG, "manifest": {"services": [{"name": "shop", "port": 8443, "check": {"ttl": "10s"}}]}},
+         r"manifest.services\[0\].check.ttl is agent-only and consul.mode is catalog"),
+        ({**CATALOG, "manifest": {"services": [{"name": "a", "port": 1},
+                                                 {"name": "b", "port": 2, "check": {"deregisterCriticalServiceAfter": "1m"}}]}},
+         r"manifest.services\[1\].check.deregisterCriticalServiceAfter is agent-only"),
+        # catalog mode needs the servers, a TTL Consul accepts, and its manifest generated
+        ({"consul": {"mode": "catalog"}}, r"consul.mode=catalog registers through the Consul servers: set consul.address .*consul-server.consul.svc:8500"),
+        ({"consul": {"mode": "catalog", "address": SERVERS, "catalog": {"sessionTTL": "9s"}}}, r"sessionTTL 9s is outside Consul's session TTL range, 10s..24h"),
+        ({"consul": {"mode": "catalog", "address": SERVERS, "catalog": {"sessionTTL": "25h"}}}, r"sessionTTL 25h is outside"),
+        ({**CATALOG, "manifest": {"existingConfigMap": "mine"}}, r"manifest.existingConfigMap \(mine\) replaces it: put `mode: catalog`"),
+        # the schema
+        ({"consul": {"mode": "Catalog"}}, r"/consul/mode"),
+        ({"consul": {"mode": "catalog", "address": SERVERS, "catalog": {"sessionTtl": "10s"}}}, "additional properties 'sessionTtl' not allowed"),
+        ({"manifest": {"consul": {"mode": "catalog"}}}, "additional properties 'mode' not allowed"),
+        ({**CATALOG, "consul": {**CATALOG["consul"], "catalog": {"node": "node a"}}}, r"/consul/catalog/node"),
+        ({**CATALOG, "consul": {**CATALOG["consul"], "catalog": {"keyPrefix": "/abs"}}}, r"/consul/catalog/keyPrefix"),
+    ],
+)
+def test_mode_settings_that_do_not_go_together_are_refused(helm, values, complaint):
+    """The sidecar's own rules (a manifest mixing agent-only and catalog-only fields is refused),
+    checked when the chart renders instead of when the pods start."""
+    with pytest.raises(RenderError) as error:
+        helm.template(APP, values)
+    assert re.search(complaint, str(error.value)), str(error.value)
+
+
+def test_catalog_mode_accepts_what_the_sidecar_accepts(helm):
+    for ttl in ("10s", "24h", "1m30s", "${SESSION_TTL}"):
+        helm.template(APP, CATALOG, {"consul": {"catalog": {"sessionTTL": ttl}}})
+    for node in ("consul-registrar-${NODE_NAME}", "kind-worker.eu_1"):
+        helm.template(APP, CATALOG, {"consul": {"catalog": {"node": node}}})
+    for prefix in ("consul-registrar/instances", "a/b/", "teams/${TEAM}/instances"):
+        helm.template(APP, CATALOG, {"consul": {"catalog": {"keyPrefix": prefix}}})
+    helm.template(APP, CATALOG, {"manifest": {"services": [{"name": "shop", "port": 1, "check": {"notes": "kept"}}]}})
+
+
 def test_helm_test_pod_validates_the_manifest_the_pods_mount(helm):
     docs = render(helm, "tls-and-token")
     pod = one(docs, "Pod")
@@ -662,7 +745,8 @@ def test_demo_values_run_three_replicas_against_the_consul_dev_server(helm, kust
     assert one(docs, "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
 
 
-@pytest.mark.parametrize("variant", ["minimal", "demo-values", "classic-sidecar", "everything-else", "user-values"])
+@pytest.mark.parametrize("variant", ["minimal", "demo-values", "classic-sidecar", "everything-else", "user-values",
+                                     "catalog-mode"])
 def test_rendered_manifest_is_accepted_by_the_sidecar(helm, registrar_bin, tmp_path, variant):
     docs = render(helm, variant)
     facts = podspec.check_sidecar(workload_spec(docs), VARIANTS[variant][2])
@@ -681,7 +765,9 @@ def test_rendered_manifest_is_accepted_by_the_sidecar(helm, registrar_bin, tmp_p
         text = yaml.safe_dump(manifest)
     registrations = validate_manifest(registrar_bin, text, tmp_path, env)
     assert registrations, "no service registered"
-    for reg in registrations:
+    assert all(("Service" in reg) == (manifest.get("consul", {}).get("mode") == "catalog") for reg in registrations), (
+        "catalog registrations in catalog mode, agent ones otherwise")
+    for reg in map(registered_instance, registrations):
         assert reg["Address"] == POD_ENV["POD_IP"], "instances register at the pod IP"
         assert POD_ENV["POD_NAME"] in reg["ID"], "instance IDs are per pod"
 
@@ -694,6 +780,8 @@ def test_rendered_manifest_is_accepted_by_the_sidecar(helm, registrar_bin, tmp_p
         ({"manifest": {"existingConfigMap": "shop"}}, ["ConfigMap shop"]),
         ({"app": {"drainOnStop": False}}, ["WARNING: app.drainOnStop=false"]),
         ({"kind": "StatefulSet"}, ["rollout status statefulset/demo"]),
+        (CATALOG, ["in catalog mode through the Consul servers at " + SERVERS,
+                   "virtual node consul-registrar-<Kubernetes node>", "(15s TTL) expires"]),
     ],
 )
 def test_notes(helm, values, expect):

@@ -12,11 +12,27 @@ import pytest
 import yaml
 
 import podspec
-from conftest import CHART, COMPONENT, DEPLOY, POD_ENV, REPO, k8s_versions, manifest_of, one, validate_manifest
+from conftest import CHART, COMPONENT, DEPLOY, POD_ENV, REPO, k8s_versions, manifest_of, one, registered_instance, validate_manifest
 from k8s_schemas import assert_valid
 
-BUILDS = ["overlays/example", "overlays/example-statefulset", "consul-dev", "examples/hello-app", "examples/hello-statefulset"]
-OVERLAYS = {"overlays/example": "Deployment", "overlays/example-statefulset": "StatefulSet"}
+BUILDS = ["overlays/example", "overlays/example-statefulset", "overlays/example-catalog", "consul-dev",
+          "consul-dev/servers-only", "examples/hello-app", "examples/hello-statefulset"]
+OVERLAYS = {"overlays/example": "Deployment", "overlays/example-statefulset": "StatefulSet",
+            "overlays/example-catalog": "Deployment"}
+# Each overlay's drain token and the Consul it talks to (the kustomization that runs it).
+OVERLAY_CONSUL = {
+    "overlays/example": ("hello-demo-drain-token-not-secret", "consul-dev"),
+    "overlays/example-statefulset": ("hello-demo-drain-token-not-secret", "consul-dev"),
+    "overlays/example-catalog": ("hello-catalog-drain-token-not-secret", "consul-dev/servers-only"),
+}
+
+
+def http_service_address(kustomize, build: str) -> str:
+    """http://<Service>.<namespace>.svc.cluster.local:<port> of the HTTP Service of a Consul layout
+    (the non-headless one)."""
+    [service] = [d for d in kustomize(DEPLOY / build) if d["kind"] == "Service" and d["spec"].get("clusterIP") != "None"]
+    return (f"http://{service['metadata']['name']}.{service['metadata']['namespace']}.svc.cluster.local:"
+            f"{service['spec']['ports'][0]['port']}")
 
 
 @pytest.mark.parametrize("build", BUILDS)
@@ -31,7 +47,8 @@ def test_pod_spec_has_what_the_sidecar_needs(kustomize, build):
     spec = podspec.pod_spec(workload)
     facts = podspec.check_sidecar(spec, native=True)
     token = podspec.check_drain_token(docs, spec, facts["sidecar"], facts["admin_port"])
-    assert token == "hello-demo-drain-token-not-secret"
+    expected_token, consul = OVERLAY_CONSUL[build]
+    assert token == expected_token
     podspec.check_security(spec)
     manifest = manifest_of(docs, facts["config_map"], facts["key"])
     podspec.check_grace(spec, manifest["drain"])
@@ -40,8 +57,10 @@ def test_pod_spec_has_what_the_sidecar_needs(kustomize, build):
     # configMapGenerator's hash suffix rolls the pods when the manifest changes.
     assert re.fullmatch(r"consul-registrar-manifest-[a-z0-9]{10}", facts["config_map"]), facts["config_map"]
     assert workload["spec"]["selector"]["matchLabels"].items() <= workload["spec"]["template"]["metadata"]["labels"].items()
-    assert facts["env"]["CONSUL_HTTP_ADDR"]["value"] == "http://consul.consul.svc.cluster.local:8500"
+    assert facts["env"]["CONSUL_HTTP_ADDR"]["value"] == http_service_address(kustomize, consul)
     assert "part-of" not in json.dumps(docs), "nothing stamps part-of on the team's app"
+    if manifest.get("consul", {}).get("mode") == "catalog":
+        podspec.check_catalog_mode(manifest, facts["env"])
 
 
 def test_overlay_runs_the_demo_against_the_consul_dev_server(kustomize):
@@ -95,6 +114,78 @@ def test_component_sidecar_is_the_charts(helm, kustomize):
     [chart_volume] = [v for v in chart["volumes"] if v["name"] == "consul-registrar-manifest"]
     [overlay_volume] = [v for v in overlay["volumes"] if v["name"] == "consul-registrar-manifest"]
     assert chart_volume["configMap"]["items"] == overlay_volume["configMap"]["items"]
+
+
+def test_catalog_overlay_is_the_example_in_catalog_mode(helm, kustomize):
+    """overlays/example-catalog: the example's Deployment and the same Component, with only the
+    manifest's mode (no agent-only check fields) and the sidecar's address changed — to the
+    servers-only layout's Service; its sidecar is the one the chart renders in catalog mode."""
+    catalog = kustomize(DEPLOY / "overlays" / "example-catalog")
+    agent = kustomize(DEPLOY / "overlays" / "example")
+    deployment = one(catalog, "Deployment")
+    assert deployment["metadata"]["namespace"] == "hello-catalog" and deployment["spec"]["replicas"] == 3
+    spec = podspec.pod_spec(deployment)
+    facts = podspec.check_sidecar(spec, native=True)
+    manifest = manifest_of(catalog, facts["config_map"], facts["key"])
+    assert manifest["consul"]["mode"] == "catalog"
+    agent_facts = podspec.check_sidecar(podspec.pod_spec(one(agent, "Deployment")), native=True)
+    agent_manifest = manifest_of(agent, agent_facts["config_map"], agent_facts["key"])
+    without_mode = json.loads(json.dumps(manifest))
+    without_mode.pop("consul")
+    for service in agent_manifest["services"]:
+        for field in podspec.AGENT_ONLY_CHECK_FIELDS:
+            service.get("check", {}).pop(field, None)
+        if service.get("check") == {}:
+            service.pop("check")
+    assert without_mode == agent_manifest, "the catalog overlay's manifest is the example's but for the mode"
+    assert facts["env"]["CONSUL_HTTP_ADDR"]["value"] == http_service_address(kustomize, "consul-dev/servers-only")
+    chart = podspec.pod_spec(one(helm.template({
+        "app": {"image": {"repository": "x", "tag": "1"}},
+        "consul": {"mode": "catalog", "address": "http://consul-server.consul.svc:8500"},
+        "manifest": {"services": [{"name": "hello", "port": 50051}]},
+        "drainToken": {"value": "0123456789abcdef"},
+    }), "Deployment"))
+    assert comparable(facts["sidecar"]) == comparable(podspec.sidecar_of(chart, True))
+
+
+def test_servers_only_consul_has_servers_behind_a_service_and_no_agent(kustomize):
+    """consul-dev/servers-only, consul-k8s's agentless layout: no client-agent DaemonSet, three
+    servers started one after the other that find each other through the headless Service and
+    expect exactly the StatefulSet's replicas, and the Service consul-server in front of them."""
+    docs = kustomize(DEPLOY / "consul-dev" / "servers-only")
+    assert "DaemonSet" not in [d["kind"] for d in docs], "no client agent"
+    assert not [d for d in docs if d["kind"] == "Deployment"], "no dev server"
+    sts = one(docs, "StatefulSet")
+    container = sts["spec"]["template"]["spec"]["containers"][0]
+    command = container["command"]
+    replicas = sts["spec"]["replicas"]
+    # OrderedReady: servers started at once each resolve only themselves, join themselves, stop retrying.
+    assert replicas == 3 and sts["spec"].get("podManagementPolicy", "OrderedReady") == "OrderedReady"
+    assert "-server" in command and "-dev" not in command
+    assert f"-bootstrap-expect={replicas}" in command
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    headless = services[sts["spec"]["serviceName"]]
+    assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["publishNotReadyAddresses"] is True
+    namespace = sts["metadata"]["namespace"]
+    joins = sorted(a.split("=", 1)[1].replace("$(POD_NAMESPACE)", namespace) for a in command if a.startswith("-retry-join="))
+    assert joins == [f"{sts['metadata']['name']}-{i}.{headless['metadata']['name']}.{namespace}.svc.cluster.local"
+                     for i in range(replicas)]
+    server = services["consul-server"]
+    assert namespace == server["metadata"]["namespace"] == "consul"
+    labels = sts["spec"]["template"]["metadata"]["labels"]
+    for service in (server, headless):
+        assert service["spec"]["selector"].items() <= labels.items()
+    assert not server["spec"].get("publishNotReadyAddresses"), "only servers that answer get clients"
+    assert {p["port"] for p in server["spec"]["ports"]} == {8500}
+    # The same pinned Consul as the dev server, and labels no Service or DaemonSet of ../ selects.
+    dev = kustomize(DEPLOY / "consul-dev")
+    assert container["image"] == one(dev, "Deployment")["spec"]["template"]["spec"]["containers"][0]["image"]
+    for other in dev:
+        selector = other.get("spec", {}).get("selector", {})
+        selector = selector.get("matchLabels", selector) if isinstance(selector, dict) else {}
+        if selector:
+            assert not selector.items() <= labels.items(), f"{other['kind']} {other['metadata']['name']} selects the servers"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v1/status/leader", "Ready without a leader (OrderedReady)"
 
 
 @pytest.mark.parametrize("kind", ["Deployment", "StatefulSet", "DaemonSet", "Job"])
@@ -203,4 +294,5 @@ def test_manifest_is_accepted_by_the_sidecar(kustomize, registrar_bin, tmp_path,
     facts = podspec.check_sidecar(podspec.pod_spec(one(docs, OVERLAYS[build])), native=True)
     config_map = next(d for d in docs if d["kind"] == "ConfigMap")
     registrations = validate_manifest(registrar_bin, config_map["data"][facts["key"]], tmp_path, POD_ENV)
-    assert [r["ID"] for r in registrations] == [f"hello.{POD_ENV['POD_NAMESPACE']}.{POD_ENV['POD_NAME']}"]
+    assert [registered_instance(r)["ID"] for r in registrations] == [f"hello.{POD_ENV['POD_NAMESPACE']}.{POD_ENV['POD_NAME']}"]
+    assert all("Service" in r for r in registrations) == (build == "overlays/example-catalog")

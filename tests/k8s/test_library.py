@@ -64,6 +64,42 @@ def test_library_checks_guard_the_example_chart(helm, example_chart):
         render(helm, example_chart, "Deployment", manifest={"services": None})
 
 
+SERVERS = "http://consul-server.consul.svc:8500"
+
+
+@pytest.mark.parametrize("kind", ["DaemonSet", "StatefulSet"])
+def test_catalog_mode_through_the_library(helm, example_chart, kind):
+    """A team's own chart turns catalog mode on with consulRegistrar.consul.mode: the library
+    writes it into the manifest, and its sidecar gets the servers' address and the Downward API
+    the virtual node defaults to (a DaemonSet: one sidecar per node, each on its node's virtual
+    node)."""
+    docs = render(helm, example_chart, kind, consul={"mode": "catalog", "address": SERVERS})
+    assert_valid(docs, k8s_versions())
+    facts = podspec.check_sidecar(podspec.pod_spec(workload(docs, kind)), True)
+    manifest = manifest_of(docs, facts["config_map"], facts["key"])
+    assert manifest["consul"] == {"mode": "catalog"}
+    podspec.check_catalog_mode(manifest, facts["env"])
+
+
+@pytest.mark.parametrize(
+    "registrar, complaint",
+    [
+        ({"consul": {"catalog": {"node": "node-a"}}}, "consul.catalog.node is only read in catalog mode"),
+        ({"consul": {"mode": "catalog", "address": SERVERS},
+          "manifest": {"services": [{"name": "my-app", "port": 1, "check": {"ttl": "5s"}}]}},
+         r"manifest.services\[0\].check.ttl is agent-only"),
+        ({"consul": {"mode": "catalog", "address": ""}}, "set consul.address to them"),
+        ({"consul": {"mode": "sidecar"}}, 'consul.mode must be agent or catalog, not "sidecar"'),
+        ({"manifest": {"consul": {"mode": "catalog"}}}, "set consul.mode, not manifest.consul.mode"),
+        ({"manifest": {"consul": {"catalog": {"node": "node-a"}}}}, "set consul.catalog, not manifest.consul.catalog"),
+    ],
+)
+def test_library_refuses_mixed_modes(helm, example_chart, registrar, complaint):
+    """The library has no values schema: its own checks are the only guard of a team's chart."""
+    with pytest.raises(RenderError, match=complaint):
+        render(helm, example_chart, "Deployment", **registrar)
+
+
 def test_user_objects_replace_the_library_defaults(helm, example_chart):
     probe = {"tcpSocket": {"port": 9102}}
     docs = render(helm, example_chart, "Deployment", readinessProbe=probe, resources={"requests": {"cpu": "1m", "memory": "1Mi"}})

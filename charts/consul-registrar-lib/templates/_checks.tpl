@@ -32,6 +32,57 @@ own shutdown time; the kubelet SIGKILLs when the grace period runs out.
 {{- end }}
 {{- end }}
 
+{{/*
+consul.mode and its settings, as the sidecar checks them (a render that passes here is not refused
+by the sidecar for these reasons): agent or catalog; consul.catalog.* only with catalog; the
+agent-only check fields (ttl, deregisterCriticalServiceAfter) never with catalog; catalog mode
+names the servers' address (the default, $(HOST_IP):8500, is a client agent); sessionTTL within
+Consul's 10s..24h. Called by `resolve` with the merged config itself (not the dict).
+*/}}
+{{- define "consul-registrar-lib.validateMode" -}}
+{{- $c := . }}
+{{- $mode := toString $c.consul.mode }}
+{{- if not (has $mode (list "agent" "catalog")) }}
+{{- fail (printf "consul-registrar: consul.mode must be agent or catalog, not %q" $mode) }}
+{{- end }}
+{{- range $key := list "mode" "catalog" }}
+{{- if hasKey (default dict $c.manifest.consul) $key }}
+{{- fail (printf "consul-registrar: set consul.%s, not manifest.consul.%s (the library writes it into the manifest from consul.%s and checks it)" $key $key $key) }}
+{{- end }}
+{{- end }}
+{{- $catalog := default dict $c.consul.catalog }}
+{{- if eq $mode "agent" }}
+{{- range $key := list "node" "nodeAddress" "sessionTTL" "keyPrefix" }}
+{{- if get $catalog $key }}
+{{- fail (printf "consul-registrar: consul.catalog.%s is only read in catalog mode, and consul.mode is agent: set consul.mode=catalog (registration through the servers' catalog) or remove consul.catalog.%s" $key $key) }}
+{{- end }}
+{{- end }}
+{{- else }}
+{{- if $c.manifest.existingConfigMap }}
+{{- fail (printf "consul-registrar: consul.mode=catalog goes into the generated manifest, and manifest.existingConfigMap (%s) replaces it: put `mode: catalog` (and `catalog:`) in that ConfigMap's consul: section, keep consul.mode=agent here and set consul.address to the Consul servers" $c.manifest.existingConfigMap) }}
+{{- end }}
+{{- if not $c.consul.address }}
+{{- fail "consul-registrar: consul.mode=catalog registers through the Consul servers: set consul.address to them, e.g. http://consul-server.consul.svc:8500 (the default, $(HOST_IP):8500, is a client agent on the node)" }}
+{{- end }}
+{{- range $i, $service := $c.manifest.services }}
+{{- range $field := list "ttl" "deregisterCriticalServiceAfter" }}
+{{- if and (kindIs "map" $service) (kindIs "map" $service.check) (hasKey $service.check $field) }}
+{{- fail (printf "consul-registrar: manifest.services[%d].check.%s is agent-only and consul.mode is catalog: a catalog check has no TTL (the sidecar writes the probe's verdict into it), and a crashed pod's instance is reaped through its Consul session (consul.catalog.sessionTTL); remove check.%s" $i $field $field) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- with $catalog.sessionTTL }}
+{{- $ttl := toString . }}
+{{- if not (contains "${" $ttl) }}
+{{- $seconds := include "consul-registrar-lib.durationExactSeconds" $ttl | float64 }}
+{{- if or (lt $seconds 10.0) (gt $seconds 86400.0) }}
+{{- fail (printf "consul-registrar: consul.catalog.sessionTTL %s is outside Consul's session TTL range, 10s..24h" $ttl) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{/* Every check; renders nothing. */}}
 {{- define "consul-registrar-lib.validate" -}}
 {{- include "consul-registrar-lib.validateGracePeriod" . }}

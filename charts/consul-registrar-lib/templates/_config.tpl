@@ -65,8 +65,26 @@ readinessProbe:
   periodSeconds: 2
   failureThreshold: 2
 consul:
+  # agent: register through the Consul client agent on the pod's node (/v1/agent/...).
+  # catalog: register through the servers' catalog (/v1/catalog/...) on a virtual node per
+  # Kubernetes node, with a Consul session per sidecar that reaps a crashed pod's instances; for
+  # clusters without client agents. Needs `address` (the servers, e.g.
+  # http://consul-server.consul.svc:8500).
+  mode: agent
   # Default: the node-local client agent, http://$(HOST_IP):8500 (https://$(HOST_IP):8501 with TLS).
+  # Required with mode catalog.
   address: ""
+  # Catalog mode only (each empty: the sidecar's default).
+  catalog:
+    # The virtual node. Default: consul-registrar-$NODE_NAME (never a real agent's node name).
+    node: ""
+    # Its address. Default: $HOST_IP.
+    nodeAddress: ""
+    # The TTL of each sidecar's session (10s..24h); a crashed pod's instances are gone within
+    # 2 x sessionTTL + 1 s while any catalog-mode sidecar is alive. Default: 10s.
+    sessionTTL: ""
+    # The KV prefix of the instances' liveness keys. Default: consul-registrar/instances.
+    keyPrefix: ""
   datacenter: ""
   namespace: ""
   partition: ""
@@ -143,6 +161,7 @@ template starts with it. Fails on values no template could render.
 {{- if and (not $c.manifest.existingConfigMap) (empty $c.manifest.services) }}
 {{- fail "consul-registrar: set manifest.services (the services this pod registers) or manifest.existingConfigMap" }}
 {{- end }}
+{{- include "consul-registrar-lib.validateMode" $c }}
 {{- $_ := set . "resolved" $c }}
 {{- end }}
 {{- end }}
@@ -213,6 +232,11 @@ template starts with it. Fails on values no template could render.
 
 {{/* Seconds in a Go-style duration ("500ms", "5s", "1m30s"), rounded up. */}}
 {{- define "consul-registrar-lib.durationSeconds" -}}
+{{- include "consul-registrar-lib.durationExactSeconds" . | float64 | ceil | int }}
+{{- end }}
+
+{{/* Seconds in a Go-style duration, as a decimal number. */}}
+{{- define "consul-registrar-lib.durationExactSeconds" -}}
 {{- $text := toString . }}
 {{- if not (regexMatch "^(0|([0-9]+(\\.[0-9]+)?(ns|us|µs|μs|ms|s|m|h))+)$" $text) }}
 {{- fail (printf "consul-registrar: %q is not a duration the chart can check (500ms, 5s, 1m30s; no ${VAR} in drain.delay or drain.deregisterTimeout)" $text) }}
@@ -224,5 +248,5 @@ template starts with it. Fails on values no template could render.
 {{- $scale := get (dict "ns" 0.000000001 "us" 0.000001 "µs" 0.000001 "μs" 0.000001 "ms" 0.001 "s" 1.0 "m" 60.0 "h" 3600.0) $unit }}
 {{- $total = addf $total (mulf $number $scale) }}
 {{- end }}
-{{- ceil $total | int }}
+{{- $total }}
 {{- end }}

@@ -12,6 +12,15 @@ here as well as in the env so that the ConfigMap shows everything the sidecar re
 {{- include "consul-registrar-lib.resolve" . }}
 {{- $c := .resolved }}
 {{- $consul := deepCopy (default dict $c.manifest.consul) }}
+{{- if eq (toString $c.consul.mode) "catalog" }}
+{{- /* Only in catalog mode: an agent-mode manifest (and its checksum) stays as it was. */}}
+{{- $_ := set $consul "mode" "catalog" }}
+{{- $catalog := dict }}
+{{- range $key, $value := default dict $c.consul.catalog }}
+{{- if $value }}{{ $_ := set $catalog $key (toString $value) }}{{ end }}
+{{- end }}
+{{- if $catalog }}{{ $_ := set $consul "catalog" $catalog }}{{ end }}
+{{- end }}
 {{- with $c.consul.datacenter }}{{ $_ := set $consul "datacenter" . }}{{ end }}
 {{- if $c.consul.aclToken.secretName }}
 {{- $_ := set $consul "tokenFile" (printf "%s/%s" (include "consul-registrar-lib.aclDir" .) $c.consul.aclToken.secretKey) }}

@@ -7,6 +7,9 @@ with tests/e2e/cluster/local.sh or tests/e2e/kind/cluster.sh) only provision it 
   tests/e2e/values.yaml (the chart's default Consul address, the node-local agent);
 - `consul`: deploy/consul-dev applied (dev server + a client agent on every node), read through a
   `kubectl port-forward` to the server's Service (restarted if it drops);
+- `consul_servers`: deploy/consul-dev/servers-only applied (three servers behind the Service
+  `consul-server`, no client agent: consul-k8s's agentless layout), read the same way, for the
+  catalog-mode scenarios (test_catalog.py);
 - `demo`: a factory that installs the chart in a namespace of the test's own with a service name of
   its own, and removes both (and waits until Consul holds none of its instances) afterwards;
 - `figure(name, value, unit)`: prints `FIGURE name=value unit` at once and again in the summary.
@@ -38,6 +41,7 @@ REPO = Path(__file__).resolve().parents[3]
 CHART = REPO / "charts" / "consul-registrar"
 VALUES = REPO / "tests" / "e2e" / "values.yaml"
 CONSUL_DEV = REPO / "deploy" / "consul-dev"
+CONSUL_SERVERS_ONLY = CONSUL_DEV / "servers-only"
 IN_CI = os.environ.get("CI") == "true"
 
 _FIGURES: list[str] = []
@@ -216,27 +220,29 @@ class Instance:
 
 
 class Consul:
-    """Consul's HTTP API through `kubectl port-forward` to the dev server's Service: the catalog as
-    the servers hold it (what every Consul client discovers)."""
+    """Consul's HTTP API through `kubectl port-forward` to a server's Service (`svc/consul` of the
+    dev server by default): the catalog as the servers hold it (what every Consul client discovers)."""
 
     RANK = {"passing": 0, "warning": 1, "critical": 2}
 
-    def __init__(self, kube: Kube) -> None:
+    def __init__(self, kube: Kube, service: str = "consul", namespace: str = "consul") -> None:
         self.kube = kube
+        self.service = service
+        self.namespace = namespace
         self.proc: subprocess.Popen | None = None
         self.url = ""
 
     def _forward(self) -> None:
         self.close()
         self.proc = subprocess.Popen(
-            [self.kube.bin, "-n", "consul", "port-forward", "svc/consul", ":8500"],
+            [self.kube.bin, "-n", self.namespace, "port-forward", f"svc/{self.service}", ":8500"],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()  # "Forwarding from 127.0.0.1:PORT -> 8500"
         match = re.search(r"127\.0\.0\.1:(\d+)", line)
         if not match:
             self.close()
-            raise OSError(f"kubectl port-forward to svc/consul did not start: {line!r}")
+            raise OSError(f"kubectl port-forward to svc/{self.service} did not start: {line!r}")
         self.url = f"http://127.0.0.1:{match.group(1)}"
 
     def close(self) -> None:
@@ -257,6 +263,15 @@ class Consul:
                 if attempt == 2:
                     raise
                 self.close()
+
+    def get_or_none(self, path: str):
+        """GET a JSON answer; None on 404 (a missing KV key or prefix)."""
+        try:
+            return self.get(path)
+        except urllib.error.HTTPError as e:
+            if e.code == 404:
+                return None
+            raise
 
     def instances(self, service: str) -> dict[str, Instance]:
         """Every instance of `service`, by id. Raises when Consul does not answer, so an outage
@@ -290,6 +305,26 @@ def consul(kube: Kube) -> Iterator[Consul]:
     wait_for(f"a Consul client agent on every node ({', '.join(sorted(nodes))}) joined to the server",
              agents_joined, 120, 1)
     log(f"Consul {c.get('/v1/agent/self')['Config']['Version']} at {c.url} (port-forward), agents on {sorted(nodes)}")
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="session")
+def consul_servers(kube: Kube) -> Iterator[Consul]:
+    """deploy/consul-dev/servers-only applied: three Consul servers behind the Service
+    `consul-server`, no client agent; ready once every server is a member and raft has a leader."""
+    kube.run("apply", "-k", str(CONSUL_SERVERS_ONLY))
+    kube.run("-n", "consul", "rollout", "status", "statefulset/consul-server", "--timeout=240s", timeout=260)
+    c = Consul(kube, service="consul-server")
+    replicas = kube.json("-n", "consul", "get", "statefulset", "consul-server")["spec"]["replicas"]
+
+    def cluster_formed():
+        members = [m for m in c.get("/v1/agent/members") if m["Status"] == 1]
+        return len(members) == replicas and c.get("/v1/status/leader") and len(c.get("/v1/status/peers")) == replicas
+
+    wait_for(f"{replicas} Consul servers joined, with a leader", cluster_formed, 120, 1)
+    log(f"Consul {c.get('/v1/agent/self')['Config']['Version']}: {replicas} servers behind svc/consul-server, "
+        f"no client agent, at {c.url} (port-forward)")
     yield c
     c.close()
 
@@ -353,6 +388,23 @@ def demo(request, kube: Kube, helm: Helm, consul: Consul) -> Iterator[Callable[.
     """`demo(values={...}, wait=True, before=fn)`: installs the chart in namespace `e2e-<test>` with service
     `hello-<test>`; removed after the test, which then waits until Consul holds none of its
     instances (a leftover would be a defect: the pods drain on deletion)."""
+    yield from _demo_releases(request, kube, helm, consul, catalog=False)
+
+
+# The chart's catalog mode against deploy/consul-dev/servers-only: the servers' Service (the
+# sidecar's address, as consul-k8s names it), the virtual node and session TTL left to their
+# defaults (consul-registrar-<node>, 10 s).
+CATALOG_VALUES = {"consul": {"mode": "catalog", "address": "http://consul-server.consul.svc.cluster.local:8500"}}
+
+
+@pytest.fixture
+def catalog_demo(request, kube: Kube, helm: Helm, consul_servers: Consul) -> Iterator[Callable[..., Demo]]:
+    """`demo` in catalog mode (CATALOG_VALUES; the service without the agent-only check fields),
+    judged through the servers-only Consul; namespace `e2e-<test>`, service `hello-<test>`."""
+    yield from _demo_releases(request, kube, helm, consul_servers, catalog=True)
+
+
+def _demo_releases(request, kube: Kube, helm: Helm, consul: Consul, catalog: bool) -> Iterator[Callable[..., Demo]]:
     made: list[Demo] = []
 
     def install(values: dict | None = None, wait: bool = True, suffix: str = "",
@@ -364,6 +416,9 @@ def demo(request, kube: Kube, helm: Helm, consul: Consul) -> Iterator[Callable[.
         service = json.loads(json.dumps(base_service()))
         service["name"] = d.service
         merged = {"manifest": {"services": [service]}}
+        if catalog:
+            service.pop("check", None)  # ttl and deregisterCriticalServiceAfter are agent-only
+            deep_merge(merged, json.loads(json.dumps(CATALOG_VALUES)))
         deep_merge(merged, values or {})
         if before:
             before(d)
@@ -377,6 +432,12 @@ def demo(request, kube: Kube, helm: Helm, consul: Consul) -> Iterator[Callable[.
         kube.delete_namespace(d.namespace)
         wait_for(f"no instance of {d.service} left in Consul after its namespace was deleted",
                  lambda d=d: not d.instances(), 60, 0.5)
+        if catalog:
+            # Every sidecar drained: no liveness key (KV) and no session of the release is left.
+            mine = f".{d.namespace}."
+            wait_for(f"no liveness key or session of {d.namespace} left in Consul", lambda: not [
+                k for k in (consul.get_or_none("/v1/kv/?keys") or []) if mine in k] and not [
+                s for s in consul.get("/v1/session/list") if mine in s.get("Name", "")], 30, 0.5)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -115,9 +115,10 @@ def test_2_not_serving_turns_critical_and_back(demo):
 # ---- 3. rolling restart under traffic -----------------------------------------------------------
 
 
-def client_pod(service: str) -> dict:
-    """The tutorial's Go client as a pod: resolves `service` through the node-local agent
-    (grpc-consul-resolver, healthy=true, round_robin) and sends TRAFFIC_RATE RPC/s."""
+def client_pod(service: str, consul_address: str = "$(HOST_IP):8500") -> dict:
+    """The tutorial's Go client as a pod: resolves `service` through the node-local agent (or
+    `consul_address`: the servers, in catalog mode) (grpc-consul-resolver, healthy=true,
+    round_robin) and sends TRAFFIC_RATE RPC/s."""
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -132,7 +133,7 @@ def client_pod(service: str) -> dict:
                 "name": "hello-client",
                 "image": CLIENT_IMAGE,
                 "imagePullPolicy": "Never",
-                "args": ["-consul", "$(HOST_IP):8500", "-service", service, "-rate", str(TRAFFIC_RATE),
+                "args": ["-consul", consul_address, "-service", service, "-rate", str(TRAFFIC_RATE),
                          "-duration", f"{TRAFFIC_SECONDS}s", "-timeout", "1s", "-warmup", "30s"],
                 "env": [{"name": "HOST_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}}],
                 "resources": {"requests": {"cpu": "50m", "memory": "32Mi"}, "limits": {"memory": "128Mi"}},
@@ -170,10 +171,17 @@ ROLLOUT_VARIANTS = {
 def test_3_rollout_restart_under_traffic(demo, kube, variant):
     values, zero_failures = ROLLOUT_VARIANTS[variant]
     d = demo(values, suffix="-" + "".join(w[0] for w in variant.split("-")))
+    rollout_under_traffic(d, kube, variant, zero_failures)
+
+
+def rollout_under_traffic(d: Demo, kube: Kube, variant: str, zero_failures: bool,
+                          consul_address: str = "$(HOST_IP):8500") -> None:
+    """`kubectl rollout restart` of the release while the Go client (resolving through
+    `consul_address`) sends; figures `rollout_<variant>_*`; zero failed RPCs if `zero_failures`."""
     wait_for("all passing", lambda: d.all_passing(REPLICAS), 120)
     before = set(pod_names(d))
 
-    kube.apply(client_pod(d.service), d.namespace)
+    kube.apply(client_pod(d.service, consul_address), d.namespace)
     wait_for("the Go client sending (a first successful RPC through Consul)",
              lambda: "sending" in kube.logs(d.namespace, "hello-client", "hello-client"), 60, 0.5)
     sending_since = time.monotonic()
