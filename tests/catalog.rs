@@ -389,6 +389,50 @@ async fn the_instance_comes_back_after_a_wipe_a_hand_deregistration_and_a_hand_s
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_sidecar_adopts_its_session_and_its_instance_never_leaves() {
+    let consul = ConsulAgent::start_dev().await;
+    let app = DemoApp::start(DemoAppOptions::default()).await;
+    let text = hello(&consul.http_addr(), "hello-1", app.port());
+    let first = Sidecar::start(&text, &on_node("kube-a"));
+    assert!(
+        status_becomes(&consul, "hello", "hello-1", Some("passing"), 10 * SECOND).await,
+        "never registered\n{}",
+        first.logs()
+    );
+    let session = holder(&consul, &key("kube-a", "hello-1"))
+        .await
+        .expect("key");
+
+    // A container restart: killed, started again at once with the same manifest and node.
+    first.signal("KILL");
+    drop(first);
+    let second = Sidecar::start(&text, &on_node("kube-a"));
+    let watched = Instant::now();
+    while watched.elapsed() < 2 * SECOND || second.get("/readyz").await.0 != 200 {
+        assert!(watched.elapsed() < 10 * SECOND, "{}", second.logs());
+        assert_eq!(
+            consul.check_status("hello", "hello-1").await.as_deref(),
+            Some("passing"),
+            "the instance left or flapped across a sidecar restart\n{}",
+            second.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        holder(&consul, &key("kube-a", "hello-1")).await,
+        Some(session.clone()),
+        "the restarted sidecar did not adopt its still-valid session\n{}",
+        second.logs()
+    );
+    assert_eq!(
+        consul.sessions_on(&virtual_node("kube-a")).await.len(),
+        1,
+        "a second session on the node"
+    );
+    assert_registered_on(&consul, "kube-a", "hello-1", app.port()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_surviving_sidecar_reaps_a_killed_sidecars_instance_within_two_session_ttls() {
     let consul = ConsulAgent::start_dev().await;
     let app_a = DemoApp::start(DemoAppOptions::default()).await;
