@@ -60,6 +60,12 @@ pub struct Metrics {
     /// `token_unreadable` (the token file could not be read) or `not_loopback` (no token is
     /// configured and the peer is not on loopback).
     pub admin_refused: IntCounterVec,
+    /// `consul_registrar_reaped_total`: instances of other (gone) sidecars this one removed in
+    /// catalog mode, because their session expired.
+    pub reaped: IntCounter,
+    /// `consul_registrar_session_renewals_total{outcome}`: catalog mode's session renewals by
+    /// outcome: `ok`, `lost` (Consul no longer had the session), `error` (no answer).
+    pub session_renewals: IntCounterVec,
     /// `consul_registrar_build_info{version}`: always 1.
     pub build_info: IntGaugeVec,
 }
@@ -142,6 +148,16 @@ impl Metrics {
                 "Admin requests refused with 403, by endpoint and reason.",
                 &["endpoint", "reason"],
             ),
+            reaped: IntCounter::new(
+                "consul_registrar_reaped_total",
+                "Instances of gone sidecars removed by this one (catalog mode).",
+            )
+            .expect("valid counter"),
+            session_renewals: counter_vec(
+                "session_renewals_total",
+                "Catalog mode's session renewals, by outcome.",
+                &["outcome"],
+            ),
             build_info: gauge_vec("build_info", "Build information; always 1.", &["version"]),
             registry,
         };
@@ -163,6 +179,8 @@ impl Metrics {
             Box::new(m.draining.clone()),
             Box::new(m.drains_healed.clone()),
             Box::new(m.admin_refused.clone()),
+            Box::new(m.reaped.clone()),
+            Box::new(m.session_renewals.clone()),
             Box::new(m.build_info.clone()),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ];
@@ -233,6 +251,7 @@ mod tests {
         m.admin_refused
             .with_label_values(&["drain", "missing_token"])
             .inc();
+        m.session_renewals.with_label_values(&["ok"]).inc();
         let text = m.render();
         for family in [
             "consul_registrar_probe_results_total",
@@ -248,6 +267,8 @@ mod tests {
             "consul_registrar_draining",
             "consul_registrar_drains_healed_total",
             "consul_registrar_admin_requests_refused_total{endpoint=\"drain\",reason=",
+            "consul_registrar_reaped_total",
+            "consul_registrar_session_renewals_total{outcome=\"ok\"}",
             "consul_registrar_build_info{version=",
             "process_resident_memory_bytes",
         ] {

@@ -16,7 +16,8 @@ use tokio::time::sleep_until;
 use tokio_util::sync::CancellationToken;
 
 use crate::consul::{
-    AgentServiceRegistration, CheckStatus, ConsulClient, ConsulError, Drift, ServiceWatch,
+    AgentService, AgentServiceRegistration, CheckSeen, CheckStatus, ConsulError, Drift, Registry,
+    ServiceWatch,
 };
 use crate::manifest::{RetryPolicy, ServiceSpec};
 use crate::metrics::Metrics;
@@ -75,11 +76,11 @@ pub fn instant_after(d: Duration) -> Instant {
 /// "Never" for timers: about 30 years, as tokio's own far future.
 const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365 * 30);
 
-/// Keeps one instance registered and its TTL check following the verdict.
-pub struct Reconciler {
+/// Keeps one instance registered and its check following the verdict.
+pub struct Reconciler<R> {
     spec: ServiceSpec,
     desired: AgentServiceRegistration,
-    client: ConsulClient,
+    registry: R,
     metrics: Arc<Metrics>,
     status: StatusEntry,
     retry: RetryPolicy,
@@ -127,10 +128,10 @@ struct Sighting {
     answer: Result<ServiceWatch, ()>,
 }
 
-impl Reconciler {
+impl<R: Registry> Reconciler<R> {
     pub fn new(
         spec: ServiceSpec,
-        client: ConsulClient,
+        registry: R,
         metrics: Arc<Metrics>,
         status: StatusEntry,
         retry: RetryPolicy,
@@ -141,7 +142,7 @@ impl Reconciler {
         Reconciler {
             spec,
             desired,
-            client,
+            registry,
             metrics,
             status,
             retry,
@@ -165,8 +166,8 @@ impl Reconciler {
         let _stop_watcher = watcher_cancel.clone().drop_guard();
         if self.anti_entropy.watched {
             tokio::spawn(watch_instance(
-                self.client.clone(),
-                self.spec.id.clone(),
+                self.registry.clone(),
+                self.spec.clone(),
                 self.resync_interval,
                 self.retry,
                 sightings_tx,
@@ -188,13 +189,22 @@ impl Reconciler {
         let mut backoff = Backoff::new(self.retry);
         let mut retry_at: Option<Instant> = None;
         let mut last_logged: Option<String> = None;
-        let refresh_every = self.spec.check.ttl / 3;
+        // Catalog mode needs no refreshes: the first one is due "never".
+        let refresh_every = self
+            .registry
+            .refresh_every(&self.spec)
+            .unwrap_or(FAR_FUTURE);
         let mut refresh_due = Instant::now();
         let mut registered_at: Option<Instant> = None;
+        // When we last wrote the check: an older sighting of its status is not news.
+        let mut written_at: Option<Instant> = None;
 
         loop {
             if retry_at.is_none() {
                 let verdict = verdicts.borrow_and_update().clone();
+                // A sighting asked after this moment may already show this step's write; one
+                // asked before it cannot (see `Sighting`).
+                let step_started = Instant::now();
                 let step = self
                     .step(
                         &mut view,
@@ -215,10 +225,13 @@ impl Reconciler {
                             s.consul.refused = false;
                         });
                         if let Some(when) = progress.refreshed_at {
-                            refresh_due = when.checked_add(refresh_every).unwrap_or(when);
+                            refresh_due = when
+                                .checked_add(refresh_every)
+                                .unwrap_or_else(|| instant_after(FAR_FUTURE));
+                            written_at = Some(step_started);
                         }
                         if progress.registered {
-                            registered_at = Some(Instant::now());
+                            registered_at = Some(step_started);
                             registered.notify_one();
                         }
                         if progress.again {
@@ -286,12 +299,8 @@ impl Reconciler {
                     match answer {
                         Ok(ServiceWatch::Missing) => view = View::Missing,
                         Ok(ServiceWatch::Present { service, .. }) => {
-                            view = match service.drift_from(&self.desired) {
-                                Drift::InSync => View::InSync,
-                                Drift::Changed { field } => View::Differs(field),
-                                Drift::NotOurs => View::NotOurs,
-                                Drift::Missing => View::Missing,
-                            };
+                            let fresh = written_at.is_none_or(|w| asked_at >= w);
+                            view = self.view_of(&service, acked.as_ref().filter(|_| fresh));
                         }
                         // The watcher lost Consul; our own calls will find out more.
                         Err(()) => continue,
@@ -319,11 +328,8 @@ impl Reconciler {
         let [service, instance] = self.labels();
         match view.clone() {
             View::Unknown => {
-                self.client.verify_agent(false).await?;
-                let seen = self
-                    .client
-                    .watch_service(&self.spec.id, None, Duration::ZERO)
-                    .await?;
+                self.registry.verify(false).await?;
+                let seen = self.registry.read(&self.spec).await?;
                 *view = match seen {
                     ServiceWatch::Missing => View::Missing,
                     ServiceWatch::Present { service, .. } => {
@@ -331,13 +337,9 @@ impl Reconciler {
                         // registered: a later repair puts back its current status, no flap.
                         if service.is_ours() {
                             *ever_registered = true;
+                            self.registry.claim(&self.spec).await?;
                         }
-                        match service.drift_from(&self.desired) {
-                            Drift::InSync => View::InSync,
-                            Drift::Changed { field } => View::Differs(field),
-                            Drift::NotOurs => View::NotOurs,
-                            Drift::Missing => View::Missing,
-                        }
+                        self.view_of(&service, acked.as_ref())
                     }
                 };
                 Ok(Progress::again())
@@ -354,6 +356,10 @@ impl Reconciler {
                         tracing::info!(%instance, "the ACL token changed; registering the instance again so that Consul syncs it with the new token");
                         None
                     }
+                    View::Differs("check") => {
+                        tracing::warn!(%instance, "the instance's check in Consul differs from the probe's verdict (a restored snapshot or a hand edit); registering it again");
+                        Some("changed")
+                    }
                     View::Differs(field) => {
                         tracing::warn!(%instance, %field, "instance in Consul differs from the manifest; registering it again");
                         Some("changed")
@@ -367,25 +373,19 @@ impl Reconciler {
                 self.set_registered(false);
                 // An instance that went missing may have been registered on another agent
                 // behind the same address: make sure it is still the same one.
-                self.client.verify_agent(*ever_registered).await?;
-                // The first registration starts critical and the verdict follows as a status
-                // change, which Consul syncs to the catalog with its output at once (an
-                // output-only change waits for check_update_interval). A repair registers the
-                // current status directly, so watchers see no flap.
-                let generation = self.client.token_generation();
-                let mut body = self.desired.clone();
-                body.checks[0].status = if *ever_registered {
-                    verdict.status
-                } else {
-                    CheckStatus::Critical
-                };
-                self.client.register(&body).await?;
+                self.registry.verify(*ever_registered).await?;
+                // A repair puts back the current status directly, so watchers see no flap.
+                let generation = self.registry.token_generation();
+                self.registry
+                    .register(
+                        &self.spec,
+                        verdict.status,
+                        &verdict.output,
+                        !*ever_registered,
+                    )
+                    .await?;
                 self.registered_with
                     .store(generation, std::sync::atomic::Ordering::Relaxed);
-                // Consul starts the check with an empty output; say what the probe saw.
-                self.client
-                    .update_ttl(&self.spec.check.id, verdict.status, &verdict.output)
-                    .await?;
                 if let Some(reason) = reason {
                     self.metrics
                         .repairs
@@ -405,7 +405,7 @@ impl Reconciler {
             }
             View::InSync => {
                 if *ever_registered
-                    && self.client.token_generation()
+                    && self.registry.token_generation()
                         != self
                             .registered_with
                             .load(std::sync::atomic::Ordering::Relaxed)
@@ -418,8 +418,8 @@ impl Reconciler {
                     return Ok(Progress::idle());
                 }
                 match self
-                    .client
-                    .update_ttl(&self.spec.check.id, verdict.status, &verdict.output)
+                    .registry
+                    .set_status(&self.spec, verdict.status, &verdict.output)
                     .await
                 {
                     Ok(()) => {
@@ -436,6 +436,29 @@ impl Reconciler {
                     Err(e) => Err(e.into()),
                 }
             }
+        }
+    }
+
+    /// What a read of the instance says, compared with what we want: its definition, and (when
+    /// the backend reports checks and we know what we last wrote) its check.
+    fn view_of(&self, service: &AgentService, acked: Option<&(CheckStatus, String)>) -> View {
+        match service.drift_from(&self.desired) {
+            Drift::InSync => {}
+            Drift::Changed { field } => return View::Differs(field),
+            Drift::NotOurs => return View::NotOurs,
+            Drift::Missing => return View::Missing,
+        }
+        if !self.registry.reports_check() {
+            return View::InSync;
+        }
+        match (&service.check, acked) {
+            (CheckSeen::Missing, _) => View::Differs("check"),
+            (CheckSeen::Present { status, output }, Some((want, want_output)))
+                if status != want.as_str() || output != want_output =>
+            {
+                View::Differs("check")
+            }
+            _ => View::InSync,
         }
     }
 
@@ -550,9 +573,9 @@ enum StepError {
 /// The anti-entropy watcher: a blocking query on the instance, re-armed after every answer. A
 /// `Missing` answer pauses it until the reconciler has registered again (or a resync interval
 /// passes), so a vanished instance is not polled in a tight loop.
-async fn watch_instance(
-    client: ConsulClient,
-    id: String,
+async fn watch_instance<R: Registry>(
+    registry: R,
+    spec: ServiceSpec,
     wait: Duration,
     retry: RetryPolicy,
     sightings: mpsc::Sender<Sighting>,
@@ -565,7 +588,7 @@ async fn watch_instance(
         let asked_at = Instant::now();
         let answer = tokio::select! {
             _ = cancel.cancelled() => return,
-            a = client.watch_service(&id, Some(hash.as_deref().unwrap_or("")), wait) => a,
+            a = registry.watch(&spec, hash.as_deref().unwrap_or(""), wait) => a,
         };
         match answer {
             Ok(ServiceWatch::Present { service, hash: h }) => {

@@ -12,14 +12,13 @@
 //! [`crate::heal`]): the instances are registered again and a later `/drain` drains again.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures_util::future::join_all;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout_at};
 
-use crate::consul::{CheckStatus, ConsulClient, ConsulError, ServiceWatch};
+use crate::consul::{CheckStatus, ConsulError, Registry, ServiceWatch};
 use crate::manifest::{DrainPolicy, RetryPolicy, ServiceSpec, duration};
 use crate::metrics::Metrics;
 use crate::reconcile::Backoff;
@@ -190,9 +189,9 @@ impl DrainHandle {
 pub type StartReconcilers = Box<dyn Fn() -> Vec<JoinHandle<()>> + Send + Sync>;
 
 /// Everything the drain needs, handed over by the sidecar at start-up.
-pub struct Drainer {
+pub struct Drainer<R> {
     pub handle: DrainHandle,
-    pub client: ConsulClient,
+    pub registry: R,
     pub services: Vec<ServiceSpec>,
     pub policy: DrainPolicy,
     pub retry: RetryPolicy,
@@ -201,7 +200,7 @@ pub struct Drainer {
     pub start_reconcilers: StartReconcilers,
 }
 
-impl Drainer {
+impl<R: Registry> Drainer<R> {
     /// Starts the reconcilers, then drains on every request; after a drain from `/drain`, heals
     /// when the app comes back (see [`crate::heal`]). Returns once a drain is final.
     pub async fn run(self) {
@@ -258,7 +257,7 @@ impl Drainer {
 
         // 1. Critical at once. One try each, bounded by the delay (or, without a delay, by the
         //    deadline): if Consul is down, the deregistration below retries.
-        let client = &self.client;
+        let registry = &self.registry;
         let marks_end = if self.policy.delay.is_zero() {
             deadline
         } else {
@@ -267,11 +266,11 @@ impl Drainer {
         let marks = self.services.iter().map(|s| async move {
             let mark = async {
                 // Only ours: an instance someone else holds under our ID is left alone.
-                if let Ok(true) = foreign(client, &s.id).await {
+                if let Ok(true) = foreign(registry, s).await {
                     return Ok(());
                 }
-                client
-                    .update_ttl(&s.check.id, CheckStatus::Critical, DRAINING_OUTPUT)
+                registry
+                    .set_status(s, CheckStatus::Critical, DRAINING_OUTPUT)
                     .await
             };
             match timeout_at(marks_end, mark).await
@@ -305,7 +304,7 @@ impl Drainer {
         let results = join_all(
             self.services
                 .iter()
-                .map(|s| deregister_until(client, s, retry, deadline)),
+                .map(|s| deregister_until(registry, s, retry, deadline)),
         )
         .await;
         let mut failures = Vec::new();
@@ -325,6 +324,12 @@ impl Drainer {
             }
         }
         if failures.is_empty() {
+            // Catalog mode: the session and its keys go too (within the deadline).
+            if timeout_at(deadline, registry.drained()).await.is_err() {
+                tracing::warn!(
+                    "could not end the session before the deadline; Consul invalidates it within 2 × sessionTTL"
+                );
+            }
             tracing::info!(
                 instances = self.services.len(),
                 elapsed_ms = started.elapsed().as_millis() as u64,
@@ -363,8 +368,8 @@ impl Drop for AbortOnDrop {
 /// Deregisters one instance, then reads it back: a registration that timed out on our side may
 /// still be applied by the agent later; if the instance is there again (and still ours), it is
 /// deregistered again. Every call ends by `deadline`.
-async fn deregister_until(
-    client: &ConsulClient,
+async fn deregister_until<R: Registry>(
+    registry: &R,
     spec: &ServiceSpec,
     retry: RetryPolicy,
     deadline: Instant,
@@ -376,14 +381,11 @@ async fn deregister_until(
         attempts += 1;
         let attempt = async {
             // Only ours: read first, deregister only if nobody else's instance holds the ID.
-            if foreign(client, &spec.id).await? {
+            if foreign(registry, spec).await? {
                 return Ok(None);
             }
-            client.deregister(&spec.id).await?;
-            client
-                .watch_service(&spec.id, None, Duration::ZERO)
-                .await
-                .map(Some)
+            registry.deregister(spec).await?;
+            registry.read(spec).await.map(Some)
         };
         match timeout_at(deadline, attempt).await {
             Ok(Ok(None | Some(ServiceWatch::Missing))) => return Ok(()),
@@ -421,8 +423,9 @@ async fn deregister_until(
 
 /// Whether Consul holds an instance under `id` that is not ours (the ownership rule,
 /// [`crate::consul::AgentService::is_ours`]): the drain leaves it alone, logging why.
-async fn foreign(client: &ConsulClient, id: &str) -> Result<bool, ConsulError> {
-    match client.watch_service(id, None, Duration::ZERO).await? {
+async fn foreign<R: Registry>(registry: &R, spec: &ServiceSpec) -> Result<bool, ConsulError> {
+    let id = &spec.id;
+    match registry.read(spec).await? {
         ServiceWatch::Present { service, .. } if !service.is_ours() => {
             tracing::warn!(instance = %id, "an instance with this ID in Consul was not registered by consul-registrar; the drain leaves it alone");
             Ok(true)

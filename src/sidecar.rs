@@ -14,8 +14,10 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState, DrainAuth};
-use crate::consul::{ConsulClient, ConsulError};
-use crate::manifest::Manifest;
+use crate::consul::reaper::Reaper;
+use crate::consul::session::Liveness;
+use crate::consul::{CatalogRegistry, ConsulClient, ConsulError, Registry};
+use crate::manifest::{ConsulMode, Manifest};
 use crate::metrics::Metrics;
 use crate::probe::{self, HealthProbe, ProbeSetupError, Verdict};
 use crate::reconcile::{AntiEntropy, Reconciler};
@@ -58,16 +60,80 @@ pub async fn run(
     drain_auth: DrainAuth,
 ) -> Result<(), SidecarError> {
     let metrics = Metrics::new();
+    let client = ConsulClient::new(&manifest.consul, Arc::clone(&metrics))?;
+    let everything = CancellationToken::new();
+    let _stop_everything = everything.clone().drop_guard();
+    let alarm = AntiEntropy::alarm();
+    match manifest.consul.mode.clone() {
+        ConsulMode::Agent => {
+            run_with(
+                client,
+                manifest,
+                admin_address,
+                drain_auth,
+                metrics,
+                alarm,
+                everything,
+            )
+            .await
+        }
+        ConsulMode::Catalog(settings) => {
+            let retry = manifest.consul.retry;
+            // The instances' liveness keys and the session that holds them.
+            let first_instance = manifest.services.first().map_or("", |s| s.id.as_str());
+            let liveness = Arc::new(Liveness::new(
+                client.clone(),
+                settings.clone(),
+                first_instance,
+                Arc::clone(&alarm),
+                Arc::clone(&metrics),
+                retry,
+            ));
+            tokio::spawn(Arc::clone(&liveness).run(everything.child_token()));
+            // Every catalog-mode sidecar reaps the instances of sidecars that are gone.
+            tokio::spawn(
+                Reaper {
+                    client: client.clone(),
+                    settings: settings.clone(),
+                    metrics: Arc::clone(&metrics),
+                    retry,
+                    wait: manifest.consul.resync_interval,
+                }
+                .run(everything.child_token()),
+            );
+            tracing::info!(node = %settings.node, session_ttl = %crate::manifest::duration::format(settings.session_ttl), "catalog mode: registering on a virtual node, with a session as the crash net");
+            let registry = CatalogRegistry::new(client, settings, liveness);
+            run_with(
+                registry,
+                manifest,
+                admin_address,
+                drain_auth,
+                metrics,
+                alarm,
+                everything,
+            )
+            .await
+        }
+    }
+}
+
+/// [`run`] with the Consul backend chosen.
+async fn run_with<R: Registry>(
+    registry: R,
+    manifest: Manifest,
+    admin_address: SocketAddr,
+    drain_auth: DrainAuth,
+    metrics: Arc<Metrics>,
+    alarm: Arc<watch::Sender<u64>>,
+    everything: CancellationToken,
+) -> Result<(), SidecarError> {
     let board = StatusBoard::new(
         manifest
             .services
             .iter()
             .map(|s| (s.id.as_str(), s.name.as_str())),
     );
-    let client = ConsulClient::new(&manifest.consul, Arc::clone(&metrics))?;
     let drain = DrainHandle::new();
-    let everything = CancellationToken::new();
-    let _stop_everything = everything.clone().drop_guard();
 
     let listener =
         TcpListener::bind(admin_address)
@@ -79,7 +145,7 @@ pub async fn run(
     let signals = Signals::new([SIGTERM, SIGINT]).map_err(SidecarError::Signals)?;
     tracing::info!(
         admin = %listener.local_addr().unwrap_or(admin_address),
-        consul = %client.address(),
+        consul = %registry.address(),
         instances = manifest.services.len(),
         drain_auth = match &drain_auth {
             DrainAuth::LoopbackOnly => "loopback peers only (no drain token configured)",
@@ -110,7 +176,6 @@ pub async fn run(
     // Probes of the same target share one HTTP/2 connection.
     let mut channels = HashMap::new();
     let mut reconcilers = Vec::with_capacity(manifest.services.len());
-    let alarm = AntiEntropy::alarm();
     let consul_settings = &manifest.consul;
     for (i, spec) in manifest.services.iter().enumerate() {
         let key = format!(
@@ -145,7 +210,7 @@ pub async fn run(
     // The drainer starts them, stops them when a drain starts, and starts them again if it heals.
     let (retry, resync_interval) = (consul_settings.retry, consul_settings.resync_interval);
     let start_reconcilers = {
-        let client = client.clone();
+        let registry = registry.clone();
         let metrics = Arc::clone(&metrics);
         let everything = everything.clone();
         Box::new(move || {
@@ -154,7 +219,7 @@ pub async fn run(
                 .map(|(spec, entry, anti_entropy, verdicts)| {
                     let reconciler = Reconciler::new(
                         spec.clone(),
-                        client.clone(),
+                        registry.clone(),
                         Arc::clone(&metrics),
                         entry.clone(),
                         retry,
@@ -167,11 +232,11 @@ pub async fn run(
         })
     };
 
-    let several_agents = client.clone();
+    let unworkable = registry.clone();
     tokio::spawn(
         Drainer {
             handle: drain.clone(),
-            client,
+            registry,
             services: manifest.services.clone(),
             policy: manifest.drain,
             retry: manifest.consul.retry,
@@ -192,7 +257,7 @@ pub async fn run(
             // Calls reach several agents: nothing the sidecar does can be trusted to stick. Stop
             // (the TTL checks expire and Consul removes the copies after
             // deregisterCriticalServiceAfter) with the error that says what to change.
-            message = several_agents.several_agents() => {
+            message = unworkable.unworkable() => {
                 signals_handle.close();
                 return Err(SidecarError::Configuration(message));
             }

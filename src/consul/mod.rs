@@ -2,7 +2,14 @@
 //! deregister, read and watch one service. The client owns the HTTP details (base URL, TLS, the
 //! ACL token header, namespaces) and records every call in the metrics.
 
+pub mod backend;
+pub mod catalog;
+pub mod reaper;
 pub mod registration;
+pub mod session;
+
+pub use backend::Registry;
+pub use catalog::CatalogRegistry;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,7 +19,7 @@ use tokio::sync::Semaphore;
 
 use crate::manifest::{ConsulConnection, Secret};
 use crate::metrics::Metrics;
-pub use registration::{AgentService, AgentServiceRegistration, CheckStatus, Drift};
+pub use registration::{AgentService, AgentServiceRegistration, CheckSeen, CheckStatus, Drift};
 
 /// How long any non-blocking call may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -24,6 +31,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// still carry thousands of calls a second. Blocking watches are bounded apart, by
 /// `consul.blockingWatches`.
 pub const MAX_CONCURRENT_CALLS: usize = 32;
+/// The operations that are blocking queries: they do not take a call permit (they are bounded
+/// by `consul.blockingWatches` and the reaper's one watch) and are not timed as calls.
+const BLOCKING_OPERATIONS: [&str; 3] = ["watch_service", "watch_instance", "watch_keys"];
 /// Idle connections kept for reuse: the concurrent calls and a margin for the blocking watches.
 const MAX_IDLE_CONNECTIONS: usize = MAX_CONCURRENT_CALLS + 16;
 
@@ -37,7 +47,8 @@ pub enum ConsulError {
         reason: String,
     },
     #[error(
-        "Consul refused {operation} (HTTP 403, permission denied: {body}); check the ACL token: it needs service:write on the service, node:read and agent:read"
+        "Consul refused {operation} (HTTP 403, permission denied: {body}); check the ACL token: it needs {}",
+        needed_permission(operation)
     )]
     Forbidden {
         operation: &'static str,
@@ -61,6 +72,10 @@ pub enum ConsulError {
     },
     #[error("cannot set up the Consul client: {0}")]
     Setup(String),
+    #[error(
+        "the liveness key {key} is held by another Consul session (another sidecar registering the same instance on the same node, or this instance's previous pod until its session expires); retrying"
+    )]
+    KeyHeld { key: String },
     #[error(
         "calls to {address} reached different Consul agents (node {first:?}, then node {now:?}): consul.address must be one agent, this node's own (e.g. the host IP), not a Service or load balancer over several agents or servers, because an agent keeps the instances it registered to itself. Registering through the catalog instead (consul.mode: catalog) is planned but not supported yet"
     )]
@@ -108,6 +123,8 @@ pub struct ConsulClient {
 struct Answer {
     /// `X-Consul-ContentHash`, sent with answers that support blocking by hash.
     content_hash: Option<String>,
+    /// `X-Consul-Index`, sent with answers that support blocking by index.
+    index: Option<String>,
     body: Vec<u8>,
 }
 
@@ -411,8 +428,9 @@ impl ConsulClient {
     /// Waits until calls were found to reach different agents; the message says what to do.
     pub async fn several_agents(&self) -> String {
         let mut rx = self.agent.fatal.subscribe();
-        match rx.wait_for(Option::is_some).await {
-            Ok(message) => message.clone().unwrap_or_default(),
+        let message = rx.wait_for(Option::is_some).await.map(|m| m.clone());
+        match message {
+            Ok(message) => message.unwrap_or_default(),
             // The sender lives in self: it cannot be dropped while we wait.
             Err(_) => std::future::pending().await,
         }
@@ -450,7 +468,7 @@ impl ConsulClient {
         req: reqwest::RequestBuilder,
         timeout: Duration,
     ) -> Result<Answer, ConsulError> {
-        let blocking = operation == "watch_service";
+        let blocking = BLOCKING_OPERATIONS.contains(&operation);
         let _permit = if blocking {
             None
         } else {
@@ -477,18 +495,36 @@ impl ConsulClient {
         let status = resp.status();
         self.record(operation, status_class(status));
         if status.is_success() {
-            let content_hash = resp
-                .headers()
-                .get("X-Consul-ContentHash")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
+            let header = |name: &str| {
+                resp.headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+            };
+            let content_hash = header("X-Consul-ContentHash");
+            let index = header("X-Consul-Index");
             let body = resp
                 .bytes()
                 .await
                 .map_err(|e| self.unreachable(operation, &e))?;
             return Ok(Answer {
                 content_hash,
+                index,
                 body: body.to_vec(),
+            });
+        }
+        if status == StatusCode::NOT_FOUND && operation == "watch_keys" {
+            // No key under the prefix: an empty list, with the index to block on (a 404 carries
+            // X-Consul-Index too, and a blocking query on it waits for the first key).
+            let index = resp
+                .headers()
+                .get("X-Consul-Index")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            return Ok(Answer {
+                content_hash: None,
+                index,
+                body: b"[]".to_vec(),
             });
         }
         let body = resp.text().await.unwrap_or_default();
@@ -520,6 +556,29 @@ impl ConsulClient {
             .consul_requests
             .with_label_values(&[operation, class])
             .inc();
+    }
+}
+
+/// The ACL permission an operation needs, for the 403 message.
+fn needed_permission(operation: &str) -> &'static str {
+    match operation {
+        "catalog_register" | "catalog_status" | "catalog_deregister" => {
+            "node:write on the virtual node (node_prefix \"consul-registrar-\") and service:write on the service"
+        }
+        "session_create" | "session_renew" | "session_destroy" | "session_list" => {
+            "session:write on the virtual node (session_prefix \"consul-registrar-\")"
+        }
+        "key_acquire" | "key_delete" => {
+            "key:write on the liveness keys (key_prefix \"consul-registrar/instances/\")"
+        }
+        "watch_keys" => {
+            "key:read/list on the liveness keys (key_prefix \"consul-registrar/instances/\")"
+        }
+        "reap" => "service:write on the reaped service and node:write on its virtual node",
+        "watch_instance" | "read_instance" | "managed_nodes" | "node_services" => {
+            "service:read and node:read"
+        }
+        _ => "service:write on the service, node:read and agent:read",
     }
 }
 

@@ -139,6 +139,21 @@ pub struct AgentService {
     pub enable_tag_override: bool,
     pub tagged_addresses: Option<BTreeMap<String, AgentTaggedAddress>>,
     pub content_hash: String,
+    /// Our check as Consul holds it, when the read reports it (catalog mode).
+    #[serde(skip)]
+    pub check: CheckSeen,
+}
+
+/// What a read said of the instance's check.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum CheckSeen {
+    /// The read does not report checks (the agent's service endpoint).
+    #[default]
+    NotReported,
+    /// The instance has no check of ours.
+    Missing,
+    /// The check's status and output.
+    Present { status: String, output: String },
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize)]

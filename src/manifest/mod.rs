@@ -69,7 +69,40 @@ pub struct ConsulConnection {
     /// How many instances keep a blocking query open on the agent (the rest are read on alarm
     /// and every resync interval).
     pub blocking_watches: usize,
+    /// Which API registers the instances: the node's agent, or the servers' catalog.
+    pub mode: ConsulMode,
 }
+
+/// `consul.mode`: how the sidecar registers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsulMode {
+    /// The node's client agent: agent API, a TTL check, the agent's reaper as the crash net.
+    Agent,
+    /// No client agent: the servers' catalog, a virtual node, sessions as the crash net.
+    Catalog(CatalogSettings),
+}
+
+/// Catalog mode's settings (`consul.catalog`), resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CatalogSettings {
+    /// The virtual node the instances are registered on (`consul-registrar-<NODE_NAME>`).
+    pub node: String,
+    /// The node's address (the Kubernetes node's IP, HOST_IP).
+    pub node_address: String,
+    /// The session's TTL; Consul invalidates it between 1× and 2× this after the last renewal.
+    pub session_ttl: Duration,
+    /// Liveness keys live under `<key_prefix>/<node>/<instance id>`.
+    pub key_prefix: String,
+}
+
+/// The prefix of the default virtual node name: `consul-registrar-<NODE_NAME>`. No Consul agent
+/// and no consul-k8s controller names a node so (consul-k8s uses `<node>-virtual`).
+pub const VIRTUAL_NODE_PREFIX: &str = "consul-registrar-";
+/// The default prefix of the liveness keys.
+pub const DEFAULT_KEY_PREFIX: &str = "consul-registrar/instances";
+/// Consul's bounds on a session TTL.
+pub const SESSION_TTL_MIN: Duration = Duration::from_secs(10);
+pub const SESSION_TTL_MAX: Duration = Duration::from_secs(86_400);
 
 impl fmt::Debug for ConsulConnection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -395,6 +428,28 @@ impl Resolver<'_> {
         if raw.services.is_empty() {
             self.error(&[Key("services")], "at least one service is required");
         }
+        if matches!(
+            consul.as_ref().map(|c| &c.mode),
+            Some(ConsulMode::Catalog(_))
+        ) {
+            // These configure the agent's TTL check and its reaper; the catalog has neither.
+            for (i, s) in raw.services.iter().enumerate() {
+                for (set, field) in [
+                    (s.check.ttl.is_some(), "ttl"),
+                    (
+                        s.check.deregister_critical_service_after.is_some(),
+                        "deregisterCriticalServiceAfter",
+                    ),
+                ] {
+                    if set {
+                        self.error(
+                            &[Key("services"), Index(i), Key("check"), Key(field)],
+                            format!("check.{field} belongs to agent mode (the agent's TTL check); consul.mode is catalog, where the check has no TTL and a crashed sidecar's instance is reaped through its session: remove it"),
+                        );
+                    }
+                }
+            }
+        }
         let identity = PodIdentity::from_environment(self.env);
         let services: Vec<ServiceSpec> = raw
             .services
@@ -536,7 +591,85 @@ impl Resolver<'_> {
                 .as_ref()
                 .map_or(Duration::from_secs(60), |d| d.0),
             blocking_watches: c.blocking_watches.as_ref().map_or(8, |n| n.0 as usize),
+            mode: self.mode(c)?,
         })
+    }
+
+    /// `consul.mode` and, for catalog mode, `consul.catalog` with its defaults from the
+    /// Downward API (NODE_NAME, HOST_IP).
+    fn mode(&mut self, c: &schema::RawConsul) -> Option<ConsulMode> {
+        let catalog_at = |field: &'static str| [Key("consul"), Key("catalog"), Key(field)];
+        let raw = match c.mode.unwrap_or_default() {
+            values::ConsulModeName::Agent => {
+                if c.catalog.is_some() {
+                    self.error(
+                        &[Key("consul"), Key("catalog")],
+                        "consul.catalog configures catalog mode, but consul.mode is agent (the default): set consul.mode: catalog, or remove consul.catalog",
+                    );
+                    return None;
+                }
+                return Some(ConsulMode::Agent);
+            }
+            values::ConsulModeName::Catalog => c.catalog.as_ref(),
+        };
+        let empty = schema::RawCatalog::default();
+        let raw = raw.unwrap_or(&empty);
+        let node = match &raw.node {
+            Some(n) => Some(n.0.clone()),
+            None => match self.env.non_empty("NODE_NAME") {
+                Some(node) => {
+                    match values::NodeName::parse(&format!("{VIRTUAL_NODE_PREFIX}{node}")) {
+                        Ok(n) => Some(n.0),
+                        Err(problem) => {
+                            self.env_error(
+                                "NODE_NAME",
+                                format!("cannot name the virtual node after it: {problem}"),
+                            );
+                            None
+                        }
+                    }
+                }
+                None => {
+                    self.error(
+                        &catalog_at("node"),
+                        format!("catalog mode needs a node to register on: set consul.catalog.node, or NODE_NAME (the Downward API's spec.nodeName) for the default {VIRTUAL_NODE_PREFIX}<NODE_NAME>"),
+                    );
+                    None
+                }
+            },
+        };
+        let node_address = match &raw.node_address {
+            Some(a) => Some(a.0.clone()),
+            None => match self.env.non_empty("HOST_IP") {
+                Some(ip) => Some(ip),
+                None => {
+                    self.error(
+                        &catalog_at("nodeAddress"),
+                        "catalog mode needs the node's address: set consul.catalog.nodeAddress, or HOST_IP (the Downward API's status.hostIP)",
+                    );
+                    None
+                }
+            },
+        };
+        let session_ttl = raw.session_ttl.as_ref().map_or(SESSION_TTL_MIN, |d| d.0);
+        if !(SESSION_TTL_MIN..=SESSION_TTL_MAX).contains(&session_ttl) {
+            self.error(
+                &catalog_at("sessionTTL"),
+                format!(
+                    "{} is outside Consul's session TTL range (10s to 24h)",
+                    duration::format(session_ttl)
+                ),
+            );
+        }
+        Some(ConsulMode::Catalog(CatalogSettings {
+            node: node?,
+            node_address: node_address?,
+            session_ttl,
+            key_prefix: raw
+                .key_prefix
+                .as_ref()
+                .map_or_else(|| DEFAULT_KEY_PREFIX.to_string(), |p| p.0.clone()),
+        }))
     }
 
     /// TLS settings next to a plain-HTTP Consul address would be dropped, and the token sent in

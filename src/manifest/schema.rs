@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 
 use super::values::{
-    Count, Delay, Flag, HealthMode, InstanceId, MetaKey, Port, PositiveDuration, ServiceAddress,
-    ServiceName, Text,
+    ConsulModeName, Count, Delay, Flag, HealthMode, InstanceId, KeyPrefix, MetaKey, NodeName, Port,
+    PositiveDuration, ServiceAddress, ServiceName, Text,
 };
 
 #[derive(Debug, Deserialize)]
@@ -35,6 +35,19 @@ pub struct RawConsul {
     pub retry: Option<RawRetry>,
     pub resync_interval: Option<PositiveDuration>,
     pub blocking_watches: Option<Count>,
+    pub mode: Option<ConsulModeName>,
+    pub catalog: Option<RawCatalog>,
+}
+
+/// `consul.catalog`: settings of catalog mode only.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawCatalog {
+    pub node: Option<NodeName>,
+    pub node_address: Option<ServiceAddress>,
+    #[serde(rename = "sessionTTL")]
+    pub session_ttl: Option<PositiveDuration>,
+    pub key_prefix: Option<KeyPrefix>,
 }
 
 #[derive(Debug, Default, Deserialize)]

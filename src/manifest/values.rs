@@ -239,6 +239,81 @@ impl<'de> Deserialize<'de> for HealthMode {
     }
 }
 
+/// Which Consul API the sidecar registers through (`consul.mode`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ConsulModeName {
+    /// The node's Consul client agent (`/v1/agent/...`, a TTL check).
+    #[default]
+    Agent,
+    /// The servers' catalog (`/v1/catalog/...`, a virtual node, sessions as the crash net).
+    Catalog,
+}
+
+impl<'de> Deserialize<'de> for ConsulModeName {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserialize_scalar(deserializer, |text| match text.trim() {
+            "agent" => Ok(ConsulModeName::Agent),
+            "catalog" => Ok(ConsulModeName::Catalog),
+            other => Err(format!(
+                "{other:?} is not a Consul mode (agent: a client agent on the node; catalog: the servers' catalog, for clusters without client agents)"
+            )),
+        })
+    }
+}
+
+manifest_scalar!(
+    /// A Consul node name: letters, digits, `-`, `_` and `.`, at most 253 characters (a
+    /// Kubernetes node name fits).
+    NodeName(String),
+    |s| {
+        let s = s.trim();
+        if s.is_empty() {
+            return Err("must not be empty".to_string());
+        }
+        if s.len() > 253 {
+            return Err(format!("has {} characters; at most 253", s.len()));
+        }
+        if let Some(c) = s
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+        {
+            return Err(format!(
+                "{s:?} contains {c:?}; a node name may hold letters, digits, '-', '_' and '.'"
+            ));
+        }
+        Ok(s.to_string())
+    }
+);
+
+manifest_scalar!(
+    /// A Consul KV key prefix: segments of letters, digits, `-`, `_` and `.` separated by `/`,
+    /// without a leading or trailing `/`.
+    KeyPrefix(String),
+    |s| {
+        let s = s.trim().trim_end_matches('/');
+        if s.is_empty() {
+            return Err("must not be empty".to_string());
+        }
+        if s.starts_with('/') {
+            return Err(format!("{s:?} starts with '/'; KV keys have no leading slash"));
+        }
+        for segment in s.split('/') {
+            if segment.is_empty() || segment == "." || segment == ".." {
+                return Err(format!("{s:?} has an empty, '.' or '..' segment"));
+            }
+            if let Some(c) = segment
+                .chars()
+                .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+            {
+                return Err(format!(
+                    "{s:?} contains {c:?}; use letters, digits, '-', '_', '.' and '/'"
+                ));
+            }
+        }
+        Ok(s.to_string())
+    }
+);
+
 #[cfg(test)]
 mod tests {
     use super::*;
