@@ -43,8 +43,10 @@ struct NodeEntry {
 
 #[derive(Deserialize)]
 struct NodeServices {
+    /// `null` for a node without services (a virtual node whose instances all drained: the
+    /// sidecar never deregisters a node).
     #[serde(rename = "Services", default)]
-    services: Vec<NodeService>,
+    services: Option<Vec<NodeService>>,
 }
 
 #[derive(Deserialize)]
@@ -248,7 +250,7 @@ impl Reaper {
                 reason: e.to_string(),
             })?;
         Ok(services
-            .map(|s| s.services)
+            .and_then(|s| s.services)
             .unwrap_or_default()
             .into_iter()
             .filter(|s| {
