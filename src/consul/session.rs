@@ -94,9 +94,29 @@ impl Liveness {
         if !force && lock(&self.acquired).contains(id) {
             return Ok(());
         }
-        self.acquire(id, &session).await?;
+        match self.acquire(id, &session).await {
+            // The servers no longer know our session (wiped, restored from an older snapshot):
+            // replace it now rather than at the next renewal, up to sessionTTL / 3 away.
+            Err(ConsulError::Status {
+                status: 500, body, ..
+            }) if body.contains("invalid session") => {
+                self.forget(&session).await;
+                let session = self.session().await?;
+                self.acquire(id, &session).await?;
+            }
+            other => other?,
+        }
         lock(&self.acquired).insert(id.to_string());
         Ok(())
+    }
+
+    /// Drops `session` as the current one (if it still is) and what was acquired with it.
+    async fn forget(&self, session: &str) {
+        let mut current = self.session.lock().await;
+        if current.as_deref() == Some(session) {
+            *current = None;
+            lock(&self.acquired).clear();
+        }
     }
 
     /// Deletes the key of instance `id` (after it was deregistered).
@@ -166,13 +186,7 @@ impl Liveness {
                         ttl = %duration::format(self.settings.session_ttl),
                         "the session expired (Consul did not hear from us for too long, or it was destroyed); its liveness keys are gone and other sidecars may reap our instances: making a new session and taking the keys again"
                     );
-                    {
-                        let mut current = self.session.lock().await;
-                        if current.as_deref() == Some(session.as_str()) {
-                            *current = None;
-                            lock(&self.acquired).clear();
-                        }
-                    }
+                    self.forget(&session).await;
                     wait = match self.reacquire().await {
                         Ok(()) => {
                             backoff.reset();
