@@ -722,7 +722,11 @@ async fn a_drain_wait_sent_before_sigterm_gets_its_answer_before_the_sidecar_exi
             sidecar.metric("consul_registrar_draining").await == Some(1.0)
         })
         .await;
-        assert!(started, "round {round}: /drain did not start a drain\n{}", sidecar.logs());
+        assert!(
+            started,
+            "round {round}: /drain did not start a drain\n{}",
+            sidecar.logs()
+        );
         // A classic sidecar: SIGTERM while the app's preStop still waits.
         sidecar.signal("TERM");
         let answer = waiter.await.expect("waiter");
