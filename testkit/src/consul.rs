@@ -1,5 +1,7 @@
 //! Consul agents on loopback ports of their own: a `-dev` server (optionally with ACLs, HTTPS only,
-//! or on another address), or a client agent joined to one; and reading Consul's answers.
+//! or on another address), a client agent joined to one, or one server of a
+//! [`ConsulCluster`](crate::ConsulCluster); and reading Consul's answers (catalog, health, KV,
+//! sessions).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
@@ -84,6 +86,9 @@ pub struct ConsulAgent {
     log_file: Option<PathBuf>,
     proc: Option<Proc>,
     starts: u32,
+    /// Set for a server of a cluster: the Serf LAN ports of the other servers (on the same
+    /// address), which it joins; the cluster bootstraps once all of them are up.
+    cluster_peers: Option<Vec<u16>>,
 }
 
 impl ConsulAgent {
@@ -103,7 +108,20 @@ impl ConsulAgent {
             log_file: None,
             proc: None,
             starts: 0,
+            cluster_peers: None,
         }
+    }
+
+    /// Makes a prepared agent a server of a cluster (`-server`, a data directory of its own,
+    /// `-bootstrap-expect` = peers + 1, `-retry-join` each peer's Serf LAN port on the same
+    /// address, fast Raft timing).
+    pub(crate) fn join_cluster(&mut self, peers: Vec<u16>) {
+        self.cluster_peers = Some(peers);
+    }
+
+    /// The data directory of a cluster server.
+    pub(crate) fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
     }
 
     /// A plain dev agent, started.
@@ -144,6 +162,23 @@ impl ConsulAgent {
     /// The Serf LAN port, which a client agent joins ([`ConsulOptions::join`]).
     pub fn serf_lan_port(&self) -> u16 {
         self.serf_lan_port
+    }
+
+    /// The server RPC (Raft) port: `/v1/status/leader` names the leader by it.
+    pub fn server_port(&self) -> u16 {
+        self.server_port
+    }
+
+    /// The node name of the agent itself (`-node`).
+    pub fn node_name(&self) -> String {
+        self.opts
+            .node
+            .map_or_else(|| format!("test-{}", self.http_port), str::to_string)
+    }
+
+    /// Whether the process was started and not stopped (it may still have crashed).
+    pub fn is_running(&self) -> bool {
+        self.proc.is_some()
     }
 
     /// The ACL bootstrap token ([`MANAGEMENT_TOKEN`]); None without ACLs.
@@ -223,6 +258,10 @@ impl ConsulAgent {
         if let Some(n) = self.opts.http_max_conns_per_client {
             config["limits"] = serde_json::json!({ "http_max_conns_per_client": n });
         }
+        if self.cluster_peers.is_some() {
+            // Consul's production timing is 5× slower; 1 is what `-dev` uses.
+            config["performance"] = serde_json::json!({ "raft_multiplier": 1 });
+        }
         config
     }
 
@@ -235,11 +274,24 @@ impl ConsulAgent {
         let mut cmd = Command::new(consul_bin());
         let ip = self.bind_ip();
         cmd.arg("agent");
-        match self.opts.join {
-            None => {
+        match (self.opts.join, &self.cluster_peers) {
+            (_, Some(peers)) => {
+                let data = self.data_dir();
+                std::fs::create_dir_all(&data).expect("data dir");
+                cmd.arg("-server")
+                    .args(["-bootstrap-expect", &(peers.len() + 1).to_string()])
+                    .arg("-data-dir")
+                    .arg(data)
+                    .arg("-disable-keyring-file")
+                    .args(["-retry-interval", "500ms"]);
+                for port in peers {
+                    cmd.args(["-retry-join", &format!("{ip}:{port}")]);
+                }
+            }
+            (None, None) => {
                 cmd.arg("-dev");
             }
-            Some(serf_lan) => {
+            (Some(serf_lan), None) => {
                 let data = self.dir.path().join("data");
                 std::fs::create_dir_all(&data).expect("data dir");
                 cmd.arg("-server=false")
@@ -248,10 +300,7 @@ impl ConsulAgent {
                     .args(["-retry-join", &format!("{ip}:{serf_lan}")]);
             }
         }
-        let node = self
-            .opts
-            .node
-            .map_or_else(|| format!("test-{}", self.http_port), str::to_string);
+        let node = self.node_name();
         cmd.args(["-bind", &ip, "-client", &ip, "-node", &node])
             .args(CONSUL_LISTENERS_OFF)
             .args(["-server-port", &self.server_port.to_string()])
@@ -271,7 +320,16 @@ impl ConsulAgent {
     /// Starts the agent and waits until it has a leader (and, with ACLs, the registrar token).
     pub async fn start(&mut self) {
         self.spawn();
-        let deadline = Instant::now() + Duration::from_secs(60);
+        self.wait_for_leader(Duration::from_secs(60)).await;
+        if self.opts.acl {
+            self.create_registrar_token().await;
+        }
+    }
+
+    /// Waits up to `timeout` until the agent knows a leader: its Raft address (`ip:server port`).
+    /// Panics if the agent exits meanwhile or no leader comes.
+    pub async fn wait_for_leader(&mut self, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.exited() {
                 panic!(
@@ -279,20 +337,24 @@ impl ConsulAgent {
                     tail(&self.log_path(), 60)
                 );
             }
-            if let Ok((200, leader)) = self.get("/v1/status/leader").await
-                && leader.as_str().is_some_and(|l| !l.is_empty())
-            {
-                break;
+            if let Some(leader) = self.leader().await {
+                return leader;
             }
             assert!(
                 Instant::now() < deadline,
-                "consul has no leader after 60 s:\n{}",
+                "consul has no leader after {timeout:?}:\n{}",
                 tail(&self.log_path(), 60)
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        if self.opts.acl {
-            self.create_registrar_token().await;
+    }
+
+    /// The leader this agent knows (`GET /v1/status/leader`: `ip:server port`), None when it knows
+    /// none or does not answer.
+    pub async fn leader(&self) -> Option<String> {
+        match self.get("/v1/status/leader").await {
+            Ok((200, leader)) => leader.as_str().filter(|l| !l.is_empty()).map(String::from),
+            _ => None,
         }
     }
 
@@ -361,38 +423,42 @@ impl ConsulAgent {
         Ok(r.status().as_u16())
     }
 
-    fn ok_json(r: Result<(u16, Value), reqwest::Error>, what: &str) -> Value {
-        match r {
-            Ok((200, v)) => v,
-            Ok((404, _)) => Value::Null,
-            other => panic!("{what}: {other:?}"),
+    /// GET `path`: the JSON body on 200, Null on 404. A 5xx or a transport error (a server without
+    /// a leader, one just killed) is retried for up to 10 s, then panics naming `what`.
+    async fn read_json(&self, path: &str, what: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.get(path).await {
+                Ok((200, v)) => return v,
+                Ok((404, _)) => return Value::Null,
+                Ok((status, _)) if status < 500 => panic!("{what}: {status}"),
+                other if Instant::now() >= deadline => panic!("{what}: {other:?}"),
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
         }
     }
 
     /// `GET /v1/agent/service/:id`, or None when the agent does not have it.
     pub async fn agent_service(&self, id: &str) -> Option<Value> {
-        let v = Self::ok_json(
-            self.get(&format!("/v1/agent/service/{id}")).await,
-            "agent service",
-        );
+        let v = self
+            .read_json(&format!("/v1/agent/service/{id}"), "agent service")
+            .await;
         (!v.is_null()).then_some(v)
     }
 
     /// `GET /v1/catalog/service/:name`.
     pub async fn catalog_service(&self, name: &str) -> Vec<Value> {
-        let v = Self::ok_json(
-            self.get(&format!("/v1/catalog/service/{name}")).await,
-            "catalog",
-        );
+        let v = self
+            .read_json(&format!("/v1/catalog/service/{name}"), "catalog")
+            .await;
         v.as_array().cloned().unwrap_or_default()
     }
 
     /// `GET /v1/health/service/:name`.
     pub async fn health_service(&self, name: &str) -> Vec<Value> {
-        let v = Self::ok_json(
-            self.get(&format!("/v1/health/service/{name}")).await,
-            "health",
-        );
+        let v = self
+            .read_json(&format!("/v1/health/service/{name}"), "health")
+            .await;
         v.as_array().cloned().unwrap_or_default()
     }
 
@@ -418,6 +484,78 @@ impl ConsulAgent {
             self.check_status(name, id).await.as_deref() == Some(status)
         })
         .await
+    }
+
+    /// `GET /v1/catalog/node/:node`: the node and its services (`{"Node": …, "Services": {id: …}}`),
+    /// or None when the catalog has no such node.
+    pub async fn catalog_node(&self, node: &str) -> Option<Value> {
+        let v = self
+            .read_json(&format!("/v1/catalog/node/{node}"), "catalog node")
+            .await;
+        (!v.is_null()).then_some(v)
+    }
+
+    /// The nodes instance `id` of service `name` is registered on, one entry per registration (so
+    /// a duplicate shows as two).
+    pub async fn nodes_of(&self, name: &str, id: &str) -> Vec<String> {
+        self.catalog_service(name)
+            .await
+            .iter()
+            .filter(|e| e["ServiceID"] == id)
+            .filter_map(|e| e["Node"].as_str().map(String::from))
+            .collect()
+    }
+
+    /// The keys under `prefix` (`GET /v1/kv/<prefix>?keys`), empty when there are none.
+    pub async fn kv_keys(&self, prefix: &str) -> Vec<String> {
+        let v = self
+            .read_json(&format!("/v1/kv/{prefix}?keys"), "kv keys")
+            .await;
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|k| k.as_str().map(String::from))
+            .collect()
+    }
+
+    /// The KV entry `key` (`{"Key", "Value" (base64), "Session", …}`), None when absent.
+    pub async fn kv_entry(&self, key: &str) -> Option<Value> {
+        let v = self.read_json(&format!("/v1/kv/{key}"), "kv entry").await;
+        v.as_array().and_then(|a| a.first()).cloned()
+    }
+
+    /// `GET /v1/session/info/:id`: the session, None once it is gone.
+    pub async fn session(&self, id: &str) -> Option<Value> {
+        let v = self
+            .read_json(&format!("/v1/session/info/{id}"), "session info")
+            .await;
+        v.as_array().and_then(|a| a.first()).cloned()
+    }
+
+    /// `GET /v1/session/node/:node`: the sessions on a node.
+    pub async fn sessions_on(&self, node: &str) -> Vec<Value> {
+        let v = self
+            .read_json(&format!("/v1/session/node/{node}"), "node sessions")
+            .await;
+        v.as_array().cloned().unwrap_or_default()
+    }
+
+    /// `PUT /v1/catalog/register` (as an operator or another tool would); asserts 200.
+    pub async fn catalog_register(&self, body: &Value) {
+        let status = self
+            .put("/v1/catalog/register", body)
+            .await
+            .expect("catalog register");
+        assert_eq!(status, 200, "catalog register {body}");
+    }
+
+    /// `PUT /v1/catalog/deregister` (as an operator would); asserts 200.
+    pub async fn catalog_deregister(&self, body: &Value) {
+        let status = self
+            .put("/v1/catalog/deregister", body)
+            .await
+            .expect("catalog deregister");
+        assert_eq!(status, 200, "catalog deregister {body}");
     }
 
     /// Registers a service directly with the agent (as someone else would).

@@ -1,6 +1,7 @@
 //! consul-registrar's test kit, shared by the integration tests (through `tests/support`), the pod
 //! simulation and the benchmark (`examples/bench.rs`): real Consul agents on free loopback ports
-//! (optionally with ACLs or HTTPS only, or as a client agent joined to a server), the real demo
+//! (optionally with ACLs or HTTPS only, or as a client agent joined to a server), a three-server
+//! cluster with no client agent behind a round-robin TCP load balancer, the real demo
 //! gRPC app, the real sidecar binary, the tutorial's Go peers and pods on network namespaces
 //! (`podsim`). Every process is killed on drop; a failing test prints the logs.
 //!
@@ -9,7 +10,9 @@
 
 mod bins;
 mod consul;
+mod consul_cluster;
 mod demo_app;
+mod load_balancer;
 mod metrics;
 mod ports;
 mod process;
@@ -25,7 +28,9 @@ pub use consul::{
     CONSUL_LISTENERS_OFF, ConsulAgent, ConsulOptions, MANAGEMENT_TOKEN, REGISTRAR_RULES,
     REGISTRAR_TOKEN, instance_status,
 };
+pub use consul_cluster::ConsulCluster;
 pub use demo_app::{DemoApp, DemoAppOptions};
+pub use load_balancer::LoadBalancer;
 pub use metrics::Metrics;
 pub use ports::free_port;
 pub use process::{Proc, signal_pid};
