@@ -231,7 +231,9 @@ fn validate(path: &std::path::Path) -> ExitCode {
     };
     match registrations.and_then(|r| serde_json::to_string_pretty(&r)) {
         Ok(json) => {
-            println!("{json}");
+            // A closed pipe (`validate … | head`) is not an error worth a panic.
+            use std::io::Write;
+            let _ = writeln!(std::io::stdout().lock(), "{json}");
             ExitCode::SUCCESS
         }
         Err(e) => {

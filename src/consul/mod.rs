@@ -77,7 +77,7 @@ pub enum ConsulError {
     )]
     KeyHeld { key: String },
     #[error(
-        "calls to {address} reached different Consul agents (node {first:?}, then node {now:?}): consul.address must be one agent, this node's own (e.g. the host IP), not a Service or load balancer over several agents or servers, because an agent keeps the instances it registered to itself. Registering through the catalog instead (consul.mode: catalog) is planned but not supported yet"
+        "calls to {address} reached different Consul agents (node {first:?}, then node {now:?}): consul.address must be one agent, this node's own (e.g. the host IP), not a Service or load balancer over several agents or servers, because an agent keeps the instances it registered to itself. Without a client agent on the node, register through the servers' catalog instead: consul.mode: catalog"
     )]
     SeveralAgents {
         address: String,

@@ -57,6 +57,8 @@ struct NodeService {
     service: String,
     #[serde(rename = "Meta", default)]
     meta: Option<std::collections::BTreeMap<String, String>>,
+    #[serde(rename = "ModifyIndex", default)]
+    modify_index: u64,
 }
 
 /// A managed instance: where it is and what it is called.
@@ -65,6 +67,8 @@ struct Instance {
     node: String,
     id: String,
     service: String,
+    /// The catalog's index of the instance as read: the removal applies only to this version.
+    modify_index: u64,
 }
 
 impl Reaper {
@@ -108,11 +112,14 @@ impl Reaper {
                 Ok(()) => known = Some(keys),
                 Err(e) => {
                     tracing::warn!(error = %e, "the reaper could not finish; trying again");
-                    // Keep the old view, so the same keys count as gone next time.
+                    // Keep the old view, so the same keys count as gone next time, and read
+                    // again at once rather than waiting for the next change.
+                    index = String::from("0");
                     tokio::select! {
                         _ = cancel.cancelled() => return,
                         _ = tokio::time::sleep(backoff.next_delay()) => {}
                     }
+                    continue;
                 }
             }
             // An index that went backwards (servers restored or wiped) starts over.
@@ -263,20 +270,26 @@ impl Reaper {
                 node: node.to_string(),
                 id: s.id,
                 service: s.service,
+                modify_index: s.modify_index,
             })
             .collect())
     }
 
-    /// One transaction: the key still does not exist, and the instance goes. A failed check (the
-    /// owner took its key again) leaves everything as it is. A token that may not write the
-    /// service leaves it to reapers that may.
+    /// One transaction: the key still does not exist, and the instance goes if it is still the
+    /// version read (`delete-cas`). A failed check (the owner took its key again and registered
+    /// anew, or another reaper was first) leaves everything as it is, so each ghost is reaped
+    /// (and counted) once. A token that may not write the service leaves it to reapers that may.
     async fn reap(&self, instance: &Instance) -> Result<(), ConsulError> {
         let ops = serde_json::json!([
             { "KV": { "Verb": "check-not-exists", "Key": self.key(instance) } },
             { "Service": {
-                "Verb": "delete",
+                "Verb": "delete-cas",
                 "Node": instance.node,
-                "Service": { "ID": instance.id, "Service": instance.service },
+                "Service": {
+                    "ID": instance.id,
+                    "Service": instance.service,
+                    "ModifyIndex": instance.modify_index,
+                },
             } },
         ]);
         let req = self.client.request(Method::PUT, "/v1/txn").json(&ops);
@@ -286,7 +299,8 @@ impl Reaper {
                 tracing::info!(instance = %instance.id, node = %instance.node, service = %instance.service, "reaped an instance whose sidecar is gone (its session expired)");
                 Ok(())
             }
-            // The check failed: the key exists again, its owner is alive.
+            // A check failed: the key exists again (its owner is alive), or the instance is gone
+            // or changed since it was read (another reaper, a re-registration).
             Err(ConsulError::Status { status: 409, .. }) => Ok(()),
             Err(ConsulError::Forbidden { .. }) => {
                 tracing::debug!(instance = %instance.id, service = %instance.service, "may not reap this instance (the ACL token cannot write its service); leaving it to sidecars that may");

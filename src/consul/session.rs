@@ -11,7 +11,6 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::Duration;
 
 use reqwest::Method;
 use serde::Deserialize;
@@ -163,7 +162,7 @@ impl Liveness {
         let every = self.settings.session_ttl / 3;
         let mut backoff = Backoff::new(self.retry);
         let mut wait = every;
-        let mut failing_since: Option<tokio::time::Instant> = None;
+        let mut failing = false;
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -178,7 +177,7 @@ impl Liveness {
             match self.renew(&session).await {
                 Ok(true) => {
                     self.renewal("ok");
-                    if failing_since.take().is_some() {
+                    if std::mem::take(&mut failing) {
                         tracing::info!("session renewed again");
                     }
                     backoff.reset();
@@ -212,8 +211,8 @@ impl Liveness {
                 }
                 Err(e) => {
                     self.renewal("error");
-                    let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
-                    if since.elapsed() < every + Duration::from_millis(1) {
+                    if !failing {
+                        failing = true;
                         tracing::warn!(error = %e, "cannot renew the session; retrying (it expires after 1–2 × sessionTTL without a renewal)");
                     }
                     wait = backoff.next_delay().min(every);
@@ -310,7 +309,12 @@ impl Liveness {
         );
         match self
             .client
-            .send("session_renew", req, super::REQUEST_TIMEOUT)
+            // A renewal that hangs (a connection gone dead) must not outlast the next one due.
+            .send(
+                "session_renew",
+                req,
+                (self.settings.session_ttl / 3).min(super::REQUEST_TIMEOUT),
+            )
             .await
         {
             Ok(_) => Ok(true),
