@@ -208,7 +208,7 @@ async fn an_address_over_several_agents_stops_the_sidecar_with_exit_code_78() {
     assert!(
         logs.contains("reached different Consul agents")
             && logs.contains("consul.mode: catalog")
-            && logs.contains("not supported yet"),
+            && logs.contains("register through the servers' catalog"),
         "{logs}"
     );
 }
