@@ -1790,8 +1790,8 @@ async fn raft_window(api: &Api, seconds: u64) -> Result<Value> {
     let registrar: f64 = totals
         .iter()
         .filter(|(k, _)| registrar_kind(k))
-        .map(|(_, v)| v)
-        .sum();
+        // A fold from +0.0: an empty f64 `sum()` is -0.0, which prints as "-0.00".
+        .fold(0.0, |total, (_, v)| total + v);
     let entries = index1.saturating_sub(index0);
     Ok(json!({
         "seconds": round(wall, 1),
@@ -1807,9 +1807,11 @@ async fn raft_window(api: &Api, seconds: u64) -> Result<Value> {
 
 /// The sum of a scrape's Consul requests (every operation and status).
 fn requests_total(rates: &Value) -> f64 {
-    rates
-        .as_object()
-        .map_or(0.0, |m| m.values().filter_map(Value::as_f64).sum())
+    rates.as_object().map_or(0.0, |m| {
+        m.values()
+            .filter_map(Value::as_f64)
+            .fold(0.0, |total, x| total + x)
+    })
 }
 
 /// Steady-state Raft writes: one Consul dev server, a quiet window without a sidecar, then one
