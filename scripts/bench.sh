@@ -10,7 +10,7 @@
 # Knobs (environment):
 #   BENCH_PHASES=propagation,footprint,drain,scale,recovery,raft,reap   a subset, for quick runs
 #                     (default all)
-#   BENCH_QUICK=1     small sample counts and short windows (a smoke run of ~6 minutes, most of it
+#   BENCH_QUICK=1     small sample counts and short windows (a smoke run of ~5 minutes, most of it
 #                     the reap phase waiting for Consul's agent-mode reaper; the figures are then
 #                     rough)
 #   BENCH_FLIPS, BENCH_PEER_FLIPS, BENCH_FLOOR_FLIPS, BENCH_DRAIN_RUNS, BENCH_RECOVERY_RUNS,
@@ -178,12 +178,13 @@ reap = results.get("reap") or {}
 for mode in ("agent", "catalog"):
     gone = sorted((reap.get(mode) or {}).get("gone_samples_ms", []))
     if gone:
-        groups.append(("SIGKILL → gone\n%s mode" % mode, gone))
+        groups.append(("reap, %s\nKILL → gone" % mode, gone))
 if groups:
     ax.boxplot([g[1] for g in groups], whis=(0, 100), widths=0.5)
     for i, (_, g) in enumerate(groups, start=1):
         ax.plot([i + (k % 7 - 3) * 0.03 for k in range(len(g))], g, ".", alpha=0.5, color="tab:blue")
-    ax.set_xticks(range(1, len(groups) + 1), [g[0] for g in groups], fontsize=8)
+    ax.set_xticks(range(1, len(groups) + 1), [g[0] for g in groups],
+                  fontsize=8 if len(groups) <= 3 else 6.5)
     ax.set_yscale("log")
     ax.set_ylabel("ms (log scale)")
 else:
