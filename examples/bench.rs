@@ -1953,7 +1953,9 @@ fn reap_deadline(mode: Mode) -> Duration {
 /// mode (one instance each, every default: agent mode with `check.ttl` 10 s and
 /// `deregisterCriticalServiceAfter` 1 m; catalog mode with session TTL 10 s on Kubernetes node
 /// `bench-reap-a`), and one more catalog-mode sidecar on node `bench-reap-b` that stays alive: its
-/// reaper is the one that deregisters the others' instances. An agent-mode and a catalog-mode
+/// reaper is the one that deregisters the others' instances. A managed virtual node without
+/// instances (`consul-registrar-bench-reap-empty`) is there from the start, as in a cluster where
+/// every pod of some node has gone. An agent-mode and a catalog-mode
 /// sidecar are killed at the same moment, pair after pair 30 s / runs apart (so the kills land at
 /// different points of Consul's 30 s reaper period).
 async fn reap(bed: &Bed, args: &Args) -> Result<Value> {
@@ -1964,6 +1966,17 @@ async fn reap(bed: &Bed, args: &Args) -> Result<Value> {
     let api = bed.api(&consul);
     let app = bed.demo_app("demo-app-reap", 0).await;
     let addr = consul.http_addr();
+    // A virtual node whose pods have all gone, as a cluster has them (a sidecar never deregisters
+    // its node): every reaper's sweep must get past it.
+    api.put(
+        "/v1/catalog/register",
+        &json!({
+            "Node": "consul-registrar-bench-reap-empty",
+            "Address": "127.0.0.1",
+            "NodeMeta": { "managed-by": "consul-registrar" },
+        }),
+    )
+    .await?;
     let one = |name: &str, id: &str| {
         [Instance {
             name: name.into(),
@@ -2193,11 +2206,20 @@ fn targets(r: &Value) -> Vec<Target> {
     let reap = &r["reap"];
     if !reap.is_null() {
         let g = &reap["catalog"]["gone"];
+        let lost = g["timeouts"].as_u64().unwrap_or(0);
         t.push(Target {
             what: "SIGKILL → gone, catalog mode (max)",
             goal: "≤ 2 × session TTL + 1 s (21 s)",
-            value: format!("{} s", f(&json!(g["max"].as_f64().map(|x| x / 1000.0)))),
-            met: le(num(&g["max"]), 21_000.0).map(|ok| ok && g["timeouts"] == 0),
+            value: if lost > 0 {
+                format!("{lost} of {} never gone", reap["runs"])
+            } else {
+                format!("{} s", f(&json!(g["max"].as_f64().map(|x| x / 1000.0))))
+            },
+            met: if lost > 0 {
+                Some(false)
+            } else {
+                le(num(&g["max"]), 21_000.0)
+            },
         });
     }
     let raft = &r["raft"];
