@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use consul_registrar::consul::{AgentServiceRegistration, CheckStatus};
-use consul_registrar::manifest::{self, Environment, ManifestErrors};
+use consul_registrar::consul::{AgentServiceRegistration, CheckStatus, catalog};
+use consul_registrar::manifest::{self, ConsulMode, Environment, ManifestErrors};
 use consul_registrar::probe::{self, ConnectError, HealthRpc};
 use consul_registrar::sidecar;
 use tonic_health::pb::HealthCheckRequest;
@@ -204,12 +204,32 @@ fn validate(path: &std::path::Path) -> ExitCode {
         Ok(m) => m,
         Err(code) => return code,
     };
-    let registrations: Vec<AgentServiceRegistration> = manifest
-        .services
-        .iter()
-        .map(|s| AgentServiceRegistration::new(s, CheckStatus::Critical))
-        .collect();
-    match serde_json::to_string_pretty(&registrations) {
+    // What the sidecar would send first, in the mode's own shape.
+    let registrations = match &manifest.consul.mode {
+        ConsulMode::Agent => serde_json::to_value(
+            manifest
+                .services
+                .iter()
+                .map(|s| AgentServiceRegistration::new(s, CheckStatus::Critical))
+                .collect::<Vec<_>>(),
+        ),
+        ConsulMode::Catalog(settings) => Ok(serde_json::Value::Array(
+            manifest
+                .services
+                .iter()
+                .map(|s| {
+                    catalog::registration_body(
+                        settings,
+                        s,
+                        CheckStatus::Critical,
+                        "waiting for the first probe",
+                        true,
+                    )
+                })
+                .collect(),
+        )),
+    };
+    match registrations.and_then(|r| serde_json::to_string_pretty(&r)) {
         Ok(json) => {
             println!("{json}");
             ExitCode::SUCCESS

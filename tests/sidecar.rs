@@ -717,7 +717,12 @@ async fn a_drain_wait_sent_before_sigterm_gets_its_answer_before_the_sidecar_exi
                 .map(|r| r.status().as_u16())
                 .map_err(|e| e.to_string())
         });
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The request is in (the drain it started is under way), however loaded the machine.
+        let started = wait_until(5 * SECOND, || async {
+            sidecar.metric("consul_registrar_draining").await == Some(1.0)
+        })
+        .await;
+        assert!(started, "round {round}: /drain did not start a drain\n{}", sidecar.logs());
         // A classic sidecar: SIGTERM while the app's preStop still waits.
         sidecar.signal("TERM");
         let answer = waiter.await.expect("waiter");

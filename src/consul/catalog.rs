@@ -56,55 +56,6 @@ impl CatalogRegistry {
         }
     }
 
-    /// The body of `PUT /v1/catalog/register`: the node, the check, and the service when
-    /// `service` (a status change sends the check alone, and fails if the service is gone).
-    fn body(
-        &self,
-        spec: &ServiceSpec,
-        status: CheckStatus,
-        output: &str,
-        service: bool,
-    ) -> serde_json::Value {
-        let mut body = serde_json::json!({
-            "Node": self.settings.node,
-            "Address": self.settings.node_address,
-            "NodeMeta": { MANAGED_BY_KEY: MANAGED_BY_VALUE },
-            "SkipNodeUpdate": !service,
-            "Check": {
-                "Node": self.settings.node,
-                "CheckID": spec.check.id,
-                "Name": spec.check.name,
-                "ServiceID": spec.id,
-                "Status": status.as_str(),
-                "Output": output,
-                "Notes": spec.check.notes.clone().unwrap_or_default(),
-            },
-        });
-        if service {
-            let want = AgentServiceRegistration::new(spec, status);
-            let mut s = serde_json::json!({
-                "ID": want.id,
-                "Service": want.name,
-                "Tags": want.tags,
-                "Port": want.port,
-                "Meta": want.meta,
-                "EnableTagOverride": want.enable_tag_override,
-            });
-            if let Some(address) = &want.address {
-                s["Address"] = address.clone().into();
-            }
-            if let Some(w) = want.weights {
-                s["Weights"] = serde_json::json!({ "Passing": w.passing, "Warning": w.warning });
-            }
-            if !want.tagged_addresses.is_empty() {
-                s["TaggedAddresses"] =
-                    serde_json::to_value(&want.tagged_addresses).unwrap_or(serde_json::Value::Null);
-            }
-            body["Service"] = s;
-        }
-        body
-    }
-
     /// `GET /v1/health/service/:name` filtered to our instance on our node; blocking from
     /// `index` when given.
     async fn instance(
@@ -189,6 +140,55 @@ impl CatalogRegistry {
     }
 }
 
+/// The body of `PUT /v1/catalog/register` on `settings.node`: the node, the check, and the
+/// service when `service` (a status change sends the check alone, and fails if the service is gone).
+pub fn registration_body(
+    settings: &CatalogSettings,
+    spec: &ServiceSpec,
+    status: CheckStatus,
+    output: &str,
+    service: bool,
+) -> serde_json::Value {
+    let mut body = serde_json::json!({
+        "Node": settings.node,
+        "Address": settings.node_address,
+        "NodeMeta": { MANAGED_BY_KEY: MANAGED_BY_VALUE },
+        "SkipNodeUpdate": !service,
+        "Check": {
+            "Node": settings.node,
+            "CheckID": spec.check.id,
+            "Name": spec.check.name,
+            "ServiceID": spec.id,
+            "Status": status.as_str(),
+            "Output": output,
+            "Notes": spec.check.notes.clone().unwrap_or_default(),
+        },
+    });
+    if service {
+        let want = AgentServiceRegistration::new(spec, status);
+        let mut s = serde_json::json!({
+            "ID": want.id,
+            "Service": want.name,
+            "Tags": want.tags,
+            "Port": want.port,
+            "Meta": want.meta,
+            "EnableTagOverride": want.enable_tag_override,
+        });
+        if let Some(address) = &want.address {
+            s["Address"] = address.clone().into();
+        }
+        if let Some(w) = want.weights {
+            s["Weights"] = serde_json::json!({ "Passing": w.passing, "Warning": w.warning });
+        }
+        if !want.tagged_addresses.is_empty() {
+            s["TaggedAddresses"] =
+                serde_json::to_value(&want.tagged_addresses).unwrap_or(serde_json::Value::Null);
+        }
+        body["Service"] = s;
+    }
+    body
+}
+
 impl Registry for CatalogRegistry {
     fn address(&self) -> &str {
         self.client.address()
@@ -222,8 +222,11 @@ impl Registry for CatalogRegistry {
         // One write carries the service and its check with the verdict and its output.
         // The key first: a live instance is never without it, so no reaper takes it for a ghost.
         self.liveness.hold(&spec.id, true).await?;
-        self.catalog_register("catalog_register", &self.body(spec, status, output, true))
-            .await
+        self.catalog_register(
+            "catalog_register",
+            &registration_body(&self.settings, spec, status, output, true),
+        )
+        .await
     }
 
     async fn claim(&self, spec: &ServiceSpec) -> Result<(), ConsulError> {
@@ -238,8 +241,11 @@ impl Registry for CatalogRegistry {
         status: CheckStatus,
         output: &str,
     ) -> Result<(), ConsulError> {
-        self.catalog_register("catalog_status", &self.body(spec, status, output, false))
-            .await
+        self.catalog_register(
+            "catalog_status",
+            &registration_body(&self.settings, spec, status, output, false),
+        )
+        .await
     }
 
     async fn deregister(&self, spec: &ServiceSpec) -> Result<(), ConsulError> {

@@ -428,10 +428,7 @@ impl Resolver<'_> {
         if raw.services.is_empty() {
             self.error(&[Key("services")], "at least one service is required");
         }
-        if matches!(
-            consul.as_ref().map(|c| &c.mode),
-            Some(ConsulMode::Catalog(_))
-        ) {
+        if raw.consul.mode == Some(values::ConsulModeName::Catalog) {
             // These configure the agent's TTL check and its reaper; the catalog has neither.
             for (i, s) in raw.services.iter().enumerate() {
                 for (set, field) in [

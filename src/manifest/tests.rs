@@ -334,3 +334,97 @@ fn long_meta_values_and_path_segment_ids_are_refused() {
         );
     }
 }
+
+#[test]
+fn catalog_mode_names_its_node_after_the_kubernetes_node() {
+    let text = "consul:\n  mode: catalog\nservices:\n  - name: hello\n    port: 50051\n";
+    let m = parse(
+        text,
+        "m.yaml",
+        &env(&[("NODE_NAME", "node-a"), ("HOST_IP", "10.0.0.7")]),
+    )
+    .expect("valid");
+    assert_eq!(
+        m.consul.mode,
+        ConsulMode::Catalog(CatalogSettings {
+            node: "consul-registrar-node-a".into(),
+            node_address: "10.0.0.7".into(),
+            session_ttl: Duration::from_secs(10),
+            key_prefix: "consul-registrar/instances".into(),
+        })
+    );
+    let explicit = "consul:\n  mode: catalog\n  catalog:\n    node: edge-1\n    nodeAddress: 10.0.0.8\n    sessionTTL: 30s\n    keyPrefix: team/live/\nservices:\n  - name: hello\n    port: 50051\n";
+    let ConsulMode::Catalog(c) = parse(explicit, "m.yaml", &env(&[]))
+        .expect("valid")
+        .consul
+        .mode
+    else {
+        panic!("catalog mode expected");
+    };
+    assert_eq!(
+        (
+            c.node.as_str(),
+            c.node_address.as_str(),
+            c.key_prefix.as_str()
+        ),
+        ("edge-1", "10.0.0.8", "team/live")
+    );
+    assert_eq!(c.session_ttl, Duration::from_secs(30));
+    assert_eq!(
+        parse(MINIMAL, "m.yaml", &env(&[]))
+            .expect("valid")
+            .consul
+            .mode,
+        ConsulMode::Agent
+    );
+}
+
+#[test]
+fn catalog_mode_without_a_node_or_with_agent_fields_is_refused_where_it_is_written() {
+    let text = "consul:\n  mode: catalog\nservices:\n  - name: hello\n    port: 50051\n    check:\n      ttl: 15s\n";
+    let errs = errors(text, &env(&[]));
+    assert!(
+        errs.iter()
+            .any(|e| e.starts_with("m.yaml:2:3: consul.catalog.node: catalog mode needs a node")),
+        "{errs:?}"
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("consul.catalog.nodeAddress") && e.contains("HOST_IP")),
+        "{errs:?}"
+    );
+    assert!(
+        errs.iter().any(|e| e
+            .starts_with("m.yaml:7:12: services[0].check.ttl: check.ttl belongs to agent mode")),
+        "{errs:?}"
+    );
+    let agent = "consul:\n  catalog:\n    node: x\nservices:\n  - name: hello\n    port: 50051\n";
+    let errs = errors(agent, &env(&[]));
+    assert!(
+        errs.iter().any(|e| e.contains(
+            "consul.catalog: consul.catalog configures catalog mode, but consul.mode is agent"
+        )),
+        "{errs:?}"
+    );
+    let bad = "consul:\n  mode: registry\n  catalog:\n    sessionTTL: 5s\nservices:\n  - name: hello\n    port: 50051\n";
+    let errs = errors(bad, &env(&[]));
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("consul.mode") && e.contains("not a Consul mode")),
+        "{errs:?}"
+    );
+    let short = "consul:\n  mode: catalog\n  catalog:\n    sessionTTL: 5s\n    keyPrefix: a//b\nservices:\n  - name: hello\n    port: 50051\n";
+    let errs = errors(short, &env(&[("NODE_NAME", "n"), ("HOST_IP", "10.0.0.1")]));
+    assert!(
+        errs.iter().any(|e| e.contains("consul.catalog.keyPrefix")),
+        "{errs:?}"
+    );
+    let ttl = "consul:\n  mode: catalog\n  catalog:\n    sessionTTL: 5s\nservices:\n  - name: hello\n    port: 50051\n";
+    let errs = errors(ttl, &env(&[("NODE_NAME", "n"), ("HOST_IP", "10.0.0.1")]));
+    assert!(
+        errs.iter().any(|e| e.starts_with(
+            "m.yaml:4:17: consul.catalog.sessionTTL: 5s is outside Consul's session TTL range"
+        )),
+        "{errs:?}"
+    );
+}
