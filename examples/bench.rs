@@ -6,15 +6,23 @@
 //! Phases, selectable with `--phases` / `BENCH_PHASES` (comma-separated, default all):
 //! - `propagation`: the app flips health → `GET /v1/health/service/<name>` shows the new status,
 //!   watched with blocking queries so the observer adds no polling delay. In one run and against
-//!   the same app: us (`bench-us`, the TTL check the sidecar drives), the peer (`bench-peer`,
-//!   Consul's own `GRPC` check at interval 1 s; 10 s is computed from it) and the floor
-//!   (`bench-floor`, a TTL check the bench updates itself: what Consul alone costs).
+//!   the same app: us in agent mode (`bench-us`, the TTL check the sidecar drives), us in catalog
+//!   mode (`bench-cat`, a check on a virtual node written with `PUT /v1/catalog/register`), the
+//!   peer (`bench-peer`, Consul's own `GRPC` check at interval 1 s; 10 s is computed from it) and
+//!   the floor (`bench-floor`, a TTL check the bench updates itself: what Consul alone costs).
 //! - `footprint`: RSS and CPU of the sidecar idle and under 10 flips/s, beside a Consul client
 //!   agent (not -dev) joined to the dev server and running the peer's check; binary sizes.
 //! - `drain`: SIGTERM with drain delay 0 → the instance is gone from the catalog.
 //! - `scale`: one sidecar with 1, 100 and 1,000 services: time to register all, RSS, CPU per
 //!   flip, Consul requests per minute in steady state.
 //! - `recovery`: the Consul agent killed and restarted empty → the instance back and passing.
+//! - `raft`: steady-state Raft writes per minute per instance, agent mode and catalog mode, against
+//!   a quiet window of the same server without a sidecar: the raft log index
+//!   (`/v1/agent/self`, `Stats.raft.last_log_index`) and, by kind, the server's own telemetry
+//!   (`consul.raft.apply` and `consul.fsm.*` in `/v1/agent/metrics`).
+//! - `reap`: a sidecar SIGKILLed → its instance gone from the catalog, agent mode
+//!   (`deregisterCriticalServiceAfter` and Consul's reaper) beside catalog mode (the session
+//!   expires, its key goes, a surviving sidecar's reaper deregisters the instance).
 //!
 //! Figures are reported, never asserted: the program exits non-zero only when something could not
 //! run at all (Consul did not start, the sidecar never registered, a results file could not be
@@ -40,7 +48,17 @@ use testkit::{
 
 /// The health service the demo app serves and every check asks about.
 const HEALTH_SERVICE: &str = "helloworld.Greeter";
-const PHASES: [&str; 5] = ["propagation", "footprint", "drain", "scale", "recovery"];
+const PHASES: [&str; 7] = [
+    "propagation",
+    "footprint",
+    "drain",
+    "scale",
+    "recovery",
+    "raft",
+    "reap",
+];
+/// The catalog-mode sidecars' session TTL: the manifest's default and Consul's minimum.
+const SESSION_TTL_S: u64 = 10;
 
 #[derive(Parser)]
 #[command(
@@ -61,7 +79,7 @@ struct Args {
     #[arg(long, env = "BENCH_OUT", default_value = "bench-results")]
     out: PathBuf,
     /// Phases to run: all, or a comma-separated subset of propagation, footprint, drain, scale,
-    /// recovery.
+    /// recovery, raft, reap.
     #[arg(
         long,
         env = "BENCH_PHASES",
@@ -101,6 +119,15 @@ struct Args {
         value_delimiter = ','
     )]
     scale: Vec<usize>,
+    /// Instances of the one sidecar whose steady-state Raft writes are counted, in each mode.
+    #[arg(long, env = "BENCH_RAFT_INSTANCES", default_value_t = 20)]
+    raft_instances: usize,
+    /// Length of each quiet window of the raft phase (no sidecar, agent mode, catalog mode).
+    #[arg(long, env = "BENCH_RAFT_SECONDS", default_value_t = 60)]
+    raft_seconds: u64,
+    /// SIGKILLed sidecars in each mode in the reap phase (killed 30 s / runs apart).
+    #[arg(long, env = "BENCH_REAP_RUNS", default_value_t = 3)]
+    reap_runs: usize,
     /// The source revision, for the report.
     #[arg(long, default_value = "")]
     commit: String,
@@ -173,6 +200,10 @@ async fn run(args: Args) -> Result<()> {
             "load_seconds": args.load_seconds,
             "steady_seconds": args.steady_seconds,
             "scale": args.scale,
+            "raft_instances": args.raft_instances,
+            "raft_seconds": args.raft_seconds,
+            "reap_runs": args.reap_runs,
+            "session_ttl_seconds": SESSION_TTL_S,
         },
     });
 
@@ -192,6 +223,8 @@ async fn run(args: Args) -> Result<()> {
             ("drain", Some(m)) => drain(&bed, m, &args).await?,
             ("scale", _) => scale(&bed, &args).await?,
             ("recovery", _) => recovery(&bed, &args).await?,
+            ("raft", _) => raft(&bed, &args).await?,
+            ("reap", _) => reap(&bed, &args).await?,
             _ => unreachable!("the main bed runs for propagation, footprint and drain"),
         };
         results[*phase] = value;
@@ -274,9 +307,15 @@ impl Bed {
     /// The release sidecar with `manifest` in `logs/<name>.manifest.yaml`, its log in
     /// `logs/<name>.log`, at log level INFO.
     fn sidecar(&self, name: &str, manifest: &str) -> Sidecar {
+        self.sidecar_env(name, manifest, &[])
+    }
+
+    /// [`sidecar`](Self::sidecar) with environment variables (a catalog-mode sidecar's
+    /// `NODE_NAME` and `HOST_IP`, see [`catalog_env`]).
+    fn sidecar_env(&self, name: &str, manifest: &str, env: &[(&str, &str)]) -> Sidecar {
         Sidecar::start_with(
             manifest,
-            &[],
+            env,
             &SidecarOptions {
                 log_level: "info",
                 files: Some((self.logs.clone(), name.to_string())),
@@ -504,12 +543,15 @@ impl Api {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Want {
     Status(&'static str),
+    /// Critical, warning or gone: what a client asking for passing instances no longer gets.
+    NotPassing,
     Gone,
 }
 
 fn matches(want: Want, status: Option<&str>) -> bool {
     match want {
         Want::Status(s) => status == Some(s),
+        Want::NotPassing => status != Some("passing"),
         Want::Gone => status.is_none(),
     }
 }
@@ -615,9 +657,39 @@ struct Instance {
     health_service: String,
 }
 
-/// A manifest with every default except the Consul address and drain delay 0.
+/// How a sidecar registers: through the node's agent, or in the catalog on a virtual node.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    Agent,
+    Catalog,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Agent => "agent",
+            Mode::Catalog => "catalog",
+        }
+    }
+}
+
+/// A manifest with every default except the Consul address and drain delay 0 (agent mode).
 fn manifest(consul: &str, app_port: u16, instances: &[Instance]) -> String {
-    let mut m = format!("consul:\n  address: {consul}\ndrain:\n  delay: 0s\nservices:\n");
+    manifest_in(Mode::Agent, consul, app_port, instances)
+}
+
+/// A manifest in `mode` with every default except the Consul address and drain delay 0; in
+/// catalog mode the session TTL is written out ([`SESSION_TTL_S`], the default) and the node and
+/// its address come from the environment ([`catalog_env`]), as in a pod.
+fn manifest_in(mode: Mode, consul: &str, app_port: u16, instances: &[Instance]) -> String {
+    let mode_block = match mode {
+        Mode::Agent => String::new(),
+        Mode::Catalog => {
+            format!("  mode: catalog\n  catalog:\n    sessionTTL: {SESSION_TTL_S}s\n")
+        }
+    };
+    let mut m =
+        format!("consul:\n  address: {consul}\n{mode_block}drain:\n  delay: 0s\nservices:\n");
     for i in instances {
         let _ = write!(
             m,
@@ -626,6 +698,27 @@ fn manifest(consul: &str, app_port: u16, instances: &[Instance]) -> String {
         );
     }
     m
+}
+
+/// The downward-API variables of a catalog-mode sidecar on the Kubernetes node `node`: its
+/// virtual node is `consul-registrar-<node>`, with address 127.0.0.1.
+fn catalog_env(node: &str) -> [(&'static str, String); 2] {
+    [
+        ("NODE_NAME", node.to_string()),
+        ("HOST_IP", "127.0.0.1".to_string()),
+    ]
+}
+
+/// A sidecar in `mode` (catalog mode: on Kubernetes node `node`).
+fn start_in(bed: &Bed, mode: Mode, name: &str, manifest: &str, node: &str) -> Sidecar {
+    match mode {
+        Mode::Agent => bed.sidecar(name, manifest),
+        Mode::Catalog => {
+            let env = catalog_env(node);
+            let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            bed.sidecar_env(name, manifest, &env)
+        }
+    }
 }
 
 /// Requests per minute by operation and status between two scrapes `seconds` apart.
@@ -717,16 +810,18 @@ fn rounded(samples: &[f64]) -> Vec<f64> {
 // The main bed
 // ---------------------------------------------------------------------------------------------
 
-/// The Consul dev server, the demo app, our sidecar for `bench-us`, the peer's and the floor's
-/// registrations.
+/// The Consul dev server, the demo app, our sidecars for `bench-us` (agent mode) and `bench-cat`
+/// (catalog mode), the peer's and the floor's registrations.
 struct MainBed {
     consul: ConsulAgent,
     api: Api,
     app: DemoApp,
     us: Sidecar,
+    cat: Sidecar,
 }
 
 const US: (&str, &str) = ("bench-us", "bench-us-1");
+const CAT: (&str, &str) = ("bench-cat", "bench-cat-1");
 const PEER: (&str, &str) = ("bench-peer", "bench-peer-1");
 const FLOOR: (&str, &str) = ("bench-floor", "bench-floor-1");
 const FLOOR_CHECK: &str = "bench-floor-ttl";
@@ -749,6 +844,24 @@ impl MainBed {
                     health_service: HEALTH_SERVICE.into(),
                 }],
             ),
+        );
+        // The same, in catalog mode: its instance sits on the virtual node
+        // consul-registrar-bench-node, not on the dev server's own node.
+        let cat = start_in(
+            bed,
+            Mode::Catalog,
+            "sidecar-cat",
+            &manifest_in(
+                Mode::Catalog,
+                &consul.http_addr(),
+                app.port(),
+                &[Instance {
+                    name: CAT.0.into(),
+                    id: CAT.1.into(),
+                    health_service: HEALTH_SERVICE.into(),
+                }],
+            ),
+            "bench-node",
         );
         // The peer: Consul's own gRPC check, run by the agent every second, against the same app.
         api.put(
@@ -773,14 +886,15 @@ impl MainBed {
         )
         .await?;
         let deadline = Instant::now() + Duration::from_secs(30);
-        for (name, id) in [US, PEER] {
+        for (name, id) in [US, CAT, PEER] {
             if observe(&api, name, id, Want::Status("passing"), 0, deadline)
                 .await
                 .is_none()
             {
+                let log = if (name, id) == CAT { &cat } else { &us };
                 bail!(
                     "{id} is not passing in Consul 30 s after start; sidecar log:\n{}",
-                    us.tail(30)
+                    log.tail(30)
                 );
             }
         }
@@ -789,6 +903,7 @@ impl MainBed {
             api,
             app,
             us,
+            cat,
         })
     }
 }
@@ -878,12 +993,15 @@ async fn propagation(m: &mut MainBed, args: &Args) -> Result<Value> {
     }
     say(&format!("floor: {}", summary(&floor.all(), floor.timeouts)));
 
-    // Us and the peer against the same app. The first 2 × peer_flips flips wait for both; after
-    // each, a random pause of up to one check interval puts the next flip at a uniformly random
-    // point of the peer's schedule (otherwise every flip would land just after its check and wait
-    // a whole interval). The remaining flips measure only us.
+    // Us (agent and catalog mode) and the peer against the same app. The first 2 × peer_flips
+    // flips wait for all three; after each, a random pause of up to one check interval puts the
+    // next flip at a uniformly random point of the peer's schedule (otherwise every flip would
+    // land just after its check and wait a whole interval). The remaining flips measure only us,
+    // both modes every time.
     let before = m.us.metrics().await;
+    let cat_before = m.cat.metrics().await;
     let mut us = Samples::default();
+    let mut cat = Samples::default();
     let mut peer = Samples::default();
     let peer_flips = args.peer_flips.min(args.flips);
     let total = 2 * args.flips;
@@ -892,6 +1010,7 @@ async fn propagation(m: &mut MainBed, args: &Args) -> Result<Value> {
         let with_peer = i < 2 * peer_flips;
         let to = target_of(!serving);
         let us_index = settle(&api, US, target_of(serving)).await?;
+        let cat_index = settle(&api, CAT, target_of(serving)).await?;
         let peer_index = if with_peer {
             settle(&api, PEER, target_of(serving)).await?
         } else {
@@ -899,13 +1018,21 @@ async fn propagation(m: &mut MainBed, args: &Args) -> Result<Value> {
         };
         let t0 = Instant::now();
         m.app.set_serving(!serving).await;
-        let (us_at, peer_at) = tokio::join!(
+        let (us_at, cat_at, peer_at) = tokio::join!(
             observe(
                 &api,
                 US.0,
                 US.1,
                 Want::Status(to),
                 us_index,
+                t0 + Duration::from_secs(5)
+            ),
+            observe(
+                &api,
+                CAT.0,
+                CAT.1,
+                Want::Status(to),
+                cat_index,
                 t0 + Duration::from_secs(5)
             ),
             async {
@@ -924,10 +1051,11 @@ async fn propagation(m: &mut MainBed, args: &Args) -> Result<Value> {
                 }
             }
         );
-        if us_at.is_none() {
+        if us_at.is_none() || cat_at.is_none() {
             check_alive(&mut m.consul)?;
         }
         us.push(to, t0, us_at);
+        cat.push(to, t0, cat_at);
         if with_peer {
             peer.push(to, t0, peer_at);
         }
@@ -943,15 +1071,18 @@ async fn propagation(m: &mut MainBed, args: &Args) -> Result<Value> {
         }
     }
     let after = m.us.metrics().await;
+    let cat_after = m.cat.metrics().await;
     // Leave the app serving for the next phase.
     if !serving {
         m.app.set_serving(true).await;
         settle(&api, US, "passing").await?;
+        settle(&api, CAT, "passing").await?;
     }
 
     let us_all = us.all();
     let peer_all = peer.all();
     let us_s = summary(&us_all, us.timeouts);
+    let cat_s = summary(&cat.all(), cat.timeouts);
     let peer_s = summary(&peer_all, peer.timeouts);
     // The peer at 10 s, computed: its latency is the wait for the next check (uniform over the
     // interval, because flips land at random points of its schedule) plus a fixed cost c (the check
@@ -969,19 +1100,26 @@ async fn propagation(m: &mut MainBed, args: &Args) -> Result<Value> {
             "p99": round(9900.0 + c, 1), "max": round(10000.0 + c, 1), "mean": round(5000.0 + c, 1),
         })
     });
-    let ratio = |peer: &Value| match (peer["p50"].as_f64(), us_s["p50"].as_f64()) {
-        (Some(p), Some(u)) if u > 0.0 => json!(round(p / u, 1)),
+    let p50_ratio = |a: &Value, b: &Value| match (a["p50"].as_f64(), b["p50"].as_f64()) {
+        (Some(a), Some(b)) if b > 0.0 => json!(round(a / b, 1)),
         _ => Value::Null,
     };
-    say(&format!("us: {us_s}"));
+    let ratio = |peer: &Value| p50_ratio(peer, &us_s);
+    say(&format!("us (agent mode): {us_s}"));
+    say(&format!("us (catalog mode): {cat_s}"));
     say(&format!("peer (1 s): {peer_s}"));
     Ok(json!({
         "us": us.report(),
+        "catalog": cat.report(),
         "peer_1s": peer.report(),
         "peer_10s": peer10,
         "floor": floor.report(),
         "ratio_p50_peer_1s_over_us": ratio(&peer_s),
         "ratio_p50_peer_10s_over_us": ratio(&peer10),
+        "ratio_p50_peer_1s_over_catalog": p50_ratio(&peer_s, &cat_s),
+        "ratio_p50_peer_10s_over_catalog": p50_ratio(&peer10, &cat_s),
+        "ratio_p50_catalog_over_agent": p50_ratio(&cat_s, &us_s),
+        "catalog_sync_lag": histogram_mean_ms(&cat_before, &cat_after, "consul_registrar_sync_lag_seconds", None),
         "sidecar_sync_lag": histogram_mean_ms(&before, &after, "consul_registrar_sync_lag_seconds", None),
         "sidecar_update_ttl": histogram_mean_ms(
             &before, &after, "consul_registrar_consul_request_duration_seconds", Some(("operation", "update_ttl"))),
@@ -1074,13 +1212,16 @@ async fn footprint(bed: &Bed, m: &mut MainBed, args: &Args) -> Result<Value> {
     .await;
     tokio::time::sleep(Duration::from_secs(5)).await;
 
-    let pids = [m.us.pid(), client.pid()];
+    let pids = [m.us.pid(), client.pid(), m.cat.pid()];
     say(&format!("footprint: idle for {} s", args.idle_seconds));
     let m0 = m.us.metrics().await;
+    let c0 = m.cat.metrics().await;
     let t0 = Instant::now();
     let idle = watch_usage(&pids, args.idle_seconds).await;
     let m1 = m.us.metrics().await;
+    let c1 = m.cat.metrics().await;
     let idle_rates = request_rates(&m0, &m1, t0.elapsed().as_secs_f64());
+    let cat_idle_rates = request_rates(&c0, &c1, t0.elapsed().as_secs_f64());
 
     say(&format!(
         "footprint: 10 flips/s for {} s",
@@ -1090,7 +1231,7 @@ async fn footprint(bed: &Bed, m: &mut MainBed, args: &Args) -> Result<Value> {
     let load_start: Vec<Option<Usage>> = pids.iter().map(|p| usage(*p)).collect();
     let mut ticker = tokio::time::interval(Duration::from_millis(100));
     let mut serving = true;
-    let mut peak = [0u64; 2];
+    let mut peak = [0u64; 3];
     for i in 0..flips {
         ticker.tick().await;
         serving = !serving;
@@ -1107,6 +1248,7 @@ async fn footprint(bed: &Bed, m: &mut MainBed, args: &Args) -> Result<Value> {
         m.app.set_serving(true).await;
     }
     settle(&m.api, US, "passing").await?;
+    settle(&m.api, CAT, "passing").await?;
 
     let report = |k: usize| -> Value {
         let Some((a, b, pk)) = idle.get(k) else {
@@ -1130,9 +1272,12 @@ async fn footprint(bed: &Bed, m: &mut MainBed, args: &Args) -> Result<Value> {
     sidecar["consul_requests_per_minute_idle"] = idle_rates.clone();
     sidecar["idle_requests_only_refreshes_and_watches"] =
         json!(only_refreshes_and_watches(&idle_rates));
+    let mut catalog_sidecar = report(2);
+    catalog_sidecar["consul_requests_per_minute_idle"] = cat_idle_rates;
     let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
     Ok(json!({
         "sidecar": sidecar,
+        "catalog_sidecar": catalog_sidecar,
         "consul_client_agent": report(1),
         "binary_mib": {
             "consul-registrar": mib(size(&bed.registrar) / 1024),
@@ -1540,6 +1685,443 @@ async fn recovery(bed: &Bed, args: &Args) -> Result<Value> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Phase: raft
+// ---------------------------------------------------------------------------------------------
+
+/// The kinds of Raft write a registrar can cause, as Consul's telemetry names them
+/// (`consul.fsm.<kind>`): catalog registrations and deregistrations, KV writes, sessions,
+/// transactions. Everything else a quiet server writes is Consul's own (coordinate updates; the
+/// leader's periodic barrier, which is a log entry without an FSM apply).
+const REGISTRAR_FSM_KINDS: [&str; 5] = ["register", "deregister", "kvs", "session", "txn"];
+
+/// The server's raft log index (`Stats.raft.last_log_index` of `/v1/agent/self`): it grows by one
+/// for every entry appended, whatever wrote it.
+async fn raft_log_index(api: &Api) -> Result<u64> {
+    let (_, body) = api.get("/v1/agent/self", &[], Duration::ZERO).await?;
+    body["Stats"]["raft"]["last_log_index"]
+        .as_str()
+        .and_then(|v| v.parse().ok())
+        .context("no Stats.raft.last_log_index in /v1/agent/self")
+}
+
+/// Raft applies and barriers, and FSM applies by kind (and `op` label), in one interval of
+/// `/v1/agent/metrics`.
+fn raft_counts(metrics: &Value) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for c in metrics["Counters"].as_array().into_iter().flatten() {
+        let name = c["Name"].as_str().unwrap_or_default();
+        if let Some(short @ ("raft.apply" | "raft.barrier")) = name.strip_prefix("consul.") {
+            *out.entry(short.to_string()).or_insert(0.0) += c["Count"].as_f64().unwrap_or(0.0);
+        }
+    }
+    for sample in metrics["Samples"].as_array().into_iter().flatten() {
+        let name = sample["Name"].as_str().unwrap_or_default();
+        if let Some(kind) = name.strip_prefix("consul.fsm.") {
+            let op = sample["Labels"]["op"]
+                .as_str()
+                .map_or(String::new(), |op| format!(" {op}"));
+            *out.entry(format!("fsm.{kind}{op}")).or_insert(0.0) +=
+                sample["Count"].as_f64().unwrap_or(0.0);
+        }
+    }
+    out
+}
+
+/// Seconds since midnight of a telemetry timestamp (`2026-11-25 18:07:00 +0000 UTC`).
+fn seconds_of_day(timestamp: &str) -> Option<u32> {
+    let time = timestamp.split(' ').nth(1)?;
+    let mut parts = time.split(':').map(|p| p.parse::<u32>().ok());
+    Some(parts.next()?? * 3600 + parts.next()?? * 60 + parts.next()??)
+}
+
+/// Whether a key of [`raft_counts`] is an FSM apply of a registrar's kind.
+fn registrar_kind(key: &str) -> bool {
+    key.strip_prefix("fsm.")
+        .and_then(|k| k.split(' ').next())
+        .is_some_and(|k| REGISTRAR_FSM_KINDS.contains(&k))
+}
+
+/// Raft activity of the server behind `api` over a window of `seconds`: the raft log index at both
+/// ends (every entry, exact, over the whole window), and by kind from Consul's in-memory telemetry
+/// (`/v1/agent/metrics`, read every second). That endpoint shows the last *finished* 10-s
+/// interval, so the first interval shown ended before the window began and the second began before
+/// it; only the later ones, wholly inside the window, are counted.
+async fn raft_window(api: &Api, seconds: u64) -> Result<Value> {
+    let index0 = raft_log_index(api).await?;
+    let t0 = Instant::now();
+    let end = t0 + Duration::from_secs(seconds);
+    let mut shown: Vec<(String, BTreeMap<String, f64>)> = Vec::new();
+    loop {
+        if let Ok((_, m)) = api.get("/v1/agent/metrics", &[], Duration::ZERO).await
+            && let Some(ts) = m["Timestamp"].as_str()
+            && !shown.iter().any(|(t, _)| t == ts)
+        {
+            shown.push((ts.to_string(), raft_counts(&m)));
+        }
+        let now = Instant::now();
+        if now >= end {
+            break;
+        }
+        tokio::time::sleep((end - now).min(Duration::from_secs(1))).await;
+    }
+    let index1 = raft_log_index(api).await?;
+    let wall = t0.elapsed().as_secs_f64();
+    let interval_s = shown
+        .windows(2)
+        .filter_map(|w| seconds_of_day(&w[1].0)?.checked_sub(seconds_of_day(&w[0].0)?))
+        .filter(|d| *d > 0)
+        .min()
+        .unwrap_or(10);
+    let inside = shown.get(2..).unwrap_or_default();
+    let telemetry_s = (inside.len() as u32 * interval_s) as f64;
+    let mut totals: BTreeMap<String, f64> = BTreeMap::new();
+    for (_, counts) in inside {
+        for (k, v) in counts {
+            *totals.entry(k.clone()).or_insert(0.0) += v;
+        }
+    }
+    let per_minute = |x: f64| {
+        if telemetry_s > 0.0 {
+            json!(round(x * 60.0 / telemetry_s, 2))
+        } else {
+            Value::Null
+        }
+    };
+    let registrar: f64 = totals
+        .iter()
+        .filter(|(k, _)| registrar_kind(k))
+        // A fold from +0.0: an empty f64 `sum()` is -0.0, which prints as "-0.00".
+        .fold(0.0, |total, (_, v)| total + v);
+    let entries = index1.saturating_sub(index0);
+    Ok(json!({
+        "seconds": round(wall, 1),
+        "raft_log_entries": entries,
+        "raft_log_entries_per_minute": round(entries as f64 * 60.0 / wall, 2),
+        "telemetry_seconds": telemetry_s,
+        "telemetry_counts": totals,
+        "telemetry_per_minute": totals.iter().map(|(k, v)| (k.clone(), per_minute(*v))).collect::<serde_json::Map<_, _>>(),
+        "registrar_kind_writes": registrar,
+        "registrar_kind_writes_per_minute": per_minute(registrar),
+    }))
+}
+
+/// The sum of a scrape's Consul requests (every operation and status).
+fn requests_total(rates: &Value) -> f64 {
+    rates.as_object().map_or(0.0, |m| {
+        m.values()
+            .filter_map(Value::as_f64)
+            .fold(0.0, |total, x| total + x)
+    })
+}
+
+/// Steady-state Raft writes: one Consul dev server, a quiet window without a sidecar, then one
+/// sidecar with `raft_instances` instances in agent mode, then one in catalog mode, each in a
+/// quiet window of its own after every instance passes (no flips; the start-up writes are over).
+async fn raft(bed: &Bed, args: &Args) -> Result<Value> {
+    let n = args.raft_instances.max(1);
+    let mut consul = bed.consul("bench-raft", ConsulOptions::default());
+    consul.start().await;
+    let api = bed.api(&consul);
+    let app = bed.demo_app("demo-app-raft", 0).await;
+    // The new server's own start-up writes (its node, its leadership) first.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    say(&format!(
+        "raft: quiet window without a sidecar ({} s)",
+        args.raft_seconds
+    ));
+    let baseline = raft_window(&api, args.raft_seconds).await?;
+    say(&format!(
+        "raft: no sidecar: {} raft log entries/min, {} of a registrar's kinds",
+        baseline["raft_log_entries_per_minute"], baseline["registrar_kind_writes_per_minute"]
+    ));
+    let mut rows = serde_json::Map::new();
+    for mode in [Mode::Agent, Mode::Catalog] {
+        let name = format!("raft-{}", mode.name());
+        let instances: Vec<Instance> = (0..n)
+            .map(|i| Instance {
+                name: name.clone(),
+                id: format!("{name}-{i}"),
+                health_service: HEALTH_SERVICE.into(),
+            })
+            .collect();
+        let mut sidecar = start_in(
+            bed,
+            mode,
+            &format!("sidecar-{name}"),
+            &manifest_in(mode, &consul.http_addr(), app.port(), &instances),
+            "bench-raft-node",
+        );
+        let filter = format!("ServiceName == \"{name}\"");
+        let (up, counts) = observe_counts(
+            &api,
+            &filter,
+            Instant::now() + Duration::from_secs(60),
+            at_least("passing", n),
+        )
+        .await;
+        if up.is_none() {
+            bail!(
+                "raft: the {} mode sidecar's {n} instances were not all passing within 60 s \
+                 ({counts:?}):\n{}",
+                mode.name(),
+                sidecar.tail(30)
+            );
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        say(&format!(
+            "raft: {} mode, {n} instances ({} s)",
+            mode.name(),
+            args.raft_seconds
+        ));
+        let m0 = sidecar.metrics().await;
+        let t = Instant::now();
+        let window = raft_window(&api, args.raft_seconds).await?;
+        let m1 = sidecar.metrics().await;
+        let secs = t.elapsed().as_secs_f64();
+        let rates = request_rates(&m0, &m1, secs);
+        let renewals = |m: &Metrics| {
+            m.sum(
+                "consul_registrar_session_renewals_total",
+                Some(("outcome", "ok")),
+            )
+        };
+        let over = window["raft_log_entries_per_minute"]
+            .as_f64()
+            .unwrap_or(0.0)
+            - baseline["raft_log_entries_per_minute"]
+                .as_f64()
+                .unwrap_or(0.0);
+        let kinds = window["registrar_kind_writes_per_minute"].as_f64();
+        say(&format!(
+            "raft: {} mode: {} raft log entries/min ({over:+.1} over the quiet server), {kinds:?} of \
+             a registrar's kinds",
+            mode.name(),
+            window["raft_log_entries_per_minute"]
+        ));
+        let row = json!({
+            "instances": n,
+            "window": window,
+            "raft_log_entries_per_minute_over_baseline": round(over, 2),
+            "raft_log_entries_per_minute_per_instance_over_baseline": round(over / n as f64, 3),
+            "registrar_kind_writes_per_minute_per_instance": kinds.map(|k| round(k / n as f64, 3)),
+            "consul_requests_per_minute": rates,
+            "consul_requests_per_minute_per_instance": round(requests_total(&rates) / n as f64, 2),
+            "session_renewals_per_minute": round((renewals(&m1) - renewals(&m0)) * 60.0 / secs, 1),
+        });
+        rows.insert(mode.name().to_string(), row);
+        let status = sidecar.terminate(Duration::from_secs(60)).await;
+        let (gone, _) = observe_counts(
+            &api,
+            &filter,
+            Instant::now() + Duration::from_secs(30),
+            |c| c.values().sum::<usize>() == 0,
+        )
+        .await;
+        if !status.is_some_and(|s| s.success()) || gone.is_none() {
+            say(&format!(
+                "raft: the {} mode sidecar did not drain cleanly ({status:?})",
+                mode.name()
+            ));
+        }
+        check_alive(&mut consul)?;
+    }
+    Ok(json!({
+        "instances": n,
+        "window_seconds": args.raft_seconds,
+        "registrar_kinds": REGISTRAR_FSM_KINDS,
+        "baseline": baseline,
+        "agent": rows.get("agent"),
+        "catalog": rows.get("catalog"),
+    }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Phase: reap
+// ---------------------------------------------------------------------------------------------
+
+/// How long a SIGKILLed sidecar's instance may take to go, by mode, before it counts as lost:
+/// agent mode: the TTL (10 s), `deregisterCriticalServiceAfter` (1 m) and Consul's reaper (every
+/// 30 s) with room to spare; catalog mode: 2 × session TTL, the reaper, and room.
+fn reap_deadline(mode: Mode) -> Duration {
+    match mode {
+        Mode::Agent => Duration::from_secs(240),
+        Mode::Catalog => Duration::from_secs(4 * SESSION_TTL_S + 30),
+    }
+}
+
+/// SIGKILL → gone, both modes side by side on one Consul dev server: `reap_runs` sidecars in each
+/// mode (one instance each, every default: agent mode with `check.ttl` 10 s and
+/// `deregisterCriticalServiceAfter` 1 m; catalog mode with session TTL 10 s on Kubernetes node
+/// `bench-reap-a`), and one more catalog-mode sidecar on node `bench-reap-b` that stays alive: its
+/// reaper is the one that deregisters the others' instances. A managed virtual node without
+/// instances (`consul-registrar-bench-reap-empty`) is there from the start, as in a cluster where
+/// every pod of some node has gone. An agent-mode and a catalog-mode
+/// sidecar are killed at the same moment, pair after pair 30 s / runs apart (so the kills land at
+/// different points of Consul's 30 s reaper period).
+async fn reap(bed: &Bed, args: &Args) -> Result<Value> {
+    const SURVIVOR: (&str, &str) = ("reap-survivor", "reap-survivor-1");
+    let runs = args.reap_runs.max(1);
+    let mut consul = bed.consul("bench-reap", ConsulOptions::default());
+    consul.start().await;
+    let api = bed.api(&consul);
+    let app = bed.demo_app("demo-app-reap", 0).await;
+    let addr = consul.http_addr();
+    // A virtual node whose pods have all gone, as a cluster has them (a sidecar never deregisters
+    // its node): every reaper's sweep must get past it.
+    api.put(
+        "/v1/catalog/register",
+        &json!({
+            "Node": "consul-registrar-bench-reap-empty",
+            "Address": "127.0.0.1",
+            "NodeMeta": { "managed-by": "consul-registrar" },
+        }),
+    )
+    .await?;
+    let one = |name: &str, id: &str| {
+        [Instance {
+            name: name.into(),
+            id: id.into(),
+            health_service: HEALTH_SERVICE.into(),
+        }]
+    };
+    let survivor = start_in(
+        bed,
+        Mode::Catalog,
+        "sidecar-reap-survivor",
+        &manifest_in(
+            Mode::Catalog,
+            &addr,
+            app.port(),
+            &one(SURVIVOR.0, SURVIVOR.1),
+        ),
+        "bench-reap-b",
+    );
+    let mut victims: Vec<(usize, Mode, String, String, Sidecar)> = Vec::new();
+    for k in 0..runs {
+        for mode in [Mode::Agent, Mode::Catalog] {
+            let name = format!("reap-{}", mode.name());
+            let id = format!("{name}-{k}");
+            let sidecar = start_in(
+                bed,
+                mode,
+                &format!("sidecar-{id}"),
+                &manifest_in(mode, &addr, app.port(), &one(&name, &id)),
+                "bench-reap-a",
+            );
+            victims.push((k, mode, name, id, sidecar));
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    if observe(
+        &api,
+        SURVIVOR.0,
+        SURVIVOR.1,
+        Want::Status("passing"),
+        0,
+        deadline,
+    )
+    .await
+    .is_none()
+    {
+        bail!(
+            "reap: the surviving sidecar did not register:\n{}",
+            survivor.tail(30)
+        );
+    }
+    for (_, _, name, id, sidecar) in &victims {
+        if observe(&api, name, id, Want::Status("passing"), 0, deadline)
+            .await
+            .is_none()
+        {
+            bail!("reap: {id} did not register:\n{}", sidecar.tail(30));
+        }
+    }
+    let reaped_before = survivor
+        .metrics()
+        .await
+        .sum("consul_registrar_reaped_total", None);
+    let spacing = Duration::from_secs(30) / runs as u32;
+    say(&format!(
+        "reap: killing {runs} sidecar(s) in each mode, {} s apart",
+        spacing.as_secs()
+    ));
+    let mut observers = tokio::task::JoinSet::new();
+    for k in 0..runs {
+        if k > 0 {
+            tokio::time::sleep(spacing + Duration::from_millis(fastrand::u64(0..1000))).await;
+        }
+        for (_, mode, name, id, sidecar) in victims.iter().filter(|v| v.0 == k) {
+            let t0 = Instant::now();
+            sidecar.signal("KILL");
+            let (api, mode, name, id) = (api.clone(), *mode, name.clone(), id.clone());
+            observers.spawn(async move {
+                let deadline = t0 + reap_deadline(mode);
+                let not_passing = observe(&api, &name, &id, Want::NotPassing, 0, deadline).await;
+                let gone = observe(&api, &name, &id, Want::Gone, 0, deadline).await;
+                (
+                    mode,
+                    id,
+                    not_passing.map(|t| ms(t - t0)),
+                    gone.map(|t| ms(t - t0)),
+                )
+            });
+        }
+    }
+    let mut results: BTreeMap<&str, (Vec<f64>, Vec<f64>, usize)> = BTreeMap::new();
+    while let Some(joined) = observers.join_next().await {
+        let (mode, id, not_passing, gone) = joined.context("a reap observer panicked")?;
+        say(&format!(
+            "reap: {id}: not passing after {:?} s, gone after {:?} s",
+            not_passing.map(|x| round(x / 1000.0, 1)),
+            gone.map(|x| round(x / 1000.0, 1))
+        ));
+        let entry = results.entry(mode.name()).or_default();
+        entry.0.extend(not_passing);
+        match gone {
+            Some(g) => entry.1.push(g),
+            None => entry.2 += 1,
+        }
+    }
+    let reaped = survivor
+        .metrics()
+        .await
+        .sum("consul_registrar_reaped_total", None)
+        - reaped_before;
+    let survivor_passing = current(&api, SURVIVOR.0, SURVIVOR.1).await?.1 == Some("passing");
+    check_alive(&mut consul)?;
+    drop(victims);
+    let report = |mode: Mode| {
+        let (not_passing, gone, lost) = results.get(mode.name()).cloned().unwrap_or_default();
+        json!({
+            "not_passing": summary(&not_passing, lost),
+            "gone": summary(&gone, lost),
+            "not_passing_samples_ms": rounded(&not_passing),
+            "gone_samples_ms": rounded(&gone),
+        })
+    };
+    let agent = report(Mode::Agent);
+    let catalog = report(Mode::Catalog);
+    let ratio = match (
+        agent["gone"]["p50"].as_f64(),
+        catalog["gone"]["p50"].as_f64(),
+    ) {
+        (Some(a), Some(c)) if c > 0.0 => json!(round(a / c, 1)),
+        _ => Value::Null,
+    };
+    Ok(json!({
+        "runs": runs,
+        "session_ttl_seconds": SESSION_TTL_S,
+        "catalog_bound_ms": (2 * SESSION_TTL_S + 1) * 1000,
+        "agent_bound_ms": (10 + 60 + 30) * 1000,
+        "agent": agent,
+        "catalog": catalog,
+        "ratio_p50_gone_agent_over_catalog": ratio,
+        "survivor_reaped_total": reaped,
+        "survivor_still_passing": survivor_passing,
+    }))
+}
+
+// ---------------------------------------------------------------------------------------------
 // The Markdown report
 // ---------------------------------------------------------------------------------------------
 
@@ -1563,6 +2145,17 @@ fn latency_row(md: &mut String, label: &str, s: &Value) {
         f(&s["max"]),
         s["timeouts"].as_u64().unwrap_or(0)
     );
+}
+
+/// A latency summary in milliseconds, in seconds.
+fn in_seconds(s: &Value) -> Value {
+    let mut out = s.clone();
+    for k in ["min", "p50", "p90", "p99", "max", "mean"] {
+        if let Some(x) = s[k].as_f64() {
+            out[k] = json!(x / 1000.0);
+        }
+    }
+    out
 }
 
 const LATENCY_HEADER: &str =
@@ -1594,6 +2187,49 @@ fn targets(r: &Value) -> Vec<Target> {
             goal: "≥ 50× faster",
             value: format!("{}×", f(&p["ratio_p50_peer_1s_over_us"])),
             met: ratio.map(|x| x >= 50.0),
+        });
+        if !p["catalog"].is_null() {
+            t.push(Target {
+                what: "propagation p99, catalog mode",
+                goal: "≤ 10 ms",
+                value: format!("{} ms", f(&p["catalog"]["all"]["p99"])),
+                met: le(num(&p["catalog"]["all"]["p99"]), 10.0),
+            });
+            t.push(Target {
+                what: "p50 vs Consul's check at 1 s, catalog mode",
+                goal: "≥ 50× faster",
+                value: format!("{}×", f(&p["ratio_p50_peer_1s_over_catalog"])),
+                met: num(&p["ratio_p50_peer_1s_over_catalog"]).map(|x| x >= 50.0),
+            });
+        }
+    }
+    let reap = &r["reap"];
+    if !reap.is_null() {
+        let g = &reap["catalog"]["gone"];
+        let lost = g["timeouts"].as_u64().unwrap_or(0);
+        t.push(Target {
+            what: "SIGKILL → gone, catalog mode (max)",
+            goal: "≤ 2 × session TTL + 1 s (21 s)",
+            value: if lost > 0 {
+                format!("{lost} of {} never gone", reap["runs"])
+            } else {
+                format!("{} s", f(&json!(g["max"].as_f64().map(|x| x / 1000.0))))
+            },
+            met: if lost > 0 {
+                Some(false)
+            } else {
+                le(num(&g["max"]), 21_000.0)
+            },
+        });
+    }
+    let raft = &r["raft"];
+    if !raft.is_null() {
+        let k = &raft["catalog"]["registrar_kind_writes_per_minute_per_instance"];
+        t.push(Target {
+            what: "steady-state Raft writes, catalog mode",
+            goal: "none (session renewals are not Raft writes)",
+            value: format!("{} per minute per instance", f(k)),
+            met: num(k).map(|x| x == 0.0),
         });
     }
     let d = &r["drain"];
@@ -1724,9 +2360,22 @@ fn markdown(r: &Value) -> String {
     if !p.is_null() {
         md.push_str("## Propagation: the app flips → `/v1/health/service` shows it\n\n");
         md.push_str(LATENCY_HEADER);
-        latency_row(&mut md, "**consul-registrar** (both ways)", &p["us"]["all"]);
+        latency_row(
+            &mut md,
+            "**consul-registrar**, agent mode (both ways)",
+            &p["us"]["all"],
+        );
         latency_row(&mut md, "… to critical", &p["us"]["to_critical"]);
         latency_row(&mut md, "… to passing", &p["us"]["to_passing"]);
+        if !p["catalog"].is_null() {
+            latency_row(
+                &mut md,
+                "**consul-registrar**, catalog mode (both ways)",
+                &p["catalog"]["all"],
+            );
+            latency_row(&mut md, "… to critical", &p["catalog"]["to_critical"]);
+            latency_row(&mut md, "… to passing", &p["catalog"]["to_passing"]);
+        }
         latency_row(
             &mut md,
             "Consul `GRPC` check, interval 1 s",
@@ -1753,6 +2402,118 @@ fn markdown(r: &Value) -> String {
             f(&p["ratio_p50_peer_1s_over_us"]),
             f(&p["ratio_p50_peer_10s_over_us"]),
             f(&p["sidecar_sync_lag"]["mean_ms"]),
+        );
+        if !p["catalog"].is_null() {
+            let _ = writeln!(
+                md,
+                "Catalog mode: p50 ratio Consul's check at 1 s / catalog mode = **{}×**; at 10 s = **{}×**; \
+                 catalog mode / agent mode = {}×. Inside the catalog-mode sidecar, verdict change → \
+                 Consul acknowledged: mean {} ms.\n",
+                f(&p["ratio_p50_peer_1s_over_catalog"]),
+                f(&p["ratio_p50_peer_10s_over_catalog"]),
+                f(&p["ratio_p50_catalog_over_agent"]),
+                f(&p["catalog_sync_lag"]["mean_ms"]),
+            );
+        }
+    }
+    let raft = &r["raft"];
+    if !raft.is_null() {
+        let _ = writeln!(
+            md,
+            "## Steady-state Raft writes: agent vs catalog mode\n\n\
+             One Consul dev server; one sidecar with {} instances in each mode, in turn; quiet \
+             windows of {} s without flips. *Raft log entries* count every entry the server \
+             appended (`last_log_index`), Consul's own included; *a registrar's kinds* counts \
+             the FSM applies a registrar can cause ({}), from the server's telemetry.\n",
+            raft["instances"],
+            raft["window_seconds"],
+            raft["registrar_kinds"]
+                .as_array()
+                .map(|k| k
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", "))
+                .unwrap_or_default()
+        );
+        md.push_str(
+            "| window | raft log entries/min | over the quiet server, per instance/min | \
+             writes of a registrar's kinds/min | per instance/min | Consul requests/min per instance | \
+             session renewals/min |\n|---|---:|---:|---:|---:|---:|---:|\n",
+        );
+        let b = &raft["baseline"];
+        let _ = writeln!(
+            md,
+            "| no sidecar | {} | – | {} | – | – | – |",
+            f(&b["raft_log_entries_per_minute"]),
+            f(&b["registrar_kind_writes_per_minute"])
+        );
+        for (label, key) in [("agent mode", "agent"), ("catalog mode", "catalog")] {
+            let x = &raft[key];
+            if x.is_null() {
+                continue;
+            }
+            let _ = writeln!(
+                md,
+                "| {label}, {} instances | {} | {} | {} | {} | {} | {} |",
+                x["instances"],
+                f(&x["window"]["raft_log_entries_per_minute"]),
+                f(&x["raft_log_entries_per_minute_per_instance_over_baseline"]),
+                f(&x["window"]["registrar_kind_writes_per_minute"]),
+                f(&x["registrar_kind_writes_per_minute_per_instance"]),
+                f(&x["consul_requests_per_minute_per_instance"]),
+                f(&x["session_renewals_per_minute"]),
+            );
+        }
+        let _ = writeln!(
+            md,
+            "\nBy kind (per minute, telemetry): no sidecar {}; agent mode {}; catalog mode {}. \
+             Consul requests per minute: agent mode {}; catalog mode {}.\n",
+            b["telemetry_per_minute"],
+            raft["agent"]["window"]["telemetry_per_minute"],
+            raft["catalog"]["window"]["telemetry_per_minute"],
+            raft["agent"]["consul_requests_per_minute"],
+            raft["catalog"]["consul_requests_per_minute"],
+        );
+    }
+    let reap = &r["reap"];
+    if !reap.is_null() {
+        md.push_str("## Reap: a SIGKILLed sidecar's instance, agent vs catalog mode\n\n");
+        md.push_str(
+            "| | n | p50 s | p90 s | p99 s | max s | lost |\n|---|---:|---:|---:|---:|---:|---:|\n",
+        );
+        latency_row(
+            &mut md,
+            "agent mode: SIGKILL → not passing (the TTL expired)",
+            &in_seconds(&reap["agent"]["not_passing"]),
+        );
+        latency_row(
+            &mut md,
+            "agent mode: SIGKILL → gone (deregisterCriticalServiceAfter, Consul's reaper)",
+            &in_seconds(&reap["agent"]["gone"]),
+        );
+        latency_row(
+            &mut md,
+            "catalog mode: SIGKILL → not passing",
+            &in_seconds(&reap["catalog"]["not_passing"]),
+        );
+        latency_row(
+            &mut md,
+            "catalog mode: SIGKILL → gone (session expired, a live sidecar's reaper)",
+            &in_seconds(&reap["catalog"]["gone"]),
+        );
+        let _ = writeln!(
+            md,
+            "\np50 ratio, gone: agent mode / catalog mode = **{}×**. Session TTL {} s; bounds: catalog \
+             mode 2 × TTL + 1 s = {} s, agent mode TTL + 1 m + 30 s = {} s. The surviving \
+             catalog-mode sidecar counted {} reaped instances (`consul_registrar_reaped_total`).\n",
+            f(&reap["ratio_p50_gone_agent_over_catalog"]),
+            reap["session_ttl_seconds"],
+            reap["catalog_bound_ms"]
+                .as_f64()
+                .map_or(0.0, |x| x / 1000.0),
+            reap["agent_bound_ms"].as_f64().map_or(0.0, |x| x / 1000.0),
+            f(&reap["survivor_reaped_total"]),
         );
     }
     let d = &r["drain"];
@@ -1799,12 +2560,19 @@ fn markdown(r: &Value) -> String {
         for (label, key) in [
             ("consul-registrar, 1 service", "sidecar"),
             (
+                "consul-registrar, catalog mode, 1 service",
+                "catalog_sidecar",
+            ),
+            (
                 "Consul client agent (per-node alternative)",
                 "consul_client_agent",
             ),
         ] {
             for (wlabel, w) in [("idle", "idle"), ("10 flips/s", "ten_flips_per_second")] {
                 let u = &fp[key][w];
+                if u.is_null() {
+                    continue;
+                }
                 let _ = writeln!(
                     md,
                     "| {label} | {wlabel} ({} s) | {} | {} / {} | {} / {} |",
@@ -1826,6 +2594,13 @@ fn markdown(r: &Value) -> String {
             f(&fp["binary_mib"]["consul"]),
             fp["sidecar"]["consul_requests_per_minute_idle"]
         );
+        if !fp["catalog_sidecar"]["consul_requests_per_minute_idle"].is_null() {
+            let _ = writeln!(
+                md,
+                "Catalog mode, Consul requests per minute while idle: {}.\n",
+                fp["catalog_sidecar"]["consul_requests_per_minute_idle"]
+            );
+        }
     }
     if let Some(rows) = r["scale"]["rows"].as_array() {
         let _ = writeln!(

@@ -8,11 +8,14 @@
 # results.json (every sample), latency.png, bench.log and logs/ (every process's log).
 #
 # Knobs (environment):
-#   BENCH_PHASES=propagation,footprint,drain,scale,recovery   a subset, for quick runs (default all)
-#   BENCH_QUICK=1     small sample counts and short windows (a smoke run of ~2 minutes; the figures
-#                     are then rough)
+#   BENCH_PHASES=propagation,footprint,drain,scale,recovery,raft,reap   a subset, for quick runs
+#                     (default all)
+#   BENCH_QUICK=1     small sample counts and short windows (a smoke run of ~5 minutes, most of it
+#                     the reap phase waiting for Consul's agent-mode reaper; the figures are then
+#                     rough)
 #   BENCH_FLIPS, BENCH_PEER_FLIPS, BENCH_FLOOR_FLIPS, BENCH_DRAIN_RUNS, BENCH_RECOVERY_RUNS,
-#   BENCH_IDLE_SECONDS, BENCH_LOAD_SECONDS, BENCH_STEADY_SECONDS, BENCH_SCALE   see `bench --help`
+#   BENCH_IDLE_SECONDS, BENCH_LOAD_SECONDS, BENCH_STEADY_SECONDS, BENCH_SCALE,
+#   BENCH_RAFT_INSTANCES, BENCH_RAFT_SECONDS, BENCH_REAP_RUNS   see `bench --help`
 #
 # The figures are reported, never asserted: the script fails only when something could not run
 # (no Consul, a build error, Consul did not start, the sidecar never registered, no plot).
@@ -29,7 +32,8 @@ if [ "${BENCH_QUICK:-0}" = 1 ]; then
   export BENCH_FLOOR_FLIPS="${BENCH_FLOOR_FLIPS:-20}" BENCH_DRAIN_RUNS="${BENCH_DRAIN_RUNS:-5}"
   export BENCH_RECOVERY_RUNS="${BENCH_RECOVERY_RUNS:-2}" BENCH_IDLE_SECONDS="${BENCH_IDLE_SECONDS:-10}"
   export BENCH_LOAD_SECONDS="${BENCH_LOAD_SECONDS:-5}" BENCH_STEADY_SECONDS="${BENCH_STEADY_SECONDS:-10}"
-  export BENCH_SCALE="${BENCH_SCALE:-1,100}"
+  export BENCH_SCALE="${BENCH_SCALE:-1,100}" BENCH_RAFT_INSTANCES="${BENCH_RAFT_INSTANCES:-10}"
+  export BENCH_RAFT_SECONDS="${BENCH_RAFT_SECONDS:-30}" BENCH_REAP_RUNS="${BENCH_REAP_RUNS:-1}"
 fi
 
 consul_bin=$(bash scripts/consul.sh)
@@ -114,7 +118,9 @@ fig.suptitle(
 
 ax = axes[0]
 us = samples(prop.get("us"))
-ecdf(ax, us, "consul-registrar (n=%d)" % len(us), color="tab:blue", linewidth=2)
+ecdf(ax, us, "consul-registrar, agent mode (n=%d)" % len(us), color="tab:blue", linewidth=2)
+cat = samples(prop.get("catalog"))
+ecdf(ax, cat, "consul-registrar, catalog mode (n=%d)" % len(cat), color="tab:green", linewidth=2)
 floor = samples(prop.get("floor"))
 ecdf(ax, floor, "Consul alone: TTL update → catalog (n=%d)" % len(floor), color="tab:gray")
 peer = samples(prop.get("peer_1s"))
@@ -133,7 +139,7 @@ ax.set_ylabel("fraction of flips")
 ratio = prop.get("ratio_p50_peer_1s_over_us")
 ax.set_title("Propagation latency" + (" — p50 ratio 1 s check / us: %.0f×" % ratio if ratio else ""))
 ax.grid(True, which="both", alpha=0.3)
-if us or peer or floor:
+if us or cat or peer or floor:
     ax.legend(loc="center left", bbox_to_anchor=(0.16, 0.5), fontsize=8)
 else:
     ax.text(0.5, 0.5, "propagation not run", transform=ax.transAxes, ha="center")
@@ -168,16 +174,22 @@ if startup:
 rec = samples(results.get("recovery"))
 if rec:
     groups.append(("recovery\nConsul up → passing", rec))
+reap = results.get("reap") or {}
+for mode in ("agent", "catalog"):
+    gone = sorted((reap.get(mode) or {}).get("gone_samples_ms", []))
+    if gone:
+        groups.append(("reap, %s\nKILL → gone" % mode, gone))
 if groups:
     ax.boxplot([g[1] for g in groups], whis=(0, 100), widths=0.5)
     for i, (_, g) in enumerate(groups, start=1):
         ax.plot([i + (k % 7 - 3) * 0.03 for k in range(len(g))], g, ".", alpha=0.5, color="tab:blue")
-    ax.set_xticks(range(1, len(groups) + 1), [g[0] for g in groups], fontsize=8)
+    ax.set_xticks(range(1, len(groups) + 1), [g[0] for g in groups],
+                  fontsize=8 if len(groups) <= 3 else 6.5)
     ax.set_yscale("log")
     ax.set_ylabel("ms (log scale)")
 else:
     ax.text(0.5, 0.5, "drain and recovery not run", transform=ax.transAxes, ha="center")
-ax.set_title("Drain, start-up, recovery (each run)")
+ax.set_title("Drain, start-up, recovery, reap (each run)")
 ax.grid(True, which="both", axis="y", alpha=0.3)
 
 fig.tight_layout()
