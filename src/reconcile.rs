@@ -198,6 +198,8 @@ impl<R: Registry> Reconciler<R> {
         let mut registered_at: Option<Instant> = None;
         // When we last wrote the check: an older sighting of its status is not news.
         let mut written_at: Option<Instant> = None;
+        // A differing check was read again and still differs (see `step`).
+        let mut check_confirmed = false;
 
         loop {
             if retry_at.is_none() {
@@ -212,6 +214,7 @@ impl<R: Registry> Reconciler<R> {
                         &verdict,
                         refresh_due,
                         &mut ever_registered,
+                        &mut check_confirmed,
                     )
                     .await;
                 match step {
@@ -324,6 +327,7 @@ impl<R: Registry> Reconciler<R> {
         verdict: &Verdict,
         refresh_due: Instant,
         ever_registered: &mut bool,
+        confirmed: &mut bool,
     ) -> Result<Progress, StepError> {
         let [service, instance] = self.labels();
         match view.clone() {
@@ -350,7 +354,18 @@ impl<R: Registry> Reconciler<R> {
                 *view = View::Unknown;
                 Err(StepError::NotOurs)
             }
+            // A check that differs may be an answer read before our own last write landed (the
+            // watcher's read and our write cross): read once more before writing.
+            View::Differs("check") if !*confirmed => {
+                *view = match self.registry.read(&self.spec).await? {
+                    ServiceWatch::Missing => View::Missing,
+                    ServiceWatch::Present { service, .. } => self.view_of(&service, acked.as_ref()),
+                };
+                *confirmed = *view == View::Differs("check");
+                Ok(Progress::again())
+            }
             View::Missing | View::Differs(_) => {
+                *confirmed = false;
                 // Said once the repair is made (while Consul is unreachable the step is retried
                 // with backoff, and the error is logged once, not the intent on every try).
                 let (reason, why): (Option<&'static str>, String) = match view {
