@@ -79,9 +79,7 @@ impl CatalogRegistry {
                     ("index", if index.is_empty() { "0" } else { index }),
                     ("wait", &format!("{}ms", wait.as_millis())),
                 ]),
-                // Consul adds up to wait/16 of jitter; leave room for it and the network.
-                wait.saturating_add(wait / 8)
-                    .saturating_add(Duration::from_secs(5)),
+                super::blocking_timeout(wait),
             ),
             None => ("read_instance", req, super::REQUEST_TIMEOUT),
         };

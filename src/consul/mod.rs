@@ -250,9 +250,7 @@ impl ConsulClient {
                 "watch_service",
                 self.request(Method::GET, &path)
                     .query(&[("hash", h), ("wait", &format!("{}ms", wait.as_millis()))]),
-                // Consul adds up to wait/16 of jitter; leave room for it and the network.
-                wait.saturating_add(wait / 8)
-                    .saturating_add(Duration::from_secs(5)),
+                blocking_timeout(wait),
             ),
             None => (
                 "read_service",
@@ -447,15 +445,15 @@ impl ConsulClient {
         self.metrics.consul_reachable.set(1);
         let status = resp.status();
         self.record(operation, status_class(status));
+        let header = |name: &str| {
+            resp.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let index = header("X-Consul-Index");
         if status.is_success() {
-            let header = |name: &str| {
-                resp.headers()
-                    .get(name)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_string)
-            };
             let content_hash = header("X-Consul-ContentHash");
-            let index = header("X-Consul-Index");
             let body = resp
                 .bytes()
                 .await
@@ -469,11 +467,6 @@ impl ConsulClient {
         if status == StatusCode::NOT_FOUND && operation == "watch_keys" {
             // No key under the prefix: an empty list, with the index to block on (a 404 carries
             // X-Consul-Index too, and a blocking query on it waits for the first key).
-            let index = resp
-                .headers()
-                .get("X-Consul-Index")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
             return Ok(Answer {
                 content_hash: None,
                 index,
@@ -510,6 +503,13 @@ impl ConsulClient {
             .with_label_values(&[operation, class])
             .inc();
     }
+}
+
+/// How long a blocking query waiting up to `wait` may take: Consul adds up to wait/16 of jitter;
+/// leave room for it and the network.
+fn blocking_timeout(wait: Duration) -> Duration {
+    wait.saturating_add(wait / 8)
+        .saturating_add(Duration::from_secs(5))
 }
 
 /// The ACL permission an operation needs, for the 403 message.

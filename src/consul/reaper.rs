@@ -141,11 +141,11 @@ impl Reaper {
                 ("index", index),
                 ("wait", &format!("{}ms", self.wait.as_millis())),
             ]);
-        let timeout = self
-            .wait
-            .saturating_add(self.wait / 8)
-            .saturating_add(Duration::from_secs(5));
-        match self.client.send("watch_keys", req, timeout).await {
+        match self
+            .client
+            .send("watch_keys", req, super::blocking_timeout(self.wait))
+            .await
+        {
             Ok(answer) => {
                 let keys: Vec<String> =
                     serde_json::from_slice(&answer.body).map_err(|e| ConsulError::Decode {
