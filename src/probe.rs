@@ -370,10 +370,12 @@ pub async fn connect_http2(spec: &HealthSpec, timeout: Duration) -> Result<Chann
     let endpoint = endpoint_for(spec)?;
     let deadline = tokio::time::Instant::now() + timeout;
     let (report, mut first_frame) = watch::channel(None);
-    let connector = FirstFrameConnector {
-        report: Arc::new(report),
-        watch: spec.tls.is_none(),
-    };
+    let report = spec.tls.is_none().then(|| Arc::new(report));
+    let connector = WatchedConnector(move || FirstFrameWatch {
+        header: [0; 9],
+        seen: 0,
+        report: report.clone(),
+    });
     let channel =
         match tokio::time::timeout_at(deadline, endpoint.connect_with_connector(connector)).await {
             Err(_) => return Err(ConnectError::TimedOut(timeout)),
@@ -403,17 +405,27 @@ pub enum ConnectError {
     TimedOut(Duration),
 }
 
-/// TCP connections (no delay, like tonic's own) that report the server's first frame.
-#[derive(Clone)]
-struct FirstFrameConnector {
-    /// `Some(true)` once a connection saw a SETTINGS frame first, `Some(false)` on anything else.
-    report: Arc<watch::Sender<Option<bool>>>,
-    /// False over TLS: the bytes read here are ciphertext.
-    watch: bool,
+/// What a [`WatchedTcp`] stream tells its watcher.
+pub(crate) trait TcpWatcher: Send + Unpin + 'static {
+    /// Bytes arrived from the server.
+    fn read(&mut self, _bytes: &[u8]) {}
+    /// The server closed the stream (end of stream), or reading or writing failed.
+    fn closed(&mut self) {}
+    /// The stream was dropped: the connection over it is over.
+    fn dropped(&mut self) {}
 }
 
-impl Service<Uri> for FirstFrameConnector {
-    type Response = TokioIo<FirstFrameWatch>;
+/// Makes TCP connections (no delay, like tonic's own) for `Endpoint::connect_with_connector`,
+/// each with a watcher from `make`.
+#[derive(Clone)]
+pub(crate) struct WatchedConnector<F>(pub F);
+
+impl<W, F> Service<Uri> for WatchedConnector<F>
+where
+    W: TcpWatcher,
+    F: Fn() -> W + Clone + Send + 'static,
+{
+    type Response = TokioIo<WatchedTcp<W>>;
     type Error = std::io::Error;
     type Future =
         Pin<Box<dyn std::future::Future<Output = std::io::Result<Self::Response>> + Send>>;
@@ -423,28 +435,103 @@ impl Service<Uri> for FirstFrameConnector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let report = self.watch.then(|| self.report.clone());
+        let watcher = (self.0)();
         Box::pin(async move {
             let host = uri.host().unwrap_or_default().trim_matches(['[', ']']);
             let port = uri.port_u16().unwrap_or(443);
             let tcp = TcpStream::connect((host, port)).await?;
             tcp.set_nodelay(true)?;
-            Ok(TokioIo::new(FirstFrameWatch {
+            Ok(TokioIo::new(WatchedTcp {
                 inner: tcp,
-                header: [0; 9],
-                seen: 0,
-                report,
+                watcher,
             }))
         })
     }
 }
 
-/// A TCP stream that passes everything through and judges the first 9 bytes the server sends: an
-/// HTTP/2 frame header of a SETTINGS frame (type 4, not an ACK, stream 0) or not.
-struct FirstFrameWatch {
+/// A TCP stream that passes everything through and tells its watcher what it saw.
+pub(crate) struct WatchedTcp<W: TcpWatcher> {
     inner: TcpStream,
+    watcher: W,
+}
+
+impl<W: TcpWatcher> Drop for WatchedTcp<W> {
+    fn drop(&mut self) {
+        self.watcher.dropped();
+    }
+}
+
+impl<W: TcpWatcher> AsyncRead for WatchedTcp<W> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let wanted = buf.remaining() > 0;
+        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
+        match &result {
+            Poll::Ready(Ok(())) if buf.filled().len() == before => {
+                if wanted {
+                    self.watcher.closed();
+                }
+            }
+            Poll::Ready(Ok(())) => {
+                let this = &mut *self;
+                this.watcher.read(&buf.filled()[before..]);
+            }
+            Poll::Ready(Err(_)) => self.watcher.closed(),
+            Poll::Pending => {}
+        }
+        result
+    }
+}
+
+impl<W: TcpWatcher> AsyncWrite for WatchedTcp<W> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Err(_)) = &result {
+            self.watcher.closed();
+        }
+        result
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Err(_)) = &result {
+            self.watcher.closed();
+        }
+        result
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Judges the first 9 bytes the server sends: an HTTP/2 frame header of a SETTINGS frame (type 4,
+/// not an ACK, stream 0) or not. Without `report` (over TLS, where the bytes are ciphertext) it
+/// judges nothing.
+struct FirstFrameWatch {
     header: [u8; 9],
     seen: usize,
+    /// `Some(true)` once a connection saw a SETTINGS frame first, `Some(false)` on anything else.
     report: Option<Arc<watch::Sender<Option<bool>>>>,
 }
 
@@ -469,65 +556,24 @@ impl FirstFrameWatch {
     }
 }
 
-impl AsyncRead for FirstFrameWatch {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if self.report.is_some() {
-            match &result {
-                Poll::Ready(Ok(())) if buf.filled().len() == before => {
-                    self.judge(false); // closed before a whole frame header
-                }
-                Poll::Ready(Ok(())) => {
-                    let seen = self.seen;
-                    let new = &buf.filled()[before..];
-                    let take = new.len().min(9 - seen);
-                    self.header[seen..seen + take].copy_from_slice(&new[..take]);
-                    self.seen += take;
-                    if self.seen == 9 {
-                        let verdict = Self::is_settings(&self.header);
-                        self.judge(verdict);
-                    }
-                }
-                Poll::Ready(Err(_)) => self.judge(false),
-                Poll::Pending => {}
-            }
+impl TcpWatcher for FirstFrameWatch {
+    fn read(&mut self, bytes: &[u8]) {
+        if self.report.is_none() {
+            return;
         }
-        result
-    }
-}
-
-impl AsyncWrite for FirstFrameWatch {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let seen = self.seen;
+        let take = bytes.len().min(9 - seen);
+        self.header[seen..seen + take].copy_from_slice(&bytes[..take]);
+        self.seen += take;
+        if self.seen == 9 {
+            let verdict = Self::is_settings(&self.header);
+            self.judge(verdict);
+        }
     }
 
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+    /// Closed before a whole frame header.
+    fn closed(&mut self) {
+        self.judge(false);
     }
 }
 

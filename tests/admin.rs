@@ -431,6 +431,43 @@ async fn a_drain_heals_when_the_app_restarts_but_not_when_the_app_stays_or_a_sig
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_heals_when_the_app_is_back_on_its_port_within_milliseconds() {
+    // The kubelet kills and starts a container in one sync: the port can be closed for a few
+    // hundred milliseconds only, less than the 200 ms between two tries of the port at times. Here
+    // the app is killed and started again 30 ms later (its port closed for some 50 ms), three
+    // times: each drain must heal.
+    let consul = ConsulAgent::start_dev().await;
+    let mut app = DemoApp::start(DemoAppOptions::default()).await;
+    let sidecar = Sidecar::start(&manifest(&consul.http_addr(), app.port(), "0s"), &[]);
+    for round in 1..=3 {
+        assert!(
+            wait_until(10 * SECOND, || async {
+                sidecar.get("/readyz").await.0 == 200
+            })
+            .await,
+            "round {round}: not ready"
+        );
+        assert_eq!(sidecar.get("/drain?wait=true").await.0, 200);
+        assert!(consul.catalog_service("hello").await.is_empty());
+        app.kill();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        app.restart().await;
+        assert!(
+            wait_until(10 * SECOND, || async {
+                consul.check_status("hello", "hello-1").await.as_deref() == Some("passing")
+            })
+            .await,
+            "round {round}: the app was back within milliseconds and the drain never healed:\n{}",
+            sidecar.logs()
+        );
+        assert_eq!(
+            sidecar.metric("consul_registrar_drains_healed_total").await,
+            Some(f64::from(round))
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_signal_makes_the_drain_final_even_if_the_app_comes_back() {
     let consul = ConsulAgent::start_dev().await;
     let mut app = DemoApp::start(DemoAppOptions::default()).await;
