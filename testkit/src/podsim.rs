@@ -192,10 +192,14 @@ impl Network {
             format!("cr{}v{host}", self.id),
             format!("cr{}p{host}", self.id),
         );
-        let _ = Command::new("ip")
-            .args(["netns", "del", &ns])
-            .stderr(Stdio::null())
-            .status();
+        // A namespace outlives `ip netns del` while a process is still in it, and so does its
+        // veth pair: a simulation that ran before with this id may have left one behind.
+        for stale in [&["netns", "del", &ns][..], &["link", "del", &outer][..]] {
+            let _ = Command::new("ip")
+                .args(stale)
+                .stderr(Stdio::null())
+                .status();
+        }
         ip(&["netns", "add", &ns]);
         self.namespaces
             .lock()
@@ -231,6 +235,14 @@ impl Drop for Network {
             .drain(..)
         {
             let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+        }
+        // The veths too (deleting one end deletes both): a namespace that a lingering process
+        // keeps alive would keep them, and the next simulation with this id could not add them.
+        for host in 1..self.next_host.load(Ordering::SeqCst) {
+            let _ = Command::new("ip")
+                .args(["link", "del", &format!("cr{}v{host}", self.id)])
+                .stderr(Stdio::null())
+                .status();
         }
         let _ = Command::new("ip")
             .args(["link", "del", &self.bridge])
