@@ -15,7 +15,10 @@ ADMIN_PORT="${ADMIN_PORT:-9102}"
 DEMO_FLIPS="${DEMO_FLIPS:-0}"            # 0: until Ctrl-C
 DEMO_FLIP_SECONDS="${DEMO_FLIP_SECONDS:-5}"
 
-say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+# Bold headings on a terminal only, and not with NO_COLOR (https://no-color.org): a log file or a
+# pipe gets plain text.
+if [ -t 1 ] && [ -z "${NO_COLOR:-}" ]; then bold=$'\033[1m' plain=$'\033[0m'; else bold="" plain=""; fi
+say() { printf '\n%s== %s%s\n' "$bold" "$*" "$plain"; }
 
 consul_bin=$(bash scripts/consul.sh)
 # CONSUL_REGISTRAR_BIN and DEMO_APP_BIN name binaries built already (tests/demo.rs passes the ones

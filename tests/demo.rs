@@ -55,6 +55,10 @@ fn make_demo_shows_registration_follow_health_and_drain() {
         stdout.contains("/ui/dc1/services/hello"),
         "the demo prints the Consul UI address"
     );
+    assert!(
+        !stdout.contains('\u{1b}'),
+        "colour codes in the demo's output to a pipe (issue 14 item 7):\n{stdout}"
+    );
 
     let lags = flip_lags(&stdout);
     assert_eq!(
