@@ -155,6 +155,36 @@ def container_state(pod: dict | None, name: str) -> str:
     return "waiting"
 
 
+def deregistered_before_app_stops(victim: str, iid: str, app_state: Callable[[], str],
+                                  instance_status: Callable[[], str | None],
+                                  within: float = 40) -> tuple[float, float]:
+    """Follows a deleted pod until its app container stops, asserting that the instance `iid` is
+    gone from Consul by then (the preStop drain). `app_state()` gives the container's state (see
+    `container_state`), `instance_status()` the instance's status or None once it is gone. Returns
+    when the instance was first seen gone and when the app was seen stopped (time.monotonic())."""
+    gone_at = None
+    deadline = time.monotonic() + within
+    while True:
+        # The container's state first, Consul afterwards: whenever the app is seen stopped, an
+        # instance read later must already be gone.
+        state = app_state()
+        try:
+            status = instance_status()
+        except OSError:
+            assert time.monotonic() < deadline, "Consul did not answer"
+            continue
+        now = time.monotonic()
+        if status is None and gone_at is None:
+            gone_at = now
+        if state != "running":
+            assert status is None, f"the app container of {victim} is {state} but Consul still has {iid} ({status})"
+            break
+        assert now < deadline, f"{victim}'s app did not stop within {within:.0f} s (instance: {status or 'gone'})"
+        time.sleep(0.1)
+    assert gone_at is not None
+    return gone_at, time.monotonic()
+
+
 @pytest.fixture(scope="session")
 def kube() -> Kube:
     if not os.environ.get("KUBECONFIG"):

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, Consul, Helm, Kube, container_state, figure, log, wait_for
+from conftest import REPO, Consul, Helm, Kube, container_state, deregistered_before_app_stops, figure, log, wait_for
 
 REPLICAS = 2
 LIBRARY = REPO / "charts" / "consul-registrar-lib"
@@ -168,27 +168,8 @@ def check_drain(w: Workload) -> None:
         f"the app container of {victim} stopped before its instance was deregistered"
     assert w.app_serves(victim), f"the app of {victim} should still serve while its instance drains"
 
-    gone_at = None
-    deadline = time.monotonic() + 40
-    while True:
-        # The container's state first, Consul afterwards: whenever the app is seen stopped, an
-        # instance read later must already be gone.
-        state = container_state(old_pod(), w.app)
-        try:
-            status = w.statuses().get(iid)
-        except OSError:
-            assert time.monotonic() < deadline, "Consul did not answer"
-            continue
-        now = time.monotonic()
-        if status is None and gone_at is None:
-            gone_at = now
-        if state != "running":
-            assert status is None, f"the app container of {victim} is {state} but Consul still has {iid} ({status})"
-            break
-        assert now < deadline, f"{victim}'s app did not stop within 40 s (instance: {status or 'gone'})"
-        time.sleep(0.1)
-    stopped_at = time.monotonic()
-    assert gone_at is not None
+    gone_at, stopped_at = deregistered_before_app_stops(
+        victim, iid, lambda: container_state(old_pod(), w.app), lambda: w.statuses().get(iid))
     w.figure("delete_to_deregistered", gone_at - began)
     w.figure("deregistered_before_app_stopped", stopped_at - gone_at)
     # Pod deletion ends drained: while the old pod is still there (its sidecar may still run), its

@@ -21,7 +21,8 @@ from __future__ import annotations
 import json
 import time
 
-from conftest import Consul, Demo, Kube, container_state, container_status, figure, log, wait_for
+from conftest import (Consul, Demo, Kube, container_state, container_status, deregistered_before_app_stops, figure, log,
+                      wait_for)
 from test_scenarios import REPLICAS, pod_names, rollout_under_traffic
 
 ADMIN_PORT = 9102
@@ -131,20 +132,9 @@ def test_c1_catalog_registers_on_virtual_nodes_flips_and_drains(catalog_demo, ku
     assert container_state(kube.pod(d.namespace, victim), "app") == "running", \
         f"the app container of {victim} stopped before its instance was deregistered"
     assert d.app_serves(victim), f"the app of {victim} should still serve while its instance drains"
-    gone_at = None
-    deadline = time.monotonic() + 40
-    while True:
-        state = container_state(kube.pod(d.namespace, victim), "app")
-        status = d.consul.statuses(d.service).get(iid)
-        now = time.monotonic()
-        if status is None and gone_at is None:
-            gone_at = now
-        if state != "running":
-            assert status is None, f"the app container of {victim} is {state} but Consul still has {iid} ({status})"
-            break
-        assert now < deadline, f"{victim}'s app did not stop within 40 s (instance: {status or 'gone'})"
-        time.sleep(0.1)
-    assert gone_at is not None
+    gone_at, _ = deregistered_before_app_stops(
+        victim, iid, lambda: container_state(kube.pod(d.namespace, victim), "app"),
+        lambda: d.consul.statuses(d.service).get(iid))
     figure("catalog_delete_to_deregistered", gone_at - began, "s")
     wait_for(f"{iid}'s liveness key deleted after its deregistration",
              lambda: liveness_key(d.consul, node, iid) is None, 5, 0.2)

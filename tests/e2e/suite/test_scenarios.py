@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from conftest import REPO, Demo, Kube, container_state, container_status, deep_merge, figure, log, wait_for
+from conftest import (REPO, Demo, Kube, container_state, container_status, deep_merge, deregistered_before_app_stops,
+                      figure, log, wait_for)
 
 REPLICAS = 3
 # The sidecar's documented exit code for an invalid manifest (README: exit codes).
@@ -230,23 +231,9 @@ def test_4_deleted_pod_leaves_consul_before_its_app_stops(demo, kube):
         f"the app container of {victim} stopped before its instance was deregistered"
     assert d.app_serves(victim), f"the app of {victim} should still serve while its instance drains"
 
-    gone_at = None
-    deadline = time.monotonic() + 40
-    while True:
-        # The container's state first, Consul afterwards: whenever the app is seen stopped, an
-        # instance read later must already be gone.
-        state = container_state(kube.pod(d.namespace, victim), "app")
-        status = d.consul.statuses(d.service).get(iid)
-        now = time.monotonic()
-        if status is None and gone_at is None:
-            gone_at = now
-        if state != "running":
-            assert status is None, f"the app container of {victim} is {state} but Consul still has {iid} ({status})"
-            break
-        assert now < deadline, f"{victim}'s app did not stop within 40 s (instance: {status or 'gone'})"
-        time.sleep(0.1)
-    stopped_at = time.monotonic()
-    assert gone_at is not None
+    gone_at, stopped_at = deregistered_before_app_stops(
+        victim, iid, lambda: container_state(kube.pod(d.namespace, victim), "app"),
+        lambda: d.consul.statuses(d.service).get(iid))
     figure("delete_to_deregistered", gone_at - began, "s")
     figure("deregistered_before_app_stopped", stopped_at - gone_at, "s")
     wait_for("the replacement pod registered: all passing", lambda: d.all_passing(REPLICAS), 120)
