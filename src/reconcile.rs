@@ -196,6 +196,8 @@ impl<R: Registry> Reconciler<R> {
             .unwrap_or(FAR_FUTURE);
         let mut refresh_due = Instant::now();
         let mut registered_at: Option<Instant> = None;
+        // When that registration had landed: a `Missing` asked before then may predate it.
+        let mut registered_until: Option<Instant> = None;
         // When we last wrote the check: an older sighting of its status is not news.
         let mut written_at: Option<Instant> = None;
         // A differing check was read again and still differs (see `step`).
@@ -235,6 +237,7 @@ impl<R: Registry> Reconciler<R> {
                         }
                         if progress.registered {
                             registered_at = Some(step_started);
+                            registered_until = Some(Instant::now());
                             registered.notify_one();
                         }
                         if progress.again {
@@ -300,6 +303,11 @@ impl<R: Registry> Reconciler<R> {
                         continue; // asked before our last registration: stale
                     }
                     match answer {
+                        // Asked while our registration was under way, the answer may predate
+                        // it: read again rather than register twice.
+                        Ok(ServiceWatch::Missing) if registered_until.is_some_and(|d| asked_at < d) => {
+                            view = View::Unknown;
+                        }
                         Ok(ServiceWatch::Missing) => view = View::Missing,
                         Ok(ServiceWatch::Present { service, .. }) => {
                             let fresh = written_at.is_none_or(|w| asked_at >= w);
