@@ -14,6 +14,10 @@ CONSUL_VERSION="${CONSUL_VERSION:-1.22.3}"
 cache_root="${CONSUL_REGISTRAR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/consul-registrar}"
 dest_dir="$cache_root/consul/$CONSUL_VERSION"
 dest="$dest_dir/consul"
+# Go's module and build caches under the project's cache, like every other Go build here: nothing
+# lands in ~/go or ~/.cache/go-build.
+export GOMODCACHE="$cache_root/go/mod"
+export GOCACHE="$cache_root/go/build"
 
 log() { printf 'consul.sh: %s\n' "$*" >&2; }
 die() {
