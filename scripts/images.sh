@@ -27,7 +27,8 @@
 # real distroless base do is not exercised here (see the Dockerfile's header). Every image is run
 # once in its own root filesystem (`buildah run`, as the image's user) before it is exported.
 #
-# Needs buildah and skopeo (Debian: apt-get install buildah skopeo), dpkg (the libraries' list),
+# Needs buildah and skopeo (installed from Debian when missing and run as root with apt-get; else
+# apt-get install buildah skopeo), dpkg (the libraries' list),
 # cargo, and Go for the peers and Consul (the first builds take minutes; cached after that).
 # Storage: ${cache}/buildah (vfs driver), archives: ${cache}/images, where cache is
 # ${CONSUL_REGISTRAR_CACHE:-${XDG_CACHE_HOME:-~/.cache}/consul-registrar}. Runs serialise on a lock.
@@ -98,9 +99,17 @@ wants() { # <name>: asked for?
 }
 
 missing=()
-for tool in buildah skopeo dpkg; do command -v "$tool" >/dev/null 2>&1 || missing+=("$tool"); done
+for tool in buildah skopeo; do command -v "$tool" >/dev/null 2>&1 || missing+=("$tool"); done
+# A fresh Debian/Ubuntu machine lacks them: installed from Debian when we are root with apt-get.
+if [ "${#missing[@]}" -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  log "installing from Debian: ${missing[*]} (once)"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"; } >&2 ||
+    die "apt-get install ${missing[*]} failed"
+  missing=()
+fi
+command -v dpkg >/dev/null 2>&1 || missing+=(dpkg)
 [ "${#missing[@]}" -eq 0 ] ||
-  die "${missing[*]} not found: install them (Debian/Ubuntu: apt-get install buildah skopeo)"
+  die "${missing[*]} not found: install them (Debian/Ubuntu: apt-get install buildah skopeo), or run this as root where apt-get can"
 
 # ---- buildah's own storage, outside the system's --------------------------------------------------
 
