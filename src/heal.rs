@@ -78,7 +78,7 @@ async fn target_gone_and_back(address: &str, port: u16, instances: &[&HealthSpec
     let Some(first) = instances.first() else {
         return;
     };
-    went_away(address, port, first, connect_timeout).await;
+    went_away(first, connect_timeout).await;
     tracing::info!(%address, port, "the app's health port is closed: the app went away; the drain heals if it comes back serving");
     let mut ticker = tokio::time::interval(POLL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -121,9 +121,11 @@ async fn serving(spec: &HealthSpec) -> bool {
     )
 }
 
-/// Resolves once a TCP connection to the app's health port is refused (or times out): within
-/// milliseconds when the connection held to the app ends and the port closes, else at a [`POLL`].
-async fn went_away(address: &str, port: u16, spec: &HealthSpec, connect_timeout: Duration) {
+/// Resolves once a TCP connection to the health port of `spec` (one of the instances on that
+/// target) is refused (or times out): within milliseconds when the connection held to the app
+/// ends and the port closes, else at a [`POLL`].
+async fn went_away(spec: &HealthSpec, connect_timeout: Duration) {
+    let (address, port) = (spec.address.as_str(), spec.port);
     let mut ticker = tokio::time::interval(POLL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut held: Option<Held> = None;

@@ -183,15 +183,20 @@ impl Network {
         }
     }
 
+    /// The veth pair of the namespace with address `.host`: the end on the bridge, the end inside.
+    fn veth_pair(&self, host: u8) -> (String, String) {
+        (
+            format!("cr{}v{host}", self.id),
+            format!("cr{}p{host}", self.id),
+        )
+    }
+
     /// A new namespace with its own IP on the bridge.
     pub fn namespace(&self, name: &str) -> Netns {
         let host = self.next_host.fetch_add(1, Ordering::SeqCst);
         assert!(host < 250, "too many namespaces");
         let ns = format!("cr{}-{name}", self.id);
-        let (outer, inner) = (
-            format!("cr{}v{host}", self.id),
-            format!("cr{}p{host}", self.id),
-        );
+        let (outer, inner) = self.veth_pair(host);
         // A namespace outlives `ip netns del` while a process is still in it, and so does its
         // veth pair: a simulation that ran before with this id may have left one behind.
         for stale in [&["netns", "del", &ns][..], &["link", "del", &outer][..]] {
@@ -240,7 +245,7 @@ impl Drop for Network {
         // keeps alive would keep them, and the next simulation with this id could not add them.
         for host in 1..self.next_host.load(Ordering::SeqCst) {
             let _ = Command::new("ip")
-                .args(["link", "del", &format!("cr{}v{host}", self.id)])
+                .args(["link", "del", &self.veth_pair(host).0])
                 .stderr(Stdio::null())
                 .status();
         }
