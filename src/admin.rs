@@ -2,8 +2,10 @@
 //! `/status`. It only reads shared state and starts drains; a bad request can't disturb the rest.
 //!
 //! - `GET /healthz`: 200 while the process and its runtime answer (liveness).
-//! - `GET /readyz`: 200 once every instance has been registered at least once and no drain has
-//!   started; 503 otherwise, with the reason.
+//! - `GET /readyz`: 200 while Consul holds the instances passing for the probe's current verdict
+//!   (as the manifest's `readiness` rule counts them: all, any, or registered whatever the status)
+//!   and no drain holds; 503 otherwise, with the reason. What Consul acknowledged last stands while
+//!   Consul does not answer, so an outage alone does not take the pod out of its Service.
 //! - `GET|POST /drain[?wait=true]`: starts the drain (202); with `wait=true` answers 200 only when
 //!   every instance is deregistered (500 if that failed). GET is accepted because Kubernetes
 //!   `preStop` `httpGet` hooks can only send GET. Only a caller holding the drain token (header
@@ -29,7 +31,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::manifest::Secret;
+use crate::manifest::{Readiness, Secret};
 use crate::metrics::Metrics;
 use crate::shutdown::{DrainHandle, Origin, Phase};
 use crate::status::StatusBoard;
@@ -38,7 +40,7 @@ use crate::status::StatusBoard;
 pub const DRAIN_TOKEN_HEADER: &str = "X-Drain-Token";
 
 /// How long requests in flight (a preStop's `/drain?wait=true`) may still be answered when the
-/// sidecar stops.
+/// sidecar stops: [`serve`] returns at most this long after it is told to stop.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
 /// What the admin endpoints read.
@@ -48,6 +50,8 @@ pub struct AdminState {
     pub board: Arc<StatusBoard>,
     pub drain: DrainHandle,
     pub drain_auth: Arc<DrainAuth>,
+    /// What `/readyz` requires of the instances in Consul.
+    pub readiness: Readiness,
 }
 
 /// Who may start a drain: set from `CONSUL_REGISTRAR_DRAIN_TOKEN` or
@@ -121,8 +125,10 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Serves on `listener` until `cancel`; then answers the requests in flight (a waiting
-/// `/drain?wait=true` gets its answer) for up to [`SHUTDOWN_GRACE`] and returns.
+/// `/drain?wait=true` gets its answer) until [`SHUTDOWN_GRACE`] after `cancel`, and returns.
 pub async fn serve(listener: TcpListener, state: AdminState, cancel: CancellationToken) {
+    // One deadline for every connection: set when `cancel` comes.
+    let (grace_tx, grace) = tokio::sync::watch::channel(None::<tokio::time::Instant>);
     let mut connections = JoinSet::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -140,6 +146,7 @@ pub async fn serve(listener: TcpListener, state: AdminState, cancel: Cancellatio
         };
         let state = state.clone();
         let cancel = cancel.clone();
+        let mut grace = grace.clone();
         connections.spawn(async move {
             let service = service_fn(move |req| {
                 let state = state.clone();
@@ -155,15 +162,22 @@ pub async fn serve(listener: TcpListener, state: AdminState, cancel: Cancellatio
                 _ = conn.as_mut() => return,
                 _ = cancel.cancelled() => {}
             }
-            // Finish the request in flight, if any, then close.
+            // Finish the request in flight, if any, then close: until the one deadline.
             conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn).await;
+            let deadline = match grace.wait_for(Option::is_some).await {
+                Ok(d) => (*d).unwrap_or_else(tokio::time::Instant::now),
+                Err(_) => return,
+            };
+            let _ = tokio::time::timeout_at(deadline, conn).await;
         });
     }
-    let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
+    let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+    grace_tx.send_replace(Some(deadline));
+    let _ = tokio::time::timeout_at(deadline, async {
         while connections.join_next().await.is_some() {}
     })
     .await;
+    // Whatever is still open is dropped (aborted) with the set.
 }
 
 type Reply = Response<Full<Bytes>>;
@@ -217,12 +231,15 @@ async fn route(req: Request<Incoming>, peer: SocketAddr, state: &AdminState) -> 
 
 fn readiness(state: &AdminState) -> Reply {
     match state.drain.phase() {
-        Phase::Running if state.board.all_registered_once() => text(StatusCode::OK, "ready\n"),
-        Phase::Running => text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: not every instance has been registered yet\n",
-        ),
-        _ => text(StatusCode::SERVICE_UNAVAILABLE, "not ready: draining\n"),
+        Phase::Running => match state.board.readiness(state.readiness) {
+            Ok(()) => text(StatusCode::OK, "ready\n"),
+            Err(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("not ready: {why}\n"),
+            ),
+        },
+        Phase::Draining => text(StatusCode::SERVICE_UNAVAILABLE, "not ready: draining\n"),
+        _ => text(StatusCode::SERVICE_UNAVAILABLE, "not ready: drained\n"),
     }
 }
 

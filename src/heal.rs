@@ -2,13 +2,21 @@
 //! `/drain`) not only before deleting a pod but also before restarting an app container whose
 //! liveness or startup probe failed; after such a restart nothing would ever put the instances back.
 //!
-//! The rule: after a drain that came from `/drain` (not from a signal), once the app's health
-//! port has been seen gone (a TCP connection to it is refused: the process is not there) and then
-//! every instance's health service answers SERVING `successThreshold` times in a row, the app
-//! has been restarted and serves again: the drain is cancelled and the instances registered
-//! again. A pod being deleted never gets there: its app goes away and does not come back, and
-//! SIGTERM (which makes a drain final) follows. An app that never goes away (an operator's manual
-//! `/drain`) stays drained.
+//! The rule: a drain that came from `/drain` (not from a signal) heals when one of the app's health
+//! targets (address and port) was restarted after the drain began — seen up (it accepted a
+//! connection), then gone (a connection to it is refused: the process is not there), then
+//! answering its health service again. The instances are then registered again, each with its own
+//! verdict (a service that answers NOT_SERVING comes back critical, and a target in another
+//! container that never restarted comes back too): the pod is not going away. A pod being deleted
+//! never gets there: its app goes away and does not come back, and SIGTERM (which makes a drain
+//! final) follows. An app that never goes away (an operator's manual `/drain`) stays drained.
+//!
+//! "Seen up after the drain began" is what keeps a deletion from healing when the pod's app was
+//! still starting: its port was closed when the preStop drained, it opens during the drain delay,
+//! and the kubelet stops it once the preStop has answered. Without the first sighting, closed-then-
+//! serving would pass for a restart, and the instance would be put back for an app about to stop.
+//! (The price: a startup-probe restart of an app whose port never opened is not seen as a restart;
+//! its drain stays until the app is restarted again or the pod ends.)
 //!
 //! Seeing "gone" must not depend on sampling: the kubelet kills and starts the container in one
 //! sync, so the port can be closed for well under a second. So the watch holds a connection to the
@@ -17,23 +25,30 @@
 //! that exits, or a server that shuts down, ends it, and its port is refused from moments later
 //! (the kernel lets go of the listening socket just after the connections) until the new process
 //! listens. A connection that ends while the port keeps answering (an idle timeout of the
-//! server's) is held again. The port is also tried every [`POLL`], for servers where no connection
-//! can be held.
+//! server's) is held again. While no connection is held the port is tried every [`POLL`]; while one
+//! is, every [`HELD_POLL`] only (a target on another host can vanish without closing it). Once the
+//! target is gone, one channel per target asks its health service every [`POLL`]: one connection
+//! per target, not one per instance.
 
 use std::time::Duration;
 
+use futures_util::future::select_all;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tonic::Code;
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
-use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::manifest::HealthSpec;
 use crate::probe::{self, HealthRpc, TcpWatcher, WatchedConnector};
 
-/// How often the app's health port is tried while a drain may heal.
+/// How often the app's health port is tried while no connection to it is held, and how often a
+/// gone target's health service is asked.
 pub const POLL: Duration = Duration::from_millis(200);
+
+/// How often the port is tried while a connection to it is held.
+const HELD_POLL: Duration = Duration::from_secs(5);
 
 /// The least time between two attempts to hold a connection to the app.
 const HOLD_RETRY: Duration = Duration::from_secs(1);
@@ -42,104 +57,91 @@ const HOLD_RETRY: Duration = Duration::from_secs(1);
 const SETTLE: Duration = Duration::from_millis(100);
 const SETTLE_EVERY: Duration = Duration::from_millis(2);
 
-/// Resolves once every probe target (address and port) has been seen gone and then serving again
-/// (every instance on it SERVING `successThreshold` times in a row). Runs until then: the caller
-/// drops it when the drain becomes final.
-pub async fn gone_and_back(specs: &[HealthSpec]) {
-    let mut targets: Vec<(String, u16, Vec<&HealthSpec>)> = Vec::new();
+/// Resolves once one probe target (address and port) was restarted after the call: seen up,
+/// then gone, then answering its health service again. Runs until then: the caller drops it when
+/// the drain becomes final.
+pub async fn restarted(specs: &[HealthSpec]) {
+    let mut targets: Vec<&HealthSpec> = Vec::new();
     for spec in specs {
-        match targets
-            .iter_mut()
-            .find(|(a, p, _)| *a == spec.address && *p == spec.port)
+        if !targets
+            .iter()
+            .any(|t| t.address == spec.address && t.port == spec.port)
         {
-            Some((_, _, instances)) => instances.push(spec),
-            None => targets.push((spec.address.clone(), spec.port, vec![spec])),
+            targets.push(spec);
         }
     }
-    futures_util::future::join_all(
-        targets
-            .iter()
-            .map(|(address, port, instances)| target_gone_and_back(address, *port, instances)),
-    )
-    .await;
+    if targets.is_empty() {
+        return std::future::pending().await;
+    }
+    let watches = targets
+        .into_iter()
+        .map(|spec| Box::pin(target_restarted(spec)));
+    select_all(watches).await;
 }
 
-async fn target_gone_and_back(address: &str, port: u16, instances: &[&HealthSpec]) {
-    let connect_timeout = instances
-        .iter()
-        .map(|s| s.timeout)
-        .min()
-        .unwrap_or(Duration::from_secs(1));
-    let needed = instances
-        .iter()
-        .map(|s| s.success_threshold.max(1))
-        .max()
-        .unwrap_or(1);
-    let Some(first) = instances.first() else {
-        return;
+/// Seen up, gone, back: one target (`spec` is the first instance probed on it).
+async fn target_restarted(spec: &HealthSpec) {
+    let (address, port) = (spec.address.as_str(), spec.port);
+    went_away(spec).await;
+    tracing::info!(%address, port, "the app's health port closed after the drain began (the app was up, and went away); the drain heals if it comes back");
+    answers_again(spec).await;
+    tracing::info!(%address, port, "the app is back: it answers its health service again");
+}
+
+/// Asks the health service of `spec` every [`POLL`] over one channel until the target answers at
+/// all: any status (each instance's verdict is the probe's business), or NOT_FOUND for a service
+/// it does not know. The channel is made now, after the target went away, so that nothing held
+/// over from the old process answers.
+async fn answers_again(spec: &HealthSpec) {
+    let Ok(endpoint) = probe::endpoint_for(spec) else {
+        return std::future::pending().await;
     };
-    went_away(first, connect_timeout).await;
-    tracing::info!(%address, port, "the app's health port is closed: the app went away; the drain heals if it comes back serving");
+    let mut rpc = HealthRpc::new(endpoint.connect_lazy());
     let mut ticker = tokio::time::interval(POLL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut streak = 0;
     loop {
         ticker.tick().await;
-        let mut all = true;
-        for spec in instances {
-            if !serving(spec).await {
-                all = false;
-                break;
-            }
-        }
-        streak = if all { streak + 1 } else { 0 };
-        if streak >= needed {
-            tracing::info!(%address, port, "the app is back and serving");
-            return;
+        let ask = rpc.check(HealthCheckRequest {
+            service: spec.service.clone(),
+        });
+        match tokio::time::timeout(spec.timeout * 2, ask).await {
+            Ok(Ok(_)) => return,
+            Ok(Err(status)) if matches!(status.code(), Code::NotFound) => return,
+            _ => {}
         }
     }
 }
 
-/// One unary `Check` on a fresh connection: SERVING or not (any error counts as not).
-async fn serving(spec: &HealthSpec) -> bool {
-    let Ok(endpoint) = probe::endpoint_for(spec) else {
-        return false;
-    };
-    let ask = async {
-        let channel = endpoint.connect().await.ok()?;
-        let answer = HealthRpc::new(channel)
-            .check(HealthCheckRequest {
-                service: spec.service.clone(),
-            })
-            .await
-            .ok()?;
-        Some(answer.into_inner().status == ServingStatus::Serving as i32)
-    };
-    matches!(
-        tokio::time::timeout(spec.timeout * 2, ask).await,
-        Ok(Some(true))
-    )
-}
-
-/// Resolves once a TCP connection to the health port of `spec` (one of the instances on that
-/// target) is refused (or times out): within milliseconds when the connection held to the app
-/// ends and the port closes, else at a [`POLL`].
-async fn went_away(spec: &HealthSpec, connect_timeout: Duration) {
-    let (address, port) = (spec.address.as_str(), spec.port);
-    let mut ticker = tokio::time::interval(POLL);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+/// Resolves once the target of `spec` was seen up (a connection to it held, or its port
+/// accepting one) and then gone (a TCP connection refused or not made within the probe's
+/// timeout): within milliseconds when the connection held to the app ends and the port closes,
+/// else at a poll.
+async fn went_away(spec: &HealthSpec) {
+    let (address, port, connect_timeout) = (spec.address.as_str(), spec.port, spec.timeout);
+    let mut seen_up = false;
     let mut held: Option<Held> = None;
     let mut last_hold: Option<Instant> = None;
+    let mut last_poll = Instant::now();
     loop {
         if held.is_none() && last_hold.is_none_or(|at| at.elapsed() >= HOLD_RETRY) {
             last_hold = Some(Instant::now());
             held = Held::open(spec, connect_timeout).await;
+            if held.is_some() && !seen_up {
+                seen_up = true;
+                tracing::debug!(%address, port, "the app is up: holding a connection to it");
+            }
         }
+        let every = if held.is_some() { HELD_POLL } else { POLL };
         let ended = held.as_ref().map(|h| h.ended.clone());
         tokio::select! {
-            _ = ticker.tick() => {
+            () = tokio::time::sleep_until(last_poll + every) => {
+                last_poll = Instant::now();
                 if port_closed(address, port, connect_timeout).await {
-                    return;
+                    if seen_up {
+                        return;
+                    }
+                } else {
+                    seen_up = true;
                 }
             }
             () = async {

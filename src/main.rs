@@ -1,5 +1,6 @@
 //! The `consul-registrar` command: `run` (the sidecar), `validate` (check a manifest and print what
-//! would be registered), `probe` (a one-shot gRPC health check, grpc_health_probe-compatible).
+//! would be registered), `probe` (a one-shot gRPC health check, grpc_health_probe-compatible),
+//! `schema` (print the manifest's JSON Schema).
 //!
 //! Exit codes: 0 success; 1 runtime failure (drain incomplete by drain.delay +
 //! drain.deregisterTimeout, admin port taken, Consul client set-up); 2 command-line usage; 65
@@ -82,6 +83,8 @@ enum Command {
         )]
         manifest: PathBuf,
     },
+    /// Print the manifest's JSON Schema (for editors: `# yaml-language-server: $schema=...`).
+    Schema,
     /// Ask a gRPC health service once (exit codes as grpc_health_probe).
     Probe {
         /// host:port of the gRPC server.
@@ -137,6 +140,7 @@ fn main() -> ExitCode {
     init_logging(cli.log_format, &cli.log_level);
     match cli.command {
         Command::Validate { manifest } => validate(&manifest),
+        Command::Schema => print_schema(),
         Command::Run {
             manifest,
             admin_addr,
@@ -238,6 +242,20 @@ fn validate(path: &std::path::Path) -> ExitCode {
         }
         Err(e) => {
             eprintln!("cannot print the registrations: {e}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+fn print_schema() -> ExitCode {
+    match serde_json::to_string_pretty(&manifest::schema::json_schema()) {
+        Ok(json) => {
+            use std::io::Write;
+            let _ = writeln!(std::io::stdout().lock(), "{json}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("cannot print the schema: {e}");
             ExitCode::from(EXIT_RUNTIME)
         }
     }

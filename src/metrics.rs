@@ -1,8 +1,14 @@
 //! Every Prometheus series the sidecar exports, named and documented in one place.
 //!
 //! Labels are bounded: the service name and instance id come from the manifest, operations and
-//! outcomes are fixed sets. Error text never becomes a label. The README's metrics table mirrors
-//! this file.
+//! outcomes are fixed sets. Error text never becomes a label. The metrics table of
+//! docs/metrics.md mirrors this file.
+//!
+//! Series that alerts watch exist from the start, at 0 (each instance's, from
+//! [`Metrics::expect_instance`]; catalog mode's session renewals, from
+//! [`Metrics::expect_session_renewals`]): Prometheus's `increase()` sees a counter's first
+//! increment only when the series was scraped before it, and `== 0` never fires on a series
+//! that does not exist (an instance that was never registered).
 
 use std::sync::Arc;
 
@@ -10,6 +16,20 @@ use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+/// `drains_total`'s outcomes.
+pub const DRAIN_OUTCOMES: [&str; 2] = ["drained", "failed"];
+/// Why `/drain` refused a request (`admin_requests_refused_total{endpoint="drain"}`).
+pub const DRAIN_REFUSAL_REASONS: [&str; 4] = [
+    "missing_token",
+    "wrong_token",
+    "token_unreadable",
+    "not_loopback",
+];
+/// `repairs_total`'s reasons.
+pub const REPAIR_REASONS: [&str; 2] = ["missing", "changed"];
+/// `session_renewals_total`'s outcomes.
+pub const SESSION_RENEWAL_OUTCOMES: [&str; 3] = ["ok", "lost", "error"];
 
 /// Buckets for things that should take milliseconds (probe RPCs, Consul calls, sync lag).
 const FAST_BUCKETS: &[f64] = &[
@@ -37,6 +57,9 @@ pub struct Metrics {
     /// (`register`, `update_ttl`, `deregister`, `read_service`, `watch_service`, `leader`, `agent_self`) and
     /// status class (`2xx`, `4xx`, `5xx`, `error` for no HTTP answer).
     pub consul_requests: IntCounterVec,
+    /// `consul_registrar_consul_denied_total`: Consul calls answered 403 (ACL: the token is
+    /// unknown or its policy lacks a permission the call needs; the log names the permission).
+    pub consul_denied: IntCounter,
     /// `consul_registrar_consul_refused_total{service,instance}`: steps that failed because Consul
     /// refused the request as malformed (HTTP 400 and other 4xx but 403/404/429); such a step is
     /// retried once per `resyncInterval`.
@@ -52,6 +75,9 @@ pub struct Metrics {
     pub consul_reachable: IntGauge,
     /// `consul_registrar_draining`: 1 from the start of a drain until it heals (or the end).
     pub draining: IntGauge,
+    /// `consul_registrar_drains_total{outcome}`: finished drains, `outcome` = `drained` (every
+    /// instance deregistered) or `failed` (instances left in Consul when the deadline came).
+    pub drains: IntCounterVec,
     /// `consul_registrar_drains_healed_total`: drains from `/drain` cancelled because the app was
     /// restarted and serves again (a liveness or startup probe restart, see `heal.rs`).
     pub drains_healed: IntCounter,
@@ -105,6 +131,11 @@ impl Metrics {
                 "Consul HTTP API requests by operation and status class.",
                 &["operation", "status"],
             ),
+            consul_denied: IntCounter::new(
+                "consul_registrar_consul_denied_total",
+                "Consul HTTP API requests answered 403 (ACL).",
+            )
+            .expect("valid counter"),
             consul_refused: counter_vec(
                 "consul_refused_total",
                 "Steps refused by Consul as malformed requests (HTTP 400).",
@@ -138,6 +169,11 @@ impl Metrics {
                 "1 from the start of a drain until it heals or the sidecar ends.",
             )
             .expect("valid gauge"),
+            drains: counter_vec(
+                "drains_total",
+                "Finished drains by outcome: drained, or failed (instances left in Consul).",
+                &["outcome"],
+            ),
             drains_healed: IntCounter::new(
                 "consul_registrar_drains_healed_total",
                 "Drains from /drain cancelled because the app was restarted and serves again.",
@@ -164,6 +200,12 @@ impl Metrics {
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        for outcome in DRAIN_OUTCOMES {
+            m.drains.with_label_values(&[outcome]);
+        }
+        for reason in DRAIN_REFUSAL_REASONS {
+            m.admin_refused.with_label_values(&["drain", reason]);
+        }
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(m.probe_results.clone()),
             Box::new(m.probe_duration.clone()),
@@ -171,12 +213,14 @@ impl Metrics {
             Box::new(m.instance_healthy.clone()),
             Box::new(m.instance_registered.clone()),
             Box::new(m.consul_requests.clone()),
+            Box::new(m.consul_denied.clone()),
             Box::new(m.consul_refused.clone()),
             Box::new(m.consul_request_duration.clone()),
             Box::new(m.repairs.clone()),
             Box::new(m.sync_lag.clone()),
             Box::new(m.consul_reachable.clone()),
             Box::new(m.draining.clone()),
+            Box::new(m.drains.clone()),
             Box::new(m.drains_healed.clone()),
             Box::new(m.admin_refused.clone()),
             Box::new(m.reaped.clone()),
@@ -189,6 +233,29 @@ impl Metrics {
             m.registry.register(c).expect("unique metric names");
         }
         Arc::new(m)
+    }
+
+    /// Creates an instance's series at their starting values (not registered, not passing, no
+    /// repair, transition or refusal yet), so that alerts see them before anything happens.
+    pub fn expect_instance(&self, service: &str, instance: &str) {
+        let labels = [service, instance];
+        self.instance_registered.with_label_values(&labels).set(0);
+        self.instance_healthy.with_label_values(&labels).set(0);
+        self.consul_refused.with_label_values(&labels);
+        for reason in REPAIR_REASONS {
+            self.repairs.with_label_values(&[service, instance, reason]);
+        }
+        for to in ["passing", "critical"] {
+            self.health_transitions
+                .with_label_values(&[service, instance, to]);
+        }
+    }
+
+    /// Creates catalog mode's session renewal series at 0.
+    pub fn expect_session_renewals(&self) {
+        for outcome in SESSION_RENEWAL_OUTCOMES {
+            self.session_renewals.with_label_values(&[outcome]);
+        }
     }
 
     /// The Prometheus text exposition of every series.
@@ -269,10 +336,72 @@ mod tests {
             "consul_registrar_admin_requests_refused_total{endpoint=\"drain\",reason=",
             "consul_registrar_reaped_total",
             "consul_registrar_session_renewals_total{outcome=\"ok\"}",
+            "consul_registrar_drains_total{outcome=\"failed\"} 0",
             "consul_registrar_build_info{version=",
             "process_resident_memory_bytes",
         ] {
             assert!(text.contains(family), "missing {family} in\n{text}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod expected_series {
+    use super::*;
+
+    fn has(text: &str, series: &str) -> bool {
+        text.lines().any(|l| l == series)
+    }
+
+    #[test]
+    fn series_that_alerts_watch_exist_at_zero_before_anything_happens() {
+        let m = Metrics::new();
+        let text = m.render();
+        assert!(
+            has(
+                &text,
+                "consul_registrar_drains_total{outcome=\"drained\"} 0"
+            ),
+            "{text}"
+        );
+        assert!(
+            has(&text, "consul_registrar_drains_total{outcome=\"failed\"} 0"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("consul_registrar_instance_registered{"),
+            "no instance yet"
+        );
+        assert!(
+            !text.contains("consul_registrar_session_renewals_total{"),
+            "agent mode has no session"
+        );
+
+        m.expect_instance("hello", "hello-1");
+        m.expect_session_renewals();
+        let text = m.render();
+        for series in [
+            "consul_registrar_instance_registered{instance=\"hello-1\",service=\"hello\"} 0",
+            "consul_registrar_instance_healthy{instance=\"hello-1\",service=\"hello\"} 0",
+            "consul_registrar_consul_refused_total{instance=\"hello-1\",service=\"hello\"} 0",
+            "consul_registrar_repairs_total{instance=\"hello-1\",reason=\"missing\",service=\"hello\"} 0",
+            "consul_registrar_repairs_total{instance=\"hello-1\",reason=\"changed\",service=\"hello\"} 0",
+            "consul_registrar_health_transitions_total{instance=\"hello-1\",service=\"hello\",to=\"critical\"} 0",
+            "consul_registrar_session_renewals_total{outcome=\"lost\"} 0",
+            "consul_registrar_session_renewals_total{outcome=\"error\"} 0",
+        ] {
+            assert!(has(&text, series), "missing {series} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn process_wide_counters_start_at_zero() {
+        let text = Metrics::new().render();
+        for series in [
+            "consul_registrar_consul_denied_total 0",
+            "consul_registrar_admin_requests_refused_total{endpoint=\"drain\",reason=\"wrong_token\"} 0",
+        ] {
+            assert!(has(&text, series), "missing {series} in\n{text}");
         }
     }
 }

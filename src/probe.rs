@@ -9,7 +9,9 @@
 //!
 //! An explicit NOT_SERVING / SERVICE_UNKNOWN counts at once; errors and timeouts count towards
 //! `failureThreshold`, SERVING answers towards `successThreshold`; nothing counts before
-//! `initialDelay`. In `auto` mode an UNIMPLEMENTED `Watch` falls back to polling.
+//! `initialDelay`. In `auto` mode an UNIMPLEMENTED `Watch` falls back to polling. One error counts
+//! at once too: a refused connection right after an open Watch stream ended is the app gone (it
+//! crashed, or was OOM-killed: its process is not there), not a blip to sample again.
 //!
 //! A connection that went half-open (the peer vanished without a FIN or RST: a rescheduled remote
 //! target, a NAT or load balancer that dropped its state) would be reused until the kernel gives
@@ -142,7 +144,11 @@ enum Observation {
     Failed {
         outcome: &'static str,
         reason: String,
+        /// The connection to the app was refused (nothing listens on its port).
+        refused: bool,
     },
+    /// The app is gone: critical at once (see the module header).
+    Gone(String),
 }
 
 enum Event {
@@ -643,6 +649,9 @@ impl HealthProbe {
         let mut last_watch_event = Instant::now() - Duration::from_secs(3600);
         let mut watching = self.spec.mode != HealthMode::Poll;
         let mut timeouts = Timeouts::default();
+        // An open Watch stream ended and nothing answered since: a refused connection now is the
+        // app gone.
+        let mut stream_ended = false;
         loop {
             let observation = tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -662,10 +671,12 @@ impl HealthProbe {
                     None => return,
                     Some(Event::Watched(o)) => {
                         last_watch_event = Instant::now();
+                        stream_ended = false;
                         self.set_mode("watch");
                         o
                     }
                     Some(Event::StreamBroken) => {
+                        stream_ended = true;
                         if !check_in_flight {
                             check_in_flight = true;
                             self.spawn_check(events_tx.clone());
@@ -696,7 +707,18 @@ impl HealthProbe {
                         if !watching {
                             self.set_mode("poll");
                         }
-                        observation
+                        match observation {
+                            Observation::Failed { refused: true, .. } if stream_ended => {
+                                Observation::Gone(
+                                    "the app is gone: its Watch stream ended and its port refuses connections".into(),
+                                )
+                            }
+                            Observation::Failed { .. } => observation,
+                            _ => {
+                                stream_ended = false;
+                                observation
+                            }
+                        }
                     }
                 },
             };
@@ -763,6 +785,7 @@ impl HealthProbe {
                         "Check timed out after {}",
                         crate::manifest::duration::format(timeout)
                     ),
+                    refused: false,
                 },
                 Ok(Ok(resp)) => from_serving_status(resp.into_inner().status),
                 Ok(Err(status)) => from_rpc_error(&status),
@@ -792,6 +815,7 @@ impl HealthProbe {
             Observation::NotServing(r) if r.contains("SERVICE_UNKNOWN") => "service_unknown",
             Observation::NotServing(_) => "not_serving",
             Observation::Failed { outcome, .. } => outcome,
+            Observation::Gone(_) => "error",
         };
         self.metrics
             .probe_results
@@ -814,10 +838,16 @@ impl HealthProbe {
                     self.spec.failure_threshold
                 ),
             ),
+            Observation::Gone(reason) => (
+                thresholds.unhealthy(),
+                format!("gRPC health of {}: {reason}", self.target()),
+            ),
         };
         let error = match observation {
             Observation::Serving => None,
-            Observation::NotServing(r) | Observation::Failed { reason: r, .. } => Some(r.clone()),
+            Observation::NotServing(r)
+            | Observation::Failed { reason: r, .. }
+            | Observation::Gone(r) => Some(r.clone()),
         };
         self.status.update(|s| s.probe.last_error = error);
         let Some(status) = flip else { return };
@@ -944,12 +974,28 @@ fn from_rpc_error(status: &Status) -> Observation {
         Code::DeadlineExceeded => Observation::Failed {
             outcome: "timeout",
             reason: "Check deadline exceeded".into(),
+            refused: false,
         },
         code => Observation::Failed {
             outcome: "error",
             reason: format!("{code:?}: {}", short(&with_causes(status))),
+            refused: connection_refused(status),
         },
     }
+}
+
+/// Whether the call failed because the connection to the app was refused.
+fn connection_refused(status: &Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// The status message and its causes ("transport error" alone says little; the cause says

@@ -308,10 +308,16 @@ impl<R: Registry> Reconciler<R> {
                         Ok(ServiceWatch::Missing) if registered_until.is_some_and(|d| asked_at < d) => {
                             view = View::Unknown;
                         }
-                        Ok(ServiceWatch::Missing) => view = View::Missing,
+                        Ok(ServiceWatch::Missing) => {
+                            view = View::Missing;
+                            self.not_held();
+                        }
                         Ok(ServiceWatch::Present { service, .. }) => {
                             let fresh = written_at.is_none_or(|w| asked_at >= w);
                             view = self.view_of(&service, acked.as_ref().filter(|_| fresh));
+                            if view == View::NotOurs {
+                                self.not_held();
+                            }
                         }
                         // The watcher lost Consul; our own calls will find out more.
                         Err(()) => continue,
@@ -354,6 +360,9 @@ impl<R: Registry> Reconciler<R> {
                         self.view_of(&service, acked.as_ref())
                     }
                 };
+                if matches!(*view, View::Missing | View::NotOurs) {
+                    self.not_held();
+                }
                 Ok(Progress::again())
             }
             // Read again before every retry: the foreign instance may be gone by then (an
@@ -459,6 +468,7 @@ impl<R: Registry> Reconciler<R> {
                         // else's under the same ID: read before registering again.
                         *view = View::Unknown;
                         *acked = None;
+                        self.not_held();
                         Ok(Progress::again())
                     }
                     Err(e) => Err(e.into()),
@@ -510,6 +520,13 @@ impl<R: Registry> Reconciler<R> {
             s.consul.status = Some(verdict.status.as_str());
             s.consul.ever_registered = true;
         });
+    }
+
+    /// Consul does not hold our instance (found missing, or someone else's under our ID): what it
+    /// acknowledged before no longer stands (`/readyz` counts it as not in Consul).
+    fn not_held(&self) {
+        self.set_registered(false);
+        self.status.update(|s| s.consul.status = None);
     }
 
     fn set_registered(&self, registered: bool) {

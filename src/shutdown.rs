@@ -4,12 +4,20 @@
 //! The sequence: stop the reconcilers at once (their in-flight calls are abandoned: nothing may
 //! re-register), mark every instance critical ("draining"), wait `drain.delay` (a second signal
 //! cuts it short), deregister every instance, retrying while Consul is unreachable, then read each
-//! instance back and deregister it again if a late write put it back. Every call of the drain is
-//! bounded by one deadline, `drain.delay + drain.deregisterTimeout` after the drain started, so
-//! shutdown fits the budget the kubelet gives it. Later requests join the drain in progress.
+//! instance back (and deregister it again if a late write put it back) and confirm that the
+//! servers, where clients read, no longer hold it. Every call of the drain is bounded by one
+//! deadline, `drain.delay + drain.deregisterTimeout` after the drain started, so shutdown fits the
+//! budget the kubelet gives it. Later requests join the drain in progress.
 //!
 //! A signal makes a drain final. A drain from `/drain` heals when the app is restarted (see
 //! [`crate::heal`]): the instances are registered again and a later `/drain` drains again.
+//!
+//! A drain that failed (Consul unreachable past the deadline) leaves the instances to the crash net
+//! ([`Registry::abandon`]) and is tried again by the signal that follows (a preStop's drain, then
+//! the kubelet's SIGTERM): at once, without a second delay, within the signal's own budget
+//! (`drain.delay + drain.deregisterTimeout` after it). A sidecar that starts while Consul holds
+//! its instances marked draining (it was restarted in the middle of a drain) finishes that drain
+//! before registering anything.
 
 use std::sync::Arc;
 
@@ -67,6 +75,10 @@ struct DrainState {
     outcome: Phase,
     /// A signal came: no drain heals any more.
     terminating: bool,
+    /// When the first signal came: its budget runs from there.
+    signalled_at: Option<Instant>,
+    /// The drain under way tries again after a failed one: no second delay.
+    retry: bool,
 }
 
 /// The drain a request started or joined.
@@ -100,6 +112,8 @@ impl DrainHandle {
                     finished: 0,
                     outcome: Phase::Running,
                     terminating: false,
+                    signalled_at: None,
+                    retry: false,
                 })
                 .0,
             ),
@@ -107,7 +121,8 @@ impl DrainHandle {
         }
     }
 
-    /// Starts a drain, or joins the one in progress or finished.
+    /// Starts a drain, or joins the one in progress or finished. A signal after a failed drain
+    /// starts it again (a retry).
     pub fn request(&self, origin: Origin) -> Ticket {
         let mut ticket = Ticket {
             started: false,
@@ -117,11 +132,14 @@ impl DrainHandle {
             let mut changed = false;
             if origin == Origin::Signal && !s.terminating {
                 s.terminating = true;
+                s.signalled_at = Some(Instant::now());
                 changed = true;
             }
-            if s.phase == Phase::Running {
+            let again = origin == Origin::Signal && matches!(s.phase, Phase::Failed(_));
+            if s.phase == Phase::Running || again {
                 s.phase = Phase::Draining;
                 s.started += 1;
+                s.retry = again;
                 ticket.started = true;
                 changed = true;
             }
@@ -145,6 +163,13 @@ impl DrainHandle {
         self.state.borrow().terminating
     }
 
+    /// Whether the drain under way tries again after a failed one; when a signal came, the end
+    /// of its budget (`budget` after it).
+    fn plan(&self, budget: std::time::Duration) -> (bool, Option<Instant>) {
+        let s = self.state.borrow();
+        (s.retry, s.signalled_at.map(|at| at + budget))
+    }
+
     /// Waits until the drain of `ticket` has finished and returns how the last drain ended.
     pub async fn finished(&self, ticket: Ticket) -> Phase {
         let mut rx = self.state.subscribe();
@@ -165,12 +190,30 @@ impl DrainHandle {
         let _ = rx.wait_for(|s| s.terminating).await;
     }
 
-    fn finish(&self, outcome: Phase) {
-        self.state.send_modify(|s| {
+    /// Ends the drain under way with `outcome`; unless it failed, `may_retry`, while a signal's
+    /// budget (`budget` after the signal) still runs: then it stays under way and the end of that
+    /// budget is returned, for another try.
+    fn finish_unless_retried(
+        &self,
+        outcome: &Phase,
+        budget: std::time::Duration,
+        may_retry: bool,
+    ) -> Option<Instant> {
+        let mut again = None;
+        self.state.send_if_modified(|s| {
+            let signal_deadline = s.signalled_at.map(|at| at + budget);
+            if let (true, Phase::Failed(_), Some(deadline)) = (may_retry, outcome, signal_deadline)
+                && Instant::now() < deadline
+            {
+                again = Some(deadline);
+                return false;
+            }
             s.finished = s.started;
             s.phase = outcome.clone();
-            s.outcome = outcome;
+            s.outcome = outcome.clone();
+            true
         });
+        again
     }
 
     /// Back to running, unless a signal came meanwhile.
@@ -200,52 +243,172 @@ pub struct Drainer<R> {
     pub start_reconcilers: StartReconcilers,
 }
 
+/// When a drain waits until (the end of its delay) and must be over by (every call included).
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    delay_end: Instant,
+    deadline: Instant,
+    /// Tries again after a failed drain, within what is left of a signal's budget.
+    retry: bool,
+}
+
 impl<R: Registry> Drainer<R> {
-    /// Starts the reconcilers, then drains on every request; after a drain from `/drain`, heals
-    /// when the app comes back (see [`crate::heal`]). Returns once a drain is final.
+    /// Starts the reconcilers (after finishing a drain a previous run of the sidecar left under
+    /// way), then drains on every request; after a drain from `/drain`, heals when the app comes
+    /// back (see [`crate::heal`]). Returns once a drain is final.
     pub async fn run(self) {
         let handle = self.handle.clone();
-        let mut reconcilers = (self.start_reconcilers)();
+        tokio::select! {
+            found = self.found_draining() => if found {
+                tracing::warn!(
+                    "Consul holds this pod's instances marked draining: the sidecar was restarted in the middle of a drain; finishing it before anything is registered (it heals only if the app is restarted)"
+                );
+                handle.request(Origin::Admin);
+            },
+            () = handle.requested() => {}
+        }
+        let mut reconcilers = if handle.phase() == Phase::Running {
+            (self.start_reconcilers)()
+        } else {
+            Vec::new()
+        };
+        let budget = self.policy.delay + self.policy.deregister_timeout;
         loop {
             handle.requested().await;
             // The heal watch starts with the drain, so an app that dies during the delay counts.
             let healths: Vec<_> = self.services.iter().map(|s| s.health.clone()).collect();
             let mut back = AbortOnDrop(tokio::spawn(async move {
-                crate::heal::gone_and_back(&healths).await
+                crate::heal::restarted(&healths).await
             }));
-            let outcome = self.drain(std::mem::take(&mut reconcilers)).await;
-            handle.finish(outcome);
+            let started = Instant::now();
+            let plan = match handle.plan(budget) {
+                // Again after a failed drain: the delay was served, the signal's budget is left.
+                (true, Some(signal_deadline)) => Plan {
+                    delay_end: started,
+                    deadline: signal_deadline,
+                    retry: true,
+                },
+                _ => Plan {
+                    delay_end: started + self.policy.delay,
+                    deadline: started + budget,
+                    retry: false,
+                },
+            };
+            let mut outcome = self.drain(std::mem::take(&mut reconcilers), plan).await;
+            // A signal came while this drain failed: again, once, within what is left of its
+            // budget (decided together with the signal's own request, so none falls between).
+            let mut may_retry = !plan.retry;
+            while let Some(signal_deadline) =
+                handle.finish_unless_retried(&outcome, budget, std::mem::take(&mut may_retry))
+            {
+                tracing::info!(
+                    "the drain failed and a signal came meanwhile: trying again within the signal's budget"
+                );
+                let now = Instant::now();
+                outcome = self
+                    .drain(
+                        Vec::new(),
+                        Plan {
+                            delay_end: now,
+                            deadline: signal_deadline,
+                            retry: true,
+                        },
+                    )
+                    .await;
+            }
+            let counted = if matches!(outcome, Phase::Drained) {
+                "drained"
+            } else {
+                "failed"
+            };
+            self.metrics.drains.with_label_values(&[counted]).inc();
+            if matches!(outcome, Phase::Failed(_)) {
+                // Nothing of ours may keep the instances alive now: the crash net takes them
+                // (agent: the TTL, no longer refreshed; catalog: the session, no longer renewed).
+                self.registry.abandon().await;
+            }
             tokio::select! {
-                _ = handle.terminated() => return,
+                () = handle.terminated() => {
+                    // A signal after a failed drain started it again.
+                    if handle.phase() == Phase::Draining {
+                        continue;
+                    }
+                    return;
+                }
                 healed = back.wait() => if !healed { return },
             }
             if !handle.heal() {
+                if handle.phase() == Phase::Draining {
+                    continue;
+                }
                 return;
             }
             tracing::info!(
-                "drain healed: the app was restarted and serves again (the drain came from /drain, not from a signal); registering every instance again"
+                "drain healed: the app was restarted and answers again (the drain came from /drain, not from a signal); registering every instance again with its own verdict"
             );
             self.metrics.drains_healed.inc();
             self.metrics.draining.set(0);
             for i in 0..self.services.len() {
                 // /readyz waits until each instance is registered again.
-                self.board
-                    .entry(i)
-                    .update(|s| s.consul.ever_registered = false);
+                self.board.entry(i).update(|s| {
+                    s.consul.ever_registered = false;
+                    s.consul.status = None;
+                });
             }
             reconcilers = (self.start_reconcilers)();
         }
     }
 
-    async fn drain(&self, reconcilers: Vec<JoinHandle<()>>) -> Phase {
+    /// Whether Consul holds any of our instances with the drain's critical mark: a previous run of
+    /// this sidecar was draining when it ended. Asked until Consul answers (nothing can be
+    /// registered before anyway); a refusal (ACL) counts as no.
+    async fn found_draining(&self) -> bool {
+        let mut backoff = Backoff::new(self.retry);
+        let mut logged = false;
+        loop {
+            // The agent's identity first, as the reconcilers take it (see `Registry::verify`): an
+            // address over several agents is found the same way.
+            let asked = async {
+                self.registry.verify(false).await?;
+                self.registry
+                    .marked(&self.services, CheckStatus::Critical, DRAINING_OUTPUT)
+                    .await
+            };
+            match asked.await {
+                Ok(found) => return found,
+                Err(e) if e.is_retryable() && !matches!(e, ConsulError::Forbidden { .. }) => {
+                    if !std::mem::replace(&mut logged, true) {
+                        tracing::debug!(error = %e, "cannot yet ask Consul whether a drain was under way; retrying");
+                    }
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot ask Consul whether a drain was under way when this sidecar last stopped; assuming none");
+                    return false;
+                }
+            }
+        }
+    }
+
+    async fn drain(&self, reconcilers: Vec<JoinHandle<()>>, plan: Plan) -> Phase {
         let started = Instant::now();
-        let delay_end = started + self.policy.delay;
-        let deadline = delay_end + self.policy.deregister_timeout;
-        tracing::info!(
-            delay = %duration::format(self.policy.delay),
-            deregister_timeout = %duration::format(self.policy.deregister_timeout),
-            "draining: marking every instance critical, then deregistering"
-        );
+        let Plan {
+            delay_end,
+            deadline,
+            retry: again,
+        } = plan;
+        if again {
+            tracing::info!(
+                budget_ms = deadline.saturating_duration_since(started).as_millis() as u64,
+                "draining again after a failed drain: marking every instance critical and deregistering at once"
+            );
+        } else {
+            tracing::info!(
+                delay = %duration::format(self.policy.delay),
+                deregister_timeout = %duration::format(self.policy.deregister_timeout),
+                "draining: marking every instance critical, then deregistering"
+            );
+        }
         self.metrics.draining.set(1);
         // Abort, not wait: a reconciler's call in flight may take its whole request timeout.
         for task in &reconcilers {
@@ -258,7 +421,7 @@ impl<R: Registry> Drainer<R> {
         // 1. Critical at once. One try each, bounded by the delay (or, without a delay, by the
         //    deadline): if Consul is down, the deregistration below retries.
         let registry = &self.registry;
-        let marks_end = if self.policy.delay.is_zero() {
+        let marks_end = if delay_end <= started {
             deadline
         } else {
             delay_end
@@ -299,7 +462,7 @@ impl<R: Registry> Drainer<R> {
             }
         }
 
-        // 3. Deregister, retrying until the deadline, and read back.
+        // 3. Deregister, retrying until the deadline, read back, and confirm at the servers.
         let retry = self.retry;
         let results = join_all(
             self.services
@@ -337,10 +500,20 @@ impl<R: Registry> Drainer<R> {
             );
             Phase::Drained
         } else {
+            let within = if again {
+                format!(
+                    "what was left of the signal's budget ({}ms)",
+                    deadline.saturating_duration_since(started).as_millis()
+                )
+            } else {
+                format!(
+                    "drain.delay + drain.deregisterTimeout ({})",
+                    duration::format(self.policy.delay + self.policy.deregister_timeout)
+                )
+            };
             let message = format!(
-                "could not deregister {} instance(s) within drain.delay + drain.deregisterTimeout ({}): {}; they turn critical when their TTL expires and Consul removes them after deregisterCriticalServiceAfter",
+                "could not deregister {} instance(s) within {within}: {}; they turn critical when their TTL expires and Consul removes them after deregisterCriticalServiceAfter (catalog mode: the session is no longer renewed, and a reaper removes them within 2 × sessionTTL); a signal that follows tries again",
                 failures.len(),
-                duration::format(self.policy.delay + self.policy.deregister_timeout),
                 failures.join("; ")
             );
             tracing::error!("{message}");
@@ -367,29 +540,42 @@ impl Drop for AbortOnDrop {
 
 /// Deregisters one instance, then reads it back: a registration that timed out on our side may
 /// still be applied by the agent later; if the instance is there again (and still ours), it is
-/// deregistered again. Every call ends by `deadline`.
+/// deregistered again. Then confirms that the servers no longer hold it ([`Registry::confirmed_gone`]:
+/// an agent's sync to them can fail). Every call ends by `deadline`.
 async fn deregister_until<R: Registry>(
     registry: &R,
     spec: &ServiceSpec,
     retry: RetryPolicy,
     deadline: Instant,
 ) -> Result<(), String> {
+    use AfterDeregistration::{Seen, Unconfirmed};
     let mut backoff = Backoff::new(retry);
     let mut attempts = 0u32;
+    let mut unconfirmed = false;
     let mut last_error = String::from("no attempt before the deadline");
     loop {
         attempts += 1;
         let attempt = async {
             // Only ours: read first, deregister only if nobody else's instance holds the ID.
             if foreign(registry, spec).await? {
-                return Ok(None);
+                return Ok::<_, ConsulError>(None);
             }
             registry.deregister(spec).await?;
-            registry.read(spec).await.map(Some)
+            let seen = registry.read(spec).await?;
+            if matches!(seen, ServiceWatch::Missing) && !registry.confirmed_gone(spec).await? {
+                return Ok(Some(Unconfirmed));
+            }
+            Ok(Some(Seen(seen)))
         };
         match timeout_at(deadline, attempt).await {
-            Ok(Ok(None | Some(ServiceWatch::Missing))) => return Ok(()),
-            Ok(Ok(Some(ServiceWatch::Present { service, .. }))) => {
+            Ok(Ok(None | Some(Seen(ServiceWatch::Missing)))) => return Ok(()),
+            Ok(Ok(Some(Unconfirmed))) => {
+                if !std::mem::replace(&mut unconfirmed, true) {
+                    tracing::warn!(instance = %spec.id, "the agent no longer has the instance but the servers still do (its sync to them failed, e.g. during a leader election); removed it at the servers, confirming");
+                }
+                last_error = "the servers still held the instance".into();
+            }
+            Ok(Ok(Some(Seen(ServiceWatch::Present { service, .. })))) => {
                 if !service.is_ours() {
                     // Someone else registered this ID after our deregistration: not ours to remove.
                     return Ok(());
@@ -419,6 +605,14 @@ async fn deregister_until<R: Registry>(
         }
         tokio::time::sleep(wait).await;
     }
+}
+
+/// What a read after a deregistration found.
+enum AfterDeregistration {
+    /// The registry's own view (the agent's, or the servers' in catalog mode).
+    Seen(ServiceWatch),
+    /// Gone from the agent, but the servers still held it (removed there; read again).
+    Unconfirmed,
 }
 
 /// Whether Consul holds an instance under `id` that is not ours (the ownership rule,

@@ -31,7 +31,7 @@ pub enum SidecarError {
     Consul(#[from] ConsulError),
     #[error(transparent)]
     Probe(#[from] ProbeSetupError),
-    #[error("cannot listen on the admin address {address}: {source}")]
+    #[error("cannot listen on the admin address {address}")]
     Admin {
         address: SocketAddr,
         source: std::io::Error,
@@ -62,9 +62,10 @@ pub async fn run(
     let metrics = Metrics::new();
     let client = ConsulClient::new(&manifest.consul, Arc::clone(&metrics))?;
     let everything = CancellationToken::new();
-    let _stop_everything = everything.clone().drop_guard();
+    let stop_everything = everything.clone().drop_guard();
     let alarm = AntiEntropy::alarm();
-    match manifest.consul.mode.clone() {
+    let login = client.clone();
+    let outcome = match manifest.consul.mode.clone() {
         ConsulMode::Agent => {
             run_with(
                 client,
@@ -78,6 +79,14 @@ pub async fn run(
             .await
         }
         ConsulMode::Catalog(settings) => {
+            // Each instance names its key prefix, so reapers of other prefixes leave it alone.
+            let mut manifest = manifest;
+            for spec in &mut manifest.services {
+                spec.meta.insert(
+                    crate::consul::session::KEY_PREFIX_META.to_string(),
+                    settings.key_prefix.clone(),
+                );
+            }
             let retry = manifest.consul.retry;
             // The instances' liveness keys and the session that holds them.
             let first_instance = manifest.services.first().map_or("", |s| s.id.as_str());
@@ -85,22 +94,30 @@ pub async fn run(
                 client.clone(),
                 settings.clone(),
                 first_instance,
+                &pod_name(),
                 Arc::clone(&alarm),
                 Arc::clone(&metrics),
                 retry,
             ));
             tokio::spawn(Arc::clone(&liveness).run(everything.child_token()));
-            // Every catalog-mode sidecar reaps the instances of sidecars that are gone.
-            tokio::spawn(
-                Reaper {
-                    client: client.clone(),
-                    settings: settings.clone(),
-                    metrics: Arc::clone(&metrics),
-                    retry,
-                    wait: manifest.consul.resync_interval,
-                }
-                .run(everything.child_token()),
-            );
+            // Every catalog-mode sidecar stands for reaper of each of its services; one per
+            // (key prefix, service) is elected and does the work.
+            let services: std::collections::BTreeSet<&str> =
+                manifest.services.iter().map(|s| s.name.as_str()).collect();
+            for service in services {
+                tokio::spawn(
+                    Reaper {
+                        client: client.clone(),
+                        settings: settings.clone(),
+                        metrics: Arc::clone(&metrics),
+                        retry,
+                        wait: manifest.consul.resync_interval,
+                        liveness: Arc::clone(&liveness),
+                        service: service.to_string(),
+                    }
+                    .run(everything.child_token()),
+                );
+            }
             tracing::info!(node = %settings.node, session_ttl = %crate::manifest::duration::format(settings.session_ttl), "catalog mode: registering on a virtual node, with a session as the crash net");
             let registry = CatalogRegistry::new(client, settings, liveness);
             run_with(
@@ -114,7 +131,12 @@ pub async fn run(
             )
             .await
         }
-    }
+    };
+    // A login token is an ACL object: log out once nothing calls Consul any more (with a static
+    // token, nothing to do).
+    drop(stop_everything);
+    login.logout().await;
+    outcome
 }
 
 /// [`run`] with the Consul backend chosen.
@@ -169,6 +191,7 @@ async fn run_with<R: Registry>(
             board: Arc::clone(&board),
             drain: drain.clone(),
             drain_auth: Arc::new(drain_auth),
+            readiness: manifest.readiness,
         },
         admin_stop.clone(),
     ));
@@ -190,6 +213,7 @@ async fn run_with<R: Registry>(
                 c
             }
         };
+        metrics.expect_instance(&spec.name, &spec.id);
         let (verdict_tx, verdict_rx) = watch::channel(Verdict::waiting());
         let probe = HealthProbe::new(
             spec.health.clone(),
@@ -281,11 +305,21 @@ async fn run_with<R: Registry>(
     };
     signals_handle.close();
     // A classic sidecar gets SIGTERM while the app's preStop still waits on /drain?wait=true:
-    // answer it before exiting, so the kubelet does not see a reset (FailedPreStopHook).
+    // answer it before exiting, so the kubelet does not see a reset (FailedPreStopHook). The
+    // server answers what is in flight for SHUTDOWN_GRACE and returns.
     admin_stop.cancel();
-    let _ = tokio::time::timeout(admin::SHUTDOWN_GRACE * 2, admin_server).await;
+    let _ = admin_server.await;
     match outcome {
         Phase::Failed(e) => Err(SidecarError::DrainFailed(e)),
         _ => Ok(()),
     }
+}
+
+/// The pod's name (`POD_NAME`, else the container's `HOSTNAME`, which Kubernetes sets to it), so
+/// that a session is adopted only by a later run in the same pod.
+fn pod_name() -> String {
+    ["POD_NAME", "HOSTNAME"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()))
+        .unwrap_or_default()
 }

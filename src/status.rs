@@ -1,11 +1,14 @@
 //! What each instance looks like right now, for `GET /status` and `/readyz`: the probe's verdict,
-//! what the sidecar last wrote to Consul, and the last error of each. Written by the probe and the
-//! reconciler, read by the admin server; nothing here drives behaviour.
+//! what Consul last acknowledged, and the last error of each. Written by the probe and the
+//! reconciler, read by the admin server; nothing here drives behaviour, except that `/readyz` (the
+//! pod's readiness) is judged from it ([`StatusBoard::readiness`]).
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use serde::Serialize;
+
+use crate::manifest::Readiness;
 
 /// The shared status of every instance, in manifest order.
 #[derive(Debug, Default)]
@@ -41,7 +44,10 @@ pub struct ConsulStatus {
     pub registered: bool,
     /// Has the instance ever been registered by this process.
     pub ever_registered: bool,
-    /// The check status Consul acknowledged last.
+    /// The check status Consul acknowledged last (a write it answered, or the instance adopted);
+    /// None while Consul is not known to hold the instance (never registered, found missing,
+    /// deregistered). A Consul that stops answering leaves it as it was: what Consul last
+    /// acknowledged is still what its clients see.
     pub status: Option<&'static str>,
     pub last_error: Option<String>,
     /// Consul refused the last request as malformed (HTTP 400): it is retried only once per
@@ -95,11 +101,72 @@ impl StatusBoard {
         self.instances.iter().map(|i| lock(i).clone()).collect()
     }
 
-    /// True once every instance has been registered at least once.
-    pub fn all_registered_once(&self) -> bool {
-        self.instances
+    /// Whether the instances are ready under `rule` (see [`Readiness`]): an instance counts as
+    /// passing when the probe's verdict is passing and Consul acknowledged passing (a verdict
+    /// Consul has not been told yet does not count, nor does Consul's passing for a verdict that
+    /// has since turned critical). Else why not, naming the instances (at most three).
+    pub fn readiness(&self, rule: Readiness) -> Result<(), String> {
+        let statuses: Vec<(String, &'static str, Option<&'static str>)> = self
+            .instances
             .iter()
-            .all(|i| lock(i).consul.ever_registered)
+            .map(|i| {
+                let s = lock(i);
+                (s.id.clone(), s.probe.verdict, s.consul.status)
+            })
+            .collect();
+        let passing = |(_, verdict, acked): &(String, &str, Option<&str>)| {
+            *verdict == "passing" && *acked == Some("passing")
+        };
+        let why = |(id, verdict, acked): &(String, &str, Option<&str>)| match (acked, *verdict) {
+            (None, _) => format!("{id} is not in Consul"),
+            (Some(status), "passing") if *status != "passing" => {
+                format!(
+                    "{id} is {status} in Consul (the probe passes; Consul has not acknowledged it yet)"
+                )
+            }
+            (Some(_), verdict) => format!("{id}'s probe says {verdict}"),
+        };
+        let list = |failing: Vec<String>| {
+            let more = failing.len().saturating_sub(3);
+            let mut text = failing.into_iter().take(3).collect::<Vec<_>>().join("; ");
+            if more > 0 {
+                text.push_str(&format!("; and {more} more"));
+            }
+            text
+        };
+        match rule {
+            Readiness::All => {
+                let failing: Vec<String> =
+                    statuses.iter().filter(|s| !passing(s)).map(why).collect();
+                if failing.is_empty() {
+                    Ok(())
+                } else {
+                    Err(list(failing))
+                }
+            }
+            Readiness::Any => {
+                if statuses.iter().any(passing) {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "no instance is passing in Consul (readiness: any): {}",
+                        list(statuses.iter().map(why).collect())
+                    ))
+                }
+            }
+            Readiness::Registered => {
+                let failing: Vec<String> = statuses
+                    .iter()
+                    .filter(|(_, _, acked)| acked.is_none())
+                    .map(why)
+                    .collect();
+                if failing.is_empty() {
+                    Ok(())
+                } else {
+                    Err(list(failing))
+                }
+            }
+        }
     }
 }
 
@@ -117,6 +184,63 @@ impl StatusEntry {
 /// A poisoned lock only means a panic elsewhere; the status data is still fine to read.
 fn lock(m: &Mutex<InstanceStatus>) -> MutexGuard<'_, InstanceStatus> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn board(states: &[(&'static str, Option<&'static str>)]) -> Arc<StatusBoard> {
+        let ids: Vec<String> = (0..states.len()).map(|i| format!("i-{i}")).collect();
+        let b = StatusBoard::new(ids.iter().map(|id| (id.as_str(), "svc")));
+        for (i, (verdict, acked)) in states.iter().enumerate() {
+            b.entry(i).update(|s| {
+                s.probe.verdict = verdict;
+                s.consul.status = *acked;
+            });
+        }
+        b
+    }
+
+    #[test]
+    fn all_needs_every_instance_passing_for_its_current_verdict() {
+        assert!(
+            board(&[("passing", Some("passing")); 2])
+                .readiness(Readiness::All)
+                .is_ok()
+        );
+        let why = board(&[("passing", Some("passing")), ("critical", Some("passing"))])
+            .readiness(Readiness::All)
+            .expect_err("a verdict turned critical");
+        assert!(why.contains("i-1's probe says critical"), "{why}");
+        let why = board(&[("passing", Some("critical"))])
+            .readiness(Readiness::All)
+            .expect_err("Consul not told yet");
+        assert!(why.contains("not acknowledged"), "{why}");
+        let why = board(&[("passing", None)])
+            .readiness(Readiness::All)
+            .expect_err("not in Consul");
+        assert!(why.contains("not in Consul"), "{why}");
+    }
+
+    #[test]
+    fn any_needs_one_and_registered_needs_every_instance_held() {
+        let mixed = board(&[("critical", Some("critical")), ("passing", Some("passing"))]);
+        assert!(mixed.readiness(Readiness::Any).is_ok());
+        assert!(mixed.readiness(Readiness::Registered).is_ok());
+        assert!(mixed.readiness(Readiness::All).is_err());
+        let none = board(&[("critical", Some("critical")), ("passing", None)]);
+        assert!(none.readiness(Readiness::Any).is_err());
+        assert!(none.readiness(Readiness::Registered).is_err());
+    }
+
+    #[test]
+    fn a_long_list_of_reasons_is_cut_at_three() {
+        let why = board(&[("critical", None); 5])
+            .readiness(Readiness::All)
+            .expect_err("none");
+        assert!(why.ends_with("and 2 more"), "{why}");
+    }
 }
 
 mod unix_seconds {

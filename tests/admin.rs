@@ -1,8 +1,10 @@
-//! The admin server against a real Consul: readiness, drain over HTTP, bad requests, and metrics that
-//! pass Prometheus's own linter.
+//! The admin server against a real Consul: readiness, drain over HTTP, bad requests, metrics that
+//! pass Prometheus's own linter, drains counted by outcome, and the chart's alerts and Grafana
+//! dashboard naming only metrics a live sidecar exports.
 
 mod support;
 
+use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
@@ -233,8 +235,9 @@ async fn metrics_move_with_the_scenarios_and_pass_promtool() {
     // The exposition passes Prometheus's own linter, and no label carries an error or a token.
     let (_, text) = sidecar.get("/metrics").await;
     for line in text.lines().filter(|l| l.starts_with("consul_registrar_")) {
+        let labels = line.split_once('{').map_or("", |(_, rest)| rest);
         assert!(
-            !line.contains("error:") && !line.contains("refused") && line.len() < 300,
+            !labels.contains("error:") && !labels.contains("refused") && line.len() < 300,
             "suspicious label: {line}"
         );
     }
@@ -510,4 +513,305 @@ async fn a_signal_makes_the_drain_final_even_if_the_app_comes_back() {
     assert!(!sidecar.logs().contains("drain healed"));
     // The classic sidecar's pending preStop request got its answer, not a reset.
     assert_eq!(waiter.await.expect("waiter").ok(), Some(200));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drains_are_counted_by_outcome() {
+    let mut consul = ConsulAgent::start_dev().await;
+    let app = DemoApp::start(DemoAppOptions::default()).await;
+    let text = manifest(&consul.http_addr(), app.port(), "0s")
+        .replace("drain:\n", "drain:\n  deregisterTimeout: 1s\n");
+    let sidecar = Sidecar::start(&text, &[]);
+    assert!(
+        wait_until(10 * SECOND, || async {
+            sidecar.get("/readyz").await.0 == 200
+        })
+        .await
+    );
+    let drained = "consul_registrar_drains_total{outcome=\"drained\"}";
+    let failed = "consul_registrar_drains_total{outcome=\"failed\"}";
+    // There from the start, at 0: an alert's increase() sees the first failure.
+    assert_eq!(sidecar.metric(failed).await, Some(0.0));
+    assert_eq!(sidecar.metric(drained).await, Some(0.0));
+    // Consul gone: the drain cannot deregister within its deadline and answers 500.
+    consul.stop();
+    let (code, body) = sidecar.get("/drain?wait=true").await;
+    assert_eq!(code, 500, "{body}");
+    assert_eq!(
+        sidecar.metric(failed).await,
+        Some(1.0),
+        "{}",
+        sidecar.logs()
+    );
+    assert_eq!(sidecar.metric(drained).await, Some(0.0));
+}
+
+/// The metric names a PromQL expression selects (not functions, aggregations, keywords, labels,
+/// Grafana variables or Helm actions).
+fn metric_names(expr: &str) -> BTreeSet<String> {
+    const NOT_METRICS: &[&str] = &[
+        "sum",
+        "min",
+        "max",
+        "avg",
+        "count",
+        "stddev",
+        "stdvar",
+        "topk",
+        "bottomk",
+        "quantile",
+        "count_values",
+        "group",
+        "and",
+        "or",
+        "unless",
+        "bool",
+        "offset",
+        "inf",
+        "nan",
+    ];
+    const LABEL_LISTS: &[&str] = &[
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+    ];
+    // Helm actions first ({{ $sel }} sits inside a label matcher).
+    let mut text = String::new();
+    let mut rest = expr;
+    while let Some(start) = rest.find("{{") {
+        text.push_str(&rest[..start]);
+        rest = rest[start..]
+            .split_once("}}")
+            .map_or("", |(_, after)| after);
+    }
+    text.push_str(rest);
+    let chars: Vec<char> = text.chars().collect();
+    let mut names = BTreeSet::new();
+    let mut i = 0;
+    let skip_group = |i: &mut usize, open: char, close: char| {
+        let mut depth = 0;
+        while *i < chars.len() {
+            if chars[*i] == open {
+                depth += 1;
+            } else if chars[*i] == close {
+                depth -= 1;
+                if depth == 0 {
+                    *i += 1;
+                    return;
+                }
+            } else if chars[*i] == '"' {
+                *i += 1;
+                while *i < chars.len() && chars[*i] != '"' {
+                    *i += 1;
+                }
+            }
+            *i += 1;
+        }
+    };
+    while i < chars.len() {
+        let c = chars[i];
+        if c == '{' {
+            skip_group(&mut i, '{', '}');
+        } else if c == '[' {
+            skip_group(&mut i, '[', ']');
+        } else if c == '"' {
+            i += 1;
+            while i < chars.len() && chars[i] != '"' {
+                i += 1;
+            }
+            i += 1;
+        } else if c == '$' || c.is_ascii_digit() || c == '.' {
+            // A variable, a number or a duration: the whole word.
+            i += 1;
+            while i < chars.len() && (chars[i].is_ascii_alphanumeric() || "_.{}".contains(chars[i]))
+            {
+                i += 1;
+            }
+        } else if c.is_ascii_alphabetic() || c == '_' || c == ':' {
+            let start = i;
+            while i < chars.len()
+                && (chars[i].is_ascii_alphanumeric() || chars[i] == '_' || chars[i] == ':')
+            {
+                i += 1;
+            }
+            let word: String = chars[start..i].iter().collect();
+            let mut next = i;
+            while next < chars.len() && chars[next].is_whitespace() {
+                next += 1;
+            }
+            let call = next < chars.len() && chars[next] == '(';
+            if LABEL_LISTS.contains(&word.as_str()) {
+                if call {
+                    i = next;
+                    skip_group(&mut i, '(', ')');
+                }
+            } else if !call && !NOT_METRICS.contains(&word.as_str()) {
+                names.insert(word);
+            }
+        } else {
+            i += 1;
+        }
+    }
+    names
+}
+
+#[test]
+fn metric_names_are_read_from_promql() {
+    let names = |e| metric_names(e).into_iter().collect::<Vec<_>>();
+    assert_eq!(
+        names(
+            "histogram_quantile(0.99, sum by (le, operation) (rate(a_bucket{ns=~\"$namespace\"}[$__rate_interval])))"
+        ),
+        ["a_bucket"]
+    );
+    assert_eq!(
+        names("(b{ {{- $sel -}} } == 0) unless on (namespace, pod) (c{x=\"{y}\"} == 1)"),
+        ["b", "c"]
+    );
+    assert_eq!(
+        names("x * on (pod, instance) group_left () y or vector(0)"),
+        ["x", "y"]
+    );
+}
+
+/// The expressions of the chart's PrometheusRule template (`expr:` lines and `>-` blocks).
+fn alert_expressions(template: &str) -> Vec<String> {
+    let lines: Vec<&str> = template.lines().collect();
+    let mut out = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let Some(expr) = line.trim_start().strip_prefix("expr:") else {
+            continue;
+        };
+        if expr.trim() != ">-" {
+            out.push(expr.trim().to_string());
+            continue;
+        }
+        let indent = line.len() - line.trim_start().len();
+        let block: Vec<&str> = lines[i + 1..]
+            .iter()
+            .take_while(|l| l.len() - l.trim_start().len() > indent)
+            .map(|l| l.trim())
+            .collect();
+        out.push(block.join(" "));
+    }
+    out
+}
+
+/// Every sample name of a /metrics text.
+fn exported(text: &str) -> BTreeSet<String> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_charts_alerts_and_dashboard_name_only_metrics_a_live_sidecar_exports() {
+    let consul = ConsulAgent::start_dev().await;
+    let app = DemoApp::start(DemoAppOptions::default()).await;
+    // One sidecar in each mode: catalog mode adds its session's series.
+    let agent = Sidecar::start(&manifest(&consul.http_addr(), app.port(), "1s"), &[]);
+    let catalog_manifest = format!(
+        "consul:\n  mode: catalog\n  address: {}\nservices:\n  - name: hello\n    id: hello-catalog\n    address: 127.0.0.1\n    port: {}\n    health:\n      interval: 200ms\n      timeout: 200ms\n",
+        consul.http_addr(),
+        app.port()
+    );
+    let catalog = Sidecar::start(
+        &catalog_manifest,
+        &[("NODE_NAME", "node-a"), ("HOST_IP", "127.0.0.1")],
+    );
+    for sidecar in [&agent, &catalog] {
+        assert!(
+            wait_until(15 * SECOND, || async {
+                sidecar.get("/readyz").await.0 == 200
+            })
+            .await,
+            "{}",
+            sidecar.logs()
+        );
+    }
+    let mut live = exported(&agent.get("/metrics").await.1);
+    live.extend(exported(&catalog.get("/metrics").await.1));
+
+    let root = env!("CARGO_MANIFEST_DIR");
+    let dashboard_path = format!("{root}/charts/consul-registrar/dashboards/consul-registrar.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&dashboard_path).expect("dashboard"))
+            .expect("dashboard JSON");
+    let mut queries: Vec<(String, String)> = Vec::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            queries.push((
+                format!("dashboard panel {:?}", panel["title"]),
+                target["expr"].as_str().expect("expr").to_string(),
+            ));
+        }
+    }
+    for variable in dashboard["templating"]["list"]
+        .as_array()
+        .expect("variables")
+    {
+        // label_values(<selector>, <label>): the selector is the query.
+        if let Some(selector) = variable["definition"]
+            .as_str()
+            .and_then(|d| d.strip_prefix("label_values("))
+            .and_then(|d| d.rsplit_once(','))
+            .map(|(selector, _)| selector)
+        {
+            queries.push((
+                format!("dashboard variable {:?}", variable["name"]),
+                selector.to_string(),
+            ));
+        }
+    }
+    let rules = std::fs::read_to_string(format!(
+        "{root}/charts/consul-registrar/templates/prometheusrule.yaml"
+    ))
+    .expect("rules");
+    let expressions = alert_expressions(&rules);
+    assert!(expressions.len() >= 7, "{expressions:?}");
+    queries.extend(expressions.into_iter().map(|e| ("alert".to_string(), e)));
+
+    let mut named = BTreeSet::new();
+    for (place, query) in &queries {
+        let names = metric_names(query);
+        assert!(!names.is_empty(), "{place}: no metric in {query}");
+        for name in names {
+            assert!(
+                live.contains(&name),
+                "{place} names {name}, which the sidecar does not export: {query}"
+            );
+            named.insert(name);
+        }
+    }
+    // The queries cover the sidecar's own series, not a chosen few.
+    let own: BTreeSet<_> = live
+        .iter()
+        .filter(|n| n.starts_with("consul_registrar_"))
+        .map(|n| {
+            n.trim_end_matches("_bucket")
+                .trim_end_matches("_sum")
+                .trim_end_matches("_count")
+        })
+        .map(str::to_string)
+        .collect();
+    let shown: BTreeSet<_> = named
+        .iter()
+        .map(|n| n.trim_end_matches("_bucket").to_string())
+        .collect();
+    // A new series goes on a dashboard panel (charts/consul-registrar/dashboards/), or here with
+    // the reason it needs none.
+    const NOT_ON_THE_DASHBOARD: &[&str] = &[];
+    let unshown: Vec<_> = own
+        .difference(&shown)
+        .filter(|n| !NOT_ON_THE_DASHBOARD.contains(&n.as_str()))
+        .collect();
+    assert!(
+        unshown.is_empty(),
+        "series no dashboard panel or alert shows: {unshown:?}"
+    );
 }

@@ -19,6 +19,8 @@ use support::{
 const SECOND: Duration = Duration::from_secs(1);
 /// The default prefix of the liveness keys.
 const KEY_PREFIX: &str = "consul-registrar/instances";
+/// The node every sidecar's session lives on (never one with instances).
+const SESSIONS_NODE: &str = "consul-registrar--sessions";
 /// The manifests' session TTL; Consul invalidates a session between 1× and 2× this after its last
 /// renewal.
 const SESSION_TTL: Duration = Duration::from_secs(10);
@@ -136,7 +138,8 @@ async fn holder(consul: &ConsulAgent, key: &str) -> Option<String> {
 }
 
 /// Asserts that instance `id` is registered exactly once, on `node`, with the manifest's fields,
-/// our meta and our check, and that its liveness key is held by a live session on that node.
+/// our meta and our check, and that its liveness key is held by a live session (on the sessions'
+/// node).
 async fn assert_registered_on(consul: &ConsulAgent, node_name: &str, id: &str, port: u16) {
     let node = virtual_node(node_name);
     let entries: Vec<Value> = consul
@@ -182,7 +185,10 @@ async fn assert_registered_on(consul: &ConsulAgent, node_name: &str, id: &str, p
         .session(&session)
         .await
         .unwrap_or_else(|| panic!("the key's session {session} does not exist"));
-    assert_eq!(info["Node"], node.as_str(), "{info}");
+    assert_eq!(
+        info["Node"], SESSIONS_NODE,
+        "sessions live on a node of their own: {info}"
+    );
     assert_eq!(info["Behavior"], "delete", "{info}");
     assert_eq!(info["TTL"], "10s", "{info}");
     assert_eq!(info["NodeChecks"], json!([]), "{info}");
@@ -425,9 +431,9 @@ async fn a_restarted_sidecar_adopts_its_session_and_its_instance_never_leaves() 
         second.logs()
     );
     assert_eq!(
-        consul.sessions_on(&virtual_node("kube-a")).await.len(),
+        consul.sessions_on(SESSIONS_NODE).await.len(),
         1,
-        "a second session on the node"
+        "a second session"
     );
     assert_registered_on(&consul, "kube-a", "hello-1", app.port()).await;
 }
@@ -437,7 +443,7 @@ async fn a_surviving_sidecar_reaps_a_killed_sidecars_instance_within_two_session
     let consul = ConsulAgent::start_dev().await;
     let app_a = DemoApp::start(DemoAppOptions::default()).await;
     let app_b = DemoApp::start(DemoAppOptions::default()).await;
-    // A pod on another node came and drained: its virtual node stays, with no instance on it.
+    // A pod on another node came and drained: its virtual node goes with its last instance.
     let mut drained = Sidecar::start(
         &hello(&consul.http_addr(), "hello-z", app_a.port()),
         &on_node("kube-z"),
@@ -450,8 +456,11 @@ async fn a_surviving_sidecar_reaps_a_killed_sidecars_instance_within_two_session
     let status = drained.terminate(10 * SECOND).await.expect("drains");
     assert_eq!(status.code(), Some(0), "{}", drained.logs());
     assert!(
-        consul.catalog_node(&virtual_node("kube-z")).await.is_some(),
-        "the drained sidecar's virtual node should stay (sessions live on it)"
+        wait_until(5 * SECOND, || async {
+            consul.catalog_node(&virtual_node("kube-z")).await.is_none()
+        })
+        .await,
+        "the drained sidecar's empty virtual node stayed"
     );
     // Two pods on the same Kubernetes node share the virtual node; each has its own session.
     let victim = Sidecar::start(
@@ -692,7 +701,7 @@ async fn after_all_servers_are_wiped_the_instance_is_back_within_two_seconds_of_
     assert_registered_on(cluster.api(), "kube-a", "hello-1", app.port()).await;
 }
 
-/// The minimum ACL policy for catalog mode as README documents it, for the services in `services`;
+/// The minimum ACL policy for catalog mode as docs/acl-login.md documents it, for the services in `services`;
 /// `without` drops the rules whose text contains it (to make a narrower policy).
 fn catalog_policy(services: &[&str], without: Option<&str>) -> String {
     let mut rules = vec![
@@ -845,4 +854,63 @@ async fn the_documented_acl_policy_suffices_and_a_narrower_one_is_named_without_
             );
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_replicas_flips_do_not_wake_the_instances_watch() {
+    // Issue 20 item 2: the anti-entropy watch follows the sidecar's own virtual node, not the
+    // whole service, so a change to a replica elsewhere costs this sidecar (and the servers)
+    // nothing.
+    let consul = ConsulAgent::start_dev().await;
+    let app = DemoApp::start(DemoAppOptions::default()).await;
+    let sidecar = Sidecar::start(
+        &hello(&consul.http_addr(), "hello-1", app.port()),
+        &on_node("kube-a"),
+    );
+    assert!(
+        status_becomes(&consul, "hello", "hello-1", Some("passing"), 10 * SECOND).await,
+        "{}",
+        sidecar.logs()
+    );
+    tokio::time::sleep(SECOND).await;
+    let watches = |m: &support::Metrics| {
+        m.sum(
+            "consul_registrar_consul_requests_total",
+            Some(("operation", "watch_instance")),
+        )
+    };
+    let before = watches(&sidecar.metrics().await);
+    // A replica on another node (an operator's or another tool's) flips 20 times.
+    for i in 0..20 {
+        let status = if i % 2 == 0 { "critical" } else { "passing" };
+        consul
+            .catalog_register(&json!({
+                "Node": "elsewhere", "Address": "127.0.0.2",
+                "Service": { "ID": "hello-9", "Service": "hello", "Port": 9 },
+                "Check": { "CheckID": "c-9", "Name": "c", "ServiceID": "hello-9", "Status": status },
+            }))
+            .await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(SECOND).await;
+    let woken = watches(&sidecar.metrics().await) - before;
+    assert!(
+        woken <= 1.0,
+        "the instance's watch answered {woken} times for another replica's 20 flips"
+    );
+    // Its own instance is still followed: a hand status change is repaired at once.
+    consul
+        .catalog_register(&json!({
+            "Node": virtual_node("kube-a"), "SkipNodeUpdate": true,
+            "Check": {
+                "Node": virtual_node("kube-a"), "CheckID": "consul-registrar:hello-1",
+                "Name": "x", "ServiceID": "hello-1", "Status": "critical",
+            },
+        }))
+        .await;
+    assert!(
+        status_becomes(&consul, "hello", "hello-1", Some("passing"), FOLLOWS).await,
+        "{}",
+        sidecar.logs()
+    );
 }

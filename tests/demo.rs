@@ -1,4 +1,4 @@
-//! The README's demo command tells the whole story: passing, critical, passing, and after the stop
+//! The README's demo command (docs/getting-started.md) tells the whole story: passing, critical, passing, and after the stop
 //! signal critical ("draining"), then gone, with the sidecar exiting 0. And it shows the speed it
 //! exists to show: Consul has each flip within a second (issue 14's bound on a status line's lag).
 

@@ -88,6 +88,8 @@ async fn liveness_keys(consul: &ConsulAgent) -> Vec<String> {
                 .into_iter()
                 .flatten()
                 .filter_map(|k| k.as_str().map(str::to_string))
+                // The reaper keys (`.reaper/<service>`) are locks, not instances' keys.
+                .filter(|k| !k.starts_with(&format!("{KEY_PREFIX}/.reaper/")))
                 .collect();
             keys.sort();
             keys
@@ -95,6 +97,26 @@ async fn liveness_keys(consul: &ConsulAgent) -> Vec<String> {
         Ok((404, _)) => Vec::new(),
         other => panic!("liveness keys: {other:?}"),
     }
+}
+
+/// Whether `service`'s reaper key is held by a session that exists (a live sidecar's).
+async fn reaper_key_held(consul: &ConsulAgent, service: &str) -> bool {
+    let holder = match consul
+        .get(&format!("/v1/kv/{KEY_PREFIX}/.reaper/{service}"))
+        .await
+    {
+        Ok((200, v)) => v[0]["Session"].as_str().map(str::to_string),
+        _ => None,
+    };
+    let Some(holder) = holder else {
+        return false;
+    };
+    let (_, sessions) = consul.get("/v1/session/list").await.expect("session list");
+    sessions
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|s| s["ID"].as_str() == Some(holder.as_str()))
 }
 
 /// The session holding a catalog-mode pod's liveness key (None without the key or a holder).
@@ -954,11 +976,22 @@ async fn rolling_restart(how: Termination, reg: Registration) -> serde_json::Val
             keys,
             "liveness keys at the end"
         );
+        // The old pods' reaper drained with them: one of the new pods took the reaper key over.
+        assert!(
+            wait_until(5 * SECOND, || reaper_key_held(&consul, "hello")).await,
+            "no live sidecar holds hello's reaper key after the rollout"
+        );
         let mut sessions: Vec<String> = new
             .iter()
             .map(|p| {
                 let node = p.node.as_ref().expect("catalog pod");
-                format!("consul-registrar/{}/{}", node.consul_node(), p.id)
+                // `<node>/<first instance>/<pod>`: a session is adopted only within its pod.
+                format!(
+                    "consul-registrar/{}/{}/{}",
+                    node.consul_node(),
+                    p.id,
+                    p.name
+                )
             })
             .collect();
         sessions.sort();

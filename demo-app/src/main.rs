@@ -10,7 +10,10 @@
 //!
 //! `--no-watch` serves a health service that answers Watch with UNIMPLEMENTED (Check works), like
 //! older servers; `--generate-services N` adds health services `svc-0` … `svc-{N-1}`;
-//! `--tls-cert`/`--tls-key` serve gRPC over TLS.
+//! `--tls-cert`/`--tls-key` serve gRPC over TLS; `--start-delay 15s` opens the gRPC port only that
+//! long after the start (an app that loads for a while: its port is closed meanwhile, and SIGTERM or
+//! SIGINT end it at once); `--start not-serving` starts every health service NOT_SERVING (an app that
+//! never serves unless flipped).
 //!
 //! It prints `demo-app listening on <addr>` to stdout once the gRPC port is bound (tests wait for
 //! that line) and logs every flip to stderr. SIGTERM or SIGINT stop it gracefully with exit 0: open
@@ -92,6 +95,9 @@ struct ServeArgs {
     /// Answer Watch with UNIMPLEMENTED.
     #[arg(long)]
     no_watch: bool,
+    /// Open the gRPC port only this long after the start (`500ms`, `15s`): an app still loading.
+    #[arg(long, value_parser = parse_delay, default_value = "0s")]
+    start_delay: std::time::Duration,
     /// Name used in replies (defaults to the listen address).
     #[arg(long)]
     name: Option<String>,
@@ -248,6 +254,25 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         health.reporter.set_service_status(n, initial).await;
     }
 
+    // Still loading: nothing listens yet, and a signal ends the app at once (as the default
+    // action of SIGTERM would for a process that has not set up its shutdown yet).
+    if !args.start_delay.is_zero() {
+        eprintln!(
+            "demo-app: loading for {:?} before opening the gRPC port",
+            args.start_delay
+        );
+        let mut early = signal_hook_tokio::Signals::new([SIGTERM, SIGINT])?;
+        let handle = early.handle();
+        tokio::select! {
+            () = tokio::time::sleep(args.start_delay) => {}
+            Some(sig) = early.next() => {
+                eprintln!("demo-app: signal {sig} while loading, exiting");
+                std::process::exit(0);
+            }
+        }
+        handle.close();
+    }
+
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let local = listener.local_addr()?;
     let name = args.name.clone().unwrap_or_else(|| local.to_string());
@@ -319,6 +344,28 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     eprintln!("demo-app: stopped");
     Ok(())
+}
+
+/// `--start-delay`: a number with a unit (`ms`, `s`, `m`), or `0`.
+fn parse_delay(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    if text == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .ok_or_else(|| format!("{text:?} has no unit (ms, s or m)"))?;
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration (e.g. 500ms, 15s)"))?;
+    let seconds = match unit {
+        "ms" => number / 1000.0,
+        "s" => number,
+        "m" => number * 60.0,
+        _ => return Err(format!("{text:?}: unknown unit {unit:?} (ms, s or m)")),
+    };
+    std::time::Duration::try_from_secs_f64(seconds).map_err(|e| format!("{text:?}: {e}"))
 }
 
 /// How long a graceful shutdown may wait for open calls.

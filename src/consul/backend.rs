@@ -77,8 +77,32 @@ pub trait Registry: Clone + Send + Sync + 'static {
     /// Which ACL token calls carry now; a change means registering again.
     fn token_generation(&self) -> u64;
 
+    /// After the instance was deregistered and the registry's own read found it gone: whether the
+    /// servers, which clients read, no longer hold it either. Agent mode: the agent's sync to the
+    /// servers can fail (a leader election) and leave them holding it for up to a minute, so the
+    /// servers are asked, and an instance of ours they still hold is removed there (false: read
+    /// again). Catalog mode reads the servers already: true.
+    fn confirmed_gone(
+        &self,
+        spec: &ServiceSpec,
+    ) -> impl Future<Output = Result<bool, ConsulError>> + Send;
+
+    /// Whether Consul holds the check of any of `specs` with `status` and `output` (one call for
+    /// them all): the drain's mark, left by a previous run of the sidecar that ended mid-drain.
+    fn marked(
+        &self,
+        specs: &[ServiceSpec],
+        status: CheckStatus,
+        output: &str,
+    ) -> impl Future<Output = Result<bool, ConsulError>> + Send;
+
     /// After a drain deregistered every instance: release what kept them alive.
     fn drained(&self) -> impl Future<Output = ()> + Send;
+
+    /// After a drain that failed: stop keeping the instances alive, so that the crash net takes
+    /// them (agent: nothing to do, the TTL is no longer refreshed; catalog: the session is no longer
+    /// renewed, so Consul invalidates it and a reaper removes the instances).
+    fn abandon(&self) -> impl Future<Output = ()> + Send;
 
     /// Resolves with a message when the sidecar must stop because of how Consul is laid out
     /// (agent mode: the address reaches several agents); never, otherwise.
@@ -153,7 +177,25 @@ impl Registry for ConsulClient {
         ConsulClient::token_generation(self)
     }
 
+    async fn confirmed_gone(&self, spec: &ServiceSpec) -> Result<bool, ConsulError> {
+        self.servers_forget(spec).await
+    }
+
+    async fn marked(
+        &self,
+        specs: &[ServiceSpec],
+        status: CheckStatus,
+        output: &str,
+    ) -> Result<bool, ConsulError> {
+        let ours: Vec<&str> = specs.iter().map(|s| s.check.id.as_str()).collect();
+        Ok(self.agent_checks().await?.iter().any(|c| {
+            ours.contains(&c.check_id.as_str()) && c.status == status.as_str() && c.output == output
+        }))
+    }
+
     async fn drained(&self) {}
+
+    async fn abandon(&self) {}
 
     async fn unworkable(&self) -> String {
         self.several_agents().await

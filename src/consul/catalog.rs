@@ -4,8 +4,12 @@
 //! touches; their check carries the probe's verdict and never expires, so a session's liveness key
 //! ([`super::session`]) is the crash net and the reapers ([`super::reaper`]) act on it.
 //!
-//! Writes go through Raft: one per registration and one per status change, none in between.
+//! Writes go through Raft: one per registration and one per status change, none in between. Each
+//! is a transaction guarded by the instance's liveness key (our session must hold it), so a write
+//! applied late, after our drain, fails, and a sidecar that lost the key to another holder of the
+//! same ID never writes to or removes that holder's instance.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,15 +30,17 @@ pub struct CatalogRegistry {
     client: ConsulClient,
     settings: Arc<CatalogSettings>,
     liveness: Arc<Liveness>,
+    /// Instances whose key another sidecar's session holds (the same ID on the same node): that
+    /// sidecar's, whatever their meta says; reads report them as not ours, so the drain and the
+    /// reconciler leave them alone.
+    disowned: Arc<std::sync::Mutex<BTreeSet<String>>>,
 }
 
-/// One entry of `GET /v1/health/service/:name`.
+/// `GET /v1/catalog/node-services/:node`.
 #[derive(Deserialize)]
-struct HealthEntry {
-    #[serde(rename = "Service")]
-    service: AgentService,
-    #[serde(rename = "Checks", default)]
-    checks: Vec<HealthCheck>,
+struct NodeServices {
+    #[serde(rename = "Services", default)]
+    services: Option<Vec<AgentService>>,
 }
 
 #[derive(Deserialize)]
@@ -53,25 +59,51 @@ impl CatalogRegistry {
             client,
             settings: Arc::new(settings),
             liveness,
+            disowned: Default::default(),
         }
     }
 
-    /// `GET /v1/health/service/:name` filtered to our instance on our node; blocking from
-    /// `index` when given.
+    fn disowned(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+        self.disowned.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// One `PUT /v1/txn`; `Ok(false)` when its first operation (a check on the liveness key)
+    /// failed, nothing applied.
+    async fn txn(
+        &self,
+        operation: &'static str,
+        ops: &serde_json::Value,
+    ) -> Result<bool, ConsulError> {
+        let req = self.client.request(Method::PUT, "/v1/txn").json(ops);
+        match self
+            .client
+            .send(operation, req, super::REQUEST_TIMEOUT)
+            .await
+        {
+            Ok(_) => Ok(true),
+            // The first operation is the check on the liveness key; another one failing (a
+            // malformed registration) is a refusal, not a lost key.
+            Err(ConsulError::Status {
+                status: 409, body, ..
+            }) if first_op_failed(&body) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Our instance as the servers hold it, from our virtual node alone (never the whole
+    /// service: a change to another replica wakes no one but its own node's sidecars): the
+    /// node's checks (`GET /v1/health/node/:node`, blocking from `index` when given, whose index
+    /// is the version), then the instance's definition (`GET /v1/catalog/node-services/:node`
+    /// filtered to its ID). A change between the two reads wakes the next watch at once.
     async fn instance(
         &self,
         spec: &ServiceSpec,
         index: Option<(&str, Duration)>,
     ) -> Result<ServiceWatch, ConsulError> {
-        let filter = format!(
-            "Node.Node == \"{}\" and Service.ID == \"{}\"",
-            self.settings.node, spec.id
-        );
-        let path = format!("/v1/health/service/{}", path_escape(&spec.name));
+        let node = path_escape(&self.settings.node);
         let req = self
             .client
-            .request(Method::GET, &path)
-            .query(&[("filter", filter.as_str())]);
+            .request(Method::GET, &format!("/v1/health/node/{node}"));
         let (operation, req, timeout) = match index {
             Some((index, wait)) => (
                 "watch_instance",
@@ -84,20 +116,42 @@ impl CatalogRegistry {
             None => ("read_instance", req, super::REQUEST_TIMEOUT),
         };
         let answer = self.client.send(operation, req, timeout).await?;
-        let entries: Vec<HealthEntry> =
+        let checks: Vec<HealthCheck> =
             serde_json::from_slice(&answer.body).map_err(|e| ConsulError::Decode {
                 operation,
                 reason: e.to_string(),
             })?;
-        let Some(entry) = entries.into_iter().next() else {
+        let filter = format!("ID == \"{}\"", spec.id);
+        let req = self
+            .client
+            .request(Method::GET, &format!("/v1/catalog/node-services/{node}"))
+            .query(&[("filter", filter.as_str())]);
+        let definition = match self
+            .client
+            .send("read_instance", req, super::REQUEST_TIMEOUT)
+            .await
+        {
+            Ok(a) => a,
+            Err(ConsulError::Status { status: 404, .. }) => return Ok(ServiceWatch::Missing),
+            Err(e) => return Err(e),
+        };
+        // `null` when the node is unknown, `"Services": null` when it has none.
+        let found: Option<NodeServices> =
+            serde_json::from_slice(&definition.body).map_err(|e| ConsulError::Decode {
+                operation: "read_instance",
+                reason: e.to_string(),
+            })?;
+        let Some(mut service) = found
+            .and_then(|f| f.services)
+            .and_then(|s| s.into_iter().find(|s| s.id == spec.id))
+        else {
             return Ok(ServiceWatch::Missing);
         };
-        let mut service = entry.service;
-        service.check = match entry
-            .checks
-            .into_iter()
-            .find(|c| c.check_id == spec.check.id)
-        {
+        if self.disowned().contains(&spec.id) {
+            // Another sidecar's session holds its key: its instance, not ours.
+            service.meta = None;
+        }
+        service.check = match checks.into_iter().find(|c| c.check_id == spec.check.id) {
             Some(c) => CheckSeen::Present {
                 status: c.status,
                 output: c.output,
@@ -108,33 +162,6 @@ impl CatalogRegistry {
             service: Box::new(service),
             hash: answer.index.unwrap_or_default(),
         })
-    }
-
-    async fn catalog_register(
-        &self,
-        operation: &'static str,
-        body: &serde_json::Value,
-    ) -> Result<(), ConsulError> {
-        let req = self
-            .client
-            .request(Method::PUT, "/v1/catalog/register")
-            .json(body);
-        match self
-            .client
-            .send(operation, req, super::REQUEST_TIMEOUT)
-            .await
-        {
-            // A check for a service (or node) the catalog no longer has.
-            Err(ConsulError::Status {
-                status: 500, body, ..
-            }) if body.contains("Missing service") || body.contains("Missing node") => {
-                Err(ConsulError::NotFound {
-                    operation,
-                    what: "instance",
-                })
-            }
-            other => other.map(drop),
-        }
     }
 }
 
@@ -157,6 +184,8 @@ pub fn registration_body(
             "CheckID": spec.check.id,
             "Name": spec.check.name,
             "ServiceID": spec.id,
+            // A transaction's ACL check of a service's check needs the service's name.
+            "ServiceName": spec.name,
             "Status": status.as_str(),
             "Output": output,
             "Notes": spec.check.notes.clone().unwrap_or_default(),
@@ -186,6 +215,46 @@ pub fn registration_body(
     }
     body
 }
+
+/// The registration as one transaction: our session holds the instance's key `key`, then the
+/// node (its meta `registration` changed, so a reaper's guarded removal of the node
+/// read empty before fails), the service and its check.
+pub fn registration_txn(
+    settings: &CatalogSettings,
+    spec: &ServiceSpec,
+    status: CheckStatus,
+    output: &str,
+    key: &str,
+    session: &str,
+) -> serde_json::Value {
+    let body = registration_body(settings, spec, status, output, true);
+    let mut service = body["Service"].clone();
+    service["ID"] = spec.id.clone().into();
+    serde_json::json!([
+        { "KV": { "Verb": "check-session", "Key": key, "Session": session } },
+        { "Node": { "Verb": "set", "Node": {
+            "Node": settings.node,
+            "Address": settings.node_address,
+            "Meta": {
+                MANAGED_BY_KEY: MANAGED_BY_VALUE,
+                REGISTERED_META: fastrand::u64(..).to_string(),
+            },
+        } } },
+        { "Service": { "Verb": "set", "Node": settings.node, "Service": service } },
+        { "Check": { "Verb": "set", "Check": body["Check"] } },
+    ])
+}
+
+/// Whether a failed transaction's answer (409) names its first operation. The answer may be cut
+/// short (errors keep 300 characters), so it is searched, not parsed.
+fn first_op_failed(body: &str) -> bool {
+    let compact: String = body.chars().filter(|c| !c.is_whitespace()).collect();
+    compact.contains("\"OpIndex\":0,") || compact.contains("\"OpIndex\":0}")
+}
+
+/// Node meta rewritten by every registration (see [`registration_txn`]).
+/// (Consul reserves meta keys starting with `consul-`.)
+pub const REGISTERED_META: &str = "registration";
 
 impl Registry for CatalogRegistry {
     fn address(&self) -> &str {
@@ -217,14 +286,28 @@ impl Registry for CatalogRegistry {
         output: &str,
         _first: bool,
     ) -> Result<(), ConsulError> {
-        // One write carries the service and its check with the verdict and its output.
-        // The key first: a live instance is never without it, so no reaper takes it for a ghost.
+        // One transaction carries the service and its check with the verdict and its output,
+        // guarded by the liveness key: it applies only while our session holds the key, so a
+        // registration the servers hold past our drain (a leader election) fails instead of
+        // landing as a ghost. The key first: a live instance is never without it.
+        self.disowned().remove(&spec.id);
         self.liveness.hold(&spec.id, true).await?;
-        self.catalog_register(
-            "catalog_register",
-            &registration_body(&self.settings, spec, status, output, true),
-        )
-        .await
+        let key = self.liveness.key(&spec.id);
+        let Some(session) = self.liveness.current().await else {
+            return Err(ConsulError::KeyHeld { key });
+        };
+        if self
+            .txn(
+                "catalog_register",
+                &registration_txn(&self.settings, spec, status, output, &key, &session),
+            )
+            .await?
+        {
+            Ok(())
+        } else {
+            // The key is no longer our session's (lost meanwhile): take it again, then register.
+            Err(ConsulError::KeyHeld { key })
+        }
     }
 
     async fn claim(&self, spec: &ServiceSpec) -> Result<(), ConsulError> {
@@ -239,27 +322,78 @@ impl Registry for CatalogRegistry {
         status: CheckStatus,
         output: &str,
     ) -> Result<(), ConsulError> {
-        self.catalog_register(
-            "catalog_status",
-            &registration_body(&self.settings, spec, status, output, false),
-        )
-        .await
+        // Guarded like the registration: only while our session holds the key.
+        let key = self.liveness.key(&spec.id);
+        let ours = self.liveness.current_or_previous().await?;
+        if let Some(session) = &ours {
+            let body = registration_body(&self.settings, spec, status, output, false);
+            let ops = serde_json::json!([
+                { "KV": { "Verb": "check-session", "Key": key, "Session": session } },
+                { "Check": { "Verb": "set", "Check": body["Check"] } },
+            ]);
+            match self.txn("catalog_status", &ops).await {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                // The check's service (or node) is gone: "Missing service registration".
+                Err(ConsulError::Status { status: 409, .. }) => {
+                    return Err(ConsulError::NotFound {
+                        operation: "catalog_status",
+                        what: "instance",
+                    });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        match self.liveness.holder(&spec.id).await? {
+            Some(other) if Some(&other) != ours.as_ref() => {
+                // Another sidecar's session holds the key: its instance, not ours to mark.
+                tracing::warn!(instance = %spec.id, key = %key, "another sidecar's session holds this instance's liveness key (the same ID on the same node): the instance is that sidecar's, and its status is left alone");
+                self.disowned().insert(spec.id.clone());
+                Ok(())
+            }
+            // The instance (or its check) is gone, or our session lost the key: read, then
+            // register again (which takes the key first).
+            _ => Err(ConsulError::NotFound {
+                operation: "catalog_status",
+                what: "instance",
+            }),
+        }
     }
 
     async fn deregister(&self, spec: &ServiceSpec) -> Result<(), ConsulError> {
-        let body = serde_json::json!({
-            "Node": self.settings.node,
-            "ServiceID": spec.id,
-        });
-        let req = self
-            .client
-            .request(Method::PUT, "/v1/catalog/deregister")
-            .json(&body);
-        self.client
-            .send("catalog_deregister", req, super::REQUEST_TIMEOUT)
-            .await?;
-        // The key last, for the same reason it came first.
-        self.liveness.release(&spec.id).await
+        // Ownership is the key's session: the instance and its key go together, in one
+        // transaction that checks our session holds the key. A key that is gone (our session
+        // expired) lets the instance go alone, as a reaper would. A key that another session
+        // holds (another sidecar with the same ID on the same node) means the instance is that
+        // sidecar's: neither it nor the key is touched.
+        let key = self.liveness.key(&spec.id);
+        let node = self.settings.node.as_str();
+        let delete = serde_json::json!({ "Service": {
+            "Verb": "delete", "Node": node, "Service": { "ID": spec.id, "Service": spec.name },
+        } });
+        if let Some(session) = self.liveness.current_or_previous().await? {
+            let ops = serde_json::json!([
+                { "KV": { "Verb": "check-session", "Key": key, "Session": session } },
+                delete,
+                { "KV": { "Verb": "delete", "Key": key } },
+            ]);
+            if self.txn("catalog_deregister", &ops).await? {
+                self.liveness.let_go(&spec.id);
+                return Ok(());
+            }
+        }
+        let ops = serde_json::json!([
+            { "KV": { "Verb": "check-not-exists", "Key": key } },
+            delete,
+        ]);
+        if self.txn("catalog_deregister", &ops).await? {
+            self.liveness.let_go(&spec.id);
+            return Ok(());
+        }
+        tracing::warn!(instance = %spec.id, key = %key, "another sidecar's session holds this instance's liveness key (the same ID on the same node): the instance is that sidecar's, and neither it nor the key is touched");
+        self.liveness.let_go(&spec.id);
+        self.disowned().insert(spec.id.clone());
+        Ok(())
     }
 
     fn refresh_every(&self, _spec: &ServiceSpec) -> Option<Duration> {
@@ -274,11 +408,63 @@ impl Registry for CatalogRegistry {
         self.client.token_generation()
     }
 
+    async fn confirmed_gone(&self, _spec: &ServiceSpec) -> Result<bool, ConsulError> {
+        // The read that found it gone was the servers' own.
+        Ok(true)
+    }
+
+    async fn marked(
+        &self,
+        specs: &[ServiceSpec],
+        status: CheckStatus,
+        output: &str,
+    ) -> Result<bool, ConsulError> {
+        // Every check on our virtual node (other sidecars' on the same Kubernetes node too).
+        let path = format!("/v1/health/node/{}", path_escape(&self.settings.node));
+        let req = self.client.request(Method::GET, &path);
+        let answer = self
+            .client
+            .send("node_checks", req, super::REQUEST_TIMEOUT)
+            .await?;
+        let checks: Vec<HealthCheck> =
+            serde_json::from_slice(&answer.body).map_err(|e| ConsulError::Decode {
+                operation: "node_checks",
+                reason: e.to_string(),
+            })?;
+        let ours: Vec<&str> = specs.iter().map(|s| s.check.id.as_str()).collect();
+        Ok(checks.iter().any(|c| {
+            ours.contains(&c.check_id.as_str()) && c.status == status.as_str() && c.output == output
+        }))
+    }
+
     async fn drained(&self) {
         self.liveness.end().await;
+        // Our virtual node, if nothing is left on it (other sidecars' instances or sessions).
+        if let Err(e) = super::reaper::remove_if_empty(&self.client, &self.settings.node).await {
+            tracing::debug!(error = %e, "could not remove the empty virtual node; a reaper's sweep will");
+        }
+    }
+
+    async fn abandon(&self) {
+        self.liveness.abandon().await;
     }
 
     async fn unworkable(&self) -> String {
         std::future::pending().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_op_failed;
+
+    #[test]
+    fn a_failed_key_check_is_told_from_another_failed_operation() {
+        // Consul 1.22's answers, as the client keeps them (300 characters).
+        let lost = "{\n    \"Results\": null,\n    \"Errors\": [\n        {\n            \"OpIndex\": 0,\n            \"What\": \"failed session check for key \\\"consul-registrar/instances/consul-registrar-kube-a/fixed-1\\\", current session \\\"6d3653fc";
+        assert!(first_op_failed(lost));
+        let refused = "{\n    \"Results\": null,\n    \"Errors\": [\n        {\n            \"OpIndex\": 2,\n            \"What\": \"Invalid Service Meta\"\n        }\n    ]\n}";
+        assert!(!first_op_failed(refused));
+        assert!(!first_op_failed("{\"OpIndex\": 10, \"What\": \"x\"}"));
     }
 }

@@ -1,9 +1,11 @@
 //! The Consul agent HTTP API, as much of it as the sidecar needs: register, update a TTL check,
 //! deregister, read and watch one service. The client owns the HTTP details (base URL, TLS, the
-//! ACL token header, namespaces) and records every call in the metrics.
+//! ACL token header, namespaces) and records every call in the metrics; its token is a static one
+//! (a value or a file read again) or a login's (`login.rs`).
 
 pub mod backend;
 pub mod catalog;
+mod login;
 pub mod reaper;
 pub mod registration;
 pub mod session;
@@ -17,7 +19,7 @@ use std::time::{Duration, Instant};
 use reqwest::{Method, StatusCode};
 use tokio::sync::Semaphore;
 
-use crate::manifest::{ConsulConnection, Secret};
+use crate::manifest::{ConsulConnection, MANAGED_BY_KEY, MANAGED_BY_VALUE, Secret, ServiceSpec};
 use crate::metrics::Metrics;
 pub use registration::{AgentService, AgentServiceRegistration, CheckSeen, CheckStatus, Drift};
 
@@ -47,11 +49,14 @@ pub enum ConsulError {
         reason: String,
     },
     #[error(
-        "Consul refused {operation} (HTTP 403, permission denied: {body}); check the ACL token: it needs {}",
+        "Consul refused {operation} (HTTP {status}, permission denied: {body}); check the ACL token: it needs {}",
         needed_permission(operation)
     )]
     Forbidden {
         operation: &'static str,
+        /// 403; or 409 for a transaction, whose refused operations Consul lists in a 409 answer
+        /// ("Permission denied"), applying none.
+        status: u16,
         body: String,
     },
     #[error("Consul answered {operation} with HTTP {status}: {body}")]
@@ -70,6 +75,8 @@ pub enum ConsulError {
         operation: &'static str,
         reason: String,
     },
+    #[error("cannot log in to Consul with the auth method {method:?}: {reason}")]
+    Login { method: String, reason: String },
     #[error("cannot set up the Consul client: {0}")]
     Setup(String),
     #[error(
@@ -127,7 +134,20 @@ struct Answer {
     content_hash: Option<String>,
     /// `X-Consul-Index`, sent with answers that support blocking by index.
     index: Option<String>,
+    /// `X-Consul-Results-Filtered-By-ACLs: true`: the token may not see everything asked for.
+    filtered_by_acls: bool,
     body: Vec<u8>,
+}
+
+/// One check as `GET /v1/agent/checks` lists it.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct CheckEntry {
+    #[serde(rename = "CheckID", default)]
+    pub check_id: String,
+    #[serde(rename = "Status", default)]
+    pub status: String,
+    #[serde(rename = "Output", default)]
+    pub output: String,
 }
 
 /// One answer of a blocking read of a service.
@@ -164,6 +184,7 @@ impl ConsulClient {
             token: Arc::new(TokenSource::new(
                 conn.token.clone(),
                 conn.token_file.clone(),
+                conn.login.clone(),
             )),
             agent: Arc::new(AgentIdentity::default()),
             scope: scope.into(),
@@ -279,6 +300,86 @@ impl ConsulClient {
         }
     }
 
+    /// `GET /v1/agent/checks`: every check the agent holds (that the token may read).
+    pub async fn agent_checks(&self) -> Result<Vec<CheckEntry>, ConsulError> {
+        let req = self.request(Method::GET, "/v1/agent/checks");
+        let answer = self.send("agent_checks", req, REQUEST_TIMEOUT).await?;
+        let checks: std::collections::HashMap<String, CheckEntry> =
+            serde_json::from_slice(&answer.body).map_err(|e| ConsulError::Decode {
+                operation: "agent_checks",
+                reason: e.to_string(),
+            })?;
+        Ok(checks.into_values().collect())
+    }
+
+    /// Whether the servers (asked through the agent, which forwards catalog reads to the
+    /// leader) no longer hold instance `spec`, after the agent deregistered it. An instance of
+    /// ours they still hold (on this agent's node, when the sidecar knows it) is deregistered
+    /// there (`PUT /v1/catalog/deregister`, which needs only `service:write`): false, read again.
+    /// A token without `node:read` sees no catalog entry at all (Consul filters them and says
+    /// so): the instance is then deregistered at the servers on the agent's node without looking,
+    /// a Raft write that succeeds only once the servers have applied it.
+    pub async fn servers_forget(&self, spec: &ServiceSpec) -> Result<bool, ConsulError> {
+        let path = format!("/v1/catalog/service/{}", path_escape(&spec.name));
+        let filter = format!("ServiceID == \"{}\"", filter_escape(&spec.id));
+        let req = self
+            .request(Method::GET, &path)
+            .query(&[("filter", filter.as_str())]);
+        let answer = self.send("catalog_service", req, REQUEST_TIMEOUT).await?;
+        #[derive(serde::Deserialize)]
+        struct Entry {
+            #[serde(rename = "Node")]
+            node: String,
+            #[serde(rename = "ServiceID")]
+            id: String,
+            #[serde(rename = "ServiceMeta", default)]
+            meta: Option<std::collections::HashMap<String, String>>,
+        }
+        let entries: Vec<Entry> =
+            serde_json::from_slice(&answer.body).map_err(|e| ConsulError::Decode {
+                operation: "catalog_service",
+                reason: e.to_string(),
+            })?;
+        let our_node = self.agent.first.get();
+        let held: Vec<Entry> = entries
+            .into_iter()
+            .filter(|e| e.id == spec.id)
+            .filter(|e| our_node.is_none_or(|n| *n == e.node))
+            .filter(|e| {
+                e.meta
+                    .as_ref()
+                    .and_then(|m| m.get(MANAGED_BY_KEY))
+                    .is_some_and(|v| v == MANAGED_BY_VALUE)
+            })
+            .collect();
+        if held.is_empty() && answer.filtered_by_acls {
+            let Some(node) = our_node else {
+                // Neither the node's services nor the agent's node may be read: nothing to go by.
+                return Ok(true);
+            };
+            self.catalog_deregister(node, &spec.id).await?;
+            return Ok(true);
+        }
+        if held.is_empty() {
+            return Ok(true);
+        }
+        for entry in held {
+            self.catalog_deregister(&entry.node, &entry.id).await?;
+        }
+        Ok(false)
+    }
+
+    /// `PUT /v1/catalog/deregister` of service `id` on `node`, through the agent to the servers.
+    async fn catalog_deregister(&self, node: &str, id: &str) -> Result<(), ConsulError> {
+        let body = serde_json::json!({ "Node": node, "ServiceID": id });
+        let req = self
+            .request(Method::PUT, "/v1/catalog/deregister")
+            .json(&body);
+        self.send("catalog_deregister", req, REQUEST_TIMEOUT)
+            .await
+            .map(drop)
+    }
+
     /// `GET /v1/status/leader`: the raft leader's address, empty while there is none.
     pub async fn leader(&self) -> Result<String, ConsulError> {
         let req = self.request(Method::GET, "/v1/status/leader");
@@ -294,27 +395,51 @@ impl ConsulClient {
     /// missing is registered anew, since an address over several agents shows itself that way.
     /// A different node is fatal: [`ConsulClient::several_agents`] reports it.
     pub async fn verify_agent(&self, again: bool) -> Result<(), ConsulError> {
-        // At start-up every instance asks at once: one call answers them all.
-        let first = match self.agent.first.get_or_try_init(|| self.agent_node()).await {
-            Ok(first) if again => first,
+        // At start-up every instance asks at once: one check answers them all, made before
+        // anything is registered.
+        let first = match self
+            .agent
+            .first
+            .get_or_try_init(|| self.first_agent())
+            .await
+        {
+            Ok(first) if again => first.clone(),
             Ok(_) | Err(ConsulError::Forbidden { .. }) => return Ok(()),
             Err(e) => return Err(e),
         };
-        let node = match self.agent_node().await {
-            Ok(node) => node,
-            Err(ConsulError::Forbidden { .. }) => return Ok(()),
-            Err(e) => return Err(e),
-        };
-        if *first == node {
-            return Ok(());
+        match self.same_agent(first, IDENTITY_SAMPLES).await {
+            Err(ConsulError::Forbidden { .. }) => Ok(()),
+            other => other.map(drop),
         }
-        let error = ConsulError::SeveralAgents {
-            address: self.base.to_string(),
-            first: first.clone(),
-            now: node,
-        };
-        self.agent.fatal.send_replace(Some(error.to_string()));
-        Err(error)
+    }
+
+    /// The first agent's node name, read over [`IDENTITY_SAMPLES`] connections of their own: an
+    /// address over several agents shows itself here, before anything is registered on one of
+    /// them (waiting for an instance to go missing can lose the race for good: registered on
+    /// both agents, nothing missing again).
+    async fn first_agent(&self) -> Result<String, ConsulError> {
+        let first = self.agent_node().await?;
+        self.same_agent(first, IDENTITY_SAMPLES - 1).await
+    }
+
+    /// Reads the node name `samples` times, each over a new connection, and compares each with
+    /// `first`. A load balancer that routes per connection in turn (round robin) sends two
+    /// consecutive ones to different agents; a random one, each with even odds. A different node
+    /// is fatal: [`ConsulClient::several_agents`] reports it.
+    async fn same_agent(&self, first: String, samples: usize) -> Result<String, ConsulError> {
+        for _ in 0..samples {
+            let node = self.agent_node().await?;
+            if node != first {
+                let error = ConsulError::SeveralAgents {
+                    address: self.base.to_string(),
+                    first,
+                    now: node,
+                };
+                self.agent.fatal.send_replace(Some(error.to_string()));
+                return Err(error);
+            }
+        }
+        Ok(first)
     }
 
     /// The node name of the agent that answers `GET /v1/agent/self` on a connection of its own
@@ -407,7 +532,10 @@ impl ConsulClient {
         req: reqwest::RequestBuilder,
         timeout: Duration,
     ) -> Result<Answer, ConsulError> {
-        Box::pin(self.send_now(operation, req, timeout)).await
+        match &self.token.login {
+            Some(login) => Box::pin(self.send_logged_in(login, operation, req, timeout)).await,
+            None => Box::pin(self.send_now(operation, req, timeout)).await,
+        }
     }
 
     /// Every call but a blocking watch waits for a permit first, and holds it until the answer is
@@ -454,6 +582,8 @@ impl ConsulClient {
         let index = header("X-Consul-Index");
         if status.is_success() {
             let content_hash = header("X-Consul-ContentHash");
+            let filtered_by_acls = header("X-Consul-Results-Filtered-By-ACLs")
+                .is_some_and(|v| v.eq_ignore_ascii_case("true"));
             let body = resp
                 .bytes()
                 .await
@@ -461,6 +591,7 @@ impl ConsulClient {
             return Ok(Answer {
                 content_hash,
                 index,
+                filtered_by_acls,
                 body: body.to_vec(),
             });
         }
@@ -470,15 +601,25 @@ impl ConsulClient {
             return Ok(Answer {
                 content_hash: None,
                 index,
+                filtered_by_acls: false,
                 body: b"[]".to_vec(),
             });
         }
         let body = resp.text().await.unwrap_or_default();
+        // A transaction the token may not apply is refused whole with a 409 that lists the
+        // denied operations: a permission problem like a 403, not a failed check.
+        let denied = status == StatusCode::FORBIDDEN
+            || (status == StatusCode::CONFLICT && body.contains("Permission denied"));
         let body = body.trim().chars().take(300).collect::<String>();
-        Err(if status == StatusCode::FORBIDDEN {
+        Err(if denied {
+            self.metrics.consul_denied.inc();
             // The token may have been rotated: the next call uses the file's new one.
             self.token.reload_if_changed();
-            ConsulError::Forbidden { operation, body }
+            ConsulError::Forbidden {
+                operation,
+                status: status.as_u16(),
+                body,
+            }
         } else {
             ConsulError::Status {
                 operation,
@@ -516,22 +657,23 @@ fn blocking_timeout(wait: Duration) -> Duration {
 fn needed_permission(operation: &str) -> &'static str {
     match operation {
         "catalog_register" | "catalog_status" | "catalog_deregister" => {
-            "node:write on the virtual node (node_prefix \"consul-registrar-\") and service:write on the service"
+            "node:write on the virtual node (node_prefix \"consul-registrar-\"), service:write on the service and key:write on the liveness keys (key_prefix \"consul-registrar/instances/\")"
         }
+        "remove_node" => "node:write on the virtual node (node_prefix \"consul-registrar-\")",
         "session_create" | "session_renew" | "session_destroy" | "session_list" => {
             "session:write on the virtual node (session_prefix \"consul-registrar-\")"
         }
-        "key_acquire" | "key_delete" => {
+        "key_acquire" | "key_delete" | "key_read" | "reaper_key" => {
             "key:write on the liveness keys (key_prefix \"consul-registrar/instances/\")"
         }
         "watch_keys" => {
             "key:read/list on the liveness keys (key_prefix \"consul-registrar/instances/\")"
         }
         "reap" => "service:write on the reaped service and node:write on its virtual node",
-        "watch_instance" | "read_instance" | "managed_nodes" | "node_services" => {
-            "service:read and node:read"
-        }
-        _ => "service:write on the service, node:read and agent:read",
+        "watch_instance" | "read_instance" | "managed_nodes" | "node_services" | "node_checks"
+        | "catalog_service" | "agent_checks" => "service:read and node:read",
+        "agent_self" => "agent:read (agent_prefix \"\")",
+        _ => "service:write on the service",
     }
 }
 
@@ -628,6 +770,11 @@ fn status_class(status: StatusCode) -> &'static str {
     }
 }
 
+/// Escapes a value for a double-quoted string of Consul's filter expressions.
+fn filter_escape(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"")
+}
+
 /// Escapes an ID for use as one URL path segment.
 fn path_escape(segment: &str) -> String {
     let mut out = String::with_capacity(segment.len());
@@ -651,6 +798,9 @@ struct AgentIdentity {
     forbidden: std::sync::atomic::AtomicBool,
 }
 
+/// How many connections of its own each agent identity check reads the node name over.
+const IDENTITY_SAMPLES: usize = 2;
+
 /// How often the token file is looked at without a 403 to prompt it.
 const TOKEN_RECHECK: Duration = Duration::from_secs(30);
 
@@ -658,6 +808,8 @@ const TOKEN_RECHECK: Duration = Duration::from_secs(30);
 /// (cheap: a small file), so a rotated Kubernetes Secret (updated in place through a symlink
 /// swap) takes effect without a restart.
 struct TokenSource {
+    /// Set with `consul.login`: the token comes from logging in (`current` stays None).
+    login: Option<login::Login>,
     file: Option<std::path::PathBuf>,
     current: std::sync::RwLock<Option<Secret>>,
     /// Counts token changes: instances registered with an older token are registered again,
@@ -667,8 +819,13 @@ struct TokenSource {
 }
 
 impl TokenSource {
-    fn new(token: Option<Secret>, file: Option<std::path::PathBuf>) -> Self {
+    fn new(
+        token: Option<Secret>,
+        file: Option<std::path::PathBuf>,
+        login: Option<crate::manifest::LoginSettings>,
+    ) -> Self {
         TokenSource {
+            login: login.map(login::Login::new),
             file,
             current: std::sync::RwLock::new(token),
             generation: std::sync::atomic::AtomicU64::new(0),
@@ -803,6 +960,11 @@ mod tests {
     }
 
     #[test]
+    fn filter_values_are_escaped() {
+        assert_eq!(filter_escape(r#"a"b\c"#), r#"a\"b\\c"#);
+    }
+
+    #[test]
     fn retryable_errors() {
         let s = |status| ConsulError::Status {
             operation: "x",
@@ -815,9 +977,23 @@ mod tests {
         assert!(
             ConsulError::Forbidden {
                 operation: "x",
+                status: 403,
                 body: String::new()
             }
             .is_retryable()
+        );
+    }
+
+    /// A 403 in agent mode names only what docs/acl-login.md's agent policy grants (service:write,
+    /// agent:read): a hint that asks for more sends users after permissions they do not need.
+    #[test]
+    fn agent_mode_403_hints_name_only_the_documented_policy() {
+        for operation in ["register", "update_ttl", "deregister"] {
+            assert_eq!(needed_permission(operation), "service:write on the service");
+        }
+        assert_eq!(
+            needed_permission("agent_self"),
+            "agent:read (agent_prefix \"\")"
         );
     }
 }

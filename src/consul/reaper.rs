@@ -2,14 +2,30 @@
 //! whose liveness key is gone (their sidecar's session expired: a SIGKILL, an OOM kill, a lost
 //! node).
 //!
-//! At start-up it sweeps: every managed instance on a managed virtual node without its key is a
-//! ghost. Then it watches the key prefix with a blocking query (key names only); a key that
-//! disappears marks its instance for removal. Removal is one transaction, "the key does not exist,
-//! and delete the service", so several reapers racing, or an owner that comes back and takes its
-//! key again, are harmless: the transaction fails once the key exists.
+//! It judges only the instances of its own key prefix (their `liveness-key-prefix` meta; none
+//! means the default prefix) and of one service: another group's keys are not the ones it reads,
+//! and a per-service token may write only its own service.
 //!
-//! If no catalog-mode sidecar is alive anywhere, nothing reaps: ghosts stay (with their last
-//! status) until the next one starts and sweeps.
+//! The work is done once per (key prefix, service), not by every sidecar (issue 20: N sidecars
+//! watching the whole prefix cost the servers O(N) answers of O(N) keys per pod event). Consul's
+//! leader-election recipe picks the one: whoever's session holds `<prefix>/.reaper/<service>`.
+//! The others block on that one key (a stale read, answered only when it changes) and take it as
+//! soon as it is free (its holder drained, or its session expired: then its own instances' keys
+//! go in the same moment, and the new holder's first sweep reaps them).
+//!
+//! The holder sweeps when it takes the key: every instance of the service on a managed virtual
+//! node without its key is a ghost. Then it watches the key prefix with a blocking query (key
+//! names only); a key that disappears marks its instance for removal; a watch that could not read
+//! for a while sweeps again (a key may have come and gone unseen); and it sweeps again every
+//! session TTL or so, for instances whose key never existed. Removal is one transaction, "the
+//! key does not exist, and delete the service", so two holders for a moment (a takeover), or an
+//! owner that comes back and takes its key again, are harmless: the transaction fails once the
+//! key exists. Virtual nodes left empty are removed ([`remove_if_empty`]). A sidecar without a
+//! session (not registered yet, or its drain failed and destroyed it) cannot stand; while nobody
+//! holds the key, it watches anyway.
+//!
+//! If no catalog-mode sidecar of the prefix and service is alive anywhere, nothing reaps: ghosts
+//! stay (with their last status) until the next one starts and sweeps.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -19,9 +35,11 @@ use reqwest::Method;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
-use super::session::{key_of, key_path};
+use super::session::{KEY_PREFIX_META, Liveness, SESSIONS_NODE, key_of, key_path, reaper_key};
 use super::{ConsulClient, ConsulError, path_escape};
-use crate::manifest::{CatalogSettings, MANAGED_BY_KEY, MANAGED_BY_VALUE, RetryPolicy};
+use crate::manifest::{
+    CatalogSettings, DEFAULT_KEY_PREFIX, MANAGED_BY_KEY, MANAGED_BY_VALUE, RetryPolicy,
+};
 use crate::metrics::Metrics;
 use crate::reconcile::Backoff;
 
@@ -33,6 +51,10 @@ pub struct Reaper {
     pub retry: RetryPolicy,
     /// How long one blocking query on the keys waits.
     pub wait: Duration,
+    /// The sidecar's session, which the elected reaper holds the reaper key with.
+    pub liveness: Arc<Liveness>,
+    /// The service whose instances this reaper judges.
+    pub service: String,
 }
 
 #[derive(Deserialize)]
@@ -43,6 +65,8 @@ struct NodeEntry {
 
 #[derive(Deserialize)]
 struct NodeServices {
+    #[serde(rename = "Node", default)]
+    node: Option<NodeIndex>,
     /// `null` for a node without services (a virtual node whose sidecar has made its session but
     /// not yet registered, or whose instances are all gone).
     #[serde(rename = "Services", default)]
@@ -61,6 +85,18 @@ struct NodeService {
     modify_index: u64,
 }
 
+#[derive(Deserialize)]
+struct NodeIndex {
+    #[serde(rename = "ModifyIndex", default)]
+    modify_index: u64,
+}
+
+#[derive(Deserialize)]
+struct KvEntry {
+    #[serde(rename = "Session", default)]
+    session: Option<String>,
+}
+
 /// A managed instance: where it is and what it is called.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 struct Instance {
@@ -72,8 +108,166 @@ struct Instance {
 }
 
 impl Reaper {
-    /// Sweeps, then watches the keys until `cancel`. Consul errors are retried with backoff.
+    /// Until `cancel`: contends for the reaper key; while holding it, sweeps, watches the keys,
+    /// and sweeps again every session TTL or so. Consul errors are retried with backoff.
     pub async fn run(self, cancel: CancellationToken) {
+        Arc::new(self).lead(cancel).await
+    }
+
+    /// Consul's leader-election recipe on `<prefix>/.reaper/<service>`. The holder runs the key
+    /// watch ([`Reaper::watch`], which sweeps first) and, for the level-triggered half, sweeps every
+    /// 0.8–1 × session TTL: a registration that lands after its owner drained (held by the servers
+    /// through a leader election) has no key, and no key disappears to tell the watch, so such a
+    /// ghost goes within 2 × sessionTTL + 1 s. The others block on the key (a stale read, answered
+    /// when it changes or after the watch's wait) and take it as soon as it is free.
+    async fn lead(self: Arc<Self>, cancel: CancellationToken) {
+        // The key watch, while this sidecar holds the key.
+        let mut watching: Option<CancellationToken> = None;
+        let stop = |watching: &mut Option<CancellationToken>| {
+            if let Some(watch) = watching.take() {
+                watch.cancel();
+            }
+        };
+        let ttl = self.settings.session_ttl;
+        // The key's index as last read; "0" reads it without blocking.
+        let mut index = String::from("0");
+        let mut leading = false;
+        // Before the next read: the sweeps' pace while leading, a while after an error.
+        let mut pause = None;
+        loop {
+            if let Some(pause) = pause.take() {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+            }
+            let every = ttl.mul_f64(0.8 + 0.2 * fastrand::f64());
+            let Some(session) = self.liveness.current().await else {
+                // No session yet (nothing registered), or none any more (a failed drain destroys
+                // it once Consul answers again, and the sidecar lives on). It cannot stand, but
+                // while nobody holds the key nobody reaps: it watches meanwhile (its own
+                // instances' keys went with its session), and stops once someone holds the key.
+                (index, leading, pause) = (String::from("0"), false, Some(ttl / 10));
+                let read = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    r = self.reaper_key("0") => r,
+                };
+                match read {
+                    Ok((None, _)) if watching.is_none() => {
+                        let watch = cancel.child_token();
+                        tokio::spawn(Arc::clone(&self).watch(watch.clone()));
+                        watching = Some(watch);
+                    }
+                    Ok((Some(_), _)) => stop(&mut watching),
+                    _ => {}
+                }
+                continue;
+            };
+            let read = tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = self.reaper_key(if leading { "0" } else { &index }) => r,
+            };
+            let holder = match read {
+                Ok((holder, next)) => {
+                    index = next;
+                    holder
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot read the reaper key; trying again at the next sweep");
+                    (index, leading, pause) = (String::from("0"), false, Some(every));
+                    continue;
+                }
+            };
+            // Another sidecar holds the key: it reaps, this one stops watching. A key that is free
+            // but cannot be taken (this sidecar's session is gone: a failed drain, a partition)
+            // leaves a running watch alone: it may be the last reaper of the service, and a
+            // second watcher for a while is harmless.
+            if holder.as_ref().is_some_and(|h| *h != session) {
+                stop(&mut watching);
+            }
+            leading = match holder {
+                Some(h) => h == session,
+                None => match self.take_reaper_key(&session).await {
+                    Ok(taken) => taken,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot take the reaper key; trying again at the next sweep");
+                        index = String::from("0");
+                        pause = Some(every);
+                        false
+                    }
+                },
+            };
+            if !leading && index == "0" {
+                // Nothing to block on (the key was free but taken by another meanwhile).
+                pause = Some(ttl / 10);
+            }
+            if leading && watching.is_none() {
+                // Just elected: the watch sweeps at once, then follows the keys.
+                pause = Some(every);
+                let watch = cancel.child_token();
+                tokio::spawn(Arc::clone(&self).watch(watch.clone()));
+                watching = Some(watch);
+            } else if leading {
+                pause = Some(every);
+                let swept = async {
+                    let (keys, _) = self.keys("0").await?;
+                    self.sweep(&keys).await
+                };
+                if let Err(e) = swept.await {
+                    tracing::debug!(error = %e, "the periodic sweep failed; again at the next one");
+                }
+            }
+        }
+    }
+
+    /// The session holding the prefix's reaper key (None: free), blocking from `index` unless
+    /// "0", and the index to block on next.
+    async fn reaper_key(&self, index: &str) -> Result<(Option<String>, String), ConsulError> {
+        let key = reaper_key(&self.settings.key_prefix, &self.service);
+        let req = self
+            .client
+            .request(Method::GET, &format!("/v1/kv/{}", key_path(&key)))
+            .query(&[
+                ("stale", ""),
+                ("index", index),
+                ("wait", &format!("{}ms", self.wait.as_millis())),
+            ]);
+        let timeout = if index == "0" {
+            super::REQUEST_TIMEOUT
+        } else {
+            super::blocking_timeout(self.wait)
+        };
+        match self.client.send("reaper_key", req, timeout).await {
+            Ok(answer) => {
+                let entries: Vec<KvEntry> =
+                    serde_json::from_slice(&answer.body).map_err(|e| ConsulError::Decode {
+                        operation: "reaper_key",
+                        reason: e.to_string(),
+                    })?;
+                let next = answer.index.unwrap_or_else(|| String::from("0"));
+                Ok((entries.into_iter().next().and_then(|e| e.session), next))
+            }
+            Err(ConsulError::Status { status: 404, .. }) => Ok((None, String::from("0"))),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Tries to take the free reaper key with `session`.
+    async fn take_reaper_key(&self, session: &str) -> Result<bool, ConsulError> {
+        let key = reaper_key(&self.settings.key_prefix, &self.service);
+        let req = self
+            .client
+            .request(Method::PUT, &format!("/v1/kv/{}", key_path(&key)))
+            .query(&[("acquire", session)]);
+        let answer = self
+            .client
+            .send("reaper_key", req, super::REQUEST_TIMEOUT)
+            .await?;
+        Ok(String::from_utf8_lossy(&answer.body).trim() == "true")
+    }
+
+    /// Sweeps, then watches the keys until `cancel`.
+    async fn watch(self: Arc<Self>, cancel: CancellationToken) {
         let mut backoff = Backoff::new(self.retry);
         let mut known: Option<BTreeSet<String>> = None;
         let mut index = String::from("0");
@@ -90,8 +284,12 @@ impl Reaper {
                         tracing::warn!(error = %e, "the reaper cannot read the liveness keys; retrying with backoff");
                         warned = true;
                     }
-                    // Consul may come back empty (wiped): start from index 0 again.
+                    // Consul may come back empty (wiped): start from index 0 again. And the view
+                    // is lost: a key that came and went meanwhile (a sidecar that started and
+                    // died, or this sidecar's own session destroyed after a failed drain) is in
+                    // no difference of two reads, so the next answer is swept, not compared.
                     index = String::from("0");
+                    known = None;
                     tokio::select! {
                         _ = cancel.cancelled() => return,
                         _ = tokio::time::sleep(backoff.next_delay()) => {}
@@ -123,14 +321,23 @@ impl Reaper {
                 }
             }
             // An index that went backwards (servers restored or wiped) starts over.
+            let changed = next != index;
             index = match (next.parse::<u64>(), index.parse::<u64>()) {
                 (Ok(n), Ok(i)) if n < i => String::from("0"),
                 _ => next,
             };
+            // Re-armed after a jittered pause: the key changes of a rollout, which wake every
+            // reaper, come back as one answer rather than one each, and not all at once.
+            if changed {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(fastrand::u64(0..200))) => {}
+                }
+            }
         }
     }
 
-    /// The whole prefix's key names, and the index to block on next.
+    /// The whole prefix's instance key names (not the reaper keys), and the index to block on next.
     async fn keys(&self, index: &str) -> Result<(BTreeSet<String>, String), ConsulError> {
         let prefix = format!("{}/", self.settings.key_prefix);
         let req = self
@@ -138,6 +345,9 @@ impl Reaper {
             .request(Method::GET, &format!("/v1/kv/{}", key_path(&prefix)))
             .query(&[
                 ("keys", "true"),
+                // Any server may answer (a removal is a transaction the leader checks anyway),
+                // so the watches of every sidecar do not all land on the leader.
+                ("stale", ""),
                 ("index", index),
                 ("wait", &format!("{}ms", self.wait.as_millis())),
             ]);
@@ -152,30 +362,48 @@ impl Reaper {
                         operation: "watch_keys",
                         reason: e.to_string(),
                     })?;
-                Ok((keys.into_iter().collect(), answer.index.unwrap_or_default()))
+                let reapers = format!("{prefix}.");
+                Ok((
+                    keys.into_iter()
+                        .filter(|k| !k.starts_with(&reapers))
+                        .collect(),
+                    answer.index.unwrap_or_default(),
+                ))
             }
             Err(e) => Err(e),
         }
     }
 
-    /// Start-up: every managed instance on a managed node whose key is missing.
+    /// Every instance of ours on a managed node whose key is missing; then the nodes left empty.
     async fn sweep(&self, keys: &BTreeSet<String>) -> Result<(), ConsulError> {
         let mut ghosts = Vec::new();
+        let mut nodes = Vec::new();
         for node in self.managed_nodes().await? {
-            for instance in self.instances_on(&node).await? {
-                if !keys.contains(&self.key(&instance)) {
+            let (instances, others) = self.scan(&node).await?;
+            let mut emptied = !others;
+            for instance in instances {
+                if keys.contains(&self.key(&instance)) {
+                    emptied = false;
+                } else {
                     ghosts.push(instance);
                 }
+            }
+            // Only a node that is (or is about to be) empty is read again for its removal.
+            if emptied {
+                nodes.push(node);
             }
         }
         if !ghosts.is_empty() {
             tracing::info!(
                 ghosts = ghosts.len(),
-                "start-up sweep: instances whose sidecar is gone"
+                "sweep: instances whose sidecar is gone"
             );
         }
         for ghost in ghosts {
             self.reap(&ghost).await?;
+        }
+        for node in nodes {
+            remove_if_empty(&self.client, &node).await?;
         }
         Ok(())
     }
@@ -204,13 +432,25 @@ impl Reaper {
             by_node.entry(node).or_default().push(id);
         }
         for (node, ids) in by_node {
-            for instance in self.instances_on(node).await? {
+            let mut reaped = false;
+            for instance in self.scan(node).await?.0 {
                 if ids.contains(&instance.id.as_str()) && !keys.contains(&self.key(&instance)) {
                     self.reap(&instance).await?;
+                    reaped = true;
                 }
+            }
+            if reaped {
+                remove_if_empty(&self.client, node).await?;
             }
         }
         Ok(())
+    }
+
+    /// Whether an instance whose meta names key prefix `named` is ours to judge: only the
+    /// instances of our own prefix are (their keys are the ones we read). One without the meta
+    /// (registered by a version before it) counts as the default prefix's.
+    fn owns_prefix(&self, named: Option<&String>) -> bool {
+        named.map_or(DEFAULT_KEY_PREFIX, String::as_str) == self.settings.key_prefix
     }
 
     fn key(&self, instance: &Instance) -> String {
@@ -222,7 +462,10 @@ impl Reaper {
         let req = self
             .client
             .request(Method::GET, "/v1/catalog/nodes")
-            .query(&[("node-meta", format!("{MANAGED_BY_KEY}:{MANAGED_BY_VALUE}"))]);
+            .query(&[
+                ("node-meta", format!("{MANAGED_BY_KEY}:{MANAGED_BY_VALUE}")),
+                ("stale", String::new()),
+            ]);
         let answer = self
             .client
             .send("managed_nodes", req, super::REQUEST_TIMEOUT)
@@ -232,22 +475,30 @@ impl Reaper {
                 operation: "managed_nodes",
                 reason: e.to_string(),
             })?;
-        Ok(nodes.into_iter().map(|n| n.node).collect())
+        Ok(nodes
+            .into_iter()
+            .map(|n| n.node)
+            .filter(|n| n != SESSIONS_NODE)
+            .collect())
     }
 
-    /// Our instances on `node` (`managed-by` meta).
-    async fn instances_on(&self, node: &str) -> Result<Vec<Instance>, ConsulError> {
-        let req = self.client.request(
-            Method::GET,
-            &format!("/v1/catalog/node-services/{}", path_escape(node)),
-        );
+    /// Our instances on `node` (`managed-by` meta, our key prefix, our service), and whether
+    /// anything else is on it.
+    async fn scan(&self, node: &str) -> Result<(Vec<Instance>, bool), ConsulError> {
+        let req = self
+            .client
+            .request(
+                Method::GET,
+                &format!("/v1/catalog/node-services/{}", path_escape(node)),
+            )
+            .query(&[("stale", "")]);
         let answer = match self
             .client
             .send("node_services", req, super::REQUEST_TIMEOUT)
             .await
         {
             Ok(a) => a,
-            Err(ConsulError::Status { status: 404, .. }) => return Ok(Vec::new()),
+            Err(ConsulError::Status { status: 404, .. }) => return Ok((Vec::new(), false)),
             Err(e) => return Err(e),
         };
         // `null` when the node is unknown.
@@ -256,23 +507,28 @@ impl Reaper {
                 operation: "node_services",
                 reason: e.to_string(),
             })?;
-        Ok(services
+        let (ours, others): (Vec<NodeService>, Vec<NodeService>) = services
             .and_then(|s| s.services)
             .unwrap_or_default()
             .into_iter()
-            .filter(|s| {
-                s.meta
-                    .as_ref()
-                    .and_then(|m| m.get(MANAGED_BY_KEY))
-                    .is_some_and(|v| v == MANAGED_BY_VALUE)
-            })
+            .partition(|s| {
+                let meta = s.meta.as_ref();
+                s.service == self.service
+                    && meta
+                        .and_then(|m| m.get(MANAGED_BY_KEY))
+                        .is_some_and(|v| v == MANAGED_BY_VALUE)
+                    && self.owns_prefix(meta.and_then(|m| m.get(KEY_PREFIX_META)))
+            });
+        let ours = ours
+            .into_iter()
             .map(|s| Instance {
                 node: node.to_string(),
                 id: s.id,
                 service: s.service,
                 modify_index: s.modify_index,
             })
-            .collect())
+            .collect();
+        Ok((ours, !others.is_empty()))
     }
 
     /// One transaction: the key still does not exist, and the instance goes if it is still the
@@ -308,6 +564,72 @@ impl Reaper {
             }
             Err(e) => Err(e),
         }
+    }
+}
+
+/// Removes virtual node `node` if nothing is left on it: no service (of anyone's) and no session
+/// (a sidecar of a version before the sessions' node keeps its session on its virtual node, and a
+/// node's removal invalidates its sessions). Guarded by the node's index as read (`delete-cas`):
+/// a registration since then rewrites the node (its meta) and the removal fails.
+pub async fn remove_if_empty(client: &ConsulClient, node: &str) -> Result<(), ConsulError> {
+    if node == SESSIONS_NODE {
+        return Ok(());
+    }
+    let req = client.request(
+        Method::GET,
+        &format!("/v1/catalog/node-services/{}", path_escape(node)),
+    );
+    let answer = match client
+        .send("node_services", req, super::REQUEST_TIMEOUT)
+        .await
+    {
+        Ok(a) => a,
+        Err(ConsulError::Status { status: 404, .. }) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let found: Option<NodeServices> =
+        serde_json::from_slice(&answer.body).map_err(|e| ConsulError::Decode {
+            operation: "node_services",
+            reason: e.to_string(),
+        })?;
+    let Some(found) = found else { return Ok(()) };
+    let Some(index) = found.node.map(|n| n.modify_index) else {
+        return Ok(());
+    };
+    if found.services.is_some_and(|s| !s.is_empty()) {
+        return Ok(());
+    }
+    let req = client.request(
+        Method::GET,
+        &format!("/v1/session/node/{}", path_escape(node)),
+    );
+    let answer = client
+        .send("session_list", req, super::REQUEST_TIMEOUT)
+        .await?;
+    let sessions: Vec<serde_json::Value> =
+        serde_json::from_slice(&answer.body).map_err(|e| ConsulError::Decode {
+            operation: "session_list",
+            reason: e.to_string(),
+        })?;
+    if !sessions.is_empty() {
+        return Ok(());
+    }
+    let ops = serde_json::json!([
+        { "Node": { "Verb": "delete-cas", "Node": { "Node": node, "ModifyIndex": index } } },
+    ]);
+    let req = client.request(Method::PUT, "/v1/txn").json(&ops);
+    match client
+        .send("remove_node", req, super::REQUEST_TIMEOUT)
+        .await
+    {
+        Ok(_) => {
+            tracing::info!(node = %node, "removed an empty virtual node");
+            Ok(())
+        }
+        // Changed since it was read (a registration), or gone already.
+        Err(ConsulError::Status { status: 409, .. }) => Ok(()),
+        Err(ConsulError::Forbidden { .. }) => Ok(()),
+        Err(e) => Err(e),
     }
 }
 

@@ -7,7 +7,9 @@
 //! ([`super::reaper`]) then remove the instances whose key is gone. Renewals are not Raft writes.
 //!
 //! Order is the invariant: an instance's key is acquired before the instance is registered and
-//! deleted after it is deregistered, so a live instance always has its key.
+//! deleted with its deregistration, so a live instance always has its key; and the key's session
+//! proves whose the instance is ([`super::catalog`] guards its writes with it). Sessions live on a
+//! node of their own ([`SESSIONS_NODE`]), so removing an empty virtual node invalidates none.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -26,15 +28,21 @@ use crate::reconcile::Backoff;
 pub struct Liveness {
     client: ConsulClient,
     settings: CatalogSettings,
-    /// The session's name: `consul-registrar/<node>/<first instance id>`, how a restarted
-    /// sidecar finds (and adopts) the session of its previous run.
+    /// The session's name: `consul-registrar/<node>/<first instance id>/<pod>`, how a restarted
+    /// sidecar (same pod) finds and adopts the session of its previous run, and never the session
+    /// of another pod's sidecar with the same instance ID on the same node.
     name: String,
+    /// The manifest's first instance: its key's holder is our previous run's session, if any.
+    first_instance: String,
     /// The current session, once made.
     session: tokio::sync::Mutex<Option<String>>,
     /// The instances whose key we hold (or want to): re-acquired when the session is replaced.
     held: std::sync::Mutex<BTreeSet<String>>,
     /// Of those, the ones acquired with the current session (cleared when it is replaced).
     acquired: std::sync::Mutex<BTreeSet<String>>,
+    /// Set by a drain's end (or a failed drain's abandon), cleared by the next `hold` (a heal):
+    /// meanwhile no session is made, however a renewal in flight turns out.
+    ended: std::sync::atomic::AtomicBool,
     /// Rung when the session was lost: a reaper may have removed our instances meanwhile.
     alarm: Arc<watch::Sender<u64>>,
     metrics: Arc<Metrics>,
@@ -60,17 +68,25 @@ impl Liveness {
         client: ConsulClient,
         settings: CatalogSettings,
         first_instance: &str,
+        pod: &str,
         alarm: Arc<watch::Sender<u64>>,
         metrics: Arc<Metrics>,
         retry: RetryPolicy,
     ) -> Self {
+        metrics.expect_session_renewals();
         Liveness {
-            name: format!("consul-registrar/{}/{first_instance}", settings.node),
+            name: if pod.is_empty() {
+                format!("consul-registrar/{}/{first_instance}", settings.node)
+            } else {
+                format!("consul-registrar/{}/{first_instance}/{pod}", settings.node)
+            },
+            first_instance: first_instance.to_string(),
             client,
             settings,
             session: tokio::sync::Mutex::new(None),
             held: std::sync::Mutex::new(BTreeSet::new()),
             acquired: std::sync::Mutex::new(BTreeSet::new()),
+            ended: std::sync::atomic::AtomicBool::new(false),
             alarm,
             metrics,
             retry,
@@ -88,6 +104,7 @@ impl Liveness {
     /// live session (another sidecar claiming the same node and ID, or the session of a pod
     /// being replaced, until it expires) is an error to retry.
     pub async fn hold(&self, id: &str, force: bool) -> Result<(), ConsulError> {
+        self.ended.store(false, std::sync::atomic::Ordering::SeqCst);
         lock(&self.held).insert(id.to_string());
         let session = self.session().await?;
         if !force && lock(&self.acquired).contains(id) {
@@ -122,38 +139,102 @@ impl Liveness {
         }
     }
 
-    /// Deletes the key of instance `id` (after it was deregistered).
-    pub async fn release(&self, id: &str) -> Result<(), ConsulError> {
-        lock(&self.held).remove(id);
-        lock(&self.acquired).remove(id);
-        let req = self.client.request(
-            Method::DELETE,
-            &format!("/v1/kv/{}", key_path(&self.key(id))),
-        );
-        self.client
-            .send("key_delete", req, super::REQUEST_TIMEOUT)
-            .await
-            .map(drop)
-    }
-
-    /// Destroys the session (its keys go with it). After a drain: nothing of ours is left.
-    pub async fn end(&self) {
-        lock(&self.held).clear();
-        lock(&self.acquired).clear();
-        let Some(id) = self.session.lock().await.take() else {
-            return;
-        };
-        let req = self.client.request(
-            Method::PUT,
-            &format!("/v1/session/destroy/{}", path_escape(&id)),
-        );
-        if let Err(e) = self
+    /// The session holding the key of instance `id`, None when the key is absent or unheld.
+    pub async fn holder(&self, id: &str) -> Result<Option<String>, ConsulError> {
+        #[derive(Deserialize)]
+        struct Entry {
+            #[serde(rename = "Session", default)]
+            session: Option<String>,
+        }
+        let req = self
             .client
-            .send("session_destroy", req, super::REQUEST_TIMEOUT)
+            .request(Method::GET, &format!("/v1/kv/{}", key_path(&self.key(id))));
+        let answer = match self
+            .client
+            .send("key_read", req, super::REQUEST_TIMEOUT)
             .await
         {
+            Ok(a) => a,
+            Err(ConsulError::Status { status: 404, .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let entries: Vec<Entry> =
+            serde_json::from_slice(&answer.body).map_err(|e| ConsulError::Decode {
+                operation: "key_read",
+                reason: e.to_string(),
+            })?;
+        Ok(entries.into_iter().next().and_then(|e| e.session))
+    }
+
+    /// Stops holding the key of instance `id` here (its deregistration removed the key, in the
+    /// same transaction, only if our session held it: see [`super::catalog`]).
+    pub fn let_go(&self, id: &str) {
+        lock(&self.held).remove(id);
+        lock(&self.acquired).remove(id);
+    }
+
+    /// The current session, if there is one; never makes one.
+    pub async fn current(&self) -> Option<String> {
+        self.session.lock().await.clone()
+    }
+
+    /// Destroys the session (its keys go with it). After a drain: nothing of ours is left, and no
+    /// session is made again until the next [`hold`](Self::hold) (a renewal still in flight that
+    /// finds the session gone makes none).
+    pub async fn end(&self) {
+        let Some(id) = self.stop().await else {
+            return;
+        };
+        if let Err(e) = destroy(&self.client, &id).await {
             tracing::warn!(error = %e, "could not destroy the session; Consul invalidates it within 2 × sessionTTL");
         }
+    }
+
+    /// After a failed drain: the session is no longer renewed, and is destroyed as soon as Consul
+    /// answers again, so its keys go and the reapers remove the instances at once rather than
+    /// after Consul invalidates it (as after a crash, within 2 × sessionTTL).
+    pub async fn abandon(&self) {
+        let Some(id) = self.stop().await else {
+            return;
+        };
+        let ttl = self.settings.session_ttl;
+        tracing::warn!(
+            ttl = %duration::format(ttl),
+            "the drain failed: the session is no longer renewed and is destroyed once Consul answers again (Consul invalidates it within 2 × sessionTTL anyway); a reaper then removes the instances"
+        );
+        // In the background: Consul was unreachable moments ago, and the caller must not wait.
+        // Tried again until it is done or Consul has invalidated the session by itself; a
+        // destroy that lands after a heal made a new session touches only this old one.
+        let client = self.client.clone();
+        let mut backoff = Backoff::new(self.retry);
+        let give_up = crate::reconcile::instant_after(ttl.saturating_mul(2));
+        tokio::spawn(async move {
+            loop {
+                match destroy(&client, &id).await {
+                    Ok(()) => {
+                        tracing::info!("destroyed the session of the failed drain");
+                        return;
+                    }
+                    Err(e) if e.is_retryable() && std::time::Instant::now() < give_up => {
+                        tracing::debug!(error = %e, "cannot yet destroy the session of the failed drain; retrying");
+                        tokio::time::sleep(backoff.next_delay()).await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not destroy the session of the failed drain; Consul invalidates it within 2 × sessionTTL");
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
+    /// Marks the session ended and takes it (no renewal, no new one until the next `hold`).
+    async fn stop(&self) -> Option<String> {
+        let mut current = self.session.lock().await;
+        self.ended.store(true, std::sync::atomic::Ordering::SeqCst);
+        lock(&self.held).clear();
+        lock(&self.acquired).clear();
+        current.take()
     }
 
     /// Renews the session every `sessionTTL / 3` until `cancel`; a lost session is replaced and
@@ -181,6 +262,10 @@ impl Liveness {
                         tracing::info!("session renewed again");
                     }
                     backoff.reset();
+                    wait = every;
+                }
+                Ok(false) if self.ended.load(std::sync::atomic::Ordering::SeqCst) => {
+                    // Destroyed by the drain while this renewal was on its way: nothing to redo.
                     wait = every;
                 }
                 Ok(false) => {
@@ -228,9 +313,16 @@ impl Liveness {
             .inc();
     }
 
-    /// A new (or adopted) session, and every held key acquired with it.
+    /// A new (or adopted) session, and every held key acquired with it; nothing once a drain
+    /// ended the session (checked under the session's lock, so a drain ending meanwhile wins).
     async fn reacquire(&self) -> Result<(), ConsulError> {
-        let session = self.session().await?;
+        let session = {
+            let mut current = self.session.lock().await;
+            if self.ended.load(std::sync::atomic::Ordering::SeqCst) {
+                return Ok(());
+            }
+            self.session_locked(&mut current).await?
+        };
         let ids: Vec<String> = lock(&self.held).iter().cloned().collect();
         for id in ids {
             self.acquire(&id, &session).await?;
@@ -243,34 +335,23 @@ impl Liveness {
     /// is still valid; else a new one.
     async fn session(&self) -> Result<String, ConsulError> {
         let mut current = self.session.lock().await;
+        self.session_locked(&mut current).await
+    }
+
+    /// [`session`](Self::session) with its lock held by the caller.
+    async fn session_locked(&self, current: &mut Option<String>) -> Result<String, ConsulError> {
         if let Some(id) = current.as_ref() {
             return Ok(id.clone());
         }
-        // Sessions live on a node, so the node comes first (one write, at start-up).
+        // Sessions live on a node of their own, never on a virtual node with instances, so that
+        // removing an empty virtual node invalidates no session. The node comes first.
         self.register_node().await?;
-        let req = self.client.request(
-            Method::GET,
-            &format!("/v1/session/node/{}", path_escape(&self.settings.node)),
-        );
-        let answer = self
-            .client
-            .send("session_list", req, super::REQUEST_TIMEOUT)
-            .await?;
-        let sessions: Vec<SessionEntry> =
-            serde_json::from_slice(&answer.body).map_err(|e| ConsulError::Decode {
-                operation: "session_list",
-                reason: e.to_string(),
-            })?;
-        for old in sessions.iter().filter(|s| s.name == self.name) {
-            if self.renew(&old.id).await? {
-                tracing::info!("adopted the session of this sidecar's previous run");
-                *current = Some(old.id.clone());
-                return Ok(old.id.clone());
-            }
+        if let Some(id) = self.previous(current).await? {
+            return Ok(id);
         }
         let body = serde_json::json!({
             "Name": self.name,
-            "Node": self.settings.node,
+            "Node": SESSIONS_NODE,
             "TTL": duration::format(self.settings.session_ttl),
             "Behavior": "delete",
             // Without an empty list Consul ties the session to the node's serfHealth check,
@@ -347,11 +428,72 @@ impl Liveness {
         }
     }
 
-    /// The virtual node alone (`SkipNodeUpdate` would not create it).
+    /// Our previous run's session (same name: same node, first instance and pod), if Consul still
+    /// has it: renewed and made the current one. Found as the holder of the first instance's key
+    /// (two reads, however many sessions there are), or (a run of a version before the sessions'
+    /// node) among the sessions on the virtual node. A previous run that died between making its
+    /// session and taking that key is not found: its session expires.
+    async fn previous(&self, current: &mut Option<String>) -> Result<Option<String>, ConsulError> {
+        let mut sessions = Vec::new();
+        if let Some(holder) = self.holder(&self.first_instance).await? {
+            let req = self.client.request(
+                Method::GET,
+                &format!("/v1/session/info/{}", path_escape(&holder)),
+            );
+            let answer = self
+                .client
+                .send("session_list", req, super::REQUEST_TIMEOUT)
+                .await?;
+            let found: Option<Vec<SessionEntry>> =
+                serde_json::from_slice(&answer.body).map_err(|e| ConsulError::Decode {
+                    operation: "session_list",
+                    reason: e.to_string(),
+                })?;
+            sessions.extend(found.unwrap_or_default());
+        }
+        sessions.extend(self.sessions_on(&self.settings.node).await?);
+        for old in sessions.iter().filter(|s| s.name == self.name) {
+            if self.renew(&old.id).await? {
+                tracing::info!("adopted the session of this sidecar's previous run");
+                *current = Some(old.id.clone());
+                return Ok(Some(old.id.clone()));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The current session, else our previous run's if Consul still has it (adopted); never a
+    /// new one. For a drain that a restarted sidecar finishes: its keys are the previous run's.
+    pub async fn current_or_previous(&self) -> Result<Option<String>, ConsulError> {
+        let mut current = self.session.lock().await;
+        if current.is_some() {
+            return Ok(current.clone());
+        }
+        self.previous(&mut current).await
+    }
+
+    /// The sessions on `node`.
+    async fn sessions_on(&self, node: &str) -> Result<Vec<SessionEntry>, ConsulError> {
+        let req = self.client.request(
+            Method::GET,
+            &format!("/v1/session/node/{}", path_escape(node)),
+        );
+        let answer = self
+            .client
+            .send("session_list", req, super::REQUEST_TIMEOUT)
+            .await?;
+        serde_json::from_slice(&answer.body).map_err(|e| ConsulError::Decode {
+            operation: "session_list",
+            reason: e.to_string(),
+        })
+    }
+
+    /// The sessions' node (no service ever lives on it; a write only when it is missing or
+    /// differs, which Consul skips when it is the same).
     async fn register_node(&self) -> Result<(), ConsulError> {
         let body = serde_json::json!({
-            "Node": self.settings.node,
-            "Address": self.settings.node_address,
+            "Node": SESSIONS_NODE,
+            "Address": "127.0.0.1",
             "NodeMeta": { MANAGED_BY_KEY: MANAGED_BY_VALUE },
         });
         let req = self
@@ -365,6 +507,18 @@ impl Liveness {
     }
 }
 
+/// `PUT /v1/session/destroy/:id`.
+async fn destroy(client: &ConsulClient, id: &str) -> Result<(), ConsulError> {
+    let req = client.request(
+        Method::PUT,
+        &format!("/v1/session/destroy/{}", path_escape(id)),
+    );
+    client
+        .send("session_destroy", req, super::REQUEST_TIMEOUT)
+        .await
+        .map(drop)
+}
+
 /// Consul's answer to an acquire with a session it does not have:
 /// `500 raft apply failed: invalid session "<id>"`.
 fn is_invalid_session(e: &ConsulError) -> bool {
@@ -373,6 +527,22 @@ fn is_invalid_session(e: &ConsulError) -> bool {
 
 fn lock(set: &std::sync::Mutex<BTreeSet<String>>) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
     set.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The node every sidecar's session lives on. Not a Kubernetes node's virtual node (a Kubernetes
+/// node's name never starts with `-`), and no instance is ever registered on it.
+pub const SESSIONS_NODE: &str = "consul-registrar--sessions";
+
+/// The service meta key that names the key prefix of the instance's liveness key: a reaper
+/// touches only the instances of its own prefix. (Consul reserves meta keys starting with
+/// `consul-`.)
+pub const KEY_PREFIX_META: &str = "liveness-key-prefix";
+
+/// The key whose holder (a session, Consul's leader-election recipe) is the one reaper of
+/// `service`'s instances of the prefix: `<prefix>/.reaper/<service>` (its node segment starts with
+/// a dot, which no virtual node's does, so it is never taken for an instance's `<node>/<id>` key).
+pub fn reaper_key(prefix: &str, service: &str) -> String {
+    format!("{prefix}/.reaper/{service}")
 }
 
 /// `<prefix>/<node>/<id>`.

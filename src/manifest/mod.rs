@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use interpolate::Environment;
-pub use values::HealthMode;
+pub use values::{HealthMode, Readiness};
 
 use locate::Segment::{self, Index, Key};
 use schema::{RawManifest, RawService, RawTls};
@@ -48,6 +48,8 @@ pub struct Manifest {
     pub consul: ConsulConnection,
     pub admin_address: SocketAddr,
     pub drain: DrainPolicy,
+    /// What `/readyz` requires of the instances in Consul (default: all passing).
+    pub readiness: Readiness,
     pub services: Vec<ServiceSpec>,
 }
 
@@ -60,6 +62,8 @@ pub struct ConsulConnection {
     /// The file `token` was read from (consul.tokenFile or CONSUL_HTTP_TOKEN_FILE): the client
     /// reads it again when it changes (Kubernetes updates a mounted Secret in place).
     pub token_file: Option<PathBuf>,
+    /// Log in with an auth method instead (`token` and `token_file` are then None).
+    pub login: Option<LoginSettings>,
     pub datacenter: Option<String>,
     pub namespace: Option<String>,
     pub partition: Option<String>,
@@ -71,6 +75,21 @@ pub struct ConsulConnection {
     pub blocking_watches: usize,
     /// Which API registers the instances: the node's agent, or the servers' catalog.
     pub mode: ConsulMode,
+}
+
+/// The bearer token file when `consul.login.bearerTokenFile` is left out: the service account
+/// token Kubernetes mounts into every pod (a projected, rotating token).
+pub const DEFAULT_BEARER_TOKEN_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
+
+/// `consul.login`, resolved: how to get a token from an auth method.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoginSettings {
+    pub auth_method: String,
+    pub bearer_token_file: PathBuf,
+    pub meta: std::collections::BTreeMap<String, String>,
+    /// The auth method's namespace and partition (Enterprise), when not the connection's.
+    pub namespace: Option<String>,
+    pub partition: Option<String>,
 }
 
 /// `consul.mode`: how the sidecar registers.
@@ -109,10 +128,15 @@ impl fmt::Debug for ConsulConnection {
         f.debug_struct("ConsulConnection")
             .field("address", &self.address)
             .field("token", &self.token)
+            .field("login", &self.login)
             .field("datacenter", &self.datacenter)
             .field("namespace", &self.namespace)
             .field("partition", &self.partition)
             .field("tls", &self.tls)
+            .field("retry", &self.retry)
+            .field("resync_interval", &self.resync_interval)
+            .field("blocking_watches", &self.blocking_watches)
+            .field("mode", &self.mode)
             .finish_non_exhaustive()
     }
 }
@@ -468,6 +492,7 @@ impl Resolver<'_> {
             consul: consul?,
             admin_address: admin_address?,
             drain,
+            readiness: raw.readiness.unwrap_or_default(),
             services,
         })
     }
@@ -517,13 +542,17 @@ impl Resolver<'_> {
             }
         };
 
-        // Token: manifest token / tokenFile, then CONSUL_HTTP_TOKEN_FILE, then CONSUL_HTTP_TOKEN.
+        // Token: a login, or manifest token / tokenFile, then CONSUL_HTTP_TOKEN_FILE, then
+        // CONSUL_HTTP_TOKEN.
+        let login = c.login.as_ref().map(|l| self.login(l, c));
         let token_file = match (&c.token, &c.token_file) {
+            _ if login.is_some() => None,
             (None, Some(f)) => Some(PathBuf::from(&f.0)),
             (None, None) => env.non_empty("CONSUL_HTTP_TOKEN_FILE").map(PathBuf::from),
             _ => None,
         };
         let token = match (&c.token, &c.token_file) {
+            _ if login.is_some() => None,
             (Some(_), Some(_)) => {
                 self.error(
                     &path("tokenFile"),
@@ -574,6 +603,7 @@ impl Resolver<'_> {
             address: address?,
             token,
             token_file,
+            login,
             datacenter: c
                 .datacenter
                 .as_ref()
@@ -590,6 +620,37 @@ impl Resolver<'_> {
             blocking_watches: c.blocking_watches.as_ref().map_or(8, |n| n.0 as usize),
             mode: self.mode(c)?,
         })
+    }
+
+    /// `consul.login`, with its defaults; `token`/`tokenFile` beside it are an error.
+    fn login(&mut self, raw: &schema::RawLogin, c: &schema::RawConsul) -> LoginSettings {
+        if c.token.is_some() || c.token_file.is_some() {
+            self.error(
+                &[Key("consul"), Key("login")],
+                "set either login or token/tokenFile, not both: a login gets its own token from the auth method",
+            );
+        }
+        let text = |f: &Option<Text>| f.as_ref().map(|t| t.0.clone()).filter(|s| !s.is_empty());
+        if raw.auth_method.0.trim().is_empty() {
+            self.error(
+                &[Key("consul"), Key("login"), Key("authMethod")],
+                "must name the auth method (a consul-k8s install's is <release>-k8s-auth-method)",
+            );
+        }
+        LoginSettings {
+            auth_method: raw.auth_method.0.trim().to_string(),
+            bearer_token_file: PathBuf::from(
+                text(&raw.bearer_token_file)
+                    .unwrap_or_else(|| DEFAULT_BEARER_TOKEN_FILE.to_string()),
+            ),
+            meta: raw
+                .meta
+                .iter()
+                .map(|(k, v)| (k.0.clone(), v.0.clone()))
+                .collect(),
+            namespace: text(&raw.namespace),
+            partition: text(&raw.partition),
+        }
     }
 
     /// `consul.mode` and, for catalog mode, `consul.catalog` with its defaults from the

@@ -428,3 +428,191 @@ fn catalog_mode_without_a_node_or_with_agent_fields_is_refused_where_it_is_writt
         "{errs:?}"
     );
 }
+
+/// Every object property of the manifest's JSON Schema with its YAML path (`services[0].health`),
+/// following `$ref`s from the root.
+fn schema_properties(schema: &serde_json::Value) -> Vec<(String, serde_json::Value)> {
+    fn resolve<'a>(
+        root: &'a serde_json::Value,
+        node: &'a serde_json::Value,
+    ) -> &'a serde_json::Value {
+        let target = node
+            .get("$ref")
+            .or_else(|| node.pointer("/allOf/0/$ref"))
+            .or_else(|| node.pointer("/anyOf/0/$ref"))
+            .and_then(|r| r.as_str());
+        match target.and_then(|r| r.strip_prefix('#')) {
+            Some(pointer) => root.pointer(pointer).unwrap_or(node),
+            None => node,
+        }
+    }
+    fn walk(
+        root: &serde_json::Value,
+        node: &serde_json::Value,
+        path: &str,
+        out: &mut Vec<(String, serde_json::Value)>,
+    ) {
+        let node = resolve(root, node);
+        if let Some(items) = node.get("items") {
+            walk(root, items, &format!("{path}[0]"), out);
+        }
+        let Some(properties) = node.get("properties").and_then(|p| p.as_object()) else {
+            return;
+        };
+        for (name, property) in properties {
+            let child = if path.is_empty() {
+                name.clone()
+            } else {
+                format!("{path}.{name}")
+            };
+            out.push((child.clone(), property.clone()));
+            walk(root, property, &child, out);
+        }
+    }
+    let mut out = Vec::new();
+    walk(schema, schema, "", &mut out);
+    out
+}
+
+#[test]
+fn every_field_of_the_schema_is_described() {
+    let schema = schema::json_schema();
+    let properties = schema_properties(&schema);
+    assert!(
+        properties.len() > 40,
+        "walked only {} fields",
+        properties.len()
+    );
+    for (path, property) in properties {
+        let description = property["description"].as_str().unwrap_or_default();
+        assert!(
+            description.len() > 10,
+            "{path} has no description in the schema: give its field in schema.rs a doc comment"
+        );
+    }
+}
+
+/// A minimal manifest with `value` set at `path` (`consul.retry.initial`, `services[0].port`).
+fn manifest_with(path: &str, value: Option<&serde_json::Value>) -> String {
+    let mut doc = serde_json::json!({
+        "services": [{"name": "hello", "id": "hello-1", "address": "10.1.2.3", "port": 50051}]
+    });
+    if path.starts_with("consul.catalog.") {
+        doc["consul"] = serde_json::json!({"mode": "catalog", "address": "http://consul:8500"});
+    }
+    if path.starts_with("consul.login.") {
+        doc["consul"] = serde_json::json!({"login": {"authMethod": "consul-k8s-auth-method"}});
+    }
+    if path.starts_with("services[0].weights.") {
+        doc["services"][0]["weights"] = serde_json::json!({"passing": 1});
+    }
+    if let Some(value) = value {
+        let mut node = &mut doc;
+        let segments: Vec<&str> = path.split('.').collect();
+        for (i, segment) in segments.iter().enumerate() {
+            let (key, index) = match segment.strip_suffix("[0]") {
+                Some(key) => (key, Some(0)),
+                None => (*segment, None),
+            };
+            if i + 1 == segments.len() {
+                node[key] = value.clone();
+                break;
+            }
+            if node.get(key).is_none() {
+                node[key] = serde_json::json!({});
+            }
+            node = &mut node[key];
+            if let Some(index) = index {
+                node = &mut node[index];
+            }
+        }
+    }
+    serde_json::to_string(&doc).expect("JSON is YAML")
+}
+
+#[test]
+fn the_defaults_the_schema_documents_are_the_ones_the_parser_applies() {
+    let e = env(&[("NODE_NAME", "node-a"), ("HOST_IP", "10.0.0.1")]);
+    let schema = schema::json_schema();
+    let mut checked = 0;
+    for (path, property) in schema_properties(&schema) {
+        let Some(default) = property.get("default") else {
+            continue;
+        };
+        let resolved = |value| {
+            let text = manifest_with(&path, value);
+            match parse(&text, "m.yaml", &e) {
+                Ok(m) => format!("{m:?}"),
+                Err(errs) => panic!("{path}: {errs}\n{text}"),
+            }
+        };
+        assert_eq!(
+            resolved(Some(default)),
+            resolved(None),
+            "{path}: the schema documents the default {default}, the parser applies another"
+        );
+        checked += 1;
+    }
+    assert!(checked >= 15, "only {checked} documented defaults");
+}
+
+#[test]
+fn a_wrong_documented_default_is_caught() {
+    // The comparison above sees a difference that a field's default would make.
+    let e = env(&[]);
+    let with = parse(
+        &manifest_with("drain.delay", Some(&serde_json::json!("6s"))),
+        "m.yaml",
+        &e,
+    );
+    let without = parse(&manifest_with("drain.delay", None), "m.yaml", &e);
+    assert_ne!(
+        format!("{:?}", with.expect("valid")),
+        format!("{:?}", without.expect("valid"))
+    );
+    let with = parse(
+        &manifest_with("consul.blockingWatches", Some(&serde_json::json!(7))),
+        "m.yaml",
+        &e,
+    );
+    let without = parse(&manifest_with("consul.blockingWatches", None), "m.yaml", &e);
+    assert_ne!(
+        format!("{:?}", with.expect("valid")),
+        format!("{:?}", without.expect("valid"))
+    );
+}
+
+#[test]
+fn a_login_gets_the_kubernetes_defaults_and_ignores_the_token_variables() {
+    let text = "consul:\n  login:\n    authMethod: consul-k8s-auth-method\n    meta:\n      pod: ${POD_NAME}\nservices:\n  - name: hello\n    port: 50051\n";
+    let e = env(&[
+        ("CONSUL_HTTP_TOKEN", "from-env"),
+        ("CONSUL_HTTP_TOKEN_FILE", "/nonexistent/t"),
+        ("POD_NAME", "hello-7d9f"),
+    ]);
+    let m = parse(text, "m.yaml", &e).expect("valid");
+    assert_eq!(m.consul.token, None);
+    assert_eq!(m.consul.token_file, None);
+    let login = m.consul.login.expect("login");
+    assert_eq!(login.auth_method, "consul-k8s-auth-method");
+    assert_eq!(
+        login.bearer_token_file,
+        PathBuf::from(DEFAULT_BEARER_TOKEN_FILE)
+    );
+    assert_eq!(
+        login.meta.get("pod").map(String::as_str),
+        Some("hello-7d9f")
+    );
+}
+
+#[test]
+fn a_login_beside_a_token_is_a_located_error() {
+    let text = "consul:\n  token: abc\n  login:\n    authMethod: m\nservices:\n  - name: hello\n    port: 50051\n";
+    let errs = errors(text, &env(&[]));
+    assert_eq!(
+        errs,
+        [
+            "m.yaml:4:5: consul.login: set either login or token/tokenFile, not both: a login gets its own token from the auth method"
+        ]
+    );
+}

@@ -1,12 +1,16 @@
 //! The scalar types of the manifest. Each one interpolates `${VAR}` and checks itself while the YAML
 //! is deserialized, so a bad value is reported with the file position and field path that serde_yaml
-//! attaches to the error.
+//! attaches to the error. Each one also describes what it accepts as a JSON Schema (the manifest's
+//! schema, `consul-registrar schema`, is derived from these types and those of `schema.rs`).
 
+use std::borrow::Cow;
 use std::fmt;
 use std::time::Duration;
 
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
 
 use super::duration;
 use super::interpolate::expand_current;
@@ -47,13 +51,55 @@ where
     deserializer.deserialize_any(ScalarVisitor(parse))
 }
 
+/// A value written with a `${VAR}` reference: any string holding one (the value it expands to is
+/// checked when the manifest is read, not by the schema).
+fn interpolated() -> Value {
+    json!({
+        "type": "string",
+        "pattern": "\\$\\{",
+        "description": "a ${VAR} or ${VAR:-default} reference, checked once expanded"
+    })
+}
+
+/// The schema of a scalar: its literal forms, or a `${VAR}` reference.
+fn literal_or_interpolated(description: &str, literals: Value) -> Schema {
+    let mut forms = match literals {
+        Value::Array(forms) => forms,
+        form => vec![form],
+    };
+    forms.push(interpolated());
+    json_schema!({ "description": description, "anyOf": forms })
+}
+
+/// A duration as Consul and Go write it: numbers with units, `500ms`, `10s`, `1m30s`, `1.5h`.
+const DURATION_PATTERN: &str = r"^\s*\+?(([0-9]+(\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h))+\s*$";
+
+/// A duration of zero written with units (`0s`, `0.0ms`, `0h0m`).
+const ZERO_DURATION_PATTERN: &str = r"^\s*\+?([0.]+(ns|us|µs|μs|ms|s|m|h))+\s*$";
+
+/// The text of a doc comment, one paragraph.
+fn doc_text(lines: &[&str]) -> String {
+    lines.iter().map(|l| l.trim()).collect::<Vec<_>>().join(" ")
+}
+
 /// Declares a manifest scalar type: `$parse` turns the interpolated text into the value or says
-/// what is wrong with it.
+/// what is wrong with it; `$schema` returns the JSON Schema forms it accepts besides a `${VAR}`
+/// reference (its description is the type's doc comment).
 macro_rules! manifest_scalar {
-    ($(#[$doc:meta])* $name:ident($inner:ty), $parse:expr) => {
-        $(#[$doc])*
+    ($(#[doc = $doc:literal])* $name:ident($inner:ty), schema: $schema:expr, $parse:expr) => {
+        $(#[doc = $doc])*
         #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
         pub struct $name(pub $inner);
+
+        impl JsonSchema for $name {
+            fn schema_name() -> Cow<'static, str> {
+                stringify!($name).into()
+            }
+            fn json_schema(_: &mut SchemaGenerator) -> Schema {
+                let literals: fn() -> Value = $schema;
+                literal_or_interpolated(&doc_text(&[$($doc),*]), literals())
+            }
+        }
 
         impl $name {
             /// Parses the interpolated text of the value.
@@ -74,12 +120,17 @@ macro_rules! manifest_scalar {
 manifest_scalar!(
     /// Free text after interpolation.
     Text(String),
+    schema: || json!({ "type": ["string", "number", "boolean"] }),
     |s| Ok(s.to_string())
 );
 
 manifest_scalar!(
     /// A TCP port, 1 to 65535.
     Port(u16),
+    schema: || json!([
+        { "type": "integer", "minimum": 1, "maximum": 65535 },
+        { "type": "string", "pattern": r"^\s*[0-9]{1,5}\s*$" }
+    ]),
     |s| match s.trim().parse::<u32>() {
         Ok(p) if (1..=65535).contains(&p) => Ok(p as u16),
         Ok(p) => Err(format!("port {p} is out of range (1 to 65535)")),
@@ -90,6 +141,10 @@ manifest_scalar!(
 manifest_scalar!(
     /// A count of at least 1 (probe thresholds, weights).
     Count(u32),
+    schema: || json!([
+        { "type": "integer", "minimum": 1, "maximum": u32::MAX },
+        { "type": "string", "pattern": r"^\s*\+?[0-9]+\s*$" }
+    ]),
     |s| match s.trim().parse::<i64>() {
         Ok(n) if (1..=i64::from(u32::MAX)).contains(&n) => Ok(n as u32),
         Ok(n) => Err(format!("must be at least 1, got {n}")),
@@ -100,6 +155,11 @@ manifest_scalar!(
 manifest_scalar!(
     /// A duration greater than zero, written as Consul does (`500ms`, `10s`, `1m30s`).
     PositiveDuration(Duration),
+    schema: || json!({
+        "type": "string",
+        "pattern": DURATION_PATTERN,
+        "not": { "pattern": ZERO_DURATION_PATTERN }
+    }),
     |s| match duration::parse(s) {
         Ok(d) if d.is_zero() => Err("must be greater than zero".to_string()),
         Ok(d) => Ok(d),
@@ -110,12 +170,21 @@ manifest_scalar!(
 manifest_scalar!(
     /// A duration of zero or more (`0s` allowed), written as Consul does.
     Delay(Duration),
+    schema: || json!([
+        { "type": "string", "pattern": DURATION_PATTERN },
+        { "type": "string", "pattern": r"^\s*[-+]?0\s*$" },
+        { "type": "integer", "enum": [0] }
+    ]),
     |s| duration::parse(s).map_err(|e| e.to_string())
 );
 
 manifest_scalar!(
     /// `true` or `false` (also from a variable).
     Flag(bool),
+    schema: || json!([
+        { "type": "boolean" },
+        { "type": "string", "pattern": r"^\s*(true|True|TRUE|false|False|FALSE)\s*$" }
+    ]),
     |s| match s.trim() {
         "true" | "True" | "TRUE" => Ok(true),
         "false" | "False" | "FALSE" => Ok(false),
@@ -127,6 +196,7 @@ manifest_scalar!(
     /// A Consul service name: letters, digits, `-` and `_`, starting with a letter or digit, at most
     /// 63 characters, so that it is also a valid DNS label for Consul DNS.
     ServiceName(String),
+    schema: || json!({ "type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$" }),
     |s| {
         if s.is_empty() {
             return Err("must not be empty".to_string());
@@ -147,6 +217,11 @@ manifest_scalar!(
 manifest_scalar!(
     /// A Consul service instance ID: not empty, no `/`, `?`, `#` or whitespace (it is used in URL paths).
     InstanceId(String),
+    schema: || json!({
+        "type": "string",
+        "pattern": r"^[^/?#%\s]{1,255}$",
+        "not": { "enum": [".", ".."] }
+    }),
     |s| {
         if s.is_empty() {
             return Err("must not be empty".to_string());
@@ -167,6 +242,11 @@ manifest_scalar!(
 manifest_scalar!(
     /// A service address Consul accepts: a host name or IP, never the unspecified `0.0.0.0` / `::`.
     ServiceAddress(String),
+    schema: || json!({
+        "type": "string",
+        "pattern": r"^\s*[^\s/]+\s*$",
+        "not": { "pattern": r"^\s*(0\.0\.0\.0|::|\[::\])\s*$" }
+    }),
     |s| {
         let s = s.trim();
         if s.is_empty() {
@@ -187,6 +267,11 @@ manifest_scalar!(
     /// A meta key Consul accepts: `[A-Za-z0-9_-]`, at most 128 characters, not starting with the
     /// reserved `consul-` prefix.
     MetaKey(String),
+    schema: || json!({
+        "type": "string",
+        "pattern": "^[A-Za-z0-9_-]{1,128}$",
+        "not": { "pattern": "^[cC][oO][nN][sS][uU][lL]-" }
+    }),
     |s| {
         if s.is_empty() || s.len() > 128 {
             return Err(format!("meta key {s:?} must have 1 to 128 characters"));
@@ -226,6 +311,18 @@ pub enum HealthMode {
     Poll,
 }
 
+impl JsonSchema for HealthMode {
+    fn schema_name() -> Cow<'static, str> {
+        "HealthMode".into()
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        literal_or_interpolated(
+            "How the probe asks the app's health service: `auto` (Watch, falling back to Check polling when the app answers UNIMPLEMENTED), `watch` (Watch only) or `poll` (Check every interval).",
+            json!({ "type": "string", "enum": ["auto", "watch", "poll"] }),
+        )
+    }
+}
+
 impl<'de> Deserialize<'de> for HealthMode {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         deserialize_scalar(deserializer, |text| match text.trim() {
@@ -239,6 +336,44 @@ impl<'de> Deserialize<'de> for HealthMode {
     }
 }
 
+/// What `/readyz` (the pod's readiness) requires of the instances in Consul (`readiness`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Readiness {
+    /// Every instance passing in Consul for the probe's current verdict.
+    #[default]
+    All,
+    /// At least one instance passing in Consul for the probe's current verdict.
+    Any,
+    /// Every instance held by Consul, whatever its status.
+    Registered,
+}
+
+impl JsonSchema for Readiness {
+    fn schema_name() -> Cow<'static, str> {
+        "Readiness".into()
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        literal_or_interpolated(
+            "What makes the pod Ready: `all` (every instance passing in Consul), `any` (at least one) or `registered` (every instance in Consul, whatever its status).",
+            json!({ "type": "string", "enum": ["all", "any", "registered"] }),
+        )
+    }
+}
+
+impl<'de> Deserialize<'de> for Readiness {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserialize_scalar(deserializer, |text| match text.trim() {
+            "all" => Ok(Readiness::All),
+            "any" => Ok(Readiness::Any),
+            "registered" => Ok(Readiness::Registered),
+            other => Err(format!(
+                "{other:?} is not a readiness rule (all, any or registered): all = every instance passing in Consul, any = at least one, registered = every instance in Consul whatever its status"
+            )),
+        })
+    }
+}
+
 /// Which Consul API the sidecar registers through (`consul.mode`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum ConsulModeName {
@@ -247,6 +382,18 @@ pub enum ConsulModeName {
     Agent,
     /// The servers' catalog (`/v1/catalog/...`, a virtual node, sessions as the crash net).
     Catalog,
+}
+
+impl JsonSchema for ConsulModeName {
+    fn schema_name() -> Cow<'static, str> {
+        "ConsulMode".into()
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        literal_or_interpolated(
+            "Which Consul API registers the instances: `agent` (the node's client agent) or `catalog` (the servers' catalog, for clusters without client agents).",
+            json!({ "type": "string", "enum": ["agent", "catalog"] }),
+        )
+    }
 }
 
 impl<'de> Deserialize<'de> for ConsulModeName {
@@ -265,6 +412,7 @@ manifest_scalar!(
     /// A Consul node name: letters, digits, `-`, `_` and `.`, at most 253 characters (a
     /// Kubernetes node name fits).
     NodeName(String),
+    schema: || json!({ "type": "string", "pattern": r"^\s*[A-Za-z0-9._-]{1,253}\s*$" }),
     |s| {
         let s = s.trim();
         if s.is_empty() {
@@ -289,6 +437,10 @@ manifest_scalar!(
     /// A Consul KV key prefix: segments of letters, digits, `-`, `_` and `.` separated by `/`,
     /// without a leading or trailing `/`.
     KeyPrefix(String),
+    schema: || json!({
+        "type": "string",
+        "pattern": r"^\s*[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*/*\s*$"
+    }),
     |s| {
         let s = s.trim().trim_end_matches('/');
         if s.is_empty() {

@@ -230,6 +230,48 @@ impl ConsulAgent {
         self.proc.as_ref().and_then(Proc::pid).unwrap_or(0)
     }
 
+    /// The remote ports of the agent process's established TCP connections (Linux: its socket
+    /// descriptors matched against `/proc/net/tcp`). A client agent holds one to the server it
+    /// sends its RPCs to ([`ConsulCluster::rpc_server_of`](crate::ConsulCluster::rpc_server_of)).
+    pub fn connected_ports(&self) -> Vec<u16> {
+        let pid = self.pid();
+        if pid == 0 {
+            return Vec::new();
+        }
+        let inodes: std::collections::HashSet<String> =
+            std::fs::read_dir(format!("/proc/{pid}/fd"))
+                .into_iter()
+                .flatten()
+                .filter_map(Result::ok)
+                .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+                .filter_map(|target| {
+                    let t = target.to_string_lossy().into_owned();
+                    t.strip_prefix("socket:[")
+                        .and_then(|rest| rest.strip_suffix(']'))
+                        .map(str::to_string)
+                })
+                .collect();
+        let mut ports = Vec::new();
+        for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+            let text = std::fs::read_to_string(table).unwrap_or_default();
+            for line in text.lines().skip(1) {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+                if fields.len() < 10 || fields[3] != "01" || !inodes.contains(fields[9]) {
+                    continue;
+                }
+                if let Some(port) = fields[2]
+                    .rsplit(':')
+                    .next()
+                    .and_then(|p| u16::from_str_radix(p, 16).ok())
+                {
+                    ports.push(port);
+                }
+            }
+        }
+        ports
+    }
+
     /// The exit status if the agent has exited on its own.
     pub fn exited(&mut self) -> Option<ExitStatus> {
         self.proc.as_mut().and_then(Proc::exited)

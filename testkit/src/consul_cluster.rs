@@ -21,14 +21,17 @@ pub struct ConsulCluster {
 impl ConsulCluster {
     /// Starts three servers and waits until they have elected a leader and all three know it.
     pub async fn start() -> ConsulCluster {
-        let mut servers: Vec<ConsulAgent> = (0..3)
-            .map(|_| {
-                ConsulAgent::prepare(ConsulOptions {
-                    log_level: Some("debug"),
-                    ..ConsulOptions::default()
-                })
-            })
-            .collect();
+        Self::start_with(ConsulOptions {
+            log_level: Some("debug"),
+            ..ConsulOptions::default()
+        })
+        .await
+    }
+
+    /// [`start`](Self::start) with every server's options (the benchmark's: INFO logging and a
+    /// raised per-client connection limit, since all its sidecars connect from 127.0.0.1).
+    pub async fn start_with(opts: ConsulOptions) -> ConsulCluster {
+        let mut servers: Vec<ConsulAgent> = (0..3).map(|_| ConsulAgent::prepare(opts)).collect();
         let lan: Vec<u16> = servers.iter().map(ConsulAgent::serf_lan_port).collect();
         for (i, server) in servers.iter_mut().enumerate() {
             let peers = lan
@@ -129,6 +132,60 @@ impl ConsulCluster {
                 );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The server a client agent sends its RPCs to (the one it holds a connection to on its server
+    /// RPC port), if exactly one.
+    pub fn rpc_server_of(&self, client: &ConsulAgent) -> Option<usize> {
+        let ports = client.connected_ports();
+        let mut found = self
+            .servers
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| ports.contains(&s.server_port()))
+            .map(|(i, _)| i);
+        let first = found.next()?;
+        found.next().is_none().then_some(first)
+    }
+
+    /// Makes server `to` the leader (`POST /v1/operator/raft/transfer-leader?id=`) and waits until
+    /// every running server names it.
+    pub async fn transfer_leadership(&mut self, to: usize) {
+        let deadline = Instant::now() + ELECTION_TIMEOUT;
+        loop {
+            if self.leader().await == Some(to) {
+                return;
+            }
+            let (_, configuration) = self
+                .api()
+                .get("/v1/operator/raft/configuration")
+                .await
+                .expect("raft configuration");
+            let suffix = format!(":{}", self.servers[to].server_port());
+            let id = configuration["Servers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|s| s["Address"].as_str().is_some_and(|a| a.ends_with(&suffix)))
+                .and_then(|s| s["ID"].as_str())
+                .map(str::to_string);
+            if let Some(id) = id {
+                let _ = self
+                    .api()
+                    .client()
+                    .post(format!(
+                        "{}/v1/operator/raft/transfer-leader?id={id}",
+                        self.api().http_addr()
+                    ))
+                    .send()
+                    .await;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server {to} did not become the leader"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 

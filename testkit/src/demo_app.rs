@@ -25,6 +25,9 @@ pub struct DemoAppOptions {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Append the app's output to this file (default `app.log` in a temporary directory).
     pub log: Option<PathBuf>,
+    /// Open the gRPC port only this long after the start (`--start-delay`): an app still loading.
+    /// [`DemoApp::start`] then returns at once, without waiting for the port.
+    pub start_delay: Option<Duration>,
 }
 
 impl Default for DemoAppOptions {
@@ -37,6 +40,7 @@ impl Default for DemoAppOptions {
             name: None,
             tls: None,
             log: None,
+            start_delay: None,
         }
     }
 }
@@ -96,8 +100,20 @@ impl DemoApp {
         if let Some((cert, key)) = &self.opts.tls {
             cmd.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
         }
-        let proc = self.proc.insert(Proc::spawn(cmd, self.log_path()));
-        let deadline = Instant::now() + Duration::from_secs(20);
+        if let Some(delay) = self.opts.start_delay {
+            cmd.args(["--start-delay", &format!("{}ms", delay.as_millis())]);
+            self.proc = Some(Proc::spawn(cmd, self.log_path()));
+            return;
+        }
+        self.proc = Some(Proc::spawn(cmd, self.log_path()));
+        self.wait_listening(Duration::from_secs(20)).await;
+    }
+
+    /// Waits up to `timeout` until the app prints that it listens (its gRPC port is open).
+    /// Panics if it exits or does not get there.
+    pub async fn wait_listening(&mut self, timeout: Duration) {
+        let proc = self.proc.as_mut().expect("demo-app is not running");
+        let deadline = Instant::now() + timeout;
         while !proc.own_logs().contains("demo-app listening on") {
             if let Some(status) = proc.exited() {
                 panic!(
@@ -107,7 +123,7 @@ impl DemoApp {
             }
             assert!(
                 Instant::now() < deadline,
-                "demo-app did not start within 20 s:\n{}",
+                "demo-app did not listen within {timeout:?}:\n{}",
                 proc.tail(20)
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -212,6 +228,11 @@ impl DemoApp {
     /// Kills the app (SIGKILL).
     pub fn kill(&mut self) {
         self.proc = None;
+    }
+
+    /// The options the next [`restart`](Self::restart) uses (e.g. to come back NOT_SERVING).
+    pub fn options_mut(&mut self) -> &mut DemoAppOptions {
+        &mut self.opts
     }
 
     /// Starts it again on the same ports.

@@ -1,7 +1,8 @@
 //! consul-registrar's test kit, shared by the integration tests (through `tests/support`), the pod
 //! simulation and the benchmark (`examples/bench.rs`): real Consul agents on free loopback ports
 //! (optionally with ACLs or HTTPS only, or as a client agent joined to a server), a three-server
-//! cluster with no client agent behind a round-robin TCP load balancer, the real demo
+//! cluster with no client agent behind a round-robin TCP load balancer, a proxy that freezes Consul
+//! on demand ([`Valve`]), the real demo
 //! gRPC app, the real sidecar binary, the tutorial's Go peers and pods on network namespaces
 //! (`podsim`). Every process is killed on drop; a failing test prints the logs.
 //!
@@ -16,9 +17,11 @@ mod load_balancer;
 mod metrics;
 mod ports;
 mod process;
+mod valve;
 mod wait;
 
 /// Pods on network namespaces: an app and the sidecar sharing a pod IP, a kubelet's termination.
+pub mod jwt;
 pub mod podsim;
 /// The real `consul-registrar` binary as a child process.
 pub mod sidecar;
@@ -35,4 +38,5 @@ pub use metrics::Metrics;
 pub use ports::free_port;
 pub use process::{Proc, signal_pid};
 pub use sidecar::{CONSUL_ENV, Sidecar, SidecarOptions};
+pub use valve::Valve;
 pub use wait::{http_client, tail, wait_until};
