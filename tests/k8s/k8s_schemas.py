@@ -2,7 +2,7 @@
 
 Built-in kinds are checked against the Kubernetes JSON schemas that PyPI's kubernetes-validate
 ships, in their strict variant (unknown fields are errors), for each version in K8S_VERSIONS. The
-two prometheus-operator kinds the chart can render (PodMonitor, ServiceMonitor) are CRDs without
+prometheus-operator kinds the chart can render (PodMonitor, ServiceMonitor, PrometheusRule) are CRDs without
 schemas there: schemas/ holds strict schemas for the fields the chart renders, written from the
 monitoring.coreos.com/v1 CRDs. Any other kind is an error, so nothing is waved through unchecked.
 
@@ -21,6 +21,7 @@ import kubernetes_validate
 LOCAL_SCHEMAS = {
     ("monitoring.coreos.com/v1", "PodMonitor"): "podmonitor-monitoring-v1.json",
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor-monitoring-v1.json",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule-monitoring-v1.json",
 }
 _SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
 

@@ -54,6 +54,7 @@ SERVERS = "http://consul-server.consul.svc:8500"
 CATALOG = {"consul": {"mode": "catalog", "address": SERVERS,
                       "catalog": {"sessionTTL": "15s", "keyPrefix": "shop/instances"}}}
 # Each variant: (values dicts applied after APP — or after the files, without APP —, values files, native sidecar?)
+LOGIN = {"consul": {"login": {"authMethod": "consul-k8s-auth-method", "meta": {"team": "shop"}}}}
 VARIANTS = {
     "minimal": ([], [], True),
     "classic-sidecar": ([{"sidecar": {"native": False}}], [], False),
@@ -65,6 +66,7 @@ VARIANTS = {
     "tls-and-token": ([TLS_AND_TOKEN], [], True),
     "tls-and-token-classic": ([TLS_AND_TOKEN, {"sidecar": {"native": False}}], [], False),
     "catalog-mode": ([CATALOG], [], True),
+    "login": ([LOGIN], [], True),
     "catalog-mode-classic-tls": ([TLS_AND_TOKEN, CATALOG, {"consul": {"address": "https://consul-server.consul.svc:8501"}},
                                   {"sidecar": {"native": False}}], [], False),
     "monitoring-and-pdb": (
@@ -182,7 +184,8 @@ def test_pod_spec_has_what_the_sidecar_needs(helm, variant):
         manifest = manifest_of(docs, facts["config_map"], facts["key"])
         args = [str(a) for a in facts["sidecar"]["args"]]
         assert manifest["admin"]["address"] == podspec.flag(args, "--admin-addr")
-        assert set(manifest) <= {"consul", "admin", "drain", "services"}, f"unexpected manifest keys {set(manifest)}"
+        assert set(manifest) <= {"consul", "admin", "drain", "readiness", "services"}, f"unexpected manifest keys {set(manifest)}"
+        assert manifest["readiness"] == values["manifest"].get("readiness", "all"), "the pod is Ready only while Consul holds it passing"
         if values["consul"]["mode"] == "catalog":
             podspec.check_catalog_mode(manifest, facts["env"])
         else:
@@ -585,6 +588,37 @@ def test_catalog_mode_goes_into_the_manifest_and_the_sidecar_reaches_the_servers
     assert checksum(helm, CATALOG) != checksum(helm, {"consul": {"address": SERVERS}}), "switching mode rolls the pods"
 
 
+def test_a_login_mounts_a_projected_token_and_names_the_service_account_after_the_service(helm):
+    """consul.login: the manifest's login reads a projected service account token the pod mounts
+    into the sidecar (the API server's audience unless one is set), no token Secret or variable,
+    and the ServiceAccount is named after the first service, so the auth method's default binding
+    rule (bind_type service, ${serviceaccount.name}) lets the pod write it."""
+    docs = render(helm, "login")
+    spec = workload_spec(docs)
+    facts = podspec.check_sidecar(spec, native=True)
+    manifest = manifest_of(docs, facts["config_map"], facts["key"])
+    assert manifest["consul"] == {"login": {
+        "authMethod": "consul-k8s-auth-method",
+        "bearerTokenFile": "/var/run/secrets/consul-registrar/login/token",
+        "meta": {"pod": "${POD_NAMESPACE}/${POD_NAME}", "team": "shop"},
+    }}
+    volume = next(v for v in spec["volumes"] if v["name"] == "consul-registrar-login")
+    assert volume["projected"]["sources"] == [{"serviceAccountToken": {"path": "token", "expirationSeconds": 3600}}]
+    mounts = {m["name"]: m for m in facts["sidecar"]["volumeMounts"]}
+    assert mounts["consul-registrar-login"]["mountPath"] == "/var/run/secrets/consul-registrar/login"
+    assert "CONSUL_HTTP_TOKEN_FILE" not in facts["env"]
+    assert spec["serviceAccountName"] == "shop"
+    assert one(docs, "ServiceAccount")["metadata"]["name"] == "shop"
+    docs = helm.template(APP, LOGIN, {"consul": {"login": {"audience": "consul", "expirationSeconds": 7200}}})
+    spec = workload_spec(docs)
+    volume = next(v for v in spec["volumes"] if v["name"] == "consul-registrar-login")
+    assert volume["projected"]["sources"][0]["serviceAccountToken"] == {
+        "path": "token", "expirationSeconds": 7200, "audience": "consul"}
+    # An explicit name wins; without a login, the release's full name as before.
+    assert workload_spec(helm.template(APP, LOGIN, {"serviceAccount": {"name": "mine"}}))["serviceAccountName"] == "mine"
+    assert workload_spec(helm.template(APP))["serviceAccountName"] != "shop"
+
+
 @pytest.mark.parametrize(
     "values, complaint",
     [
@@ -603,6 +637,11 @@ def test_catalog_mode_goes_into_the_manifest_and_the_sidecar_reaches_the_servers
         ({"consul": {"mode": "catalog", "address": SERVERS, "catalog": {"sessionTTL": "9s"}}}, r"sessionTTL 9s is outside Consul's session TTL range, 10s..24h"),
         ({"consul": {"mode": "catalog", "address": SERVERS, "catalog": {"sessionTTL": "25h"}}}, r"sessionTTL 25h is outside"),
         ({**CATALOG, "manifest": {"existingConfigMap": "mine"}}, r"manifest.existingConfigMap \(mine\) replaces it: put `mode: catalog`"),
+        # a login gets its own token, from a projected token Kubernetes accepts
+        ({**LOGIN, "consul": {**LOGIN["consul"], "aclToken": {"secretName": "acl"}}},
+         r"set consul.login.authMethod or consul.aclToken.secretName, not both"),
+        ({"consul": {"login": {"authMethod": "m", "expirationSeconds": 599}}}, r"/consul/login/expirationSeconds"),
+        ({"manifest": {"consul": {"login": {"authMethod": "m"}}}}, "additional properties 'login' not allowed"),
         # the schema
         ({"consul": {"mode": "Catalog"}}, r"/consul/mode"),
         ({"consul": {"mode": "catalog", "address": SERVERS, "catalog": {"sessionTtl": "10s"}}}, "additional properties 'sessionTtl' not allowed"),
@@ -708,6 +747,7 @@ def test_everything_else_is_passed_through(helm):
         ({"manifest": {"services": [{"name": "a"}]}}, "missing property 'port'"),
         ({"manifest": {"drain": {"delay": "5 seconds"}}}, "/manifest/drain/delay"),
         ({"manifest": {"drain": {"deregisterTimeout": "${T}"}}}, "/manifest/drain/deregisterTimeout"),
+        ({"manifest": {"readiness": "sometimes"}}, "/manifest/readiness"),
         ({"sidecar": {"logFormat": "xml"}}, "/sidecar/logFormat"),
         ({"sidecar": {"adminBindAddress": "127.0.0.1"}}, "/sidecar/adminBindAddress"),
         ({"app": {"name": "consul-registrar"}}, "/app/name"),
@@ -729,13 +769,17 @@ def test_demo_values_run_three_replicas_against_the_consul_dev_server(helm, kust
     assert deployment["spec"]["replicas"] == 3
     spec = podspec.pod_spec(deployment)
     facts = podspec.check_sidecar(spec, native=True)
-    # The images the kind provider builds and loads, never pulled.
-    run_sh = (Path(__file__).resolve().parents[1] / "e2e" / "kind" / "cluster.sh").read_text()
+    # The images scripts/images.sh builds (ours always tagged :dev) and every provider loads, never
+    # pulled.
+    images_sh = (Path(__file__).resolve().parents[2] / "scripts" / "images.sh").read_text()
+    built = re.search(r"^all=\(([^)]*)\)", images_sh, re.M)
+    assert built, "scripts/images.sh has no all=(...) list of the images it builds"
     for container in [facts["sidecar"], *podspec.app_containers(spec)]:
         assert container["imagePullPolicy"] == "Never"
-        assert container["image"] in run_sh, f"kind/cluster.sh does not build {container['image']}"
     assert {c["image"] for c in [facts["sidecar"], *podspec.app_containers(spec)]} == {
         "consul-registrar:dev", "consul-registrar-demo-app:dev"}
+    assert {"consul-registrar", "consul-registrar-demo-app"} <= set(built.group(1).split()), (
+        f"scripts/images.sh does not build both: {built.group(1)}")
     # The Consul address is the Service of deploy/consul-dev.
     consul = kustomize(DEPLOY / "consul-dev")
     service = one(consul, "Service")
@@ -746,7 +790,7 @@ def test_demo_values_run_three_replicas_against_the_consul_dev_server(helm, kust
 
 
 @pytest.mark.parametrize("variant", ["minimal", "demo-values", "classic-sidecar", "everything-else", "user-values",
-                                     "catalog-mode"])
+                                     "catalog-mode", "login"])
 def test_rendered_manifest_is_accepted_by_the_sidecar(helm, registrar_bin, tmp_path, variant):
     docs = render(helm, variant)
     facts = podspec.check_sidecar(workload_spec(docs), VARIANTS[variant][2])

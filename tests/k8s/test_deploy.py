@@ -7,6 +7,7 @@ touches only the workloads that opt in. Run through `bash scripts/check-k8s.sh`.
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -197,7 +198,7 @@ def test_component_adds_the_sidecar_only_to_workloads_that_opt_in(kustomize, tmp
         "metadata": {"labels": {"app": "x"}, "annotations": {"team": "mine"}},
         "spec": {
             "initContainers": [{"name": "migrate", "image": "tool:1"}],
-            "containers": [{"name": "main", "image": "app:1", "lifecycle": {"postStart": {"exec": {"command": ["true"]}}}}],
+            "containers": [{"name": "main", "image": "app:1"}],
             "volumes": [{"name": "data", "emptyDir": {}}],
         },
     }
@@ -235,6 +236,94 @@ def test_component_adds_the_sidecar_only_to_workloads_that_opt_in(kustomize, tmp
     assert {v["name"] for v in mine["volumes"]} == {"data", "consul-registrar-manifest"}
     assert by_name["mine"]["spec"]["template"]["metadata"]["annotations"]["team"] == "mine"
     assert theirs == pod["spec"], "a workload without the label is left alone"
+
+
+TEAM_TOKEN = "team-token-0123456789"
+POST_START = {"exec": {"command": ["true"]}}
+
+
+def team_overlay(tmp_path, workloads: list[dict]) -> Path:
+    """A team's kustomization around its own workloads, with the drain-token Secret, the manifest
+    generator and the Component (copied next to it: kustomize takes only relative paths)."""
+    shutil.copytree(COMPONENT, tmp_path / "component")
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "consul-registrar-drain-token"},
+              "stringData": {"token": TEAM_TOKEN}}
+    (tmp_path / "app.yaml").write_text(yaml.safe_dump_all([*workloads, secret]))
+    (tmp_path / "manifest.yaml").write_text(yaml.safe_dump(
+        {"admin": {"address": "0.0.0.0:9102"}, "drain": {"delay": "5s"}, "services": [{"name": "x", "port": 80}]}))
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": ["app.yaml"], "components": ["component"],
+        "configMapGenerator": [{"name": "consul-registrar-manifest", "files": ["manifest.yaml"]}],
+    }))
+    return tmp_path
+
+
+def deployment(containers: list[dict], labels: dict | None = None, template_labels: dict | None = None,
+               template_annotations: dict | None = None) -> dict:
+    return {"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "ledger", "labels": {"app": "ledger", **(labels or {})}},
+            "spec": {"selector": {"matchLabels": {"app": "ledger"}},
+                     "template": {"metadata": {"labels": {"app": "ledger", **(template_labels or {})},
+                                               "annotations": template_annotations or {}},
+                                  "spec": {"containers": containers}}}}
+
+
+def failed_build(path: Path) -> str:
+    import os
+    import subprocess
+    result = subprocess.run([os.environ["KUSTOMIZE_BIN"], "build", str(path)], capture_output=True, text=True)
+    assert result.returncode != 0, f"the build should have failed:\n{result.stdout}"
+    return result.stderr
+
+
+INJECT = {"consul-registrar.io/inject": "true"}
+OWN_HOOK = {**INJECT, "consul-registrar.io/drain-hook": "manual"}
+
+
+def drain_hook(token: str = "set-by-the-component") -> dict:
+    """The preStop hook a team writes on its app container (docs/add-to-a-workload.md)."""
+    return {"httpGet": {"path": "/drain?wait=true", "port": 9102,
+                        "httpHeaders": [{"name": "X-Drain-Token", "value": token}]}}
+
+
+def test_component_never_replaces_the_first_containers_lifecycle(tmp_path):
+    """The default hook goes on the first container; if that container has a lifecycle of its
+    own (a postStart, its own preStop), the build fails instead of dropping it."""
+    error = failed_build(team_overlay(tmp_path, [deployment(
+        [{"name": "ledger", "image": "app:1", "lifecycle": {"postStart": POST_START}}], labels=INJECT)]))
+    assert "/spec/template/spec/containers/0/lifecycle" in error, error
+
+
+def test_component_drains_the_app_container_the_team_names(kustomize, tmp_path):
+    """With `consul-registrar.io/drain-hook: manual` the team writes the hook on its app container
+    (here the second, with a postStart of its own); the Component fills in the drain token and
+    touches no other container's lifecycle."""
+    proxy = {"name": "proxy", "image": "proxy:1", "lifecycle": {"postStart": POST_START}}
+    ledger = {"name": "ledger", "image": "app:1", "lifecycle": {"postStart": POST_START, "preStop": drain_hook()}}
+    docs = kustomize(team_overlay(tmp_path, [deployment([proxy, ledger], labels=OWN_HOOK)]))
+    assert_valid(docs, k8s_versions())
+    spec = podspec.pod_spec(one(docs, "Deployment"))
+    facts = podspec.check_sidecar(spec, native=True)
+    by_name = {c["name"]: c for c in spec["containers"]}
+    assert by_name["proxy"] == proxy, "the other container is left as it was"
+    assert podspec.check_prestop(spec, facts["admin_port"], [by_name["ledger"]]) == [TEAM_TOKEN]
+    assert by_name["ledger"]["lifecycle"]["postStart"] == POST_START
+
+
+def test_component_refuses_a_workload_whose_own_hook_is_missing(tmp_path):
+    """`drain-hook: manual` without a hook anywhere would leave the pod without a drain: a build
+    error, not a pod that leaves Consul only after its app stopped."""
+    error = failed_build(team_overlay(tmp_path, [deployment([{"name": "ledger", "image": "app:1"}], labels=OWN_HOOK)]))
+    assert "X-Drain-Token" in error, error
+
+
+def test_a_pod_template_label_or_annotation_alone_adds_nothing(kustomize, tmp_path):
+    """kustomize selects a patch's targets by the resource's own labels and annotations, never by
+    its pod template's (docs/add-to-a-workload.md says so): the opt-in must be on the workload."""
+    workload = deployment([{"name": "ledger", "image": "app:1"}], template_labels=INJECT, template_annotations=INJECT)
+    docs = kustomize(team_overlay(tmp_path, [workload]))
+    assert one(docs, "Deployment") == workload
 
 
 def test_component_without_a_manifest_or_a_drain_token_fails_the_build(tmp_path):

@@ -62,6 +62,8 @@ def test_library_checks_guard_the_example_chart(helm, example_chart):
         render(helm, example_chart, "Deployment", image={"tag": 1.1})
     with pytest.raises(RenderError, match="set manifest.services"):
         render(helm, example_chart, "Deployment", manifest={"services": None})
+    with pytest.raises(RenderError, match="manifest.readiness must be all, any or registered"):
+        render(helm, example_chart, "Deployment", manifest={"readiness": "sometimes"})
 
 
 SERVERS = "http://consul-server.consul.svc:8500"

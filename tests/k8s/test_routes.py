@@ -1,6 +1,6 @@
-"""The three routes of "Add it to your own app" (README), followed from a clean checkout: the
+"""The three routes of docs/add-to-a-workload.md, followed from a clean checkout: the
 files git knows (tracked, or new and not ignored; never build outputs, vendored chart archives or
-Chart.lock files) copied to an empty directory, symlinks kept, then the commands the README gives.
+Chart.lock files) copied to an empty directory, symlinks kept, then the commands the page gives.
 A route that works only thanks to a leftover file in the developer's tree fails here."""
 
 import os

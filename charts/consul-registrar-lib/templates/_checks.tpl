@@ -41,11 +41,21 @@ Consul's 10s..24h. Called by `resolve` with the merged config itself (not the di
 */}}
 {{- define "consul-registrar-lib.validateMode" -}}
 {{- $c := . }}
+{{- $readiness := toString (default "all" $c.manifest.readiness) }}
+{{- if not (has $readiness (list "all" "any" "registered")) }}
+{{- fail (printf "consul-registrar: manifest.readiness must be all, any or registered, not %q (all: every instance passing in Consul; any: at least one; registered: every instance in Consul whatever its status)" $readiness) }}
+{{- end }}
 {{- $mode := toString $c.consul.mode }}
 {{- if not (has $mode (list "agent" "catalog")) }}
 {{- fail (printf "consul-registrar: consul.mode must be agent or catalog, not %q" $mode) }}
 {{- end }}
-{{- range $key := list "mode" "catalog" }}
+{{- if and $c.consul.login.authMethod $c.consul.aclToken.secretName }}
+{{- fail "consul-registrar: set consul.login.authMethod or consul.aclToken.secretName, not both: a login gets its own token from the auth method" }}
+{{- end }}
+{{- if and $c.consul.login.authMethod (lt (int (default 3600 $c.consul.login.expirationSeconds)) 600) }}
+{{- fail "consul-registrar: consul.login.expirationSeconds must be at least 600 (Kubernetes' minimum for a projected service account token)" }}
+{{- end }}
+{{- range $key := list "mode" "catalog" "login" }}
 {{- if hasKey (default dict $c.manifest.consul) $key }}
 {{- fail (printf "consul-registrar: set consul.%s, not manifest.consul.%s (the library writes it into the manifest from consul.%s and checks it)" $key $key $key) }}
 {{- end }}

@@ -91,6 +91,24 @@ consul:
   aclToken:
     secretName: ""
     secretKey: token
+  # Log in with a Consul auth method instead of holding a token (not with aclToken): the sidecar
+  # logs in with a projected service account token of the pod and logs out after the drain
+  # (docs/acl-login.md). The pod's service account must be named after its service for the
+  # default binding rule (bind_type service, ${serviceaccount.name}); the library does not create
+  # it: set the pod's serviceAccountName.
+  login:
+    # The auth method (a consul-k8s install's: <release>-k8s-auth-method). Empty: no login.
+    authMethod: ""
+    # The projected token's audience. Empty: the API server's own, which a kubernetes auth
+    # method's TokenReview expects; a jwt auth method: one of its BoundAudiences.
+    audience: ""
+    # The projected token's lifetime; the kubelet rotates it at 80 %, and the sidecar logs in again.
+    expirationSeconds: 3600
+    # Meta on the login token, besides pod: <namespace>/<pod name>.
+    meta: {}
+    # Consul Enterprise: the auth method's namespace and partition. Empty: consul.namespace/partition.
+    namespace: ""
+    partition: ""
   tls:
     enabled: false
     caSecretName: ""
@@ -106,6 +124,9 @@ manifest:
   drain:
     delay: 5s
     deregisterTimeout: 10s
+  # What makes the pod Ready (/readyz, the sidecar's readinessProbe): all (every instance passing
+  # in Consul), any (at least one), registered (every instance in Consul, whatever its status).
+  readiness: all
   consul: {}
   services: []
 drainToken:
@@ -201,6 +222,7 @@ template starts with it. Fails on values no template could render.
 {{/* Where the sidecar finds its files. */}}
 {{- define "consul-registrar-lib.manifestDir" -}}/etc/consul-registrar{{- end }}
 {{- define "consul-registrar-lib.aclDir" -}}/var/run/secrets/consul-registrar/acl{{- end }}
+{{- define "consul-registrar-lib.loginDir" -}}/var/run/secrets/consul-registrar/login{{- end }}
 {{- define "consul-registrar-lib.caDir" -}}/var/run/secrets/consul-registrar/ca{{- end }}
 {{- define "consul-registrar-lib.clientTlsDir" -}}/var/run/secrets/consul-registrar/client-tls{{- end }}
 

@@ -25,6 +25,14 @@ here as well as in the env so that the ConfigMap shows everything the sidecar re
 {{- if $c.consul.aclToken.secretName }}
 {{- $_ := set $consul "tokenFile" (printf "%s/%s" (include "consul-registrar-lib.aclDir" .) $c.consul.aclToken.secretKey) }}
 {{- end }}
+{{- with $c.consul.login }}{{ if .authMethod }}
+{{- $meta := dict "pod" "${POD_NAMESPACE}/${POD_NAME}" }}
+{{- range $key, $value := default dict .meta }}{{ $_ := set $meta $key (toString $value) }}{{ end }}
+{{- $login := dict "authMethod" .authMethod "bearerTokenFile" (printf "%s/token" (include "consul-registrar-lib.loginDir" $)) "meta" $meta }}
+{{- with .namespace }}{{ $_ := set $login "namespace" . }}{{ end }}
+{{- with .partition }}{{ $_ := set $login "partition" . }}{{ end }}
+{{- $_ := set $consul "login" $login }}
+{{- end }}{{ end }}
 {{- $tls := dict }}
 {{- if $c.consul.tls.caSecretName }}
 {{- $_ := set $tls "caFile" (printf "%s/%s" (include "consul-registrar-lib.caDir" .) $c.consul.tls.caSecretKey) }}
@@ -36,7 +44,7 @@ here as well as in the env so that the ConfigMap shows everything the sidecar re
 {{- with $c.consul.tls.serverName }}{{ $_ := set $tls "serverName" . }}{{ end }}
 {{- if $c.consul.tls.insecureSkipVerify }}{{ $_ := set $tls "insecureSkipVerify" true }}{{ end }}
 {{- if $tls }}{{ $_ := set $consul "tls" $tls }}{{ end }}
-{{- $manifest := dict "admin" (dict "address" (include "consul-registrar-lib.adminAddress" .)) "drain" $c.manifest.drain "services" $c.manifest.services }}
+{{- $manifest := dict "admin" (dict "address" (include "consul-registrar-lib.adminAddress" .)) "drain" $c.manifest.drain "readiness" (toString (default "all" $c.manifest.readiness)) "services" $c.manifest.services }}
 {{- if $consul }}{{ $_ := set $manifest "consul" $consul }}{{ end }}
 {{- toYaml $manifest }}
 {{- end }}

@@ -88,6 +88,11 @@ the volumes. Each renders YAML to be placed with nindent at the spot its comment
   mountPath: {{ include "consul-registrar-lib.aclDir" . }}
   readOnly: true
 {{- end }}
+{{- if $c.consul.login.authMethod }}
+- name: consul-registrar-login
+  mountPath: {{ include "consul-registrar-lib.loginDir" . }}
+  readOnly: true
+{{- end }}
 {{- if $c.consul.tls.caSecretName }}
 - name: consul-registrar-ca
   mountPath: {{ include "consul-registrar-lib.caDir" . }}
@@ -207,6 +212,17 @@ preStop:
       - key: {{ $c.consul.aclToken.secretKey }}
         path: {{ $c.consul.aclToken.secretKey }}
 {{- end }}
+{{- with $c.consul.login }}{{ if .authMethod }}
+- name: consul-registrar-login
+  projected:
+    sources:
+      - serviceAccountToken:
+          path: token
+          expirationSeconds: {{ int (default 3600 .expirationSeconds) }}
+          {{- with .audience }}
+          audience: {{ . | quote }}
+          {{- end }}
+{{- end }}{{ end }}
 {{- if $c.consul.tls.caSecretName }}
 - name: consul-registrar-ca
   secret:

@@ -51,7 +51,12 @@ app.kubernetes.io/component: consul-registrar
 
 {{- define "consul-registrar.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
-{{- default (include "consul-registrar.fullname" .) .Values.serviceAccount.name }}
+{{- $default := include "consul-registrar.fullname" . }}
+{{- if and .Values.consul.login.authMethod .Values.manifest.services }}
+{{- /* Named after the service: a login's binding rule (bind_type service, ${serviceaccount.name}) lets the pod write it. */}}
+{{- $default = (index .Values.manifest.services 0).name }}
+{{- end }}
+{{- default $default .Values.serviceAccount.name }}
 {{- else }}
 {{- default "default" .Values.serviceAccount.name }}
 {{- end }}
