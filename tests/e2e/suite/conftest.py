@@ -12,7 +12,9 @@ with tests/e2e/cluster/local.sh or tests/e2e/kind/cluster.sh) only provision it 
   catalog-mode scenarios (test_catalog.py);
 - `demo`: a factory that installs the chart in a namespace of the test's own with a service name of
   its own, and removes both (and waits until Consul holds none of its instances) afterwards;
-- `figure(name, value, unit)`: prints `FIGURE name=value unit` at once and again in the summary.
+- `figure(name, value, unit)`: prints `FIGURE name=value unit` at once and again in the summary;
+- `artifacts`: the run's directory for what a scenario keeps for a look afterwards (the rollouts'
+  timelines and pod logs, see timeline.py).
 
 Environment: KUBECONFIG (required), KUBECTL, HELM_BIN, E2E_KILL_CONTAINER (a command that SIGKILLs
 a container given its bare runtime id, appended; set by tests/e2e/run.sh; without it the
@@ -43,6 +45,11 @@ VALUES = REPO / "tests" / "e2e" / "values.yaml"
 CONSUL_DEV = REPO / "deploy" / "consul-dev"
 CONSUL_SERVERS_ONLY = CONSUL_DEV / "servers-only"
 IN_CI = os.environ.get("CI") == "true"
+# The multi-node scenarios (test_nodes.py) need two workers: the kind provider's cluster has them
+# (its `env` says E2E_WORKERS=2); on a one-node provider (local) they are not collected at all,
+# rather than collected and skipped.
+MULTI_NODE = int(os.environ.get("E2E_WORKERS", "1")) >= 2
+collect_ignore = [] if MULTI_NODE else ["test_nodes.py"]
 
 _FIGURES: list[str] = []
 
@@ -129,8 +136,9 @@ class Kube:
         self.run("delete", "namespace", name, "--ignore-not-found", "--wait=true", timeout=180)
         self.run("create", "namespace", name)
 
-    def delete_namespace(self, name: str) -> None:
-        self.run("delete", "namespace", name, "--ignore-not-found", "--wait=true", timeout=180, check=False)
+    def delete_namespace(self, name: str, wait: bool = True) -> None:
+        self.run("delete", "namespace", name, "--ignore-not-found", f"--wait={str(wait).lower()}", timeout=180,
+                 check=False)
 
 
 def container_status(pod: dict | None, name: str) -> dict | None:
@@ -223,6 +231,46 @@ class Helm:
         if wait:
             args += ["--wait", "--timeout", "4m"]
         self.run(*args)
+
+    def uninstall(self, release: str, namespace: str) -> None:
+        """`helm uninstall` without waiting: the release's objects deleted at once. A release that
+        is not there (its install failed) is logged; deleting its namespace removes the rest."""
+        try:
+            self.run("uninstall", release, "--namespace", namespace)
+        except subprocess.CalledProcessError as e:
+            log(f"helm uninstall {release} -n {namespace}: {e.stderr.strip()}")
+
+    def upgrade(self, release: str, namespace: str, values: dict) -> None:
+        """`helm upgrade --reuse-values` of the chart with `values` on top (as a file), without
+        waiting: the caller follows the rollout."""
+        extra = self.work / f"upgrade-{namespace}-{release}.json"
+        extra.write_text(json.dumps(values))
+        self.run("upgrade", release, str(CHART), "--namespace", namespace, "--reuse-values", "-f", str(extra))
+
+
+_ARTIFACTS: list[Path] = []
+
+
+def artifacts_dir() -> Path:
+    """The run's artifacts directory: E2E_ARTIFACTS (run.sh sets it), or else one made under the
+    project's cache the first time it is asked for."""
+    if not _ARTIFACTS:
+        given = os.environ.get("E2E_ARTIFACTS")
+        if given:
+            path = Path(given)
+        else:
+            cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "consul-registrar"
+            path = cache / "e2e-artifacts" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        path.mkdir(parents=True, exist_ok=True)
+        log(f"artifacts (rollout timelines, pod logs): {path}")
+        _ARTIFACTS.append(path)
+    return _ARTIFACTS[0]
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    """The run's artifacts directory (see artifacts_dir)."""
+    return artifacts_dir()
 
 
 @pytest.fixture(scope="session")
@@ -459,7 +507,12 @@ def _demo_releases(request, kube: Kube, helm: Helm, consul: Consul, catalog: boo
     for d in made:
         if getattr(request.node, "rep_call_failed", False):
             diagnostics(d)
-        kube.delete_namespace(d.namespace)
+        # What the test owes is that Consul holds nothing of the release once its pods are told to
+        # stop (they drain at once). `helm uninstall` deletes the workloads at once (the namespace
+        # controller takes seconds to reach them); the namespace's own removal goes on while the
+        # next test runs.
+        helm.uninstall(d.release, d.namespace)
+        kube.delete_namespace(d.namespace, wait=False)
         wait_for(f"no instance of {d.service} left in Consul after its namespace was deleted",
                  lambda d=d: not d.instances(), 60, 0.5)
         if catalog:
@@ -508,39 +561,90 @@ def deep_merge(into: dict, extra: dict) -> dict:
     return into
 
 
-# ---- the sidecar-kill helper of the provider ----------------------------------------------------
+# ---- the cluster's nodes ------------------------------------------------------------------------
+
+
+def ready(node: dict) -> bool:
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in node["status"].get("conditions", []))
+
+
+def schedulable_workers(kube: Kube) -> list[str]:
+    """Ready nodes that take ordinary pods: not cordoned, no NoSchedule/NoExecute taint (the
+    control plane's)."""
+    found = []
+    for node in kube.json("get", "nodes")["items"]:
+        taints = node["spec"].get("taints") or []
+        if node["spec"].get("unschedulable") or any(t.get("effect") in ("NoSchedule", "NoExecute") for t in taints):
+            continue
+        if ready(node):
+            found.append(node["metadata"]["name"])
+    return sorted(found)
+
+
+def nodes_of(d: Demo) -> dict[str, str]:
+    """pod → node of the release's running pods."""
+    return {p["metadata"]["name"]: p["spec"]["nodeName"] for p in d.pods() if p["status"].get("phase") == "Running"}
+
+
+def assert_spread(d: Demo, workers: list[str]) -> dict[str, str]:
+    placed = nodes_of(d)
+    if set(placed.values()) != set(workers):
+        nodes = {n["metadata"]["name"]: (n["spec"].get("unschedulable", False), n["spec"].get("taints"),
+                                         n["metadata"].get("labels"))
+                 for n in d.kube.json("get", "nodes")["items"]}
+        # What the scheduler saw: the pods' events, and the nodes' since the test began.
+        events = d.kube.run("get", "events", "-A", "--sort-by=.lastTimestamp", "-o",
+                            "custom-columns=TIME:.lastTimestamp,NS:.metadata.namespace,OBJ:.involvedObject.name,"
+                            "REASON:.reason,MSG:.message", check=False)
+        print(events[-20000:], flush=True)
+        pytest.fail(f"the pods should be spread over the workers {workers}: {placed}; "
+                    f"nodes (cordoned, taints, labels): {nodes}")
+    return placed
+
+
+# ---- the provider's commands for containers and nodes -------------------------------------------
+
+
+def provider_command(variable: str, what: str, timeout: float = 30) -> Callable[[str], None]:
+    """The provider's command in `variable` (set by tests/e2e/run.sh), run with one argument
+    appended. Without it the test fails under CI=true and skips otherwise, saying `what` it needed."""
+    command = os.environ.get(variable, "")
+    if not command:
+        message = f"{variable} is not set: the provider has no way to {what}"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+
+    def run(argument: str) -> None:
+        subprocess.run([*shlex.split(command), argument], check=True, timeout=timeout)
+
+    return run
+
+
+def bare_id(container_id: str) -> str:
+    """The status's `containerd://<id>` without the runtime's prefix."""
+    return container_id.split("://", 1)[-1]
 
 
 @pytest.fixture(scope="session")
 def kill_container() -> Callable[[str], None]:
     """SIGKILLs a container by its runtime id through the provider's E2E_KILL_CONTAINER command
     (Kubernetes has no API that kills one container of a running pod)."""
-    command = os.environ.get("E2E_KILL_CONTAINER", "")
-    if not command:
-        message = "E2E_KILL_CONTAINER is not set: the provider has no way to kill a container"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-
-    def kill(container_id: str) -> None:
-        # The bare id: the status's `containerd://<id>` without the runtime's prefix.
-        subprocess.run([*shlex.split(command), container_id.split("://", 1)[-1]], check=True, timeout=30)
-
-    return kill
+    kill = provider_command("E2E_KILL_CONTAINER", "kill a container")
+    return lambda container_id: kill(bare_id(container_id))
 
 
 @pytest.fixture(scope="session")
 def stop_container() -> Callable[[str], None]:
     """SIGSTOPs a container by its runtime id through E2E_STOP_CONTAINER: the process answers
     nothing while its sockets stay open (the kernel still accepts connections)."""
-    command = os.environ.get("E2E_STOP_CONTAINER", "")
-    if not command:
-        message = "E2E_STOP_CONTAINER is not set: the provider has no way to stop a container"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+    stop = provider_command("E2E_STOP_CONTAINER", "stop a container")
+    return lambda container_id: stop(bare_id(container_id))
 
-    def stop(container_id: str) -> None:
-        subprocess.run([*shlex.split(command), container_id.split("://", 1)[-1]], check=True, timeout=30)
 
-    return stop
+@pytest.fixture(scope="session")
+def continue_container() -> Callable[[str], None]:
+    """SIGCONTs a container stopped by `stop_container`, through E2E_CONTINUE_CONTAINER (set by
+    run.sh: the provider's `continue-container` verb, or ctr for the local provider)."""
+    cont = provider_command("E2E_CONTINUE_CONTAINER", "continue a stopped container")
+    return lambda container_id: cont(bare_id(container_id))

@@ -1,5 +1,5 @@
 """Issue 15 on a real kubelet: the sidecar added to workloads the project did not write, by the two
-adoption routes of README's "Add it to your own app", judged through Consul's HTTP API.
+adoption routes of docs/add-to-a-workload.md, judged through Consul's HTTP API.
 
 - **The library route**: a copy of examples/charts/my-app (an app's own chart) whose Chart.yaml
   points at this checkout's charts/consul-registrar-lib, `helm dependency build` as a team would,
@@ -210,7 +210,7 @@ def diagnostics(w: Workload) -> None:
 @pytest.fixture(scope="module")
 def my_app_chart(work: Path, helm: Helm) -> Path:
     """A copy of examples/charts/my-app as a team's chart elsewhere: the dependency pointed at this
-    checkout's library (README: `repository: file://<path to this checkout>/charts/consul-registrar-lib`),
+    checkout's library (docs/add-to-a-workload.md: `repository: file://<path to this checkout>/charts/consul-registrar-lib`),
     then `helm dependency build`."""
     chart = work / "teams-charts" / "my-app"
     shutil.copytree(MY_APP, chart, ignore=shutil.ignore_patterns("charts", "Chart.lock"))
@@ -245,6 +245,21 @@ def my_app_values(kind: str, service: str) -> dict:
     return values
 
 
+# The taints a DaemonSet's pods tolerate without asking (its controller adds these tolerations).
+DAEMONSET_TOLERATED = {"node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable",
+                       "node.kubernetes.io/disk-pressure", "node.kubernetes.io/memory-pressure",
+                       "node.kubernetes.io/pid-pressure", "node.kubernetes.io/unschedulable",
+                       "node.kubernetes.io/network-unavailable"}
+
+
+def daemonset_nodes(kube: Kube) -> list[str]:
+    """The nodes a DaemonSet without tolerations of its own runs a pod on: not those with another
+    NoSchedule/NoExecute taint (a kind control plane's), cordoned or not."""
+    return [n["metadata"]["name"] for n in kube.json("get", "nodes")["items"]
+            if not any(t.get("effect") in ("NoSchedule", "NoExecute") and t.get("key") not in DAEMONSET_TOLERATED
+                       for t in n["spec"].get("taints") or [])]
+
+
 @pytest.mark.parametrize("kind", KINDS + ["DaemonSet"])
 def test_library_route_registers_flips_and_drains(kind, kube, helm, consul, work, my_app_chart):
     """Also a DaemonSet (one pod per node): its controller adopts an orphan pod its selector
@@ -252,7 +267,7 @@ def test_library_route_registers_flips_and_drains(kind, kube, helm, consul, work
     namespace = f"adopt-lib-{kind.lower()}"
     service = namespace
     release = "shop"
-    replicas = len(kube.json("get", "nodes")["items"]) if kind == "DaemonSet" else REPLICAS
+    replicas = len(daemonset_nodes(kube)) if kind == "DaemonSet" else REPLICAS
     w = Workload(kube, consul, "library", kind, namespace, service,
                  f"app.kubernetes.io/name=my-app,app.kubernetes.io/instance={release}", "my-app", replicas)
     kube.create_namespace(namespace)
@@ -269,7 +284,7 @@ def test_library_route_registers_flips_and_drains(kind, kube, helm, consul, work
             for pod in w.running():
                 inst = instances[w.instance_id(pod["metadata"]["name"])]
                 assert inst.node == pod["spec"]["nodeName"], f"{inst.id} registered on Consul node {inst.node}"
-        # README's route ends with `helm test`: the release's manifest validated by the sidecar.
+        # The chart route ends with `helm test`: the release's manifest validated by the sidecar.
         out = helm.run("test", release, "--namespace", namespace, "--timeout", "2m")
         assert re.search(r"Phase:\s+Succeeded", out), out
         wait_for("the workload untouched by `helm test`: all passing", w.all_passing, 30)
@@ -329,7 +344,7 @@ def team_workload(kind: str) -> list[dict]:
 
 
 def component_overlay(work: Path, kind: str, namespace: str, service: str) -> Path:
-    """The overlay a team writes (deploy/README.md, "Add it to your own app"): its workload, the
+    """The overlay a team writes (docs/add-to-a-workload.md, route 3): its workload, the
     drain-token Secret, the manifest generator and the Component; plus the locally built sidecar
     image (`images:`, and pullPolicy Never so the node never tries a registry)."""
     d = work / f"overlay-{namespace}"

@@ -23,11 +23,13 @@ import time
 
 from conftest import (Consul, Demo, Kube, container_state, container_status, deregistered_before_app_stops, figure, log,
                       wait_for)
-from test_scenarios import REPLICAS, pod_names, rollout_under_traffic
+from test_scenarios import REPLICAS, ROLLOUT_LOG_LEVEL, pod_names, rollout_under_traffic
 
 ADMIN_PORT = 9102
 SESSION_TTL = 10  # the default (tests/e2e values leave consul.catalog.sessionTTL empty)
 KEY_PREFIX = "consul-registrar/instances"
+# The node every sidecar's session lives on (never one with instances).
+SESSIONS_NODE = "consul-registrar--sessions"
 # Between the SIGKILL and the kubelet acting on the force deletion (the sidecar is already dead;
 # this only covers our own kubectl calls and the blocking query's wake-up).
 KUBELET_SLACK = 4.0
@@ -44,8 +46,10 @@ def liveness_key(consul: Consul, node: str, instance_id: str) -> dict | None:
 
 
 def sessions_of(consul: Consul, node: str, pod: str) -> list[dict]:
-    """The sessions on the virtual node whose name names the pod (`consul-registrar/<node>/<id>`)."""
-    return [s for s in consul.get(f"/v1/session/node/{node}") if pod in s.get("Name", "")]
+    """The sessions of the sidecars on virtual node `node` whose name names the pod
+    (`consul-registrar/<node>/<first instance id>/<pod>`); sessions live on the sessions' node."""
+    return [s for s in consul.get(f"/v1/session/node/{SESSIONS_NODE}")
+            if s.get("Name", "").startswith(f"consul-registrar/{node}/") and pod in s.get("Name", "")]
 
 
 def reaped_total(kube: Kube, d: Demo) -> float:
@@ -223,7 +227,7 @@ def test_c2_catalog_killed_sidecar_adopts_and_crashed_pod_is_reaped(catalog_demo
 
 def test_c3_catalog_rollout_restart_under_traffic(catalog_demo, kube):
     """The Go client resolves through the servers' Service (there is no agent on the node)."""
-    d = catalog_demo(suffix="-c")
+    d = catalog_demo(ROLLOUT_LOG_LEVEL, suffix="-c")
     rollout_under_traffic(d, kube, "catalog", True, consul_address="consul-server.consul.svc.cluster.local:8500")
     # Afterwards (once the old pods' sidecars have finished): one liveness key and one session per
     # new pod, nothing of the old pods left.

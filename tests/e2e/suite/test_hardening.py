@@ -64,7 +64,10 @@ def release(request, kube: Kube, helm: Helm, consul: Consul):
             for container in ("consul-registrar", "app"):
                 print(kube.run("-n", d.namespace, "logs", "-l", d.selector, "-c", container, "--tail=40",
                                "--prefix", check=False))
-        kube.delete_namespace(d.namespace)
+        # As conftest's demo releases: the workloads deleted at once, the namespace's removal not
+        # waited for; what is owed is that Consul holds nothing of the release.
+        helm.uninstall(d.release, d.namespace)
+        kube.delete_namespace(d.namespace, wait=False)
         wait_for(f"no instance of {d.service} left in Consul", lambda d=d: not d.instances(), 60, 0.5)
 
 
@@ -301,7 +304,7 @@ def test_shutdown_against_an_agent_that_never_answers_fits_its_budget(release, k
         if name:
             kube.run("-n", d.namespace, "patch", "pod", name, "--type=json", "-p",
                      json.dumps([{"op": "remove", "path": "/metadata/finalizers"}]), check=False)
-        kube.delete_namespace(agent_ns)
+        kube.delete_namespace(agent_ns, wait=False)
 
     sidecar = container_status(pod, "consul-registrar")["state"]["terminated"]
     app = container_status(pod, "app")["state"]["terminated"]
