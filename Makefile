@@ -8,16 +8,23 @@ SHELL := bash
 CACHE_DIR ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/consul-registrar
 export CARGO_TARGET_DIR ?= $(CACHE_DIR)/target
 
-.PHONY: test demo lint bins unit-and-integration podsim fuzz consul k8s e2e e2e-kind bench images
+.PHONY: test demo lint links bins unit-and-integration podsim fuzz consul k8s e2e e2e-local soak bench images schema release
 
 ## make test: formatting, lints, unit and integration tests against a real Consul (including the
 ## pod simulation, which needs root for network namespaces), then the Kubernetes packaging checks,
-## then the e2e suite on a real single-node Kubernetes.
+## then the e2e suite on a kind cluster of three nodes.
 test: lint consul unit-and-integration podsim fuzz k8s e2e
 
-lint:
+lint: links
 	cargo fmt --all -- --check
 	cargo clippy --all-targets --workspace --locked -- -D warnings
+
+## Every relative link and anchor in the Markdown files resolves (README.md, docs/, the charts',
+## deploy/'s and the tests' READMEs), as GitHub resolves them; first, the checker's own tests show
+## that it fails on a broken link or anchor. Python 3's standard library only.
+links:
+	PYTHONDONTWRITEBYTECODE=1 python3 -m unittest discover -s tests/docs
+	python3 scripts/check-links.py
 
 ## Provides the pinned Consul (built once from its Go module, then cached).
 consul:
@@ -28,6 +35,15 @@ consul:
 TEST_BINS = CONSUL_REGISTRAR_BIN="$(CARGO_TARGET_DIR)/debug/consul-registrar" DEMO_APP_BIN="$(CARGO_TARGET_DIR)/debug/demo-app"
 bins:
 	cargo build --locked --workspace --bins
+
+## The manifest's JSON Schema and what is made from it: docs/manifest.schema.json as
+## `consul-registrar schema` prints it (from src/manifest/schema.rs), then the reference tables in
+## docs/manifest.md and the manifest part of the chart's values.schema.json. Run it after changing
+## a manifest field and commit the result; `make test` fails while they are stale.
+schema:
+	cargo build --locked --bin consul-registrar
+	"$(CARGO_TARGET_DIR)/debug/consul-registrar" schema > docs/manifest.schema.json
+	python3 scripts/manifest_schema.py --write
 
 ## tests/probe_compat.rs runs the real grpc_health_probe (built once from its Go module) beside `probe`.
 unit-and-integration: consul bins
@@ -49,20 +65,36 @@ fuzz:
 k8s:
 	bash scripts/check-k8s.sh
 
-## The e2e suite (tests/e2e/suite) on a real single-node Kubernetes built from source and run as
-## local processes (tests/e2e/cluster/local.sh; needs root): images built, cluster up, suite, and
-## the cluster always brought down. Prints every scenario's FIGURE lines.
+## The e2e suite (tests/e2e/suite) on a kind cluster of one control plane and two workers, made
+## here with nothing pulled (tests/e2e/kind; needs root; Debian's docker.io and debootstrap are
+## installed when missing): images built, cluster up, suite, and the cluster always brought down,
+## leaving no container, network, engine or firewall change. Prints every scenario's FIGURE lines.
 e2e:
+	bash tests/e2e/run.sh kind
+
+## The same suite (less the multi-node scenarios) on a single-node Kubernetes built from source and
+## run as local processes, no Docker (tests/e2e/cluster/local.sh; needs root). Not in `make test`.
+e2e-local:
 	bash tests/e2e/run.sh local
 
-## The same suite on a kind cluster (needs docker and kind; skips with a message without them).
-e2e-kind:
-	bash tests/e2e/run.sh kind
+## Not part of `make test`: SOAK_ROLLOUTS (20) rolling restarts under 100 RPC/s back to back for each
+## of SOAK_VARIANTS (native, classic, abrupt-native), failed RPCs per rollout and a summary
+## (tests/e2e/suite/soak.py; about 30 min with the defaults). On the cluster provider of
+## E2E_PROVIDER: kind (make e2e's) by default, local, or existing (KUBECONFIG, images loaded).
+E2E_PROVIDER ?= kind
+soak:
+	E2E_TESTS=tests/e2e/suite/soak.py bash tests/e2e/run.sh $(E2E_PROVIDER)
 
 ## Container images without Docker (buildah): archives under ~/.cache/consul-registrar/images,
 ## their paths printed; `kind load image-archive` or `ctr -n k8s.io images import` takes them.
 images:
 	bash scripts/images.sh
+
+## The release artifacts of Cargo.toml's version in dist/<version>/: the packaged charts and their
+## Helm repository index, the image archives (scripts/images.sh), a CycloneDX SBOM of the binary's
+## crates, SHA256SUMS (scripts/release.sh; publishing them: docs/releasing.md).
+release:
+	bash scripts/release.sh
 
 ## Benchmarks against Consul's own gRPC check (reports figures; never fails on a slow machine).
 bench:

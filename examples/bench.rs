@@ -20,6 +20,9 @@
 //!   a quiet window of the same server without a sidecar: the raft log index
 //!   (`/v1/agent/self`, `Stats.raft.last_log_index`) and, by kind, the server's own telemetry
 //!   (`consul.raft.apply` and `consul.fsm.*` in `/v1/agent/metrics`).
+//! - `scale-catalog`, `scale-agent`: N one-instance sidecars of one service against three
+//!   servers; the servers' CPU, requests and bytes per pod event, per flip and at rest
+//!   ([`scale_pods`]). Not part of `all`: only when named.
 //! - `reap`: a sidecar SIGKILLed → its instance gone from the catalog, agent mode
 //!   (`deregisterCriticalServiceAfter` and Consul's reaper) beside catalog mode (the session
 //!   expires, its key goes, a surviving sidecar's reaper deregisters the instance).
@@ -48,7 +51,7 @@ use testkit::{
 
 /// The health service the demo app serves and every check asks about.
 const HEALTH_SERVICE: &str = "helloworld.Greeter";
-const PHASES: [&str; 7] = [
+const PHASES: [&str; 9] = [
     "propagation",
     "footprint",
     "drain",
@@ -56,7 +59,12 @@ const PHASES: [&str; 7] = [
     "recovery",
     "raft",
     "reap",
+    "scale-catalog",
+    "scale-agent",
 ];
+
+#[path = "bench/scale_pods.rs"]
+mod scale_pods;
 /// The catalog-mode sidecars' session TTL: the manifest's default and Consul's minimum.
 const SESSION_TTL_S: u64 = 10;
 
@@ -128,6 +136,24 @@ struct Args {
     /// SIGKILLed sidecars in each mode in the reap phase (killed 30 s / runs apart).
     #[arg(long, env = "BENCH_REAP_RUNS", default_value_t = 3)]
     reap_runs: usize,
+    /// Pod counts of the scale-catalog and scale-agent phases.
+    #[arg(
+        long,
+        env = "BENCH_PODS",
+        default_value = "50,100,200",
+        value_delimiter = ','
+    )]
+    pods: Vec<usize>,
+    /// Length of the at-rest window of the scale-catalog and scale-agent phases: at least the
+    /// sidecars' `resyncInterval` (60 s), whose blocking-query timeouts come in one wave.
+    #[arg(long, env = "BENCH_PODS_REST_SECONDS", default_value_t = 60)]
+    pods_rest_seconds: u64,
+    /// Pod events (start, register, drain) measured per pod count.
+    #[arg(long, env = "BENCH_POD_EVENTS", default_value_t = 5)]
+    pod_events: usize,
+    /// Flips of one replica measured per pod count.
+    #[arg(long, env = "BENCH_POD_FLIPS", default_value_t = 10)]
+    pod_flips: usize,
     /// The source revision, for the report.
     #[arg(long, default_value = "")]
     commit: String,
@@ -150,7 +176,11 @@ async fn main() -> ExitCode {
 
 async fn run(args: Args) -> Result<()> {
     let phases: Vec<&str> = if args.phases.iter().any(|p| p == "all") {
-        PHASES.to_vec()
+        // The N-pod phases take long and start hundreds of processes: only when named.
+        PHASES
+            .into_iter()
+            .filter(|p| !p.starts_with("scale-"))
+            .collect()
     } else {
         for p in &args.phases {
             if !PHASES.contains(&p.as_str()) {
@@ -225,6 +255,8 @@ async fn run(args: Args) -> Result<()> {
             ("recovery", _) => recovery(&bed, &args).await?,
             ("raft", _) => raft(&bed, &args).await?,
             ("reap", _) => reap(&bed, &args).await?,
+            ("scale-catalog", _) => scale_pods::scale_pods(&bed, &args, Mode::Catalog).await?,
+            ("scale-agent", _) => scale_pods::scale_pods(&bed, &args, Mode::Agent).await?,
             _ => unreachable!("the main bed runs for propagation, footprint and drain"),
         };
         results[*phase] = value;
@@ -2641,6 +2673,7 @@ fn markdown(r: &Value) -> String {
         }
         md.push('\n');
     }
+    scale_pods::markdown_pods(&mut md, r);
     let _ = writeln!(
         md,
         "Percentiles are nearest-rank over all samples; \"lost\" counts changes not seen within the deadline. \

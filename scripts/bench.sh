@@ -15,7 +15,9 @@
 #                     rough)
 #   BENCH_FLIPS, BENCH_PEER_FLIPS, BENCH_FLOOR_FLIPS, BENCH_DRAIN_RUNS, BENCH_RECOVERY_RUNS,
 #   BENCH_IDLE_SECONDS, BENCH_LOAD_SECONDS, BENCH_STEADY_SECONDS, BENCH_SCALE,
-#   BENCH_RAFT_INSTANCES, BENCH_RAFT_SECONDS, BENCH_REAP_RUNS   see `bench --help`
+#   BENCH_RAFT_INSTANCES, BENCH_RAFT_SECONDS, BENCH_REAP_RUNS, BENCH_PODS,
+#   BENCH_PODS_REST_SECONDS, BENCH_POD_EVENTS, BENCH_POD_FLIPS   see `bench --help`
+#   (the scale-catalog and scale-agent phases run only when BENCH_PHASES names them)
 #
 # The figures are reported, never asserted: the script fails only when something could not run
 # (no Consul, a build error, Consul did not start, the sidecar never registered, no plot).

@@ -12,7 +12,10 @@
 #     (typos in free-form fields such as probes are caught there); the rendered pod spec read back
 #     and checked (sidecar env and args, preStop drain hook and its token, grace period, security
 #     contexts, checksum); renders that must fail (grace period, PDB, image tags, required values);
-#     the Dockerfile read back (targets, non-root distroless stages, .dockerignore).
+#     the Dockerfile read back (targets, non-root distroless stages, .dockerignore); the manifest's
+#     JSON Schema and what is made from it (tests/k8s/test_manifest_schema.py); the alerts, each
+#     unit-tested with `promtool test rules`, and the Grafana dashboard's queries
+#     (tests/k8s/test_alerts.py); the packaged charts render as the source (tests/k8s/test_release.py).
 # Ends with "k8s: N passed, M failed" and exits non-zero when anything failed.
 #
 # Tools are provided once and cached by version under
@@ -125,6 +128,9 @@ fi
 # helm keeps its repositories, plugins and cache here, not in the user's home.
 export HELM_CACHE_HOME="$work/helm/cache" HELM_CONFIG_HOME="$work/helm/config" HELM_DATA_HOME="$work/helm/data"
 export HELM_BIN="$helm" KUSTOMIZE_BIN="$kustomize"
+# Prometheus's promtool: the alerts' unit tests and the dashboard's queries (tests/k8s/test_alerts.py).
+PROMTOOL="${PROMTOOL:-$(bash scripts/promtool.sh)}" || die "no promtool (scripts/promtool.sh)"
+export PROMTOOL
 export PYTHONDONTWRITEBYTECODE=1
 
 if [ -z "${CONSUL_REGISTRAR_BIN:-}" ]; then

@@ -49,28 +49,38 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# A free port below Linux's ephemeral range, so no outgoing connection can take it first.
-free_port() {
-  python3 - <<'PY'
-import random, socket
-for _ in range(1000):
+# Consul's three internal ports (server RPC, Serf LAN, Serf WAN): free ports below Linux's ephemeral
+# range, so no outgoing connection can take one first, distinct from each other and from the four
+# ports above, which are chosen already but not yet bound (a Serf port on ADMIN_PORT stopped the
+# sidecar with "Address already in use").
+consul_ports() {
+  python3 - "$CONSUL_PORT" "$APP_PORT" "$CONTROL_PORT" "$ADMIN_PORT" <<'PY'
+import random, socket, sys
+taken = {int(p) for p in sys.argv[1:]}
+chosen = []
+for _ in range(10000):
     port = random.randrange(12000, 32000)
+    if port in taken:
+        continue
     try:
         for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
-            s = socket.socket(socket.AF_INET, kind)
-            s.bind(("127.0.0.1", port))
-            s.close()
-        print(port)
-        break
+            with socket.socket(socket.AF_INET, kind) as s:
+                s.bind(("127.0.0.1", port))
     except OSError:
         continue
+    taken.add(port)
+    chosen.append(port)
+    if len(chosen) == 3:
+        break
+print(*chosen)
 PY
 }
+read -r server_port serf_lan_port serf_wan_port < <(consul_ports)
 
 say "starting a Consul dev agent on 127.0.0.1:$CONSUL_PORT"
 "$consul_bin" agent -dev -bind 127.0.0.1 -client 127.0.0.1 -node demo \
   -http-port "$CONSUL_PORT" -dns-port -1 -grpc-port -1 -grpc-tls-port -1 \
-  -server-port "$(free_port)" -serf-lan-port "$(free_port)" -serf-wan-port "$(free_port)" \
+  -server-port "$server_port" -serf-lan-port "$serf_lan_port" -serf-wan-port "$serf_wan_port" \
   >"$work/consul.log" 2>&1 &
 pids+=($!)
 consul="http://127.0.0.1:$CONSUL_PORT"

@@ -3,6 +3,7 @@
 # once from their Go modules with the machine's Go toolchain (Go module proxy only; no release
 # downloads):
 #   kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl  k8s.io/kubernetes
+#   kubeadm (the kind provider's node image)                                         k8s.io/kubernetes
 #   etcd etcdctl                                                                      go.etcd.io/etcd
 #   coredns                                                                           github.com/coredns/coredns
 # The wrapper modules that pin them (and make k8s.io/kubernetes, whose module zip has no staging/,
@@ -40,8 +41,10 @@ kube_bins=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-pr
 stamp_kube="$bin/.kubernetes-$KUBERNETES_VERSION"
 stamp_etcd="$bin/.etcd-$ETCD_VERSION"
 stamp_coredns="$bin/.coredns-$COREDNS_VERSION"
+# kubeadm has its own stamp: caches made before it was added build only it.
+stamp_kubeadm="$bin/.kubeadm-$KUBERNETES_VERSION"
 
-complete() { [ -f "$stamp_kube" ] && [ -f "$stamp_etcd" ] && [ -f "$stamp_coredns" ]; }
+complete() { [ -f "$stamp_kube" ] && [ -f "$stamp_kubeadm" ] && [ -f "$stamp_etcd" ] && [ -f "$stamp_coredns" ]; }
 
 # Fast path: a cache hit needs no lock and no Go.
 if complete; then
@@ -78,15 +81,17 @@ build() {
   (cd "$work/$module" && go mod download >&2 && go build -trimpath -o "$out/" "$@" >&2)
 }
 
-if [ ! -f "$stamp_kube" ]; then
+# The version stamps of hack/lib/version.sh: unstamped, the API server reports v0.0.0-master and
+# helm refuses charts with a kubeVersion constraint. The build date is the release's (from the module
+# proxy, downloaded first so it is known on a cold cache), so rebuilds are reproducible; the git
+# commit is unknown outside a git checkout and stays empty, as in an archive build.
+kube_ldflags() {
+  local minor major build_date ldflags pkg
   minor=${KUBERNETES_VERSION#v*.}
   minor=${minor%%.*}
   major=${KUBERNETES_VERSION#v}
   major=${major%%.*}
-  # Stamp the version the way hack/lib/version.sh does: unstamped, the API server reports
-  # v0.0.0-master and helm refuses charts with a kubeVersion constraint. The build date is the
-  # release's (from the module proxy), so rebuilds are reproducible; the git commit is unknown
-  # outside a git checkout and stays empty, as in an archive build.
+  (cd "$modules/kubernetes" && go mod download "k8s.io/kubernetes@$KUBERNETES_VERSION") >&2 || true
   build_date=$(sed -n 's/.*"Time":"\([^"]*\)".*/\1/p' \
     "$GOMODCACHE/cache/download/k8s.io/kubernetes/@v/$KUBERNETES_VERSION.info" 2>/dev/null || true)
   ldflags="-s -w"
@@ -94,6 +99,11 @@ if [ ! -f "$stamp_kube" ]; then
     ldflags+=" -X $pkg.gitVersion=$KUBERNETES_VERSION -X $pkg.gitMajor=$major -X $pkg.gitMinor=$minor"
     ldflags+=" -X $pkg.gitTreeState=archive -X $pkg.buildDate=${build_date:-1970-01-01T00:00:00Z}"
   done
+  printf '%s\n' "$ldflags"
+}
+
+if [ ! -f "$stamp_kube" ]; then
+  ldflags=$(kube_ldflags)
   log "building Kubernetes $KUBERNETES_VERSION (${kube_bins[*]}) from the Go module k8s.io/kubernetes with $(go version | cut -d' ' -f3)"
   log "this takes about 8 minutes of 2 cores, once; it is cached in $bin"
   mkdir -p "$work/kube-out"
@@ -106,6 +116,17 @@ if [ ! -f "$stamp_kube" ]; then
   for b in "${kube_bins[@]}"; do mv -f "$work/kube-out/$b" "$bin/$b"; done
   touch "$stamp_kube"
   log "Kubernetes $KUBERNETES_VERSION built in $((SECONDS - started)) s"
+fi
+
+if [ ! -f "$stamp_kubeadm" ]; then
+  log "building kubeadm $KUBERNETES_VERSION from the Go module k8s.io/kubernetes (a minute or two)"
+  mkdir -p "$work/kubeadm-out"
+  build kubernetes "$work/kubeadm-out" -ldflags "$(kube_ldflags)" k8s.io/kubernetes/cmd/kubeadm ||
+    die "go build of kubeadm $KUBERNETES_VERSION failed"
+  got=$("$work/kubeadm-out/kubeadm" version -o short 2>/dev/null || true)
+  [ "$got" = "$KUBERNETES_VERSION" ] || die "built kubeadm reports '$got', expected $KUBERNETES_VERSION"
+  mv -f "$work/kubeadm-out/kubeadm" "$bin/kubeadm"
+  touch "$stamp_kubeadm"
 fi
 
 if [ ! -f "$stamp_etcd" ]; then
