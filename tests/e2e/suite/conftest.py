@@ -163,6 +163,22 @@ def container_state(pod: dict | None, name: str) -> str:
     return "waiting"
 
 
+def serves_while_draining(victim: str, iid: str, app_state: Callable[[], str], app_serves: Callable[[], bool],
+                          instance_status: Callable[[], str | None]) -> None:
+    """Just after the instance `iid` turned critical (its drain began): the app still runs and serves.
+    The drain's delay (3 s) is the time to look, and a look (two kubectl calls) can take most of it
+    on a loaded machine; a look that came after the deregistration may find the app stopping. So
+    the app is read first and Consul after: either the app served, or Consul no longer had the
+    instance (what the drain guarantees: deregistered, then the app stopped)."""
+    state = app_state()
+    serving = state == "running" and app_serves()
+    status = instance_status()
+    assert serving or status is None, \
+        f"the app of {victim} ({state}) did not serve while Consul still had {iid} ({status})"
+    if not serving:
+        log(f"{victim}: looked after the deregistration (the app {state}, not serving); not a failure")
+
+
 def deregistered_before_app_stops(victim: str, iid: str, app_state: Callable[[], str],
                                   instance_status: Callable[[], str | None],
                                   within: float = 40) -> tuple[float, float]:
@@ -309,18 +325,27 @@ class Consul:
         self.namespace = namespace
         self.proc: subprocess.Popen | None = None
         self.url = ""
+        # What the port-forward goes to: the Service (kubectl picks one of its pods and keeps it).
+        self.target = f"svc/{service}"
+
+    def pin(self, pod: str | None) -> None:
+        """From the next request on, forward to server pod `pod` (None: the Service again). A test
+        that takes a node away pins a server elsewhere: a forward kept to a pod on the lost node
+        fails, and kubectl may pick that pod again until the node controller marks it not Ready."""
+        self.close()
+        self.target = f"pod/{pod}" if pod else f"svc/{self.service}"
 
     def _forward(self) -> None:
         self.close()
         self.proc = subprocess.Popen(
-            [self.kube.bin, "-n", self.namespace, "port-forward", f"svc/{self.service}", ":8500"],
+            [self.kube.bin, "-n", self.namespace, "port-forward", self.target, ":8500"],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()  # "Forwarding from 127.0.0.1:PORT -> 8500"
         match = re.search(r"127\.0\.0\.1:(\d+)", line)
         if not match:
             self.close()
-            raise OSError(f"kubectl port-forward to svc/{self.service} did not start: {line!r}")
+            raise OSError(f"kubectl port-forward to {self.target} did not start: {line!r}")
         self.url = f"http://127.0.0.1:{match.group(1)}"
 
     def close(self) -> None:

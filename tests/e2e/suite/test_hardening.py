@@ -191,7 +191,7 @@ def test_drain_without_token_from_a_peer_pod_is_refused(release, kube, consul):
     # The preStop path, with the token, still drains: critical, then gone before the app stops.
     began = time.monotonic()
     kube.run("-n", d.namespace, "delete", "pod", name, "--wait=false")
-    wait_for(f"{iid} critical (draining)", lambda: d.consul.statuses(d.service).get(iid) == "critical", 10, 0.1)
+    wait_for(f"{iid} critical (draining)", lambda: d.consul.statuses(d.service).get(iid) == "critical", 20, 0.1)
     while True:
         pod = kube.pod(d.namespace, name)
         state = "running" if pod and "running" in (container_status(pod, "app") or {}).get("state", {}) else "stopped"
@@ -211,6 +211,9 @@ DRAIN_INCOMPLETE_EXIT = 1  # src/main.rs: drain incomplete by drain.delay + drai
 HOLD = "e2e.consul-registrar.io/hold"  # a finalizer: the deleted pod's statuses stay readable
 # finishedAt and deletionTimestamp have whole seconds: a difference may read up to 1 s long.
 TIMESTAMP_GRAIN = 1
+# The budget runs from the drain's start; the test can only read the deletion, and the kubelet
+# takes a moment to see it and run the preStop (or send a classic sidecar SIGTERM).
+KUBELET_SLACK = 2
 
 
 def timestamp(value: str) -> float:
@@ -325,6 +328,7 @@ def test_shutdown_against_an_agent_that_never_answers_fits_its_budget(release, k
     # sidecar exits by the budget; a native one gets SIGTERM only once the app has stopped, which the
     # app does as soon as its preStop (the drain) returns.
     bounded, after = ("sidecar", sidecar_after) if not native else ("app", app_after)
-    assert after <= budget + TIMESTAMP_GRAIN, (
+    assert after <= budget + TIMESTAMP_GRAIN + KUBELET_SLACK, (
         f"issue 13 item 3: the {bounded} exited {after:.0f} s after the deletion, past drain.delay + "
-        f"drain.deregisterTimeout + 1 s = {budget} s (timestamps in whole seconds)")
+        f"drain.deregisterTimeout + 1 s = {budget} s (timestamps in whole seconds; {KUBELET_SLACK} s "
+        f"allowed for the kubelet to start the drain)")

@@ -163,17 +163,21 @@ def loading_since(kube: Kube, d: Demo, pod: str) -> datetime | None:
 
 
 def test_a_pod_deleted_while_its_app_is_starting_is_never_passing_after_the_delete(demo, kube):
-    delay = 20  # the app's --start-delay; the drain delay is 3 s (tests/e2e/values.yaml)
-    d = demo({"replicaCount": 1, "app": {"args": app_args("--start-delay", f"{delay}s")}}, wait=False)
+    delay = 24  # the app's --start-delay
+    # A drain delay (tests/e2e/values.yaml: 3 s) long enough that the port opens inside the drain
+    # however long the kubelet takes to run the preStop (up to 4 s); the grace period (20 s) holds it.
+    drain_delay = 8
+    d = demo({"replicaCount": 1, "app": {"args": app_args("--start-delay", f"{delay}s")},
+              "manifest": {"drain": {"delay": f"{drain_delay}s"}}}, wait=False)
     victim = wait_for("the pod", lambda: pod_names(d) and pod_names(d)[0], 120, 0.5)
     iid = d.instance_id(victim)
     since = wait_for("the app loading", lambda: loading_since(kube, d, victim), 120, 0.5)
     wait_for(f"{iid} registered (critical: the app is still loading)",
              lambda: d.consul.statuses(d.service).get(iid) == "critical", 60, 0.25)
 
-    # Delete it 1.5 s before the app opens its port: the preStop drains (3 s), and the app starts
-    # serving half-way through the drain delay; the kubelet stops it once the preStop answers.
-    delete_at = since.timestamp() + delay - 1.5
+    # Delete it 4 s before the app opens its port: the preStop drains (8 s), and the app starts
+    # serving inside the drain delay; the kubelet stops it once the preStop answers.
+    delete_at = since.timestamp() + delay - 4
     wait = delete_at - time.time()
     assert wait > 0, f"too late to delete {victim} before its app opens its port"
     time.sleep(wait)

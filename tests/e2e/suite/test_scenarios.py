@@ -16,15 +16,18 @@ from pathlib import Path
 import pytest
 
 from conftest import (MULTI_NODE, REPO, Demo, Kube, artifacts_dir, assert_spread, container_state, container_status,
-                      deep_merge, deregistered_before_app_stops, figure, log, schedulable_workers, wait_for)
+                      deep_merge, deregistered_before_app_stops, figure, log, schedulable_workers,
+                      serves_while_draining, wait_for)
 from timeline import RolloutRecorder
 
 REPLICAS = 3
 # The sidecar's documented exit code for an invalid manifest (docs/cli.md: exit codes).
 EXIT_INVALID_MANIFEST = 65
 CLIENT_IMAGE = "consul-registrar-hello-client:dev"
-# How long the Go client sends during a rolling restart; the restart of 3 pods must end inside it.
-TRAFFIC_SECONDS = int(os.environ.get("E2E_TRAFFIC_SECONDS", "40"))
+# The longest the Go client sends during a rolling restart; the restart of 3 pods must end inside it.
+# A cap, not a cost: the client is stopped 5 s after the last old pod is gone (rollouts have taken
+# 10-20 s on 2 cores; the cap leaves room for a loaded machine).
+TRAFFIC_SECONDS = int(os.environ.get("E2E_TRAFFIC_SECONDS", "90"))
 TRAFFIC_RATE = int(os.environ.get("E2E_TRAFFIC_RATE", "100"))
 
 
@@ -296,11 +299,10 @@ def test_4_deleted_pod_leaves_consul_before_its_app_stops(demo, kube):
 
     began = time.monotonic()
     kube.run("-n", d.namespace, "delete", "pod", victim, "--wait=false")
-    wait_for(f"{iid} critical (draining)", lambda: d.consul.statuses(d.service).get(iid) == "critical", 10, 0.1)
+    wait_for(f"{iid} critical (draining)", lambda: d.consul.statuses(d.service).get(iid) == "critical", 20, 0.1)
     figure("delete_to_critical", time.monotonic() - began, "s")
-    assert container_state(kube.pod(d.namespace, victim), "app") == "running", \
-        f"the app container of {victim} stopped before its instance was deregistered"
-    assert d.app_serves(victim), f"the app of {victim} should still serve while its instance drains"
+    serves_while_draining(victim, iid, lambda: container_state(kube.pod(d.namespace, victim), "app"),
+                          lambda: d.app_serves(victim), lambda: d.consul.statuses(d.service).get(iid))
 
     gone_at, stopped_at = deregistered_before_app_stops(
         victim, iid, lambda: container_state(kube.pod(d.namespace, victim), "app"),
