@@ -412,6 +412,21 @@ def consul(kube: Kube) -> Iterator[Consul]:
     c.close()
 
 
+def wait_servers_formed(kube: Kube, c: Consul, timeout: float) -> None:
+    """Every server of the StatefulSet `consul-server` an alive member and a Raft peer, with a
+    leader. (A server replaced on another node comes back with a new address; its old self may stay
+    a peer a while, until autopilot removes it: extra peers are not waited for.)"""
+    replicas = kube.json("-n", "consul", "get", "statefulset", "consul-server")["spec"]["replicas"]
+
+    def formed():
+        members = [m for m in c.get("/v1/agent/members") if m["Status"] == 1]
+        peers = set(c.get("/v1/status/peers"))
+        return (len(members) == replicas and c.get("/v1/status/leader")
+                and all(f"{m['Addr']}:{m['Tags'].get('port', '8300')}" in peers for m in members))
+
+    wait_for(f"{replicas} Consul servers joined, with a leader", formed, timeout, 1)
+
+
 @pytest.fixture(scope="session")
 def consul_servers(kube: Kube) -> Iterator[Consul]:
     """deploy/consul-dev/servers-only applied: three Consul servers behind the Service
@@ -419,14 +434,8 @@ def consul_servers(kube: Kube) -> Iterator[Consul]:
     kube.run("apply", "-k", str(CONSUL_SERVERS_ONLY))
     kube.run("-n", "consul", "rollout", "status", "statefulset/consul-server", "--timeout=240s", timeout=260)
     c = Consul(kube, service="consul-server")
-    replicas = kube.json("-n", "consul", "get", "statefulset", "consul-server")["spec"]["replicas"]
-
-    def cluster_formed():
-        members = [m for m in c.get("/v1/agent/members") if m["Status"] == 1]
-        return len(members) == replicas and c.get("/v1/status/leader") and len(c.get("/v1/status/peers")) == replicas
-
-    wait_for(f"{replicas} Consul servers joined, with a leader", cluster_formed, 120, 1)
-    log(f"Consul {c.get('/v1/agent/self')['Config']['Version']}: {replicas} servers behind svc/consul-server, "
+    wait_servers_formed(kube, c, 120)
+    log(f"Consul {c.get('/v1/agent/self')['Config']['Version']}: three servers behind svc/consul-server, "
         f"no client agent, at {c.url} (port-forward)")
     yield c
     c.close()

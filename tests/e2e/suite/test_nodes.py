@@ -38,7 +38,7 @@ from typing import Callable
 import pytest
 
 from conftest import (IN_CI, Demo, Kube, assert_spread, deep_merge, figure, log, nodes_of, provider_command, ready,
-                      schedulable_workers, wait_for)
+                      schedulable_workers, wait_for, wait_servers_formed)
 from test_catalog import KEY_PREFIX, SESSION_TTL, virtual_node
 from test_scenarios import REPLICAS, ROLLOUT_LOG_LEVEL, client_pod, client_report
 from timeline import RolloutRecorder
@@ -219,7 +219,10 @@ def put(base: str, path: str) -> None:
         response.read()
 
 
-def test_node_lost_catalog_mode(catalog_demo, kube, workers, artifacts):
+def test_node_lost_catalog_mode(catalog_demo, consul_servers, kube, workers, artifacts):
+    # The agent-mode kill before this test may have taken Consul servers with its node (their
+    # replacements start empty elsewhere): the servers whole again first.
+    wait_servers_formed(kube, consul_servers, 180)
     d = catalog_demo(json.loads(json.dumps(ROLLOUT_LOG_LEVEL)))
     wait_for("all passing", lambda: d.all_passing(REPLICAS), 120)
     placed = assert_spread(d, workers)
