@@ -95,6 +95,14 @@ def wait_for(what: str, condition: Callable[[], object], timeout: float, interva
 # ---- kubectl ------------------------------------------------------------------------------------
 
 
+class CommandFailed(subprocess.CalledProcessError):
+    """A kubectl or helm command that failed, its stderr in the message (a plain
+    CalledProcessError names only the command and the exit status, not the cause)."""
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}\n{(self.stderr or '').strip()}"
+
+
 class Kube:
     def __init__(self) -> None:
         self.bin = os.environ.get("KUBECTL", "kubectl")
@@ -102,7 +110,7 @@ class Kube:
     def run(self, *args: str, input: str | None = None, timeout: float = 120, check: bool = True) -> str:
         proc = subprocess.run([self.bin, *args], input=input, capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
-            raise subprocess.CalledProcessError(proc.returncode, [self.bin, *args], proc.stdout, proc.stderr)
+            raise CommandFailed(proc.returncode, [self.bin, *args], proc.stdout, proc.stderr)
         return proc.stdout
 
     def json(self, *args: str, timeout: float = 60):
@@ -236,7 +244,7 @@ class Helm:
     def run(self, *args: str, timeout: float = 300) -> str:
         proc = subprocess.run([self.bin, *args], capture_output=True, text=True, timeout=timeout, env=self.env)
         if proc.returncode != 0:
-            raise subprocess.CalledProcessError(proc.returncode, [self.bin, *args], proc.stdout, proc.stderr)
+            raise CommandFailed(proc.returncode, [self.bin, *args], proc.stdout, proc.stderr)
         return proc.stdout
 
     def install(self, release: str, namespace: str, values: dict, wait: bool = True) -> None:

@@ -165,10 +165,12 @@ def loading_since(kube: Kube, d: Demo, pod: str) -> datetime | None:
 def test_a_pod_deleted_while_its_app_is_starting_is_never_passing_after_the_delete(demo, kube):
     delay = 24  # the app's --start-delay
     # A drain delay (tests/e2e/values.yaml: 3 s) long enough that the port opens inside the drain
-    # however long the kubelet takes to run the preStop (up to 4 s); the grace period (20 s) holds it.
+    # however long the kubelet takes to run the preStop (up to 4 s), and a grace period that holds
+    # it (the chart requires drain delay + deregisterTimeout 10 s + the app's 5 s: 23 s).
     drain_delay = 8
     d = demo({"replicaCount": 1, "app": {"args": app_args("--start-delay", f"{delay}s")},
-              "manifest": {"drain": {"delay": f"{drain_delay}s"}}}, wait=False)
+              "manifest": {"drain": {"delay": f"{drain_delay}s"}}, "terminationGracePeriodSeconds": 25},
+             wait=False)
     victim = wait_for("the pod", lambda: pod_names(d) and pod_names(d)[0], 120, 0.5)
     iid = d.instance_id(victim)
     since = wait_for("the app loading", lambda: loading_since(kube, d, victim), 120, 0.5)
