@@ -90,6 +90,36 @@ impl CatalogRegistry {
         }
     }
 
+    /// Every check on our virtual node (other sidecars' on the same Kubernetes node too), as
+    /// the servers hold them (`GET /v1/health/node/:node`), blocking from `index` when given,
+    /// and the answer's index (its version). `operation` names the request in metrics and errors.
+    async fn node_checks(
+        &self,
+        operation: &'static str,
+        index: Option<(&str, Duration)>,
+    ) -> Result<(Vec<HealthCheck>, Option<String>), ConsulError> {
+        let node = path_escape(&self.settings.node);
+        let req = self
+            .client
+            .request(Method::GET, &format!("/v1/health/node/{node}"));
+        let (req, timeout) = match index {
+            Some((index, wait)) => (
+                req.query(&[
+                    ("index", if index.is_empty() { "0" } else { index }),
+                    ("wait", &format!("{}ms", wait.as_millis())),
+                ]),
+                super::blocking_timeout(wait),
+            ),
+            None => (req, super::REQUEST_TIMEOUT),
+        };
+        let answer = self.client.send(operation, req, timeout).await?;
+        let checks = serde_json::from_slice(&answer.body).map_err(|e| ConsulError::Decode {
+            operation,
+            reason: e.to_string(),
+        })?;
+        Ok((checks, answer.index))
+    }
+
     /// Our instance as the servers hold it, from our virtual node alone (never the whole
     /// service: a change to another replica wakes no one but its own node's sidecars): the
     /// node's checks (`GET /v1/health/node/:node`, blocking from `index` when given, whose index
@@ -101,26 +131,12 @@ impl CatalogRegistry {
         index: Option<(&str, Duration)>,
     ) -> Result<ServiceWatch, ConsulError> {
         let node = path_escape(&self.settings.node);
-        let req = self
-            .client
-            .request(Method::GET, &format!("/v1/health/node/{node}"));
-        let (operation, req, timeout) = match index {
-            Some((index, wait)) => (
-                "watch_instance",
-                req.query(&[
-                    ("index", if index.is_empty() { "0" } else { index }),
-                    ("wait", &format!("{}ms", wait.as_millis())),
-                ]),
-                super::blocking_timeout(wait),
-            ),
-            None => ("read_instance", req, super::REQUEST_TIMEOUT),
+        let operation = if index.is_some() {
+            "watch_instance"
+        } else {
+            "read_instance"
         };
-        let answer = self.client.send(operation, req, timeout).await?;
-        let checks: Vec<HealthCheck> =
-            serde_json::from_slice(&answer.body).map_err(|e| ConsulError::Decode {
-                operation,
-                reason: e.to_string(),
-            })?;
+        let (checks, version) = self.node_checks(operation, index).await?;
         let filter = format!("ID == \"{}\"", spec.id);
         let req = self
             .client
@@ -160,7 +176,7 @@ impl CatalogRegistry {
         };
         Ok(ServiceWatch::Present {
             service: Box::new(service),
-            hash: answer.index.unwrap_or_default(),
+            hash: version.unwrap_or_default(),
         })
     }
 }
@@ -419,18 +435,7 @@ impl Registry for CatalogRegistry {
         status: CheckStatus,
         output: &str,
     ) -> Result<bool, ConsulError> {
-        // Every check on our virtual node (other sidecars' on the same Kubernetes node too).
-        let path = format!("/v1/health/node/{}", path_escape(&self.settings.node));
-        let req = self.client.request(Method::GET, &path);
-        let answer = self
-            .client
-            .send("node_checks", req, super::REQUEST_TIMEOUT)
-            .await?;
-        let checks: Vec<HealthCheck> =
-            serde_json::from_slice(&answer.body).map_err(|e| ConsulError::Decode {
-                operation: "node_checks",
-                reason: e.to_string(),
-            })?;
+        let (checks, _) = self.node_checks("node_checks", None).await?;
         let ours: Vec<&str> = specs.iter().map(|s| s.check.id.as_str()).collect();
         Ok(checks.iter().any(|c| {
             ours.contains(&c.check_id.as_str()) && c.status == status.as_str() && c.output == output
