@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use support::sidecar::Sidecar;
-use support::{ConsulAgent, ConsulOptions, DemoApp, DemoAppOptions, wait_until};
+use support::{ConsulAgent, ConsulOptions, DemoApp, DemoAppOptions};
 
 const SECOND: Duration = Duration::from_secs(1);
 const PAGE: &str = include_str!("../docs/acl-login.md");
@@ -77,10 +77,9 @@ services:
 }
 
 async fn status_becomes(consul: &ConsulAgent, want: Option<&str>, timeout: Duration) -> bool {
-    wait_until(timeout, || async {
-        consul.check_status("hello", "hello-1").await.as_deref() == want
-    })
-    .await
+    consul
+        .wait_for_status("hello", "hello-1", want, timeout)
+        .await
 }
 
 /// Register, follow a flip each way, drain: every call a sidecar of `mode` makes in its life.

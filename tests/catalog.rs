@@ -110,10 +110,7 @@ async fn status_becomes(
     want: Option<&str>,
     timeout: Duration,
 ) -> bool {
-    wait_until(timeout, || async {
-        consul.check_status(name, id).await.as_deref() == want
-    })
-    .await
+    consul.wait_for_status(name, id, want, timeout).await
 }
 
 /// [`status_becomes`] against whichever server of `cluster` runs.

@@ -70,10 +70,7 @@ async fn status_becomes(
     want: Option<&str>,
     timeout: Duration,
 ) -> bool {
-    wait_until(timeout, || async {
-        consul.check_status("hello", id).await.as_deref() == want
-    })
-    .await
+    consul.wait_for_status("hello", id, want, timeout).await
 }
 
 /// Fails if instance `id` of `hello` shows `status` in Consul at any time during `period`.

@@ -100,14 +100,9 @@ fn write_bearer(path: &Path, token: &str) {
 }
 
 async fn status_becomes(consul: &ConsulAgent, service: &str, want: Option<&str>) -> bool {
-    wait_until(10 * SECOND, || async {
-        consul
-            .check_status(service, &format!("{service}-1"))
-            .await
-            .as_deref()
-            == want
-    })
-    .await
+    consul
+        .wait_for_status(service, &format!("{service}-1"), want, 10 * SECOND)
+        .await
 }
 
 fn env(mode: &str) -> Vec<(&'static str, &'static str)> {

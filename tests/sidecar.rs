@@ -50,10 +50,7 @@ async fn status_becomes(
     want: Option<&str>,
     timeout: Duration,
 ) -> bool {
-    wait_until(timeout, || async {
-        consul.check_status("hello", id).await.as_deref() == want
-    })
-    .await
+    consul.wait_for_status("hello", id, want, timeout).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

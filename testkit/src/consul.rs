@@ -514,16 +514,17 @@ impl ConsulAgent {
     }
 
     /// Waits up to `timeout` for instance `id` of service `name` to show `status` in the catalog
-    /// ([`ConsulAgent::check_status`]); true if it did.
-    pub async fn wait_for_status(
+    /// ([`ConsulAgent::check_status`]), or to be gone when `status` is None; true if it did.
+    pub async fn wait_for_status<'a>(
         &self,
         name: &str,
         id: &str,
-        status: &str,
+        status: impl Into<Option<&'a str>>,
         timeout: Duration,
     ) -> bool {
+        let status = status.into();
         crate::wait_until(timeout, || async {
-            self.check_status(name, id).await.as_deref() == Some(status)
+            self.check_status(name, id).await.as_deref() == status
         })
         .await
     }
