@@ -106,7 +106,7 @@ impl CatalogRegistry {
             Some((index, wait)) => (
                 req.query(&[
                     ("index", if index.is_empty() { "0" } else { index }),
-                    ("wait", &format!("{}ms", wait.as_millis())),
+                    ("wait", &super::wait_param(wait)),
                 ]),
                 super::blocking_timeout(wait),
             ),

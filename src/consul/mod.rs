@@ -270,7 +270,7 @@ impl ConsulClient {
             Some(h) => (
                 "watch_service",
                 self.request(Method::GET, &path)
-                    .query(&[("hash", h), ("wait", &format!("{}ms", wait.as_millis()))]),
+                    .query(&[("hash", h), ("wait", &wait_param(wait))]),
                 blocking_timeout(wait),
             ),
             None => (
@@ -646,6 +646,17 @@ impl ConsulClient {
     }
 }
 
+/// The `wait` parameter of one blocking query that should return at least every `wait`: drawn
+/// anew for each query from ¾ × `wait` to `wait`. Sidecars started together (a rollout) would
+/// otherwise re-arm together every `resyncInterval`, a wave on the servers each time that Consul's
+/// own jitter (at most wait/16) spreads only over a few seconds; drawn anew, the waves spread over
+/// a quarter of the interval at once and wider at each re-arm. Never longer than `wait`, which
+/// stays the resync bound.
+fn wait_param(wait: Duration) -> String {
+    let drawn = wait.mul_f64(1.0 - 0.25 * fastrand::f64());
+    format!("{}ms", drawn.as_millis())
+}
+
 /// How long a blocking query waiting up to `wait` may take: Consul adds up to wait/16 of jitter;
 /// leave room for it and the network.
 fn blocking_timeout(wait: Duration) -> Duration {
@@ -949,6 +960,21 @@ pub fn install_crypto_provider() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn blocking_waits_are_spread_over_the_last_quarter_of_the_interval() {
+        let wait = Duration::from_secs(60);
+        let drawn: Vec<u128> = (0..2000)
+            .map(|_| {
+                let p = wait_param(wait);
+                p.strip_suffix("ms").unwrap().parse().unwrap()
+            })
+            .collect();
+        let (low, high) = (*drawn.iter().min().unwrap(), *drawn.iter().max().unwrap());
+        assert!(low >= 45_000 && high <= 60_000, "{low}..{high}");
+        // Spread, not one value: 2,000 draws cover most of the 15 s.
+        assert!(high - low >= 12_000, "{low}..{high}");
+    }
 
     #[test]
     fn ids_are_escaped_for_paths() {

@@ -230,7 +230,7 @@ impl Reaper {
             .query(&[
                 ("stale", ""),
                 ("index", index),
-                ("wait", &format!("{}ms", self.wait.as_millis())),
+                ("wait", &super::wait_param(self.wait)),
             ]);
         let timeout = if index == "0" {
             super::REQUEST_TIMEOUT
@@ -349,7 +349,7 @@ impl Reaper {
                 // so the watches of every sidecar do not all land on the leader.
                 ("stale", ""),
                 ("index", index),
-                ("wait", &format!("{}ms", self.wait.as_millis())),
+                ("wait", &super::wait_param(self.wait)),
             ]);
         match self
             .client
