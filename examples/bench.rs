@@ -140,19 +140,22 @@ struct Args {
     #[arg(
         long,
         env = "BENCH_PODS",
-        default_value = "50,100,200",
+        default_value = "50,100,200,400",
         value_delimiter = ','
     )]
     pods: Vec<usize>,
     /// Length of the at-rest window of the scale-catalog and scale-agent phases: at least the
-    /// sidecars' `resyncInterval` (60 s), whose blocking-query timeouts come in one wave.
+    /// sidecars' `resyncInterval` (60 s), so that every blocking query re-arms in it once.
     #[arg(long, env = "BENCH_PODS_REST_SECONDS", default_value_t = 60)]
     pods_rest_seconds: u64,
-    /// Pod events (start, register, drain) measured per pod count.
-    #[arg(long, env = "BENCH_POD_EVENTS", default_value_t = 5)]
+    /// Pod events (start, register, drain) measured per pod count. Their window (≈ 5 s each)
+    /// should outlast `resyncInterval` (60 s): the at-rest rate taken off it includes the
+    /// blocking queries' re-arms, which a shorter window catches at some phase of their cycle.
+    #[arg(long, env = "BENCH_POD_EVENTS", default_value_t = 20)]
     pod_events: usize,
-    /// Flips of one replica measured per pod count.
-    #[arg(long, env = "BENCH_POD_FLIPS", default_value_t = 10)]
+    /// Flips of one replica measured per pod count (1.5 s each; 40 span a `resyncInterval`, as
+    /// above).
+    #[arg(long, env = "BENCH_POD_FLIPS", default_value_t = 40)]
     pod_flips: usize,
     /// The source revision, for the report.
     #[arg(long, default_value = "")]
