@@ -911,3 +911,96 @@ async fn another_replicas_flips_do_not_wake_the_instances_watch() {
         sidecar.logs()
     );
 }
+
+/// Instances `{prefix}-0` … of services `svc-0` … (one instance each, all probed on `port`).
+fn many_services(consul: &str, prefix: &str, count: usize, port: u16) -> String {
+    let ids: Vec<(String, String)> = (0..count)
+        .map(|i| (format!("svc-{i}"), format!("{prefix}-{i}")))
+        .collect();
+    let instances: Vec<Instance> = ids
+        .iter()
+        .map(|(name, id)| Instance { name, id, port })
+        .collect();
+    manifest(consul, &instances, "")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_on_the_reaper_keys_of_many_services_never_delays_a_verdict() {
+    // A sidecar of more services than there are call permits (32), whose reaper keys another
+    // sidecar holds, blocks on every one of those keys: those blocking reads must not hold the
+    // permits its registrations and verdicts need, nor be timed as calls.
+    const SERVICES: usize = 40;
+    // Two sidecars of 40 services hold ≈ 50 connections each at rest, more while they register;
+    // here they and this test share one address, which Consul limits as one client (200 by
+    // default), where pods would be two.
+    let consul = ConsulAgent::start_with(ConsulOptions {
+        http_max_conns_per_client: Some(1000),
+        ..Default::default()
+    })
+    .await;
+    let addr = consul.http_addr();
+    let app_a = DemoApp::start(DemoAppOptions::default()).await;
+    let app_b = DemoApp::start(DemoAppOptions::default()).await;
+    let all = |prefix: &'static str, want: &'static str| {
+        let consul = &consul;
+        async move {
+            for i in 0..SERVICES {
+                let (name, id) = (format!("svc-{i}"), format!("{prefix}-{i}"));
+                if consul.check_status(&name, &id).await.as_deref() != Some(want) {
+                    return false;
+                }
+            }
+            true
+        }
+    };
+    let mut a = Sidecar::start(
+        &many_services(&addr, "a", SERVICES, app_a.port()),
+        &on_node("kube-a"),
+    );
+    assert!(
+        wait_until(30 * SECOND, || all("a", "passing")).await,
+        "{}",
+        a.logs()
+    );
+    // A holds every reaper key (it was alone); B then waits on all of them.
+    let b = Sidecar::start(
+        &many_services(&addr, "b", SERVICES, app_b.port()),
+        &on_node("kube-b"),
+    );
+    assert!(
+        wait_until(15 * SECOND, || all("b", "passing")).await,
+        "B's instances did not all pass within 15 s\n{}",
+        b.logs()
+    );
+    tokio::time::sleep(2 * SECOND).await;
+    app_b.set_serving(false).await;
+    let started = Instant::now();
+    let followed = wait_until(15 * SECOND, || all("b", "critical")).await;
+    let took = started.elapsed();
+    if !followed || took > 2 * FOLLOWS {
+        let mut statuses = Vec::new();
+        for i in 0..SERVICES {
+            let (name, id) = (format!("svc-{i}"), format!("b-{i}"));
+            statuses.push(format!("{id}: {:?}", consul.check_status(&name, &id).await));
+        }
+        panic!(
+            "B's {SERVICES} instances turned critical after {took:?} (followed: {followed}), not within {:?}: {}\n{}",
+            2 * FOLLOWS,
+            statuses.join(", "),
+            b.logs()
+        );
+    }
+    // Once B has waited on A's keys past the duration histogram's top bucket (10 s), A drains:
+    // its reaper keys go, B's blocking reads answer, and none of them is timed as a call.
+    tokio::time::sleep(8 * SECOND).await;
+    let _ = a.terminate(10 * SECOND).await;
+    tokio::time::sleep(2 * SECOND).await;
+    let m = b.metrics().await;
+    let histogram = "consul_registrar_consul_request_duration_seconds_bucket";
+    let past_ten_seconds =
+        m.sum(histogram, Some(("le", "+Inf"))) - m.sum(histogram, Some(("le", "10")));
+    assert_eq!(
+        past_ten_seconds, 0.0,
+        "{past_ten_seconds} Consul calls were timed past 10 s"
+    );
+}

@@ -33,9 +33,15 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// still carry thousands of calls a second. Blocking watches are bounded apart, by
 /// `consul.blockingWatches`.
 pub const MAX_CONCURRENT_CALLS: usize = 32;
-/// The operations that are blocking queries: they do not take a call permit (they are bounded
-/// by `consul.blockingWatches` and the reaper's one watch) and are not timed as calls.
-const BLOCKING_OPERATIONS: [&str; 3] = ["watch_service", "watch_instance", "watch_keys"];
+/// The operations that are blocking queries: they do not take a call permit and are not timed as
+/// calls. The instances' watches are bounded by `consul.blockingWatches`; catalog mode adds one
+/// on each service's reaper key, and one on the key prefix per service whose reaper it is.
+const BLOCKING_OPERATIONS: [&str; 4] = [
+    "watch_service",
+    "watch_instance",
+    "watch_keys",
+    "watch_reaper_key",
+];
 /// Idle connections kept for reuse: the concurrent calls and a margin for the blocking watches.
 const MAX_IDLE_CONNECTIONS: usize = MAX_CONCURRENT_CALLS + 16;
 
@@ -674,7 +680,7 @@ fn needed_permission(operation: &str) -> &'static str {
         "session_create" | "session_renew" | "session_destroy" | "session_list" => {
             "session:write on the virtual node (session_prefix \"consul-registrar-\")"
         }
-        "key_acquire" | "key_delete" | "key_read" | "reaper_key" => {
+        "key_acquire" | "key_delete" | "key_read" | "reaper_key" | "watch_reaper_key" => {
             "key:write on the liveness keys (key_prefix \"consul-registrar/instances/\")"
         }
         "watch_keys" => {

@@ -232,16 +232,18 @@ impl Reaper {
                 ("index", index),
                 ("wait", &super::wait_param(self.wait)),
             ]);
-        let timeout = if index == "0" {
-            super::REQUEST_TIMEOUT
+        // A blocking read is a watch: it holds no call permit and is not timed as a call, or
+        // the reapers of a sidecar of many services would hold every permit for a minute.
+        let (operation, timeout) = if index == "0" {
+            ("reaper_key", super::REQUEST_TIMEOUT)
         } else {
-            super::blocking_timeout(self.wait)
+            ("watch_reaper_key", super::blocking_timeout(self.wait))
         };
-        match self.client.send("reaper_key", req, timeout).await {
+        match self.client.send(operation, req, timeout).await {
             Ok(answer) => {
                 let entries: Vec<KvEntry> =
                     serde_json::from_slice(&answer.body).map_err(|e| ConsulError::Decode {
-                        operation: "reaper_key",
+                        operation,
                         reason: e.to_string(),
                     })?;
                 let next = answer.index.unwrap_or_else(|| String::from("0"));
