@@ -1987,22 +1987,24 @@ fn reap_deadline(mode: Mode) -> Duration {
 /// SIGKILL → gone, both modes side by side on one Consul dev server: `reap_runs` sidecars in each
 /// mode (one instance each, every default: agent mode with `check.ttl` 10 s and
 /// `deregisterCriticalServiceAfter` 1 m; catalog mode with session TTL 10 s on Kubernetes node
-/// `bench-reap-a`), and one more catalog-mode sidecar on node `bench-reap-b` that stays alive: its
-/// reaper is the one that deregisters the others' instances. A managed virtual node without
+/// `bench-reap-a`), and one more catalog-mode sidecar of the catalog-mode victims' service on node
+/// `bench-reap-b`, started first, that stays alive: elected, its reaper is the one that deregisters
+/// the others' instances (a reaper judges only its own service's). A managed virtual node without
 /// instances (`consul-registrar-bench-reap-empty`) is there from the start, as in a cluster where
-/// every pod of some node has gone. An agent-mode and a catalog-mode
+/// every pod of some node has gone: the sweep that meets it removes it. An agent-mode and a catalog-mode
 /// sidecar are killed at the same moment, pair after pair 30 s / runs apart (so the kills land at
 /// different points of Consul's 30 s reaper period).
 async fn reap(bed: &Bed, args: &Args) -> Result<Value> {
-    const SURVIVOR: (&str, &str) = ("reap-survivor", "reap-survivor-1");
+    // Of the catalog-mode victims' service (`reap-<mode>`): only its own service's sidecars reap.
+    const SURVIVOR: (&str, &str) = ("reap-catalog", "reap-survivor-1");
     let runs = args.reap_runs.max(1);
     let mut consul = bed.consul("bench-reap", ConsulOptions::default());
     consul.start().await;
     let api = bed.api(&consul);
     let app = bed.demo_app("demo-app-reap", 0).await;
     let addr = consul.http_addr();
-    // A virtual node whose pods have all gone, as a cluster has them (a sidecar never deregisters
-    // its node): every reaper's sweep must get past it.
+    // A virtual node whose pods have all gone (left by a sidecar that never drained): the reaper's
+    // sweep must get past it.
     api.put(
         "/v1/catalog/register",
         &json!({
