@@ -912,11 +912,16 @@ async fn another_replicas_flips_do_not_wake_the_instances_watch() {
     );
 }
 
-/// Instances `{prefix}-0` … of services `svc-0` … (one instance each, all probed on `port`).
-fn many_services(consul: &str, prefix: &str, count: usize, port: u16) -> String {
-    let ids: Vec<(String, String)> = (0..count)
+/// Services `svc-0` … and their one instance each, `{prefix}-0` ….
+fn service_instances(prefix: &str, count: usize) -> Vec<(String, String)> {
+    (0..count)
         .map(|i| (format!("svc-{i}"), format!("{prefix}-{i}")))
-        .collect();
+        .collect()
+}
+
+/// The manifest of [`service_instances`], all probed on `port`.
+fn many_services(consul: &str, prefix: &str, count: usize, port: u16) -> String {
+    let ids = service_instances(prefix, count);
     let instances: Vec<Instance> = ids
         .iter()
         .map(|(name, id)| Instance { name, id, port })
@@ -941,17 +946,23 @@ async fn waiting_on_the_reaper_keys_of_many_services_never_delays_a_verdict() {
     let addr = consul.http_addr();
     let app_a = DemoApp::start(DemoAppOptions::default()).await;
     let app_b = DemoApp::start(DemoAppOptions::default()).await;
-    let all = |prefix: &'static str, want: &'static str| {
+    // Each instance of a sidecar (`a` or `b`) with its status in Consul.
+    let statuses = |prefix: &'static str| {
         let consul = &consul;
         async move {
-            for i in 0..SERVICES {
-                let (name, id) = (format!("svc-{i}"), format!("{prefix}-{i}"));
-                if consul.check_status(&name, &id).await.as_deref() != Some(want) {
-                    return false;
-                }
+            let mut statuses = Vec::new();
+            for (name, id) in service_instances(prefix, SERVICES) {
+                let status = consul.check_status(&name, &id).await;
+                statuses.push((id, status));
             }
-            true
+            statuses
         }
+    };
+    let all = |prefix: &'static str, want: &'static str| async move {
+        statuses(prefix)
+            .await
+            .iter()
+            .all(|(_, status)| status.as_deref() == Some(want))
     };
     let mut a = Sidecar::start(
         &many_services(&addr, "a", SERVICES, app_a.port()),
@@ -977,19 +988,13 @@ async fn waiting_on_the_reaper_keys_of_many_services_never_delays_a_verdict() {
     let started = Instant::now();
     let followed = wait_until(15 * SECOND, || all("b", "critical")).await;
     let took = started.elapsed();
-    if !followed || took > 2 * FOLLOWS {
-        let mut statuses = Vec::new();
-        for i in 0..SERVICES {
-            let (name, id) = (format!("svc-{i}"), format!("b-{i}"));
-            statuses.push(format!("{id}: {:?}", consul.check_status(&name, &id).await));
-        }
-        panic!(
-            "B's {SERVICES} instances turned critical after {took:?} (followed: {followed}), not within {:?}: {}\n{}",
-            2 * FOLLOWS,
-            statuses.join(", "),
-            b.logs()
-        );
-    }
+    assert!(
+        followed && took <= 2 * FOLLOWS,
+        "B's {SERVICES} instances turned critical after {took:?} (followed: {followed}), not within {:?}: {:?}\n{}",
+        2 * FOLLOWS,
+        statuses("b").await,
+        b.logs()
+    );
     // Once B has waited on A's keys past the duration histogram's top bucket (10 s), A drains:
     // its reaper keys go, B's blocking reads answer, and none of them is timed as a call.
     tokio::time::sleep(8 * SECOND).await;
