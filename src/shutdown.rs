@@ -27,14 +27,25 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout_at};
 
 use crate::consul::{CheckStatus, ConsulError, Registry, ServiceWatch};
-use crate::manifest::{DrainPolicy, RetryPolicy, ServiceSpec, duration};
+use crate::manifest::{DrainPolicy, POD_UID_KEY, RetryPolicy, ServiceSpec, duration};
 use crate::metrics::Metrics;
 use crate::reconcile::Backoff;
 use crate::status::StatusBoard;
 
-/// The check output while draining.
+/// The check output while draining, without the pod (see [`drain_mark`]).
 pub const DRAINING_OUTPUT: &str =
     "draining: consul-registrar is taking this instance out of service";
+
+/// The drain's mark: the check output while draining, naming the pod by its UID when the sidecar
+/// knows it. A sidecar that starts and finds its instances so marked was restarted in the middle
+/// of its pod's drain and finishes it; a new pod of the same name (a StatefulSet's, after the old
+/// one's drain was cut off) has another UID, so its predecessor's mark is not its own.
+pub fn drain_mark(services: &[ServiceSpec]) -> String {
+    match services.iter().find_map(|s| s.meta.get(POD_UID_KEY)) {
+        Some(uid) => format!("{DRAINING_OUTPUT} (pod {uid})"),
+        None => DRAINING_OUTPUT.to_string(),
+    }
+}
 
 /// Where the sidecar is in its life.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -371,7 +382,11 @@ impl<R: Registry> Drainer<R> {
             let asked = async {
                 self.registry.verify(false).await?;
                 self.registry
-                    .marked(&self.services, CheckStatus::Critical, DRAINING_OUTPUT)
+                    .marked(
+                        &self.services,
+                        CheckStatus::Critical,
+                        &drain_mark(&self.services),
+                    )
                     .await
             };
             match asked.await {
@@ -421,6 +436,7 @@ impl<R: Registry> Drainer<R> {
         // 1. Critical at once. One try each, bounded by the delay (or, without a delay, by the
         //    deadline): if Consul is down, the deregistration below retries.
         let registry = &self.registry;
+        let drain_mark = &drain_mark(&self.services);
         let marks_end = if delay_end <= started {
             deadline
         } else {
@@ -433,7 +449,7 @@ impl<R: Registry> Drainer<R> {
                     return Ok(());
                 }
                 registry
-                    .set_status(s, CheckStatus::Critical, DRAINING_OUTPUT)
+                    .set_status(s, CheckStatus::Critical, drain_mark)
                     .await
             };
             match timeout_at(marks_end, mark).await

@@ -11,7 +11,8 @@
 //!   that works), and in catalog mode does not leave the instance passing;
 //! - `/drain?wait=true` answers only once the servers no longer hold the instance (agent mode: the
 //!   client agent's sync to the servers can fail when the leader dies);
-//! - a sidecar restarted in the middle of a drain stays drained; an app that dies is critical at
+//! - a sidecar restarted in the middle of a drain stays drained, but a new pod of the same name
+//!   (the old one's drain cut off) registers and gets Ready; an app that dies is critical at
 //!   once; no session is made after a drain ended; the exit waits at most the one-second grace.
 
 mod support;
@@ -543,6 +544,19 @@ async fn drain_wait_answers_once_the_servers_no_longer_hold_the_instance_though_
 
 // ---- item 6: the smaller ones -------------------------------------------------------------------
 
+/// The environment of a sidecar in pod `uid` (the Downward API's `metadata.uid`), on Kubernetes
+/// node `node-a` in catalog mode; `None`: not in a pod (no `POD_UID`).
+fn pod_env(catalog: bool, uid: Option<&'static str>) -> Vec<(&'static str, &'static str)> {
+    let mut env = if catalog {
+        on_node("node-a").to_vec()
+    } else {
+        Vec::new()
+    };
+    env.extend(uid.map(|uid| ("POD_UID", uid)));
+    env
+}
+
+/// Agent mode without `POD_UID` (as on a host), catalog mode in a pod: a restart keeps the pod.
 async fn restarted_in_the_middle_of_a_drain(catalog: bool) {
     let consul = ConsulAgent::start_dev().await;
     let app = DemoApp::start(DemoAppOptions::default()).await;
@@ -551,7 +565,7 @@ async fn restarted_in_the_middle_of_a_drain(catalog: bool) {
     } else {
         manifest(&consul.http_addr(), app.port(), "3s", "5s")
     };
-    let env: &[(&str, &str)] = if catalog { &on_node("node-a") } else { &[] };
+    let env = &pod_env(catalog, catalog.then_some("0b1c7e52-pod-a"));
     let mut first = Sidecar::start(&m, env);
     assert!(status_becomes(&consul, "hello-1", Some("passing"), 10 * SECOND).await);
     assert_eq!(first.request(reqwest::Method::POST, "/drain").await.0, 202);
@@ -587,6 +601,61 @@ async fn a_sidecar_restarted_in_the_middle_of_a_drain_stays_drained() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_catalog_mode_a_sidecar_restarted_in_the_middle_of_a_drain_stays_drained() {
     restarted_in_the_middle_of_a_drain(true).await;
+}
+
+/// A pod whose drain was cut off (killed during the drain delay: a grace period shorter than the
+/// drain, `kubectl delete --grace-period=1`) leaves its instance marked draining; a StatefulSet
+/// puts a new pod of the same name (the same instance ID) on the same node within seconds. That
+/// new pod is not the old one restarted: it registers and gets Ready, and is not held drained
+/// waiting for an app restart that never comes.
+async fn a_new_pod_of_the_same_name_is_not_held_by_its_predecessors_cut_off_drain(catalog: bool) {
+    let consul = ConsulAgent::start_dev().await;
+    let app = DemoApp::start(DemoAppOptions::default()).await;
+    let m = if catalog {
+        catalog_manifest(&consul.http_addr(), app.port(), "3s", "5s")
+    } else {
+        manifest(&consul.http_addr(), app.port(), "3s", "5s")
+    };
+    let mut old = Sidecar::start(&m, &pod_env(catalog, Some("0b1c7e52-pod-old")));
+    assert!(status_becomes(&consul, "hello-1", Some("passing"), 10 * SECOND).await);
+    assert_eq!(old.request(reqwest::Method::POST, "/drain").await.0, 202);
+    assert!(status_becomes(&consul, "hello-1", Some("critical"), 2 * SECOND).await);
+    old.signal("KILL");
+    assert!(old.exit_within(5 * SECOND).await.is_some());
+    let new = Sidecar::start(&m, &pod_env(catalog, Some("9d4a61f0-pod-new")));
+    // Catalog mode: the old pod's session holds the instance's key until it expires (2 × the
+    // 10 s TTL); agent mode: nothing stands in the way.
+    let bound = if catalog { 30 * SECOND } else { 10 * SECOND };
+    let began = Instant::now();
+    let mut ready = false;
+    while began.elapsed() < bound {
+        if new.get("/readyz").await.0 == 200 {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        ready,
+        "the new pod of the same name was not Ready within {bound:?}: {}\n{}",
+        new.get("/status").await.1,
+        new.logs()
+    );
+    assert_eq!(
+        consul.check_status("hello", "hello-1").await.as_deref(),
+        Some("passing"),
+        "Ready, but its instance is not passing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_pod_of_the_same_name_is_not_held_by_its_predecessors_cut_off_drain_agent_mode() {
+    a_new_pod_of_the_same_name_is_not_held_by_its_predecessors_cut_off_drain(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_pod_of_the_same_name_is_not_held_by_its_predecessors_cut_off_drain_catalog_mode() {
+    a_new_pod_of_the_same_name_is_not_held_by_its_predecessors_cut_off_drain(true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,5 +1,5 @@
 //! `${VAR}` and `${VAR:-default}` interpolation of manifest values from the environment, so that the
-//! Kubernetes Downward API (POD_IP, POD_NAME, POD_NAMESPACE, HOST_IP, NODE_NAME) fills the manifest in.
+//! Kubernetes Downward API (POD_IP, POD_NAME, POD_NAMESPACE, POD_UID, HOST_IP, NODE_NAME) fills the manifest in.
 //!
 //! Interpolation happens per scalar value while the YAML is deserialized (never on the raw text), so a
 //! variable can't inject YAML structure and an error points at the value that used the variable.

@@ -28,9 +28,17 @@ use values::Text;
 pub const MANAGED_BY_KEY: &str = "managed-by";
 /// Value of [`MANAGED_BY_KEY`].
 pub const MANAGED_BY_VALUE: &str = "consul-registrar";
+/// Meta key of the pod's UID (the Downward API's `metadata.uid`, in `POD_UID`): the same across
+/// restarts of the sidecar's container, another for every pod, even one of the same name.
+pub const POD_UID_KEY: &str = "pod-uid";
 /// Meta keys the sidecar sets itself; the manifest may not set them.
-pub const RESERVED_META_KEYS: [&str; 4] =
-    [MANAGED_BY_KEY, "pod-name", "pod-namespace", "node-name"];
+pub const RESERVED_META_KEYS: [&str; 5] = [
+    MANAGED_BY_KEY,
+    "pod-name",
+    "pod-namespace",
+    POD_UID_KEY,
+    "node-name",
+];
 /// Consul's limit on meta pairs per instance.
 pub const MAX_META_KEYS: usize = 64;
 /// Consul's limit on the length of a meta value, in bytes.
@@ -266,6 +274,7 @@ pub struct CheckSpec {
 pub struct PodIdentity {
     pub pod_name: Option<String>,
     pub pod_namespace: Option<String>,
+    pub pod_uid: Option<String>,
     pub node_name: Option<String>,
     pub hostname: Option<String>,
 }
@@ -281,6 +290,7 @@ impl PodIdentity {
         PodIdentity {
             pod_name: env.non_empty("POD_NAME"),
             pod_namespace: env.non_empty("POD_NAMESPACE"),
+            pod_uid: env.non_empty("POD_UID"),
             node_name: env.non_empty("NODE_NAME"),
             hostname,
         }
@@ -305,6 +315,7 @@ impl PodIdentity {
         [
             ("pod-name", &self.pod_name),
             ("pod-namespace", &self.pod_namespace),
+            (POD_UID_KEY, &self.pod_uid),
             ("node-name", &self.node_name),
         ]
         .into_iter()

@@ -25,6 +25,7 @@ fn minimal_manifest_gets_documented_defaults() {
         ("POD_NAME", "hello-7d9f"),
         ("POD_NAMESPACE", "shop"),
         ("POD_IP", "10.1.2.3"),
+        ("POD_UID", "5b0e1a4c-7f7e"),
         ("NODE_NAME", "node-a"),
     ]);
     let m = parse(MINIMAL, "m.yaml", &e).expect("valid");
@@ -48,6 +49,10 @@ fn minimal_manifest_gets_documented_defaults() {
         Some("hello-7d9f")
     );
     assert_eq!(s.meta.get("node-name").map(String::as_str), Some("node-a"));
+    assert_eq!(
+        s.meta.get("pod-uid").map(String::as_str),
+        Some("5b0e1a4c-7f7e")
+    );
 }
 
 #[test]

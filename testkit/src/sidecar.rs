@@ -24,7 +24,7 @@ pub fn probe(args: &[&str]) -> (Option<i32>, String) {
 
 /// The environment variables the sidecar reads (the CONSUL_* set and the pod's downward API);
 /// cleared for every sidecar a test starts, so that the test's own environment cannot leak in.
-pub const CONSUL_ENV: [&str; 16] = [
+pub const CONSUL_ENV: [&str; 17] = [
     "CONSUL_HTTP_ADDR",
     "CONSUL_HTTP_TOKEN",
     "CONSUL_HTTP_TOKEN_FILE",
@@ -39,6 +39,7 @@ pub const CONSUL_ENV: [&str; 16] = [
     "POD_IP",
     "POD_NAME",
     "POD_NAMESPACE",
+    "POD_UID",
     "NODE_NAME",
     "HOST_IP",
 ];

@@ -185,6 +185,7 @@ POD_ENV = {
     "POD_IP": "10.244.1.7",
     "POD_NAME": "demo-consul-registrar-5d9c7-x2x8q",
     "POD_NAMESPACE": "shop",
+    "POD_UID": "5b0e1a4c-7f7e-4d1e-9c55-2f3a8e6d9b10",
     "HOST_IP": "172.18.0.2",
     "NODE_NAME": "kind-worker",
     "CONSUL_HTTP_ADDR": "http://172.18.0.2:8500",

@@ -23,6 +23,7 @@ DOWNWARD_API = {
     "POD_IP": "status.podIP",
     "POD_NAME": "metadata.name",
     "POD_NAMESPACE": "metadata.namespace",
+    "POD_UID": "metadata.uid",
     "HOST_IP": "status.hostIP",
     "NODE_NAME": "spec.nodeName",
 }

@@ -20,6 +20,10 @@ the volumes. Each renders YAML to be placed with nindent at the spot its comment
   valueFrom:
     fieldRef:
       fieldPath: metadata.namespace
+- name: POD_UID
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.uid
 - name: HOST_IP
   valueFrom:
     fieldRef:
