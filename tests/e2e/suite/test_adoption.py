@@ -137,7 +137,7 @@ def check_registered(w: Workload, began: float) -> None:
         inst = instances[w.instance_id(name)]
         assert inst.address == pod["status"]["podIP"] and inst.port == APP_PORT, (inst, pod["status"]["podIP"])
         expected = {"pod-name": name, "pod-namespace": w.namespace, "node-name": pod["spec"]["nodeName"],
-                    "managed-by": "consul-registrar", "version": "v1"}
+                    "pod-uid": pod["metadata"]["uid"], "managed-by": "consul-registrar", "version": "v1"}
         assert expected.items() <= inst.meta.items(), inst.meta
 
 

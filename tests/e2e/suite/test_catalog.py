@@ -89,7 +89,7 @@ def assert_registered_on_virtual_nodes(d: Demo, kube: Kube) -> None:
         service = entry["Service"]
         assert service["Address"] == pod["status"]["podIP"] and service["Port"] == 50051, service
         expected_meta = {"pod-name": name, "pod-namespace": d.namespace, "node-name": pod["spec"]["nodeName"],
-                         "managed-by": "consul-registrar", "version": "v1"}
+                         "pod-uid": pod["metadata"]["uid"], "managed-by": "consul-registrar", "version": "v1"}
         assert expected_meta.items() <= (service.get("Meta") or {}).items(), service.get("Meta")
         checks = entry["Checks"]
         assert len(checks) == 1 and checks[0]["ServiceID"] == iid and checks[0]["Status"] == "passing", (

@@ -49,7 +49,7 @@ def assert_registered_as_pods(d: Demo, kube: Kube) -> None:
         assert inst.address == pod["status"]["podIP"], (inst, pod["status"]["podIP"])
         assert inst.port == 50051, inst
         expected_meta = {"pod-name": name, "pod-namespace": d.namespace, "node-name": pod["spec"]["nodeName"],
-                         "managed-by": "consul-registrar", "version": "v1"}
+                         "pod-uid": pod["metadata"]["uid"], "managed-by": "consul-registrar", "version": "v1"}
         assert expected_meta.items() <= inst.meta.items(), inst.meta
 
 
