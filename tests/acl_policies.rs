@@ -147,3 +147,57 @@ async fn the_documented_catalog_mode_policy_suffices() {
     )
     .await;
 }
+
+/// A token that may write the liveness keys but not the service's reaper key (a policy narrower
+/// than the documented one): the sidecar registers and follows health, but cannot stand as its
+/// service's reaper. It says so in a warning (nobody reaps that service's crashed pods), and asks
+/// for the key at the sweeps' pace (every 0.8–1 × sessionTTL, 10 s here), not in a loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reaper_key_the_token_may_not_take_is_asked_for_at_the_sweeps_pace_and_warned() {
+    let consul = ConsulAgent::start_with(ConsulOptions {
+        acl: true,
+        ..Default::default()
+    })
+    .await;
+    let secret = "8e2b4f1a-6c3d-4e5f-9a0b-1c2d3e4f5a6b";
+    let rules = format!(
+        "{}key_prefix \"consul-registrar/instances/.reaper/\" {{ policy = \"read\" }}\n",
+        documented_policy("Catalog mode")
+    );
+    create_token(&consul, "no-reaper-key", &rules, secret).await;
+    let app = DemoApp::start(DemoAppOptions::default()).await;
+    let sidecar = Sidecar::start(
+        &manifest(&consul.http_addr(), app.port(), "catalog"),
+        &[
+            ("NODE_NAME", "kube-a"),
+            ("HOST_IP", "127.0.0.1"),
+            ("CONSUL_HTTP_TOKEN", secret),
+        ],
+    );
+    assert!(
+        status_becomes(&consul, Some("passing"), 10 * SECOND).await,
+        "{}",
+        sidecar.logs()
+    );
+    let reaper_key_calls = |m: &support::Metrics| {
+        m.sum(
+            "consul_registrar_consul_requests_total",
+            Some(("operation", "reaper_key")),
+        )
+    };
+    let before = reaper_key_calls(&sidecar.metrics().await);
+    tokio::time::sleep(12 * SECOND).await;
+    let asked = reaper_key_calls(&sidecar.metrics().await) - before;
+    // One read and one refused take per sweep: at most two sweeps in 12 s.
+    assert!(
+        asked <= 4.0,
+        "{asked} reaper-key calls in 12 s after a refusal (expected one read and one take every 8-10 s)\n{}",
+        sidecar.logs()
+    );
+    let logs = sidecar.logs();
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("WARN") && l.contains("reaper key") && l.contains("403")),
+        "the refused reaper key was not warned about:\n{logs}"
+    );
+}

@@ -134,6 +134,8 @@ impl Reaper {
         let mut leading = false;
         // Before the next read: the sweeps' pace while leading, a while after an error.
         let mut pause = None;
+        // A refused take (the token's policy) is warned about once.
+        let mut refusal_warned = false;
         loop {
             if let Some(pause) = pause.take() {
                 tokio::select! {
@@ -190,14 +192,23 @@ impl Reaper {
                 None => match self.take_reaper_key(&session).await {
                     Ok(taken) => taken,
                     Err(e) => {
-                        tracing::debug!(error = %e, "cannot take the reaper key; trying again at the next sweep");
+                        if matches!(e, ConsulError::Forbidden { .. }) && !refusal_warned {
+                            refusal_warned = true;
+                            tracing::warn!(
+                                service = %self.service,
+                                error = %e,
+                                "the token may not take this service's reaper key: this sidecar cannot reap the service's crashed pods (asked again every sweep)"
+                            );
+                        } else {
+                            tracing::debug!(error = %e, "cannot take the reaper key; trying again at the next sweep");
+                        }
                         index = String::from("0");
                         pause = Some(every);
                         false
                     }
                 },
             };
-            if !leading && index == "0" {
+            if !leading && index == "0" && pause.is_none() {
                 // Nothing to block on (the key was free but taken by another meanwhile).
                 pause = Some(ttl / 10);
             }
