@@ -5,7 +5,8 @@
 //! empty virtual node is removed, and no live session with it; an instance whose key came and went
 //! while the reaper could not read is reaped once it can. And the reaping is done by one
 //! sidecar per key prefix and service (issue 20, item 2): a key change wakes only that one, and
-//! when it is SIGKILLed another takes over and reaps its instance within the bound.
+//! when it is SIGKILLed another takes over and reaps its instance within the bound; its periodic
+//! sweep reads the service once, not every virtual node.
 
 mod support;
 
@@ -598,6 +599,63 @@ async fn an_empty_virtual_node_is_removed_without_invalidating_a_live_session() 
             Some("passing")
         );
     }
+}
+
+/// The reaper's periodic sweep (every 0.8–1 × sessionTTL) reads its service's instances once,
+/// whatever the number of virtual nodes: with one elected reaper per service, a sweep that read
+/// every virtual node cost the servers services × nodes reads a TTL (a cluster of 100 nodes and
+/// 200 services: 2,000 reads a second, at rest). Only the holder's first sweep passes over every
+/// node, for the empty ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_periodic_sweep_reads_the_service_once_not_every_virtual_node() {
+    let consul = ConsulAgent::start_dev().await;
+    let app = DemoApp::start(DemoAppOptions::default()).await;
+    // 30 other Kubernetes nodes, each with an instance of another team's service.
+    for i in 0..30 {
+        consul
+            .catalog_register(&json!({
+                "Node": virtual_node(&format!("kube-n{i}")), "Address": "127.0.0.1",
+                "NodeMeta": { "managed-by": "consul-registrar" },
+                "Service": { "ID": format!("other-{i}"), "Service": "other", "Port": 9,
+                             "Meta": { "managed-by": "consul-registrar" } },
+            }))
+            .await;
+    }
+    let sidecar = Sidecar::start(
+        &manifest(&consul.http_addr(), "a-1", app.port(), DEFAULT_PREFIX),
+        &pod("kube-a", "a-1"),
+    );
+    passing(&consul, "a-1", &sidecar).await;
+    takes_the_reaper_key(&consul, ("kube-a", "a-1"), &sidecar, 5 * SECOND).await;
+    tokio::time::sleep(2 * SECOND).await;
+    let reads = |m: &support::Metrics, op: &str| {
+        m.sum(
+            "consul_registrar_consul_requests_total",
+            Some(("operation", op)),
+        )
+    };
+    let before = sidecar.metrics().await;
+    // At least two periodic sweeps.
+    tokio::time::sleep(2 * SESSION_TTL + 2 * SECOND).await;
+    let after = sidecar.metrics().await;
+    let node_reads = reads(&after, "node_services") - reads(&before, "node_services");
+    let sweeps = reads(&after, "service_instances") - reads(&before, "service_instances");
+    assert!(
+        node_reads == 0.0,
+        "the periodic sweeps read {node_reads} virtual nodes (31 managed): a sweep must not walk every node\n{}",
+        sidecar.logs()
+    );
+    assert!(
+        sweeps >= 2.0,
+        "expected at least two periodic sweeps in {:?}, saw {sweeps}\n{}",
+        2 * SESSION_TTL + 2 * SECOND,
+        sidecar.logs()
+    );
+    assert_eq!(
+        consul.catalog_service("other").await.len(),
+        30,
+        "another service's instances were touched"
+    );
 }
 
 /// How many answers of `operation` each sidecar has had.

@@ -688,7 +688,7 @@ fn needed_permission(operation: &str) -> &'static str {
         }
         "reap" => "service:write on the reaped service and node:write on its virtual node",
         "watch_instance" | "read_instance" | "managed_nodes" | "node_services" | "node_checks"
-        | "catalog_service" | "agent_checks" => "service:read and node:read",
+        | "service_instances" | "catalog_service" | "agent_checks" => "service:read and node:read",
         "agent_self" => "agent:read (agent_prefix \"\")",
         _ => "service:write on the service",
     }

@@ -14,13 +14,15 @@
 //! go in the same moment, and the new holder's first sweep reaps them).
 //!
 //! The holder sweeps when it takes the key: every instance of the service on a managed virtual
-//! node without its key is a ghost. Then it watches the key prefix with a blocking query (key
+//! node without its key is a ghost (one read of the service, never one per virtual node: with a
+//! reaper per service, that would cost the servers services × nodes reads a TTL). Then it watches the key prefix with a blocking query (key
 //! names only); a key that disappears marks its instance for removal; a watch that could not read
 //! for a while sweeps again (a key may have come and gone unseen); and it sweeps again every
 //! session TTL or so, for instances whose key never existed. Removal is one transaction, "the
 //! key does not exist, and delete the service", so two holders for a moment (a takeover), or an
 //! owner that comes back and takes its key again, are harmless: the transaction fails once the
-//! key exists. Virtual nodes left empty are removed ([`remove_if_empty`]). A sidecar without a
+//! key exists. Virtual nodes left empty are removed ([`remove_if_empty`]): those of the instances
+//! it reaps, and, at the first sweep after taking the key, any managed node. A sidecar without a
 //! session (not registered yet, or its drain failed and destroyed it) cannot stand; while nobody
 //! holds the key, it watches anyway.
 //!
@@ -83,6 +85,31 @@ struct NodeService {
     meta: Option<std::collections::BTreeMap<String, String>>,
     #[serde(rename = "ModifyIndex", default)]
     modify_index: u64,
+}
+
+/// One instance as `GET /v1/catalog/service/:service` lists it.
+#[derive(Deserialize)]
+struct ServiceEntry {
+    #[serde(rename = "Node")]
+    node: String,
+    #[serde(rename = "ServiceID")]
+    id: String,
+    #[serde(rename = "ServiceName")]
+    service: String,
+    #[serde(rename = "ServiceMeta", default)]
+    meta: Option<std::collections::BTreeMap<String, String>>,
+    /// The instance's own index (what `delete-cas` compares), as in `node-services`.
+    #[serde(rename = "ModifyIndex", default)]
+    modify_index: u64,
+}
+
+/// Which virtual nodes a sweep checks for emptiness.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Nodes {
+    /// Those of the instances it reaped.
+    Reaped,
+    /// Every managed one.
+    All,
 }
 
 #[derive(Deserialize)]
@@ -222,7 +249,7 @@ impl Reaper {
                 pause = Some(every);
                 let swept = async {
                     let (keys, _) = self.keys("0").await?;
-                    self.sweep(&keys).await
+                    self.sweep(&keys, Nodes::Reaped).await
                 };
                 if let Err(e) = swept.await {
                     tracing::debug!(error = %e, "the periodic sweep failed; again at the next one");
@@ -313,7 +340,7 @@ impl Reaper {
             warned = false;
             backoff.reset();
             let result = match &known {
-                None => self.sweep(&keys).await,
+                None => self.sweep(&keys, Nodes::All).await,
                 Some(before) => {
                     let gone: Vec<&String> = before.difference(&keys).collect();
                     self.reap_gone(&gone, &keys).await
@@ -387,38 +414,77 @@ impl Reaper {
         }
     }
 
-    /// Every instance of ours on a managed node whose key is missing; then the nodes left empty.
-    async fn sweep(&self, keys: &BTreeSet<String>) -> Result<(), ConsulError> {
-        let mut ghosts = Vec::new();
-        let mut nodes = Vec::new();
-        for node in self.managed_nodes().await? {
-            let (instances, others) = self.scan(&node).await?;
-            let mut emptied = !others;
-            for instance in instances {
-                if keys.contains(&self.key(&instance)) {
-                    emptied = false;
-                } else {
-                    ghosts.push(instance);
-                }
-            }
-            // Only a node that is (or is about to be) empty is read again for its removal.
-            if emptied {
-                nodes.push(node);
-            }
-        }
+    /// Every instance of ours on a managed node whose key is missing (one read of the service,
+    /// however many virtual nodes there are), then the virtual nodes that may be left empty:
+    /// those of the reaped instances, or (`Nodes::All`, when the holder takes the key or its watch
+    /// lost its view) every managed node, for the ones a drain or a failed removal left behind.
+    async fn sweep(&self, keys: &BTreeSet<String>, nodes: Nodes) -> Result<(), ConsulError> {
+        let ghosts: Vec<Instance> = self
+            .instances()
+            .await?
+            .into_iter()
+            .filter(|instance| !keys.contains(&self.key(instance)))
+            .collect();
         if !ghosts.is_empty() {
             tracing::info!(
                 ghosts = ghosts.len(),
                 "sweep: instances whose sidecar is gone"
             );
         }
+        let mut emptied = BTreeSet::new();
         for ghost in ghosts {
             self.reap(&ghost).await?;
+            emptied.insert(ghost.node);
         }
-        for node in nodes {
+        if nodes == Nodes::All {
+            emptied.extend(self.managed_nodes().await?);
+        }
+        for node in emptied {
             remove_if_empty(&self.client, &node).await?;
         }
         Ok(())
+    }
+
+    /// Our instances of the service on managed virtual nodes (`managed-by` node and service meta,
+    /// our key prefix): `GET /v1/catalog/service/:service` filtered by the nodes' meta, a stale
+    /// read (a removal is a transaction the leader checks anyway).
+    async fn instances(&self) -> Result<Vec<Instance>, ConsulError> {
+        let req = self
+            .client
+            .request(
+                Method::GET,
+                &format!("/v1/catalog/service/{}", path_escape(&self.service)),
+            )
+            .query(&[
+                ("node-meta", format!("{MANAGED_BY_KEY}:{MANAGED_BY_VALUE}")),
+                ("stale", String::new()),
+            ]);
+        let answer = self
+            .client
+            .send("service_instances", req, super::REQUEST_TIMEOUT)
+            .await?;
+        let entries: Vec<ServiceEntry> =
+            serde_json::from_slice(&answer.body).map_err(|e| ConsulError::Decode {
+                operation: "service_instances",
+                reason: e.to_string(),
+            })?;
+        Ok(entries
+            .into_iter()
+            .filter(|e| {
+                let meta = e.meta.as_ref();
+                e.node != SESSIONS_NODE
+                    && meta
+                        .and_then(|m| m.get(MANAGED_BY_KEY))
+                        .is_some_and(|v| v == MANAGED_BY_VALUE)
+                    && self.owns_prefix(meta.and_then(|m| m.get(KEY_PREFIX_META)))
+            })
+            .map(|e| Instance {
+                node: e.node,
+                id: e.id,
+                service: e.service,
+                modify_index: e.modify_index,
+            })
+            .collect())
     }
 
     /// The instances whose keys disappeared (and did not come back).
@@ -446,7 +512,7 @@ impl Reaper {
         }
         for (node, ids) in by_node {
             let mut reaped = false;
-            for instance in self.scan(node).await?.0 {
+            for instance in self.scan(node).await? {
                 if ids.contains(&instance.id.as_str()) && !keys.contains(&self.key(&instance)) {
                     self.reap(&instance).await?;
                     reaped = true;
@@ -495,9 +561,8 @@ impl Reaper {
             .collect())
     }
 
-    /// Our instances on `node` (`managed-by` meta, our key prefix, our service), and whether
-    /// anything else is on it.
-    async fn scan(&self, node: &str) -> Result<(Vec<Instance>, bool), ConsulError> {
+    /// Our instances on `node` (`managed-by` meta, our key prefix, our service).
+    async fn scan(&self, node: &str) -> Result<Vec<Instance>, ConsulError> {
         let req = self
             .client
             .request(
@@ -511,7 +576,7 @@ impl Reaper {
             .await
         {
             Ok(a) => a,
-            Err(ConsulError::Status { status: 404, .. }) => return Ok((Vec::new(), false)),
+            Err(ConsulError::Status { status: 404, .. }) => return Ok(Vec::new()),
             Err(e) => return Err(e),
         };
         // `null` when the node is unknown.
@@ -520,28 +585,25 @@ impl Reaper {
                 operation: "node_services",
                 reason: e.to_string(),
             })?;
-        let (ours, others): (Vec<NodeService>, Vec<NodeService>) = services
+        Ok(services
             .and_then(|s| s.services)
             .unwrap_or_default()
             .into_iter()
-            .partition(|s| {
+            .filter(|s| {
                 let meta = s.meta.as_ref();
                 s.service == self.service
                     && meta
                         .and_then(|m| m.get(MANAGED_BY_KEY))
                         .is_some_and(|v| v == MANAGED_BY_VALUE)
                     && self.owns_prefix(meta.and_then(|m| m.get(KEY_PREFIX_META)))
-            });
-        let ours = ours
-            .into_iter()
+            })
             .map(|s| Instance {
                 node: node.to_string(),
                 id: s.id,
                 service: s.service,
                 modify_index: s.modify_index,
             })
-            .collect();
-        Ok((ours, !others.is_empty()))
+            .collect())
     }
 
     /// One transaction: the key still does not exist, and the instance goes if it is still the
