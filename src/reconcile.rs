@@ -29,11 +29,18 @@ use crate::status::StatusEntry;
 enum View {
     /// Not looked yet (start-up).
     Unknown,
+    /// A TTL update found our check gone: read before registering again (the instance may be
+    /// gone too, or someone else's under our ID).
+    CheckGone,
     Missing,
     InSync,
     Differs(&'static str),
     NotOurs,
 }
+
+/// At most this many steps in a row without waiting: a repair takes four (read, read again,
+/// register, refresh), so more means two views that keep sending each other back.
+const MAX_STEPS_IN_A_ROW: u32 = 16;
 
 /// Capped exponential backoff with "equal jitter": each wait is between half and all of the
 /// current step, so many sidecars retrying at once spread out.
@@ -202,6 +209,8 @@ impl<R: Registry> Reconciler<R> {
         let mut written_at: Option<Instant> = None;
         // A differing check was read again and still differs (see `step`).
         let mut check_confirmed = false;
+        // Steps taken in a row without waiting (see `MAX_STEPS_IN_A_ROW`).
+        let mut in_a_row = 0;
 
         loop {
             if retry_at.is_none() {
@@ -241,10 +250,19 @@ impl<R: Registry> Reconciler<R> {
                             registered.notify_one();
                         }
                         if progress.again {
-                            continue;
+                            in_a_row += 1;
+                            if in_a_row < MAX_STEPS_IN_A_ROW {
+                                continue;
+                            }
+                            // Never a loop of calls that ignores cancellation, whatever Consul
+                            // answers: wait as after an error, then go on from here.
+                            tracing::warn!(instance = %self.spec.id, steps = in_a_row, "no settled state after many steps in a row; pausing before the next");
+                            retry_at = Some(instant_after(self.retry.max));
                         }
+                        in_a_row = 0;
                     }
                     Err(e) => {
+                        in_a_row = 0;
                         let delay = match &e {
                             StepError::NotOurs => self.retry.max.max(Duration::from_secs(10)),
                             // Consul refused the request itself (400): the same request is
@@ -365,6 +383,21 @@ impl<R: Registry> Reconciler<R> {
                 }
                 Ok(Progress::again())
             }
+            // Our check is gone and our service may not be: an agent's read shows no check, so
+            // the service alone reads as in sync; put the check back by registering again.
+            View::CheckGone => {
+                *view = match self.registry.read(&self.spec).await? {
+                    ServiceWatch::Missing => View::Missing,
+                    ServiceWatch::Present { service, .. } if service.is_ours() => {
+                        View::Differs("check gone")
+                    }
+                    ServiceWatch::Present { .. } => View::NotOurs,
+                };
+                if matches!(*view, View::Missing | View::NotOurs) {
+                    self.not_held();
+                }
+                Ok(Progress::again())
+            }
             // Read again before every retry: the foreign instance may be gone by then (an
             // unwatched instance has no watcher to tell it).
             View::NotOurs => {
@@ -389,6 +422,10 @@ impl<R: Registry> Reconciler<R> {
                     View::Differs("token") => (
                         None,
                         "the ACL token changed; registered the instance again so that Consul syncs it with the new token".into(),
+                    ),
+                    View::Differs("check gone") => (
+                        Some("missing"),
+                        "the instance's check was gone from Consul (deregistered on its own); registered the instance again".into(),
                     ),
                     View::Differs("check") => (
                         Some("changed"),
@@ -466,7 +503,7 @@ impl<R: Registry> Reconciler<R> {
                     Err(ConsulError::NotFound { .. }) => {
                         // Our check is gone; the instance may be gone too, or replaced by someone
                         // else's under the same ID: read before registering again.
-                        *view = View::Unknown;
+                        *view = View::CheckGone;
                         *acked = None;
                         self.not_held();
                         Ok(Progress::again())

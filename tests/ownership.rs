@@ -104,6 +104,53 @@ async fn a_ttl_refresh_that_finds_its_check_gone_leaves_a_foreign_instance_alone
     assert_eq!(is_ours(&consul, "hello-2").await, Some(false));
 }
 
+/// Our check deregistered alone (`PUT /v1/agent/check/deregister/:id`, an operator or a tool),
+/// our service left: Consul counts a service without checks as passing, whatever the app says.
+/// The next TTL refresh gets 404 and the instance is registered again, check included, at once;
+/// and the sidecar's calls to Consul stay a handful, not a loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_deregistered_alone_is_put_back_at_once_without_a_loop_of_calls() {
+    let consul = ConsulAgent::start_dev().await;
+    let app = DemoApp::start(DemoAppOptions::default()).await;
+    let sidecar = Sidecar::start(&manifest(&consul.http_addr(), app.port(), "hello-2"), &[]);
+    for id in ["watched-0", "hello-2"] {
+        assert!(
+            passing(&consul, id, 10 * SECOND).await,
+            "{}",
+            sidecar.logs()
+        );
+    }
+    let calls = |m: &support::Metrics| m.sum("consul_registrar_consul_requests_total", None);
+    let before = calls(&sidecar.metrics().await);
+    for id in ["watched-0", "hello-2"] {
+        let status = consul
+            .put(
+                &format!("/v1/agent/check/deregister/consul-registrar:{id}"),
+                &json!(null),
+            )
+            .await
+            .expect("deregister the check");
+        assert_eq!(status, 200);
+    }
+    // The TTL (3 s) is refreshed every second: the 404 comes within one.
+    tokio::time::sleep(3 * SECOND).await;
+    for id in ["watched-0", "hello-2"] {
+        let (_, checks) = consul.get("/v1/agent/checks").await.expect("agent checks");
+        let check = checks.get(format!("consul-registrar:{id}")).cloned();
+        assert!(
+            check.as_ref().is_some_and(|c| c["Status"] == "passing"),
+            "the check of {id} was not put back: {check:?}\n{}",
+            sidecar.logs()
+        );
+    }
+    let made = calls(&sidecar.metrics().await) - before;
+    assert!(
+        made < 100.0,
+        "{made} calls to Consul in 3 s after a check was deregistered (a loop)\n{}",
+        sidecar.logs()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unwatched_instance_registers_once_the_foreign_one_is_gone() {
     let consul = ConsulAgent::start_dev().await;
