@@ -58,6 +58,10 @@ use crate::status::StatusEntry;
 /// The output of the TTL check before the first successful probe.
 pub const WAITING_OUTPUT: &str = "waiting for first successful probe";
 
+/// Watch mode's verdict on an app that answers Watch with UNIMPLEMENTED.
+const WATCH_UNIMPLEMENTED: &str =
+    "the app does not implement the Watch RPC (use health.mode auto or poll)";
+
 /// The probe's current judgement of the app.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verdict {
@@ -648,6 +652,10 @@ impl HealthProbe {
         let mut check_due = false;
         let mut last_watch_event = Instant::now() - Duration::from_secs(3600);
         let mut watching = self.spec.mode != HealthMode::Poll;
+        // Watch mode, and the app answered Watch with UNIMPLEMENTED: every Check counts as that
+        // failure (a SERVING Check must not pass for a Watch the mode asked for) until the
+        // stream, tried again, answers.
+        let mut watch_refused = false;
         let mut timeouts = Timeouts::default();
         // An open Watch stream ended and nothing answered since: a refused connection now is the
         // app gone.
@@ -672,6 +680,7 @@ impl HealthProbe {
                     Some(Event::Watched(o)) => {
                         last_watch_event = Instant::now();
                         stream_ended = false;
+                        watch_refused = false;
                         self.set_mode("watch");
                         o
                     }
@@ -686,9 +695,8 @@ impl HealthProbe {
                     Some(Event::WatchUnimplemented) => {
                         watching = false;
                         if self.spec.mode == HealthMode::Watch {
-                            Observation::NotServing(
-                                "the app does not implement the Watch RPC (use health.mode auto or poll)".into(),
-                            )
+                            watch_refused = true;
+                            Observation::NotServing(WATCH_UNIMPLEMENTED.into())
                         } else {
                             tracing::info!(target = %self.target(), "app does not implement Watch; polling Check instead");
                             continue;
@@ -704,6 +712,9 @@ impl HealthProbe {
                         if started < last_watch_event {
                             continue; // older than what the stream told us
                         }
+                        if watch_refused {
+                            Observation::NotServing(WATCH_UNIMPLEMENTED.into())
+                        } else {
                         if !watching {
                             self.set_mode("poll");
                         }
@@ -718,6 +729,7 @@ impl HealthProbe {
                                 stream_ended = false;
                                 observation
                             }
+                        }
                         }
                     }
                 },

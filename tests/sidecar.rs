@@ -121,6 +121,50 @@ async fn registers_with_the_manifest_fields_and_follows_health_via_watch() {
     );
 }
 
+/// `health.mode: watch` against an app without Watch: critical, saying why, and it stays so
+/// (the interval's Check answers SERVING, but watch mode asked for Watch: a SERVING Check must not
+/// turn it passing until Watch is tried again, 30 s later, and critical once more).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_mode_against_an_app_without_watch_stays_critical() {
+    let consul = ConsulAgent::start_dev().await;
+    let legacy = DemoApp::start(DemoAppOptions {
+        no_watch: true,
+        ..Default::default()
+    })
+    .await;
+    let sidecar = Sidecar::start(
+        &manifest(
+            &consul.http_addr(),
+            legacy.port(),
+            "legacy-1",
+            "      mode: watch",
+            "",
+        ),
+        &[],
+    );
+    assert!(
+        status_becomes(&consul, "legacy-1", Some("critical"), 10 * SECOND).await,
+        "never registered critical\n{}",
+        sidecar.logs()
+    );
+    let until = Instant::now() + 5 * SECOND;
+    while Instant::now() < until {
+        let seen = consul.check_status("hello", "legacy-1").await;
+        assert_eq!(
+            seen.as_deref(),
+            Some("critical"),
+            "watch mode against an app without Watch turned {seen:?}\n{}",
+            sidecar.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, status) = sidecar.get("/status").await;
+    assert!(
+        status.contains("does not implement the Watch RPC"),
+        "/status does not say why: {status}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poll_mode_and_the_fallback_from_an_app_without_watch_follow_health() {
     let consul = ConsulAgent::start_dev().await;
