@@ -91,7 +91,9 @@ pub fn parse(input: &str) -> Result<Duration, DurationError> {
             if frac_scale == 0 {
                 break;
             }
-            part += u128::from(digit - b'0') * frac_scale;
+            part = part
+                .checked_add(u128::from(digit - b'0') * frac_scale)
+                .ok_or_else(|| DurationError::Overflow(input.to_string()))?;
         }
         total = total
             .checked_add(part)
@@ -199,6 +201,9 @@ mod tests {
             "2562048h",
             "3000000000000000h",
             "9223372036854775808ns",
+            // A whole part that fits u128 only just, plus a fraction: never wraps to a short one.
+            "340282366920938463463374607431.9s",
+            "94522879700260684295381835.9h",
         ] {
             assert!(
                 matches!(parse(too_long), Err(DurationError::Overflow(_))),
