@@ -20,6 +20,7 @@
 //! before registering anything.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::future::join_all;
 use tokio::sync::{Notify, watch};
@@ -609,18 +610,28 @@ async fn deregister_until<R: Registry>(
                 last_error = format!("no answer from Consul before the deadline ({last_error})")
             }
         }
-        let wait = backoff.next_delay();
-        if Instant::now()
-            .checked_add(wait)
-            .is_none_or(|t| t >= deadline)
-        {
+        let Some(next) = next_attempt(Instant::now(), backoff.next_delay(), deadline) else {
             return Err(format!(
                 "{} (after {attempts} attempts): {last_error}",
                 spec.id
             ));
-        }
-        tokio::time::sleep(wait).await;
+        };
+        tokio::time::sleep_until(next).await;
     }
+}
+
+/// The least time a drain's last attempt gets before the deadline.
+const LAST_ATTEMPT: Duration = Duration::from_millis(250);
+
+/// When to try again after a failed attempt at `now` with the backoff's `wait`: then, or, when
+/// that would pass the deadline, a last time `LAST_ATTEMPT` before it (a Consul back in the
+/// backoff's last wait still counts); None when not even that is left.
+fn next_attempt(now: Instant, wait: Duration, deadline: Instant) -> Option<Instant> {
+    let last = deadline.checked_sub(LAST_ATTEMPT)?;
+    if now >= last {
+        return None;
+    }
+    Some(now.checked_add(wait).map_or(last, |t| t.min(last)))
 }
 
 /// What a read after a deregistration found.
@@ -641,5 +652,41 @@ async fn foreign<R: Registry>(registry: &R, spec: &ServiceSpec) -> Result<bool, 
             Ok(true)
         }
         _ => Ok(false),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_deregistration_is_tried_once_more_just_before_the_deadline() {
+        let now = Instant::now();
+        let deadline = now + Duration::from_secs(6);
+        let last = deadline - LAST_ATTEMPT;
+        // A wait that ends in time is taken as it is.
+        assert_eq!(
+            next_attempt(now, Duration::from_secs(1), deadline),
+            Some(now + Duration::from_secs(1))
+        );
+        // One that would pass the deadline (a large retry.max) becomes a last try before it.
+        assert_eq!(
+            next_attempt(now, Duration::from_secs(8), deadline),
+            Some(last)
+        );
+        assert_eq!(
+            next_attempt(
+                now + Duration::from_secs(5),
+                Duration::from_secs(5),
+                deadline
+            ),
+            Some(last)
+        );
+        // After the last try, nothing is left.
+        assert_eq!(
+            next_attempt(last, Duration::from_millis(50), deadline),
+            None
+        );
+        assert_eq!(next_attempt(deadline, Duration::ZERO, deadline), None);
     }
 }
