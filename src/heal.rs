@@ -113,9 +113,9 @@ async fn answers_again(spec: &HealthSpec) {
 }
 
 /// Resolves once the target of `spec` was seen up (a connection to it held, or its port
-/// accepting one) and then gone (a TCP connection refused or not made within the probe's
-/// timeout): within milliseconds when the connection held to the app ends and the port closes,
-/// else at a poll.
+/// accepting one) and then gone (a TCP connection refused, or reset as it is made; one not made within the probe's
+/// timeout proves nothing): within milliseconds when the connection held to the app ends and the
+/// port closes, else at a poll.
 async fn went_away(spec: &HealthSpec) {
     let (address, port, connect_timeout) = (spec.address.as_str(), spec.port, spec.timeout);
     let mut seen_up = false;
@@ -136,12 +136,10 @@ async fn went_away(spec: &HealthSpec) {
         tokio::select! {
             () = tokio::time::sleep_until(last_poll + every) => {
                 last_poll = Instant::now();
-                if port_closed(address, port, connect_timeout).await {
-                    if seen_up {
-                        return;
-                    }
-                } else {
-                    seen_up = true;
+                match try_port(address, port, connect_timeout).await {
+                    Port::Refused if seen_up => return,
+                    Port::Accepted => seen_up = true,
+                    Port::Refused | Port::NoAnswer => {}
                 }
             }
             () = async {
@@ -156,7 +154,7 @@ async fn went_away(spec: &HealthSpec) {
                 // tried for a while, not once.
                 let until = Instant::now() + SETTLE;
                 loop {
-                    if port_closed(address, port, connect_timeout).await {
+                    if try_port(address, port, connect_timeout).await == Port::Refused {
                         return;
                     }
                     if Instant::now() >= until {
@@ -170,11 +168,34 @@ async fn went_away(spec: &HealthSpec) {
     }
 }
 
-/// True if a TCP connection to the port is refused or does not come within `timeout`.
-async fn port_closed(address: &str, port: u16, timeout: Duration) -> bool {
-    !tokio::time::timeout(timeout, TcpStream::connect((address, port)))
-        .await
-        .is_ok_and(|r| r.is_ok())
+/// What a TCP connection to a port found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Port {
+    /// It was made: something listens.
+    Accepted,
+    /// It was refused: nothing listens (the process is not there); or reset as it was made: a
+    /// proxy in front (a service mesh's) accepted it and found nothing behind.
+    Refused,
+    /// Neither within the timeout, or another error (an app too busy to accept, a lossy path):
+    /// proves nothing either way.
+    NoAnswer,
+}
+
+async fn try_port(address: &str, port: u16, timeout: Duration) -> Port {
+    match tokio::time::timeout(timeout, TcpStream::connect((address, port))).await {
+        Ok(Ok(_)) => Port::Accepted,
+        Ok(Err(e))
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionRefused
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+            ) =>
+        {
+            Port::Refused
+        }
+        _ => Port::NoAnswer,
+    }
 }
 
 /// A connection to the app, held open with no stream on it, and the token cancelled when it ends.
@@ -210,5 +231,49 @@ impl TcpWatcher for EndWatch {
 
     fn dropped(&mut self) {
         self.0.cancel();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only a refusal is "gone": a connection that does not come in time (a listener whose
+    /// backlog is full drops the handshake: an app too busy to accept) is not a process that exited.
+    #[tokio::test]
+    async fn only_a_refused_connection_counts_as_gone_not_a_slow_one() {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind("127.0.0.1:0".parse().expect("address"))
+            .expect("bind");
+        let listener = socket.listen(1).expect("listen");
+        let port = listener.local_addr().expect("address").port();
+        // Fill the accept queue (never accepted) until a handshake no longer completes.
+        let mut held = Vec::new();
+        let full = loop {
+            match tokio::time::timeout(
+                Duration::from_millis(300),
+                TcpStream::connect(("127.0.0.1", port)),
+            )
+            .await
+            {
+                Ok(Ok(stream)) if held.len() < 64 => held.push(stream),
+                Ok(Ok(_)) => break false,
+                Ok(Err(e)) => panic!("connect: {e}"),
+                Err(_) => break true,
+            }
+        };
+        assert!(full, "the listener's backlog never filled");
+        assert_eq!(
+            try_port("127.0.0.1", port, Duration::from_millis(300)).await,
+            Port::NoAnswer,
+            "a handshake that did not come in time counted as the app gone (or up)"
+        );
+        drop(held);
+        drop(listener);
+        assert_eq!(
+            try_port("127.0.0.1", port, Duration::from_millis(300)).await,
+            Port::Refused
+        );
     }
 }
