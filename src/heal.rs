@@ -113,9 +113,9 @@ async fn answers_again(spec: &HealthSpec) {
 }
 
 /// Resolves once the target of `spec` was seen up (a connection to it held, or its port
-/// accepting one) and then gone (a TCP connection refused, or reset as it is made; one not made within the probe's
-/// timeout proves nothing): within milliseconds when the connection held to the app ends and the
-/// port closes, else at a poll.
+/// accepting one) and then gone (a TCP connection refused, or reset as it is made; one not made
+/// within the probe's timeout proves nothing): within milliseconds when the connection held to
+/// the app ends and the port closes, else at a poll.
 async fn went_away(spec: &HealthSpec) {
     let (address, port, connect_timeout) = (spec.address.as_str(), spec.port, spec.timeout);
     let mut seen_up = false;
