@@ -89,11 +89,15 @@ pub async fn run(
             }
             let retry = manifest.consul.retry;
             // The instances' liveness keys and the session that holds them.
-            let first_instance = manifest.services.first().map_or("", |s| s.id.as_str());
+            let instances: Vec<(&str, &str)> = manifest
+                .services
+                .iter()
+                .map(|s| (s.id.as_str(), s.name.as_str()))
+                .collect();
             let liveness = Arc::new(Liveness::new(
                 client.clone(),
                 settings.clone(),
-                first_instance,
+                &instances,
                 &pod_name(),
                 Arc::clone(&alarm),
                 Arc::clone(&metrics),

@@ -97,9 +97,9 @@ fn virtual_node(node_name: &str) -> String {
     format!("consul-registrar-{node_name}")
 }
 
-/// The liveness key of instance `id` on Kubernetes node `node_name`.
+/// The liveness key of instance `id` of `hello` on Kubernetes node `node_name`.
 fn key(node_name: &str, id: &str) -> String {
-    format!("{KEY_PREFIX}/{}/{id}", virtual_node(node_name))
+    format!("{KEY_PREFIX}/hello/{}/{id}", virtual_node(node_name))
 }
 
 /// Waits up to `timeout` for the aggregated status of `name`/`id` to be `want` (None: absent).

@@ -73,10 +73,10 @@ fn sim_nodes(net: &Network) -> [SimNode; 2] {
     [net.node("sim-a"), net.node("sim-b")]
 }
 
-/// The liveness key of a catalog-mode pod's instance.
+/// The liveness key of a catalog-mode pod's instance (of `hello`).
 fn liveness_key(pod: &Pod) -> String {
     let node = pod.node.as_ref().expect("a catalog-mode pod");
-    format!("{KEY_PREFIX}/{}/{}", node.consul_node(), pod.id)
+    format!("{KEY_PREFIX}/hello/{}/{}", node.consul_node(), pod.id)
 }
 
 /// The keys under the liveness prefix, sorted.

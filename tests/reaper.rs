@@ -68,8 +68,9 @@ fn virtual_node(node: &str) -> String {
     format!("consul-registrar-{node}")
 }
 
+/// The liveness key of instance `id` of `hello` on Kubernetes node `node`.
 fn key(prefix: &str, node: &str, id: &str) -> String {
-    format!("{prefix}/{}/{id}", virtual_node(node))
+    format!("{prefix}/hello/{}/{id}", virtual_node(node))
 }
 
 /// The catalog's entry of instance `id` of `hello`, if any.
@@ -656,6 +657,53 @@ async fn the_periodic_sweep_reads_the_service_once_not_every_virtual_node() {
         30,
         "another service's instances were touched"
     );
+}
+
+/// The keys are laid out by service (`<prefix>/<service>/<node>/<id>`) and a reaper watches its
+/// own service's: another service's pods starting and stopping wake it not once (with one reaper
+/// per service watching the whole prefix, every pod event woke every service's reaper, each
+/// answered with every key of the cluster), its own service's do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_services_key_changes_never_wake_a_reaper() {
+    let consul = ConsulAgent::start_dev().await;
+    let app = DemoApp::start(DemoAppOptions::default()).await;
+    let addr = consul.http_addr();
+    let sidecar = Sidecar::start(
+        &manifest(&addr, "a-1", app.port(), DEFAULT_PREFIX),
+        &pod("kube-a", "a-1"),
+    );
+    passing(&consul, "a-1", &sidecar).await;
+    takes_the_reaper_key(&consul, ("kube-a", "a-1"), &sidecar, 5 * SECOND).await;
+    tokio::time::sleep(SECOND).await;
+    let client = consul.client();
+    let churn = |service: &'static str| {
+        let client = client.clone();
+        let addr = addr.clone();
+        async move {
+            for i in 0..5 {
+                let path = format!(
+                    "{addr}/v1/kv/{DEFAULT_PREFIX}/{service}/{}/z-{i}",
+                    virtual_node("kube-z")
+                );
+                client.put(&path).body("x").send().await.expect("put");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                client.delete(&path).send().await.expect("delete");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    };
+    let before = answers(&[&sidecar], "watch_keys").await[0];
+    churn("other").await;
+    let others = answers(&[&sidecar], "watch_keys").await[0] - before;
+    assert_eq!(
+        others,
+        0.0,
+        "10 key changes of another service woke the reaper of hello {others} times\n{}",
+        sidecar.logs()
+    );
+    churn("hello").await;
+    let own = answers(&[&sidecar], "watch_keys").await[0] - before;
+    assert!(own >= 1.0, "its own service's key changes never woke it");
 }
 
 /// How many answers of `operation` each sidecar has had.

@@ -35,7 +35,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub const MAX_CONCURRENT_CALLS: usize = 32;
 /// The operations that are blocking queries: they do not take a call permit and are not timed as
 /// calls. The instances' watches are bounded by `consul.blockingWatches`; catalog mode adds one
-/// on each service's reaper key, and one on the key prefix per service whose reaper it is.
+/// on each service's reaper key, and one on the service's keys per service whose reaper it is.
 const BLOCKING_OPERATIONS: [&str; 4] = [
     "watch_service",
     "watch_instance",

@@ -7,7 +7,9 @@
 //! and a per-service token may write only its own service.
 //!
 //! The work is done once per (key prefix, service), not by every sidecar (issue 20: N sidecars
-//! watching the whole prefix cost the servers O(N) answers of O(N) keys per pod event). Consul's
+//! watching the whole prefix cost the servers O(N) answers of O(N) keys per pod event), and on
+//! that service's keys alone (`<prefix>/<service>/<node>/<id>`: one service's pod events wake no
+//! other service's reaper, and its answers list only its own instances' keys). Consul's
 //! leader-election recipe picks the one: whoever's session holds `<prefix>/.reaper/<service>`.
 //! The others block on that one key (a stale read, answered only when it changes) and take it as
 //! soon as it is free (its holder drained, or its session expired: then its own instances' keys
@@ -15,8 +17,9 @@
 //!
 //! The holder sweeps when it takes the key: every instance of the service on a managed virtual
 //! node without its key is a ghost (one read of the service, never one per virtual node: with a
-//! reaper per service, that would cost the servers services × nodes reads a TTL). Then it watches the key prefix with a blocking query (key
-//! names only); a key that disappears marks its instance for removal; a watch that could not read
+//! reaper per service, that would cost the servers services × nodes reads a TTL). Then it
+//! watches the service's keys with a blocking query (key names only); a key that disappears
+//! marks its instance for removal; a watch that could not read
 //! for a while sweeps again (a key may have come and gone unseen); and it sweeps again every
 //! session TTL or so, for instances whose key never existed. Removal is one transaction, "the
 //! key does not exist, and delete the service", so two holders for a moment (a takeover), or an
@@ -37,7 +40,9 @@ use reqwest::Method;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
-use super::session::{KEY_PREFIX_META, Liveness, SESSIONS_NODE, key_of, key_path, reaper_key};
+use super::session::{
+    KEY_PREFIX_META, Liveness, SESSIONS_NODE, key_of, key_path, reaper_key, service_keys,
+};
 use super::{ConsulClient, ConsulError, path_escape};
 use crate::manifest::{
     CatalogSettings, DEFAULT_KEY_PREFIX, MANAGED_BY_KEY, MANAGED_BY_VALUE, RetryPolicy,
@@ -377,9 +382,10 @@ impl Reaper {
         }
     }
 
-    /// The whole prefix's instance key names (not the reaper keys), and the index to block on next.
+    /// The key names of the service's instances (`<prefix>/<service>/`: another service's key
+    /// changes wake nothing here), and the index to block on next.
     async fn keys(&self, index: &str) -> Result<(BTreeSet<String>, String), ConsulError> {
-        let prefix = format!("{}/", self.settings.key_prefix);
+        let prefix = service_keys(&self.settings.key_prefix, &self.service);
         let req = self
             .client
             .request(Method::GET, &format!("/v1/kv/{}", key_path(&prefix)))
@@ -402,13 +408,7 @@ impl Reaper {
                         operation: "watch_keys",
                         reason: e.to_string(),
                     })?;
-                let reapers = format!("{prefix}.");
-                Ok((
-                    keys.into_iter()
-                        .filter(|k| !k.starts_with(&reapers))
-                        .collect(),
-                    answer.index.unwrap_or_default(),
-                ))
+                Ok((keys.into_iter().collect(), answer.index.unwrap_or_default()))
             }
             Err(e) => Err(e),
         }
@@ -496,10 +496,10 @@ impl Reaper {
         if gone.is_empty() {
             return Ok(());
         }
-        // Every reaper sees the same deletion: spread them out, so the first one's removal is
-        // usually seen by the others before they write.
+        // Two holders for a moment (a takeover) see the same deletion: spread them out, so the
+        // first one's removal is usually seen by the other before it writes.
         tokio::time::sleep(Duration::from_millis(fastrand::u64(0..300))).await;
-        let prefix = format!("{}/", self.settings.key_prefix);
+        let prefix = service_keys(&self.settings.key_prefix, &self.service);
         let mut by_node: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
         for key in gone {
             let Some((node, id)) = key
@@ -533,7 +533,12 @@ impl Reaper {
     }
 
     fn key(&self, instance: &Instance) -> String {
-        key_of(&self.settings.key_prefix, &instance.node, &instance.id)
+        key_of(
+            &self.settings.key_prefix,
+            &instance.service,
+            &instance.node,
+            &instance.id,
+        )
     }
 
     /// The virtual nodes of consul-registrar (their node meta says so).

@@ -11,7 +11,7 @@
 //! proves whose the instance is ([`super::catalog`] guards its writes with it). Sessions live on a
 //! node of their own ([`SESSIONS_NODE`]), so removing an empty virtual node invalidates none.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use reqwest::Method;
@@ -34,6 +34,8 @@ pub struct Liveness {
     name: String,
     /// The manifest's first instance: its key's holder is our previous run's session, if any.
     first_instance: String,
+    /// Each instance's service (by instance ID), whose name is part of the instance's key.
+    services: BTreeMap<String, String>,
     /// The current session, once made.
     session: tokio::sync::Mutex<Option<String>>,
     /// The instances whose key we hold (or want to): re-acquired when the session is replaced.
@@ -64,16 +66,18 @@ struct Created {
 }
 
 impl Liveness {
+    /// `instances`: the manifest's (instance ID, service name) pairs, in its order.
     pub fn new(
         client: ConsulClient,
         settings: CatalogSettings,
-        first_instance: &str,
+        instances: &[(&str, &str)],
         pod: &str,
         alarm: Arc<watch::Sender<u64>>,
         metrics: Arc<Metrics>,
         retry: RetryPolicy,
     ) -> Self {
         metrics.expect_session_renewals();
+        let first_instance = instances.first().map_or("", |(id, _)| *id);
         Liveness {
             name: if pod.is_empty() {
                 format!("consul-registrar/{}/{first_instance}", settings.node)
@@ -81,6 +85,10 @@ impl Liveness {
                 format!("consul-registrar/{}/{first_instance}/{pod}", settings.node)
             },
             first_instance: first_instance.to_string(),
+            services: instances
+                .iter()
+                .map(|(id, service)| (id.to_string(), service.to_string()))
+                .collect(),
             client,
             settings,
             session: tokio::sync::Mutex::new(None),
@@ -93,9 +101,10 @@ impl Liveness {
         }
     }
 
-    /// The liveness key of instance `id`: `<keyPrefix>/<node>/<id>`.
+    /// The liveness key of instance `id`: `<keyPrefix>/<service>/<node>/<id>`.
     pub fn key(&self, id: &str) -> String {
-        key_of(&self.settings.key_prefix, &self.settings.node, id)
+        let service = self.services.get(id).map_or("", String::as_str);
+        key_of(&self.settings.key_prefix, service, &self.settings.node, id)
     }
 
     /// Acquires the key of instance `id` with our session (making or adopting the session first).
@@ -539,15 +548,21 @@ pub const SESSIONS_NODE: &str = "consul-registrar--sessions";
 pub const KEY_PREFIX_META: &str = "liveness-key-prefix";
 
 /// The key whose holder (a session, Consul's leader-election recipe) is the one reaper of
-/// `service`'s instances of the prefix: `<prefix>/.reaper/<service>` (its node segment starts with
-/// a dot, which no virtual node's does, so it is never taken for an instance's `<node>/<id>` key).
+/// `service`'s instances of the prefix: `<prefix>/.reaper/<service>` (its first segment starts with
+/// a dot, which no service name does, so it is never among a service's instance keys).
 pub fn reaper_key(prefix: &str, service: &str) -> String {
     format!("{prefix}/.reaper/{service}")
 }
 
-/// `<prefix>/<node>/<id>`.
-pub fn key_of(prefix: &str, node: &str, id: &str) -> String {
-    format!("{prefix}/{node}/{id}")
+/// The keys of `service`'s instances: `<prefix>/<service>/`, what its reaper watches (a key
+/// change of another service wakes nobody of this one).
+pub fn service_keys(prefix: &str, service: &str) -> String {
+    format!("{prefix}/{service}/")
+}
+
+/// An instance's liveness key: `<prefix>/<service>/<node>/<id>`.
+pub fn key_of(prefix: &str, service: &str, node: &str, id: &str) -> String {
+    format!("{}{node}/{id}", service_keys(prefix, service))
 }
 
 /// A KV key as a URL path: each segment escaped, the slashes kept.

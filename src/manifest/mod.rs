@@ -118,7 +118,7 @@ pub struct CatalogSettings {
     pub node_address: String,
     /// The session's TTL; Consul invalidates it between 1× and 2× this after the last renewal.
     pub session_ttl: Duration,
-    /// Liveness keys live under `<key_prefix>/<node>/<instance id>`.
+    /// Liveness keys live under `<key_prefix>/<service>/<node>/<instance id>`.
     pub key_prefix: String,
 }
 

@@ -175,7 +175,7 @@ pub struct RawCatalog {
     #[serde(rename = "sessionTTL")]
     #[schemars(extend("default" = "10s"))]
     pub session_ttl: Option<PositiveDuration>,
-    /// The KV prefix of the per-instance liveness keys, `<keyPrefix>/<node>/<instance id>`.
+    /// The KV prefix of the per-instance liveness keys, `<keyPrefix>/<service>/<node>/<instance id>`.
     #[schemars(extend("default" = "consul-registrar/instances"))]
     pub key_prefix: Option<KeyPrefix>,
 }

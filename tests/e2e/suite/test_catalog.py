@@ -40,9 +40,9 @@ def virtual_node(k8s_node: str) -> str:
     return f"consul-registrar-{k8s_node}"
 
 
-def liveness_key(consul: Consul, node: str, instance_id: str) -> dict | None:
-    """The instance's KV liveness key (`<prefix>/<node>/<instance id>`), or None."""
-    found = consul.get_or_none(f"/v1/kv/{KEY_PREFIX}/{node}/{instance_id}")
+def liveness_key(consul: Consul, service: str, node: str, instance_id: str) -> dict | None:
+    """The instance's KV liveness key (`<prefix>/<service>/<node>/<instance id>`), or None."""
+    found = consul.get_or_none(f"/v1/kv/{KEY_PREFIX}/{service}/{node}/{instance_id}")
     return found[0] if found else None
 
 
@@ -94,8 +94,8 @@ def assert_registered_on_virtual_nodes(d: Demo, kube: Kube) -> None:
         checks = entry["Checks"]
         assert len(checks) == 1 and checks[0]["ServiceID"] == iid and checks[0]["Status"] == "passing", (
             f"{iid}: one check carrying the probe's verdict expected (a virtual node has no serfHealth): {checks}")
-        key = liveness_key(consul, node, iid)
-        assert key and key.get("Session"), f"{iid} has no liveness key held by a session ({KEY_PREFIX}/{node}/{iid}: {key})"
+        key = liveness_key(consul, d.service, node, iid)
+        assert key and key.get("Session"), f"{iid} has no liveness key held by a session ({KEY_PREFIX}/{d.service}/{node}/{iid}: {key})"
         sessions = sessions_of(consul, node, name)
         assert [s["ID"] for s in sessions] == [key["Session"]], (
             f"{iid}'s key must be held by the one session of its pod's sidecar: key {key}, sessions {sessions}")
@@ -141,7 +141,7 @@ def test_c1_catalog_registers_on_virtual_nodes_flips_and_drains(catalog_demo, ku
         lambda: d.consul.statuses(d.service).get(iid))
     figure("catalog_delete_to_deregistered", gone_at - began, "s")
     wait_for(f"{iid}'s liveness key deleted after its deregistration",
-             lambda: liveness_key(d.consul, node, iid) is None, 5, 0.2)
+             lambda: liveness_key(d.consul, d.service, node, iid) is None, 5, 0.2)
     wait_for(f"the session of {victim}'s sidecar destroyed", lambda: not sessions_of(d.consul, node, victim), 30, 0.5)
     wait_for("the replacement pod registered: all passing", lambda: d.all_passing(REPLICAS), 120)
     assert reaped_total(kube, d) == 0, "a drained pod is deregistered by its own sidecar, not reaped"
@@ -159,7 +159,7 @@ def test_c2_catalog_killed_sidecar_adopts_and_crashed_pod_is_reaped(catalog_demo
     # The sidecar alone SIGKILLed: the kubelet restarts it, and it adopts its own session.
     iid = d.instance_id(first)
     node = virtual_node(kube.pod(d.namespace, first)["spec"]["nodeName"])
-    session = liveness_key(d.consul, node, iid)["Session"]
+    session = liveness_key(d.consul, d.service, node, iid)["Session"]
     before = container_status(kube.pod(d.namespace, first), "consul-registrar")
     kill_container(before["containerID"])
     began = last = time.monotonic()
@@ -183,7 +183,7 @@ def test_c2_catalog_killed_sidecar_adopts_and_crashed_pod_is_reaped(catalog_demo
         assert now - began < 90, f"sidecar of {first} not restarted and passing within 90 s (instance {status})"
         time.sleep(0.2)
     figure("catalog_sidecar_kill_not_passing", not_passing, "s")
-    key = liveness_key(d.consul, node, iid)
+    key = liveness_key(d.consul, d.service, node, iid)
     assert key and key["Session"] == session, (
         f"the restarted sidecar should adopt its still-valid session {session}, its key is held by {key}")
     assert [s["ID"] for s in sessions_of(d.consul, node, first)] == [session], "one session per sidecar"
@@ -219,7 +219,7 @@ def test_c2_catalog_killed_sidecar_adopts_and_crashed_pod_is_reaped(catalog_demo
     figure("catalog_crashed_pod_reaped_after", reaped_after, "s")
     log(f"{iid} reaped {reaped_after:.1f} s after the crash (bound {bound:.0f} s)")
     assert ghost_seen, "the crashed pod's instance vanished at once: it was drained, not left for the reaper"
-    assert liveness_key(d.consul, node, iid) is None, "the crashed pod's key outlived its session"
+    assert liveness_key(d.consul, d.service, node, iid) is None, "the crashed pod's key outlived its session"
     assert not sessions_of(d.consul, node, second), "the crashed pod's session should have expired"
     wait_for("the replacement pod registered: all passing", lambda: d.all_passing(REPLICAS), 120)
     reaped = reaped_total(kube, d) - reaped_before
@@ -237,7 +237,8 @@ def test_c3_catalog_rollout_restart_under_traffic(catalog_demo, kube):
     # Afterwards (once the old pods' sidecars have finished): one liveness key and one session per
     # new pod, nothing of the old pods left.
     pods = {p["metadata"]["name"]: p for p in d.pods()}
-    want = sorted(f"{KEY_PREFIX}/{virtual_node(p['spec']['nodeName'])}/{d.instance_id(n)}" for n, p in pods.items())
+    want = sorted(f"{KEY_PREFIX}/{d.service}/{virtual_node(p['spec']['nodeName'])}/{d.instance_id(n)}"
+                  for n, p in pods.items())
 
     def only_the_new_pods():
         keys = sorted(k for k in (d.consul.get_or_none(f"/v1/kv/{KEY_PREFIX}/?keys") or []) if f".{d.namespace}." in k)

@@ -278,7 +278,8 @@ def test_node_lost_catalog_mode(catalog_demo, consul_servers, kube, workers, art
             """The lost node's liveness keys, sessions (named consul-registrar/<node>/<id>/<pod>:
             the node compared whole, as worker is a prefix of worker2) and instances."""
             return {
-                "keys": [k for k in (d.consul.get_or_none(f"/v1/kv/{KEY_PREFIX}/{node}/?keys") or []) if mine in k],
+                "keys": [k for k in (d.consul.get_or_none(f"/v1/kv/{KEY_PREFIX}/{d.service}/{node}/?keys") or [])
+                         if mine in k],
                 "sessions": [s["Name"] for s in d.consul.get("/v1/session/list")
                              if mine in s.get("Name", "") and s["Name"].split("/")[1:2] == [node]],
                 "instances": list((d.consul.get_or_none(f"/v1/catalog/node-services/{node}") or {}).get("Services")
