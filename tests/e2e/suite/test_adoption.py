@@ -12,7 +12,9 @@ adoption routes of docs/add-to-a-workload.md, judged through Consul's HTTP API.
 Each variant, like the chart's scenarios 1, 2 and 4 (test_scenarios.py): every pod's instance
 passing at its pod IP; the app flipped NOT_SERVING → critical → back passing; `kubectl delete pod`
 → critical while the app still serves, gone before the app container stops, and not back while the
-pod is still terminating. Figures: `FIGURE adopt_<route>_<kind>_<what>=… s`.
+pod is still terminating. The library route's StatefulSet also has a drain cut off (the sidecar
+frozen once its instance is marked draining, the pod force-deleted): the new pod of the same name
+gets Ready. Figures: `FIGURE adopt_<route>_<kind>_<what>=… s`.
 
 Namespaces `adopt-<route>-<kind>`, removed afterwards (and Consul checked empty of their service).
 """
@@ -30,8 +32,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (REPO, Consul, Helm, Kube, container_state, deregistered_before_app_stops, figure, log,
-                      serves_while_draining, wait_for)
+from conftest import (REPO, Consul, Helm, Kube, container_state, container_status, deregistered_before_app_stops,
+                      figure, log, serves_while_draining, wait_for)
 
 REPLICAS = 2
 LIBRARY = REPO / "charts" / "consul-registrar-lib"
@@ -192,6 +194,35 @@ def check_drain(w: Workload) -> None:
     w.figure("replacement_to_all_passing", time.monotonic() - began)
 
 
+def check_cut_off_drain(w: Workload, stop_container) -> None:
+    """A StatefulSet pod whose drain is cut off (its sidecar frozen once the instance is marked
+    draining, then the pod force-deleted: as when the grace period ends mid-drain) leaves its
+    instance marked draining in Consul; the controller at once makes a new pod of the same name,
+    whose sidecar finds that mark under its own instance ID. The new pod is not the old one
+    restarted (the mark names the old pod's UID): it registers and gets Ready."""
+    victim_pod = w.running()[0]
+    victim, uid = victim_pod["metadata"]["name"], victim_pod["metadata"]["uid"]
+    iid = w.instance_id(victim)
+    sidecar = container_status(victim_pod, "consul-registrar")
+    w.kube.run("-n", w.namespace, "delete", "pod", victim, "--wait=false")
+    wait_for(f"{iid} critical (draining)", lambda: w.statuses().get(iid) == "critical", 20, 0.1)
+    stop_container(sidecar["containerID"])
+    began = time.monotonic()
+    w.kube.run("-n", w.namespace, "delete", "pod", victim, "--grace-period=0", "--force", "--wait=false")
+
+    def replacement_ready() -> bool:
+        pod = w.kube.pod(w.namespace, victim)
+        return bool(pod) and pod["metadata"]["uid"] != uid and any(
+            c["type"] == "Ready" and c["status"] == "True" for c in pod["status"].get("conditions", []))
+
+    wait_for(f"{victim}'s replacement (same name, new UID) Ready", replacement_ready, 90, 0.5)
+    w.figure("cut_off_drain_to_replacement_ready", time.monotonic() - began)
+    wait_for("all passing after the cut-off drain", w.all_passing, 30)
+    inst = w.consul.instances(w.service)[iid]
+    new_uid = w.kube.pod(w.namespace, victim)["metadata"]["uid"]
+    assert inst.meta.get("pod-uid") == new_uid, f"{iid} is not the new pod's: {inst.meta}"
+
+
 def cleanup(kube: Kube, consul: Consul, namespace: str, service: str) -> None:
     kube.delete_namespace(namespace)
     wait_for(f"no instance of {service} left in Consul after namespace {namespace} was deleted",
@@ -269,9 +300,10 @@ def daemonset_nodes(kube: Kube) -> list[str]:
 
 
 @pytest.mark.parametrize("kind", KINDS + ["DaemonSet"])
-def test_library_route_registers_flips_and_drains(kind, kube, helm, consul, work, my_app_chart):
+def test_library_route_registers_flips_and_drains(kind, kube, helm, consul, work, my_app_chart, stop_container):
     """Also a DaemonSet (one pod per node): its controller adopts an orphan pod its selector
-    matches, so a `helm test` pod with the workload's selector labels was deleted by it."""
+    matches, so a `helm test` pod with the workload's selector labels was deleted by it. The
+    StatefulSet also has a pod's drain cut off (`check_cut_off_drain`)."""
     namespace = f"adopt-lib-{kind.lower()}"
     service = namespace
     release = "shop"
@@ -298,6 +330,8 @@ def test_library_route_registers_flips_and_drains(kind, kube, helm, consul, work
         wait_for("the workload untouched by `helm test`: all passing", w.all_passing, 30)
         check_flip(w)
         check_drain(w)
+        if kind == "StatefulSet":
+            check_cut_off_drain(w, stop_container)
     except BaseException:
         diagnostics(w)
         raise
