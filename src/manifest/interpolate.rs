@@ -40,6 +40,8 @@ pub enum InterpolateError {
     Unterminated(String),
     #[error("invalid variable name {name:?} in {input:?}")]
     BadName { name: String, input: String },
+    #[error("a default may not hold a variable (no nesting) in {0:?}: the default ends at the first }}")]
+    NestedDefault(String),
 }
 
 /// Expands `${VAR}`, `${VAR:-default}` and `$$` in `input`.
@@ -64,6 +66,9 @@ pub fn expand(input: &str, env: &Environment) -> Result<String, InterpolateError
                 Some((name, default)) => (name, Some(default)),
                 None => (body, None),
             };
+            if default.is_some_and(|d| d.contains("${")) {
+                return Err(InterpolateError::NestedDefault(input.to_string()));
+            }
             let valid = !name.is_empty()
                 && !name.starts_with(|c: char| c.is_ascii_digit())
                 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
@@ -153,6 +158,16 @@ mod tests {
         assert!(matches!(
             expand("${}", &e),
             Err(InterpolateError::BadName { .. })
+        ));
+    }
+
+    #[test]
+    fn a_variable_inside_a_default_is_an_error_not_literal_text() {
+        // Not supported: the default would end at the inner `}` and `${B}` be taken as text.
+        let e = env(&[("B", "b")]);
+        assert!(matches!(
+            expand("${A:-${B}}", &e),
+            Err(InterpolateError::NestedDefault(_))
         ));
     }
 }
