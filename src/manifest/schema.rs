@@ -263,8 +263,8 @@ pub struct RawService {
     #[serde(default)]
     pub tags: Vec<Text>,
     /// Consul meta (at most 64 pairs, values at most 512 bytes). The sidecar adds `managed-by:
-    /// consul-registrar` and, when known, `pod-name`, `pod-namespace` and `node-name`: these keys
-    /// are reserved.
+    /// consul-registrar` and, when known, `pod-name`, `pod-namespace`, `pod-uid` and `node-name`:
+    /// these keys are reserved.
     #[serde(default)]
     #[schemars(extend("propertyNames" = { "not": { "pattern": "^[cC][oO][nN][sS][uU][lL]-" } }))]
     pub meta: BTreeMap<MetaKey, Text>,
