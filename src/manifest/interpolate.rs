@@ -40,7 +40,9 @@ pub enum InterpolateError {
     Unterminated(String),
     #[error("invalid variable name {name:?} in {input:?}")]
     BadName { name: String, input: String },
-    #[error("a default may not hold a variable (no nesting) in {0:?}: the default ends at the first }}")]
+    #[error(
+        "a default may not hold a variable (no nesting) in {0:?}: the default ends at the first }}"
+    )]
     NestedDefault(String),
 }
 
