@@ -1009,3 +1009,64 @@ async fn waiting_on_the_reaper_keys_of_many_services_never_delays_a_verdict() {
         "{past_ten_seconds} Consul calls were timed past 10 s"
     );
 }
+
+/// A sidecar restarted in the same pod with a manifest that no longer has one of its instances
+/// (its ConfigMap edited, then the container restarted): the new run adopts the previous run's
+/// session, which still holds that instance's key, so no reaper would ever remove it and no
+/// drain would (it is not in the manifest): it stayed, passing, until the pod ended. The new run
+/// deregisters it, with its key, as soon as it adopts the session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_dropped_from_the_manifest_across_a_restart_is_deregistered() {
+    let consul = ConsulAgent::start_dev().await;
+    let app = DemoApp::start(DemoAppOptions::default()).await;
+    let env = [
+        ("NODE_NAME", "kube-a"),
+        ("HOST_IP", "127.0.0.1"),
+        ("POD_NAME", "shop-0"),
+    ];
+    let both = manifest(
+        &consul.http_addr(),
+        &[
+            Instance {
+                name: "hello",
+                id: "hello-1",
+                port: app.port(),
+            },
+            Instance {
+                name: "hello",
+                id: "hello-2",
+                port: app.port(),
+            },
+        ],
+        "",
+    );
+    let mut first = Sidecar::start(&both, &env);
+    for id in ["hello-1", "hello-2"] {
+        assert!(
+            status_becomes(&consul, "hello", id, Some("passing"), 10 * SECOND).await,
+            "{id}\n{}",
+            first.logs()
+        );
+    }
+    let session = holder(&consul, &key("kube-a", "hello-1"))
+        .await
+        .expect("hello-1's key");
+    first.signal("KILL");
+    assert!(first.exit_within(5 * SECOND).await.is_some());
+    let second = Sidecar::start(&hello(&consul.http_addr(), "hello-1", app.port()), &env);
+    assert!(
+        status_becomes(&consul, "hello", "hello-2", None, 5 * SECOND).await,
+        "hello-2, no longer in the manifest, stayed after the restart\n{}",
+        second.logs()
+    );
+    assert_eq!(consul.kv_entry(&key("kube-a", "hello-2")).await, None);
+    assert_eq!(
+        holder(&consul, &key("kube-a", "hello-1")).await,
+        Some(session),
+        "the restarted sidecar should have adopted its session"
+    );
+    assert_eq!(
+        consul.check_status("hello", "hello-1").await.as_deref(),
+        Some("passing")
+    );
+}

@@ -36,6 +36,8 @@ pub struct Liveness {
     first_instance: String,
     /// Each instance's service (by instance ID), whose name is part of the instance's key.
     services: BTreeMap<String, String>,
+    /// The pod's name (empty outside Kubernetes).
+    pod: String,
     /// The current session, once made.
     session: tokio::sync::Mutex<Option<String>>,
     /// The instances whose key we hold (or want to): re-acquired when the session is replaced.
@@ -89,6 +91,7 @@ impl Liveness {
                 .iter()
                 .map(|(id, service)| (id.to_string(), service.to_string()))
                 .collect(),
+            pod: pod.to_string(),
             client,
             settings,
             session: tokio::sync::Mutex::new(None),
@@ -465,10 +468,89 @@ impl Liveness {
             if self.renew(&old.id).await? {
                 tracing::info!("adopted the session of this sidecar's previous run");
                 *current = Some(old.id.clone());
+                if let Err(e) = self.release_dropped(&old.id).await {
+                    tracing::warn!(error = %e, "could not check for instances of the previous run that the manifest no longer has; any stay until the pod ends");
+                }
                 return Ok(Some(old.id.clone()));
             }
         }
         Ok(None)
+    }
+
+    /// After adopting our previous run's `session`: the instances on our virtual node whose key
+    /// it holds but that the manifest no longer has (edited across a restart of the sidecar in the
+    /// same pod) are deregistered with their keys. Nothing else would: a held key keeps reapers
+    /// away, and the drain removes only the manifest's instances. Each goes in one transaction
+    /// that checks our session holds its key, so another pod's instance is never touched.
+    async fn release_dropped(&self, session: &str) -> Result<(), ConsulError> {
+        #[derive(Deserialize)]
+        struct Found {
+            #[serde(rename = "Services", default)]
+            services: Option<Vec<Entry>>,
+        }
+        #[derive(Deserialize)]
+        struct Entry {
+            #[serde(rename = "ID")]
+            id: String,
+            #[serde(rename = "Service")]
+            service: String,
+            #[serde(rename = "Meta", default)]
+            meta: Option<BTreeMap<String, String>>,
+        }
+        let node = self.settings.node.as_str();
+        let req = self.client.request(
+            Method::GET,
+            &format!("/v1/catalog/node-services/{}", path_escape(node)),
+        );
+        let answer = match self
+            .client
+            .send("node_services", req, super::REQUEST_TIMEOUT)
+            .await
+        {
+            Ok(a) => a,
+            Err(ConsulError::Status { status: 404, .. }) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let found: Option<Found> =
+            serde_json::from_slice(&answer.body).map_err(|e| ConsulError::Decode {
+                operation: "node_services",
+                reason: e.to_string(),
+            })?;
+        for entry in found.and_then(|f| f.services).unwrap_or_default() {
+            let meta = entry.meta.unwrap_or_default();
+            let managed = meta
+                .get(MANAGED_BY_KEY)
+                .is_some_and(|v| v == MANAGED_BY_VALUE);
+            // Another pod's (when both say): not even asked about.
+            let other_pod =
+                !self.pod.is_empty() && meta.get("pod-name").is_some_and(|p| *p != self.pod);
+            if !managed || other_pod || self.services.contains_key(&entry.id) {
+                continue;
+            }
+            let key = key_of(&self.settings.key_prefix, &entry.service, node, &entry.id);
+            let ops = serde_json::json!([
+                { "KV": { "Verb": "check-session", "Key": key, "Session": session } },
+                { "Service": {
+                    "Verb": "delete", "Node": node,
+                    "Service": { "ID": entry.id, "Service": entry.service },
+                } },
+                { "KV": { "Verb": "delete", "Key": key } },
+            ]);
+            let req = self.client.request(Method::PUT, "/v1/txn").json(&ops);
+            match self
+                .client
+                .send("catalog_deregister", req, super::REQUEST_TIMEOUT)
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(instance = %entry.id, service = %entry.service, "deregistered an instance of this sidecar's previous run that the manifest no longer has")
+                }
+                // Our session does not hold its key: not ours.
+                Err(ConsulError::Status { status: 409, .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     /// The current session, else our previous run's if Consul still has it (adopted); never a
