@@ -556,15 +556,20 @@ fn pod_env(catalog: bool, uid: Option<&'static str>) -> Vec<(&'static str, &'sta
     env
 }
 
+/// The manifest of [`manifest`] or [`catalog_manifest`], a 3 s drain delay and a 5 s deadline.
+fn drain_manifest(catalog: bool, consul: &str, app_port: u16) -> String {
+    if catalog {
+        catalog_manifest(consul, app_port, "3s", "5s")
+    } else {
+        manifest(consul, app_port, "3s", "5s")
+    }
+}
+
 /// Agent mode without `POD_UID` (as on a host), catalog mode in a pod: a restart keeps the pod.
 async fn restarted_in_the_middle_of_a_drain(catalog: bool) {
     let consul = ConsulAgent::start_dev().await;
     let app = DemoApp::start(DemoAppOptions::default()).await;
-    let m = if catalog {
-        catalog_manifest(&consul.http_addr(), app.port(), "3s", "5s")
-    } else {
-        manifest(&consul.http_addr(), app.port(), "3s", "5s")
-    };
+    let m = drain_manifest(catalog, &consul.http_addr(), app.port());
     let env = &pod_env(catalog, catalog.then_some("0b1c7e52-pod-a"));
     let mut first = Sidecar::start(&m, env);
     assert!(status_becomes(&consul, "hello-1", Some("passing"), 10 * SECOND).await);
@@ -611,11 +616,7 @@ async fn in_catalog_mode_a_sidecar_restarted_in_the_middle_of_a_drain_stays_drai
 async fn a_new_pod_of_the_same_name_is_not_held_by_its_predecessors_cut_off_drain(catalog: bool) {
     let consul = ConsulAgent::start_dev().await;
     let app = DemoApp::start(DemoAppOptions::default()).await;
-    let m = if catalog {
-        catalog_manifest(&consul.http_addr(), app.port(), "3s", "5s")
-    } else {
-        manifest(&consul.http_addr(), app.port(), "3s", "5s")
-    };
+    let m = drain_manifest(catalog, &consul.http_addr(), app.port());
     let mut old = Sidecar::start(&m, &pod_env(catalog, Some("0b1c7e52-pod-old")));
     assert!(status_becomes(&consul, "hello-1", Some("passing"), 10 * SECOND).await);
     assert_eq!(old.request(reqwest::Method::POST, "/drain").await.0, 202);

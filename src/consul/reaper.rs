@@ -449,35 +449,11 @@ impl Reaper {
     /// our key prefix): `GET /v1/catalog/service/:service` filtered by the nodes' meta, a stale
     /// read (a removal is a transaction the leader checks anyway).
     async fn instances(&self) -> Result<Vec<Instance>, ConsulError> {
-        let req = self
-            .client
-            .request(
-                Method::GET,
-                &format!("/v1/catalog/service/{}", path_escape(&self.service)),
-            )
-            .query(&[
-                ("node-meta", format!("{MANAGED_BY_KEY}:{MANAGED_BY_VALUE}")),
-                ("stale", String::new()),
-            ]);
-        let answer = self
-            .client
-            .send("service_instances", req, super::REQUEST_TIMEOUT)
-            .await?;
-        let entries: Vec<ServiceEntry> =
-            serde_json::from_slice(&answer.body).map_err(|e| ConsulError::Decode {
-                operation: "service_instances",
-                reason: e.to_string(),
-            })?;
+        let path = format!("/v1/catalog/service/{}", path_escape(&self.service));
+        let entries: Vec<ServiceEntry> = self.managed_read("service_instances", &path).await?;
         Ok(entries
             .into_iter()
-            .filter(|e| {
-                let meta = e.meta.as_ref();
-                e.node != SESSIONS_NODE
-                    && meta
-                        .and_then(|m| m.get(MANAGED_BY_KEY))
-                        .is_some_and(|v| v == MANAGED_BY_VALUE)
-                    && self.owns_prefix(meta.and_then(|m| m.get(KEY_PREFIX_META)))
-            })
+            .filter(|e| e.node != SESSIONS_NODE && self.judges(e.meta.as_ref()))
             .map(|e| Instance {
                 node: e.node,
                 id: e.id,
@@ -485,6 +461,34 @@ impl Reaper {
                 modify_index: e.modify_index,
             })
             .collect())
+    }
+
+    /// A stale read of `path` limited to the managed virtual nodes (their node meta says so).
+    async fn managed_read<T: serde::de::DeserializeOwned>(
+        &self,
+        operation: &'static str,
+        path: &str,
+    ) -> Result<T, ConsulError> {
+        let req = self.client.request(Method::GET, path).query(&[
+            ("node-meta", format!("{MANAGED_BY_KEY}:{MANAGED_BY_VALUE}")),
+            ("stale", String::new()),
+        ]);
+        let answer = self
+            .client
+            .send(operation, req, super::REQUEST_TIMEOUT)
+            .await?;
+        serde_json::from_slice(&answer.body).map_err(|e| ConsulError::Decode {
+            operation,
+            reason: e.to_string(),
+        })
+    }
+
+    /// Whether an instance with `meta` is one this reaper judges: ours (`managed-by`) and of
+    /// our key prefix.
+    fn judges(&self, meta: Option<&std::collections::BTreeMap<String, String>>) -> bool {
+        meta.and_then(|m| m.get(MANAGED_BY_KEY))
+            .is_some_and(|v| v == MANAGED_BY_VALUE)
+            && self.owns_prefix(meta.and_then(|m| m.get(KEY_PREFIX_META)))
     }
 
     /// The instances whose keys disappeared (and did not come back).
@@ -543,22 +547,9 @@ impl Reaper {
 
     /// The virtual nodes of consul-registrar (their node meta says so).
     async fn managed_nodes(&self) -> Result<Vec<String>, ConsulError> {
-        let req = self
-            .client
-            .request(Method::GET, "/v1/catalog/nodes")
-            .query(&[
-                ("node-meta", format!("{MANAGED_BY_KEY}:{MANAGED_BY_VALUE}")),
-                ("stale", String::new()),
-            ]);
-        let answer = self
-            .client
-            .send("managed_nodes", req, super::REQUEST_TIMEOUT)
+        let nodes: Vec<NodeEntry> = self
+            .managed_read("managed_nodes", "/v1/catalog/nodes")
             .await?;
-        let nodes: Vec<NodeEntry> =
-            serde_json::from_slice(&answer.body).map_err(|e| ConsulError::Decode {
-                operation: "managed_nodes",
-                reason: e.to_string(),
-            })?;
         Ok(nodes
             .into_iter()
             .map(|n| n.node)
@@ -568,40 +559,12 @@ impl Reaper {
 
     /// Our instances on `node` (`managed-by` meta, our key prefix, our service).
     async fn scan(&self, node: &str) -> Result<Vec<Instance>, ConsulError> {
-        let req = self
-            .client
-            .request(
-                Method::GET,
-                &format!("/v1/catalog/node-services/{}", path_escape(node)),
-            )
-            .query(&[("stale", "")]);
-        let answer = match self
-            .client
-            .send("node_services", req, super::REQUEST_TIMEOUT)
-            .await
-        {
-            Ok(a) => a,
-            Err(ConsulError::Status { status: 404, .. }) => return Ok(Vec::new()),
-            Err(e) => return Err(e),
-        };
-        // `null` when the node is unknown.
-        let services: Option<NodeServices> =
-            serde_json::from_slice(&answer.body).map_err(|e| ConsulError::Decode {
-                operation: "node_services",
-                reason: e.to_string(),
-            })?;
+        let services: Option<NodeServices> = node_services(&self.client, node, true).await?;
         Ok(services
             .and_then(|s| s.services)
             .unwrap_or_default()
             .into_iter()
-            .filter(|s| {
-                let meta = s.meta.as_ref();
-                s.service == self.service
-                    && meta
-                        .and_then(|m| m.get(MANAGED_BY_KEY))
-                        .is_some_and(|v| v == MANAGED_BY_VALUE)
-                    && self.owns_prefix(meta.and_then(|m| m.get(KEY_PREFIX_META)))
-            })
+            .filter(|s| s.service == self.service && self.judges(s.meta.as_ref()))
             .map(|s| Instance {
                 node: node.to_string(),
                 id: s.id,
@@ -647,6 +610,34 @@ impl Reaper {
     }
 }
 
+/// `GET /v1/catalog/node-services/:node` (from any server when `stale`), decoded as `T`; None
+/// when the node is unknown (a 404, or `null`).
+pub(super) async fn node_services<T: serde::de::DeserializeOwned>(
+    client: &ConsulClient,
+    node: &str,
+    stale: bool,
+) -> Result<Option<T>, ConsulError> {
+    let mut req = client.request(
+        Method::GET,
+        &format!("/v1/catalog/node-services/{}", path_escape(node)),
+    );
+    if stale {
+        req = req.query(&[("stale", "")]);
+    }
+    let answer = match client
+        .send("node_services", req, super::REQUEST_TIMEOUT)
+        .await
+    {
+        Ok(a) => a,
+        Err(ConsulError::Status { status: 404, .. }) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    serde_json::from_slice(&answer.body).map_err(|e| ConsulError::Decode {
+        operation: "node_services",
+        reason: e.to_string(),
+    })
+}
+
 /// Removes virtual node `node` if nothing is left on it: no service (of anyone's) and no session
 /// (a sidecar of a version before the sessions' node keeps its session on its virtual node, and a
 /// node's removal invalidates its sessions). Guarded by the node's index as read (`delete-cas`):
@@ -655,23 +646,7 @@ pub async fn remove_if_empty(client: &ConsulClient, node: &str) -> Result<(), Co
     if node == SESSIONS_NODE {
         return Ok(());
     }
-    let req = client.request(
-        Method::GET,
-        &format!("/v1/catalog/node-services/{}", path_escape(node)),
-    );
-    let answer = match client
-        .send("node_services", req, super::REQUEST_TIMEOUT)
-        .await
-    {
-        Ok(a) => a,
-        Err(ConsulError::Status { status: 404, .. }) => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    let found: Option<NodeServices> =
-        serde_json::from_slice(&answer.body).map_err(|e| ConsulError::Decode {
-            operation: "node_services",
-            reason: e.to_string(),
-        })?;
+    let found: Option<NodeServices> = node_services(client, node, false).await?;
     let Some(found) = found else { return Ok(()) };
     let Some(index) = found.node.map(|n| n.modify_index) else {
         return Ok(());

@@ -498,24 +498,7 @@ impl Liveness {
             meta: Option<BTreeMap<String, String>>,
         }
         let node = self.settings.node.as_str();
-        let req = self.client.request(
-            Method::GET,
-            &format!("/v1/catalog/node-services/{}", path_escape(node)),
-        );
-        let answer = match self
-            .client
-            .send("node_services", req, super::REQUEST_TIMEOUT)
-            .await
-        {
-            Ok(a) => a,
-            Err(ConsulError::Status { status: 404, .. }) => return Ok(()),
-            Err(e) => return Err(e),
-        };
-        let found: Option<Found> =
-            serde_json::from_slice(&answer.body).map_err(|e| ConsulError::Decode {
-                operation: "node_services",
-                reason: e.to_string(),
-            })?;
+        let found: Option<Found> = super::reaper::node_services(&self.client, node, false).await?;
         for entry in found.and_then(|f| f.services).unwrap_or_default() {
             let meta = entry.meta.unwrap_or_default();
             let managed = meta
