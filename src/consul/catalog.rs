@@ -17,7 +17,7 @@ use reqwest::Method;
 use serde::Deserialize;
 
 use super::registration::CheckSeen;
-use super::session::Liveness;
+use super::session::{Liveness, deregistration_with_key};
 use super::{
     AgentService, AgentServiceRegistration, CheckStatus, ConsulClient, ConsulError, Registry,
     ServiceWatch, path_escape,
@@ -384,15 +384,8 @@ impl Registry for CatalogRegistry {
         // sidecar's: neither it nor the key is touched.
         let key = self.liveness.key(&spec.id);
         let node = self.settings.node.as_str();
-        let delete = serde_json::json!({ "Service": {
-            "Verb": "delete", "Node": node, "Service": { "ID": spec.id, "Service": spec.name },
-        } });
         if let Some(session) = self.liveness.current_or_previous().await? {
-            let ops = serde_json::json!([
-                { "KV": { "Verb": "check-session", "Key": key, "Session": session } },
-                delete,
-                { "KV": { "Verb": "delete", "Key": key } },
-            ]);
+            let ops = deregistration_with_key(&key, &session, node, &spec.id, &spec.name);
             if self.txn("catalog_deregister", &ops).await? {
                 self.liveness.let_go(&spec.id);
                 return Ok(());
@@ -400,7 +393,9 @@ impl Registry for CatalogRegistry {
         }
         let ops = serde_json::json!([
             { "KV": { "Verb": "check-not-exists", "Key": key } },
-            delete,
+            { "Service": {
+                "Verb": "delete", "Node": node, "Service": { "ID": spec.id, "Service": spec.name },
+            } },
         ]);
         if self.txn("catalog_deregister", &ops).await? {
             self.liveness.let_go(&spec.id);

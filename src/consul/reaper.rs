@@ -70,24 +70,25 @@ struct NodeEntry {
     node: String,
 }
 
+/// `GET /v1/catalog/node-services/:node`, the parts the crash net reads.
 #[derive(Deserialize)]
-struct NodeServices {
+pub(super) struct NodeServices {
     #[serde(rename = "Node", default)]
     node: Option<NodeIndex>,
     /// `null` for a node without services (a virtual node whose sidecar has made its session but
     /// not yet registered, or whose instances are all gone).
     #[serde(rename = "Services", default)]
-    services: Option<Vec<NodeService>>,
+    pub(super) services: Option<Vec<NodeService>>,
 }
 
 #[derive(Deserialize)]
-struct NodeService {
+pub(super) struct NodeService {
     #[serde(rename = "ID")]
-    id: String,
+    pub(super) id: String,
     #[serde(rename = "Service")]
-    service: String,
+    pub(super) service: String,
     #[serde(rename = "Meta", default)]
-    meta: Option<std::collections::BTreeMap<String, String>>,
+    pub(super) meta: Option<std::collections::BTreeMap<String, String>>,
     #[serde(rename = "ModifyIndex", default)]
     modify_index: u64,
 }

@@ -483,22 +483,9 @@ impl Liveness {
     /// away, and the drain removes only the manifest's instances. Each goes in one transaction
     /// that checks our session holds its key, so another pod's instance is never touched.
     async fn release_dropped(&self, session: &str) -> Result<(), ConsulError> {
-        #[derive(Deserialize)]
-        struct Found {
-            #[serde(rename = "Services", default)]
-            services: Option<Vec<Entry>>,
-        }
-        #[derive(Deserialize)]
-        struct Entry {
-            #[serde(rename = "ID")]
-            id: String,
-            #[serde(rename = "Service")]
-            service: String,
-            #[serde(rename = "Meta", default)]
-            meta: Option<BTreeMap<String, String>>,
-        }
         let node = self.settings.node.as_str();
-        let found: Option<Found> = super::reaper::node_services(&self.client, node, false).await?;
+        let found: Option<super::reaper::NodeServices> =
+            super::reaper::node_services(&self.client, node, false).await?;
         for entry in found.and_then(|f| f.services).unwrap_or_default() {
             let meta = entry.meta.unwrap_or_default();
             let managed = meta
@@ -511,14 +498,7 @@ impl Liveness {
                 continue;
             }
             let key = key_of(&self.settings.key_prefix, &entry.service, node, &entry.id);
-            let ops = serde_json::json!([
-                { "KV": { "Verb": "check-session", "Key": key, "Session": session } },
-                { "Service": {
-                    "Verb": "delete", "Node": node,
-                    "Service": { "ID": entry.id, "Service": entry.service },
-                } },
-                { "KV": { "Verb": "delete", "Key": key } },
-            ]);
+            let ops = deregistration_with_key(&key, session, node, &entry.id, &entry.service);
             let req = self.client.request(Method::PUT, "/v1/txn").json(&ops);
             match self
                 .client
@@ -628,6 +608,23 @@ pub fn service_keys(prefix: &str, service: &str) -> String {
 /// An instance's liveness key: `<prefix>/<service>/<node>/<id>`.
 pub fn key_of(prefix: &str, service: &str, node: &str, id: &str) -> String {
     format!("{}{node}/{id}", service_keys(prefix, service))
+}
+
+/// The transaction that removes instance `id` of `service` on `node` with its liveness `key`,
+/// applied only while `session` holds the key (its first operation: a failed check applies
+/// nothing).
+pub fn deregistration_with_key(
+    key: &str,
+    session: &str,
+    node: &str,
+    id: &str,
+    service: &str,
+) -> serde_json::Value {
+    serde_json::json!([
+        { "KV": { "Verb": "check-session", "Key": key, "Session": session } },
+        { "Service": { "Verb": "delete", "Node": node, "Service": { "ID": id, "Service": service } } },
+        { "KV": { "Verb": "delete", "Key": key } },
+    ])
 }
 
 /// A KV key as a URL path: each segment escaped, the slashes kept.
