@@ -31,6 +31,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::consul::shared::{self, Desk};
 use crate::manifest::{Readiness, Secret};
 use crate::metrics::Metrics;
 use crate::shutdown::{DrainHandle, Origin, Phase};
@@ -52,6 +53,8 @@ pub struct AdminState {
     pub drain_auth: Arc<DrainAuth>,
     /// What `/readyz` requires of the instances in Consul.
     pub readiness: Readiness,
+    /// With a shared session (catalog mode): the holder's desk, which answers heartbeats.
+    pub desk: Option<Arc<Desk>>,
 }
 
 /// Who may start a drain: set from `CONSUL_REGISTRAR_DRAIN_TOKEN` or
@@ -186,6 +189,7 @@ async fn route(req: Request<Incoming>, peer: SocketAddr, state: &AdminState) -> 
     let path = req.uri().path();
     let allowed: &[Method] = match path {
         "/drain" => &[Method::GET, Method::POST],
+        shared::PATH if state.desk.is_some() => &[Method::POST],
         "/metrics" | "/healthz" | "/readyz" | "/status" => &[Method::GET, Method::HEAD],
         _ => return text(StatusCode::NOT_FOUND, "not found\n"),
     };
@@ -213,6 +217,7 @@ async fn route(req: Request<Incoming>, peer: SocketAddr, state: &AdminState) -> 
             r
         }
         "/status" => status(state),
+        shared::PATH => heartbeat(req, state).await,
         _ => {
             let presented = req.headers().get(DRAIN_TOKEN_HEADER).map(|v| v.as_bytes());
             if let Err(reason) = state.drain_auth.check(peer, presented) {
@@ -227,6 +232,38 @@ async fn route(req: Request<Incoming>, peer: SocketAddr, state: &AdminState) -> 
             drain(req.uri().query().unwrap_or_default(), state).await
         }
     }
+}
+
+/// A peer's heartbeat to the holder of the shared session (see [`crate::consul::shared`]).
+async fn heartbeat(req: Request<Incoming>, state: &AdminState) -> Reply {
+    use http_body_util::BodyExt as _;
+    let Some(desk) = &state.desk else {
+        return text(StatusCode::NOT_FOUND, "not found\n");
+    };
+    let presented = req
+        .headers()
+        .get(shared::SESSION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    // A heartbeat is small: a pod's keys.
+    let body = match http_body_util::Limited::new(req.into_body(), 64 * 1024)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return text(StatusCode::PAYLOAD_TOO_LARGE, "heartbeat too large\n"),
+    };
+    let answer = desk.answer(presented.as_deref(), &body);
+    let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut r = Response::new(Full::new(Bytes::from(answer.body)));
+    *r.status_mut() = status;
+    if status == StatusCode::OK {
+        r.headers_mut().insert(
+            CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("application/json"),
+        );
+    }
+    r
 }
 
 fn readiness(state: &AdminState) -> Reply {

@@ -92,6 +92,16 @@ pub struct Metrics {
     /// `consul_registrar_session_renewals_total{outcome}`: catalog mode's session renewals by
     /// outcome: `ok`, `lost` (Consul no longer had the session), `error` (no answer).
     pub session_renewals: IntCounterVec,
+    /// `consul_registrar_shared_session_beats_total{outcome}`: a peer's heartbeats to the holder
+    /// of its virtual node's shared session: `ok`, `refused` (the holder answered no: it drains,
+    /// or holds another session) or `error` (no answer).
+    pub shared_session_beats: IntCounterVec,
+    /// `consul_registrar_shared_session_peers`: on the holder of a shared session, the pods whose
+    /// keys it holds for them.
+    pub shared_session_peers: IntGauge,
+    /// `consul_registrar_shared_session_released_total`: liveness keys the holder deleted because
+    /// their pod stopped heartbeating (its instances are then reaped).
+    pub shared_session_released: IntCounter,
     /// `consul_registrar_build_info{version}`: always 1.
     pub build_info: IntGaugeVec,
 }
@@ -194,6 +204,21 @@ impl Metrics {
                 "Catalog mode's session renewals, by outcome.",
                 &["outcome"],
             ),
+            shared_session_beats: counter_vec(
+                "shared_session_beats_total",
+                "Heartbeats to the holder of the virtual node's shared session, by outcome.",
+                &["outcome"],
+            ),
+            shared_session_peers: IntGauge::new(
+                "consul_registrar_shared_session_peers",
+                "Pods whose liveness keys this holder of the shared session holds for them.",
+            )
+            .expect("valid gauge"),
+            shared_session_released: IntCounter::new(
+                "consul_registrar_shared_session_released_total",
+                "Liveness keys the holder deleted because their pod stopped heartbeating.",
+            )
+            .expect("valid counter"),
             build_info: gauge_vec("build_info", "Build information; always 1.", &["version"]),
             registry,
         };
@@ -225,6 +250,9 @@ impl Metrics {
             Box::new(m.admin_refused.clone()),
             Box::new(m.reaped.clone()),
             Box::new(m.session_renewals.clone()),
+            Box::new(m.shared_session_beats.clone()),
+            Box::new(m.shared_session_peers.clone()),
+            Box::new(m.shared_session_released.clone()),
             Box::new(m.build_info.clone()),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ];

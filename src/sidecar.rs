@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState, DrainAuth};
 use crate::consul::reaper::Reaper;
-use crate::consul::session::Liveness;
+use crate::consul::session::{Liveness, Pod};
 use crate::consul::{CatalogRegistry, ConsulClient, ConsulError, Registry};
 use crate::manifest::{ConsulMode, Manifest};
 use crate::metrics::Metrics;
@@ -70,8 +70,11 @@ pub async fn run(
             run_with(
                 client,
                 manifest,
-                admin_address,
-                drain_auth,
+                AdminSetup {
+                    address: admin_address,
+                    drain_auth,
+                    desk: None,
+                },
                 metrics,
                 alarm,
                 everything,
@@ -98,7 +101,10 @@ pub async fn run(
                 client.clone(),
                 settings.clone(),
                 &instances,
-                &pod_name(),
+                Pod {
+                    name: &pod_name(),
+                    uid: &pod_uid(&manifest),
+                },
                 Arc::clone(&alarm),
                 Arc::clone(&metrics),
                 retry,
@@ -123,12 +129,16 @@ pub async fn run(
                 );
             }
             tracing::info!(node = %settings.node, session_ttl = %crate::manifest::duration::format(settings.session_ttl), "catalog mode: registering on a virtual node, with a session as the crash net");
+            let desk = liveness.desk();
             let registry = CatalogRegistry::new(client, settings, liveness);
             run_with(
                 registry,
                 manifest,
-                admin_address,
-                drain_auth,
+                AdminSetup {
+                    address: admin_address,
+                    drain_auth,
+                    desk,
+                },
                 metrics,
                 alarm,
                 everything,
@@ -143,16 +153,27 @@ pub async fn run(
     outcome
 }
 
+/// The admin server's address, who may drain, and (with a shared session) the holder's desk.
+struct AdminSetup {
+    address: SocketAddr,
+    drain_auth: DrainAuth,
+    desk: Option<Arc<crate::consul::shared::Desk>>,
+}
+
 /// [`run`] with the Consul backend chosen.
 async fn run_with<R: Registry>(
     registry: R,
     manifest: Manifest,
-    admin_address: SocketAddr,
-    drain_auth: DrainAuth,
+    admin: AdminSetup,
     metrics: Arc<Metrics>,
     alarm: Arc<watch::Sender<u64>>,
     everything: CancellationToken,
 ) -> Result<(), SidecarError> {
+    let AdminSetup {
+        address: admin_address,
+        drain_auth,
+        desk,
+    } = admin;
     let board = StatusBoard::new(
         manifest
             .services
@@ -196,6 +217,7 @@ async fn run_with<R: Registry>(
             drain: drain.clone(),
             drain_auth: Arc::new(drain_auth),
             readiness: manifest.readiness,
+            desk,
         },
         admin_stop.clone(),
     ));
@@ -321,6 +343,17 @@ async fn run_with<R: Registry>(
 
 /// The pod's name (`POD_NAME`, else the container's `HOSTNAME`, which Kubernetes sets to it), so
 /// that a session is adopted only by a later run in the same pod.
+/// The pod's UID (`POD_UID`, in the instances' meta), else one made up for this process: what a
+/// holder of a shared session knows this sidecar's keys by.
+fn pod_uid(manifest: &Manifest) -> String {
+    manifest
+        .services
+        .iter()
+        .find_map(|s| s.meta.get(crate::manifest::POD_UID_KEY))
+        .cloned()
+        .unwrap_or_else(|| format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)))
+}
+
 fn pod_name() -> String {
     ["POD_NAME", "HOSTNAME"]
         .iter()

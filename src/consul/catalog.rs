@@ -17,7 +17,7 @@ use reqwest::Method;
 use serde::Deserialize;
 
 use super::registration::CheckSeen;
-use super::session::{Liveness, deregistration_with_key};
+use super::session::{Liveness, deregistration};
 use super::{
     AgentService, AgentServiceRegistration, CheckStatus, ConsulClient, ConsulError, Registry,
     ServiceWatch, path_escape,
@@ -74,6 +74,17 @@ impl CatalogRegistry {
         operation: &'static str,
         ops: &serde_json::Value,
     ) -> Result<bool, ConsulError> {
+        self.txn_guarded(operation, ops, 1).await
+    }
+
+    /// [`txn`](Self::txn) whose first `guards` operations are checks on the liveness key:
+    /// `Ok(false)` when one of them failed.
+    async fn txn_guarded(
+        &self,
+        operation: &'static str,
+        ops: &serde_json::Value,
+        guards: usize,
+    ) -> Result<bool, ConsulError> {
         let req = self.client.request(Method::PUT, "/v1/txn").json(ops);
         match self
             .client
@@ -85,7 +96,7 @@ impl CatalogRegistry {
             // malformed registration) is a refusal, not a lost key.
             Err(ConsulError::Status {
                 status: 409, body, ..
-            }) if first_op_failed(&body) => Ok(false),
+            }) if guard_failed(&body, guards) => Ok(false),
             Err(e) => Err(e),
         }
     }
@@ -263,9 +274,12 @@ pub fn registration_txn(
 
 /// Whether a failed transaction's answer (409) names its first operation. The answer may be cut
 /// short (errors keep 300 characters), so it is searched, not parsed.
-fn first_op_failed(body: &str) -> bool {
+fn guard_failed(body: &str, guards: usize) -> bool {
     let compact: String = body.chars().filter(|c| !c.is_whitespace()).collect();
-    compact.contains("\"OpIndex\":0,") || compact.contains("\"OpIndex\":0}")
+    (0..guards).any(|i| {
+        compact.contains(&format!("\"OpIndex\":{i},"))
+            || compact.contains(&format!("\"OpIndex\":{i}}}"))
+    })
 }
 
 /// Node meta rewritten by every registration (see [`registration_txn`]).
@@ -343,11 +357,13 @@ impl Registry for CatalogRegistry {
         let ours = self.liveness.current_or_previous().await?;
         if let Some(session) = &ours {
             let body = registration_body(&self.settings, spec, status, output, false);
-            let ops = serde_json::json!([
-                { "KV": { "Verb": "check-session", "Key": key, "Session": session } },
-                { "Check": { "Verb": "set", "Check": body["Check"] } },
-            ]);
-            match self.txn("catalog_status", &ops).await {
+            let mut ops = self.liveness.guard(&spec.id, session).await?;
+            let guards = ops.len();
+            ops.push(serde_json::json!({ "Check": { "Verb": "set", "Check": body["Check"] } }));
+            match self
+                .txn_guarded("catalog_status", &serde_json::Value::Array(ops), guards)
+                .await
+            {
                 Ok(true) => return Ok(()),
                 Ok(false) => {}
                 // The check's service (or node) is gone: "Missing service registration".
@@ -385,8 +401,13 @@ impl Registry for CatalogRegistry {
         let key = self.liveness.key(&spec.id);
         let node = self.settings.node.as_str();
         if let Some(session) = self.liveness.current_or_previous().await? {
-            let ops = deregistration_with_key(&key, &session, node, &spec.id, &spec.name);
-            if self.txn("catalog_deregister", &ops).await? {
+            let mut ops = self.liveness.guard(&spec.id, &session).await?;
+            let guards = ops.len();
+            ops.extend(deregistration(&key, node, &spec.id, &spec.name));
+            if self
+                .txn_guarded("catalog_deregister", &serde_json::Value::Array(ops), guards)
+                .await?
+            {
                 self.liveness.let_go(&spec.id);
                 return Ok(());
             }
@@ -456,15 +477,16 @@ impl Registry for CatalogRegistry {
 
 #[cfg(test)]
 mod tests {
-    use super::first_op_failed;
+    use super::guard_failed;
 
     #[test]
     fn a_failed_key_check_is_told_from_another_failed_operation() {
         // Consul 1.22's answers, as the client keeps them (300 characters).
         let lost = "{\n    \"Results\": null,\n    \"Errors\": [\n        {\n            \"OpIndex\": 0,\n            \"What\": \"failed session check for key \\\"consul-registrar/instances/consul-registrar-kube-a/fixed-1\\\", current session \\\"6d3653fc";
-        assert!(first_op_failed(lost));
+        assert!(guard_failed(lost, 1));
         let refused = "{\n    \"Results\": null,\n    \"Errors\": [\n        {\n            \"OpIndex\": 2,\n            \"What\": \"Invalid Service Meta\"\n        }\n    ]\n}";
-        assert!(!first_op_failed(refused));
-        assert!(!first_op_failed("{\"OpIndex\": 10, \"What\": \"x\"}"));
+        assert!(!guard_failed(refused, 1));
+        assert!(!guard_failed("{\"OpIndex\": 10, \"What\": \"x\"}", 2));
+        assert!(guard_failed("{\"OpIndex\": 1, \"What\": \"x\"}", 2));
     }
 }

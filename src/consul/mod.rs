@@ -9,6 +9,7 @@ mod login;
 pub mod reaper;
 pub mod registration;
 pub mod session;
+pub mod shared;
 
 pub use backend::Registry;
 pub use catalog::CatalogRegistry;
@@ -680,10 +681,11 @@ fn needed_permission(operation: &str) -> &'static str {
         "session_create" | "session_renew" | "session_destroy" | "session_list" => {
             "session:write on the virtual node (session_prefix \"consul-registrar-\")"
         }
-        "key_acquire" | "key_delete" | "key_read" | "reaper_key" | "watch_reaper_key" => {
+        "key_acquire" | "key_delete" | "key_read" | "reaper_key" | "watch_reaper_key"
+        | "holder_key" | "key_move" | "key_release" => {
             "key:write on the liveness keys (key_prefix \"consul-registrar/instances/\")"
         }
-        "watch_keys" => {
+        "watch_keys" | "key_list" => {
             "key:read/list on the liveness keys (key_prefix \"consul-registrar/instances/\")"
         }
         "reap" => "service:write on the reaped service and node:write on its virtual node",

@@ -130,6 +130,11 @@ struct KvEntry {
     session: Option<String>,
 }
 
+/// How long the sidecars that do not reap block on the reaper key (Consul's default wait): it
+/// answers at once when the key changes, so a longer wait costs no reaction time, only fewer
+/// re-arms at rest (one per sidecar every 4–5 minutes, not every `resyncInterval`).
+const REAPER_KEY_WAIT: Duration = Duration::from_secs(300);
+
 /// A managed instance: where it is and what it is called.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 struct Instance {
@@ -177,7 +182,37 @@ impl Reaper {
                 }
             }
             let every = ttl.mul_f64(0.8 + 0.2 * fastrand::f64());
-            let Some(session) = self.liveness.current().await else {
+            let Some(session) = self.liveness.own_current().await else {
+                if self.liveness.is_peer() {
+                    // A peer of a shared session: it reaps only with a session of its own. While
+                    // the key is held it waits on it; when it is free (after a short, random
+                    // pause, so that the service's peers do not all leave at once) it leaves.
+                    self.liveness.reaping(&self.service, false);
+                    stop(&mut watching);
+                    leading = false;
+                    let read = tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        r = self.reaper_key(&index) => r,
+                    };
+                    match read {
+                        Ok((Some(_), next)) => index = next,
+                        Ok((None, _)) => {
+                            index = String::from("0");
+                            tokio::select! {
+                                _ = cancel.cancelled() => return,
+                                _ = tokio::time::sleep((ttl / 10).mul_f64(fastrand::f64())) => {}
+                            }
+                            if matches!(self.reaper_key("0").await, Ok((None, _))) {
+                                self.liveness.leave_to_reap().await;
+                            }
+                        }
+                        Err(_) => {
+                            index = String::from("0");
+                            pause = Some(ttl / 10);
+                        }
+                    }
+                    continue;
+                }
                 // No session yet (nothing registered), or none any more (a failed drain destroys
                 // it once Consul answers again, and the sidecar lives on). It cannot stand, but
                 // while nobody holds the key nobody reaps: it watches meanwhile (its own
@@ -241,6 +276,7 @@ impl Reaper {
                     }
                 },
             };
+            self.liveness.reaping(&self.service, leading);
             if !leading && index == "0" && pause.is_none() {
                 // Nothing to block on (the key was free but taken by another meanwhile).
                 pause = Some(ttl / 10);
@@ -274,14 +310,17 @@ impl Reaper {
             .query(&[
                 ("stale", ""),
                 ("index", index),
-                ("wait", &super::wait_param(self.wait)),
+                ("wait", &super::wait_param(self.wait.max(REAPER_KEY_WAIT))),
             ]);
         // A blocking read is a watch: it holds no call permit and is not timed as a call, or
         // the reapers of a sidecar of many services would hold every permit for a minute.
         let (operation, timeout) = if index == "0" {
             ("reaper_key", super::REQUEST_TIMEOUT)
         } else {
-            ("watch_reaper_key", super::blocking_timeout(self.wait))
+            (
+                "watch_reaper_key",
+                super::blocking_timeout(self.wait.max(REAPER_KEY_WAIT)),
+            )
         };
         match self.client.send(operation, req, timeout).await {
             Ok(answer) => {

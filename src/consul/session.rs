@@ -19,10 +19,19 @@ use serde::Deserialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use super::shared::{self, Ack, Beat, Desk, HolderValue};
 use super::{ConsulClient, ConsulError, path_escape};
 use crate::manifest::{CatalogSettings, MANAGED_BY_KEY, MANAGED_BY_VALUE, RetryPolicy, duration};
 use crate::metrics::Metrics;
 use crate::reconcile::Backoff;
+
+/// The pod a sidecar runs in: its name (empty outside Kubernetes) and its UID (a random one
+/// outside Kubernetes).
+#[derive(Debug, Clone, Copy)]
+pub struct Pod<'a> {
+    pub name: &'a str,
+    pub uid: &'a str,
+}
 
 /// The sidecar's session and the keys it holds.
 pub struct Liveness {
@@ -51,6 +60,61 @@ pub struct Liveness {
     alarm: Arc<watch::Sender<u64>>,
     metrics: Arc<Metrics>,
     retry: RetryPolicy,
+    /// With `sharedSession`: this sidecar's side of the virtual node's shared session.
+    shared: Option<Shared>,
+    /// What the current session is to this sidecar.
+    role: std::sync::Mutex<Role>,
+    /// The services whose reaper key this sidecar holds with its session: it keeps a session of
+    /// its own while it reaps (a peer never takes a reaper key).
+    reaping: std::sync::Mutex<BTreeSet<String>>,
+}
+
+/// `consul.catalog.sharedSession`: where peers reach this sidecar, who it is, and its desk for
+/// when it holds the virtual node's session.
+struct Shared {
+    advertise: String,
+    pod_uid: String,
+    http: reqwest::Client,
+    desk: Arc<Desk>,
+}
+
+/// What the current session is to this sidecar.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Role {
+    /// Its own (or none yet).
+    Own,
+    /// Its own, and the virtual node's shared session: its peers' keys are held with it too.
+    Holder,
+    /// The holder's, borrowed: it heartbeats the holder at `advertise` instead of renewing.
+    Peer {
+        advertise: String,
+        last_ack: std::time::Instant,
+    },
+}
+
+/// A KV entry as Consul answers it.
+#[derive(Deserialize)]
+struct KeyEntry {
+    #[serde(rename = "Key", default)]
+    key: String,
+    #[serde(rename = "Session", default)]
+    session: Option<String>,
+    #[serde(rename = "Value", default)]
+    value: Option<String>,
+    #[serde(rename = "ModifyIndex", default)]
+    modify_index: u64,
+}
+
+impl KeyEntry {
+    /// The value's JSON field `field` (values are base64 in Consul's answers).
+    fn value_field(&self, field: &str) -> Option<String> {
+        use base64::Engine as _;
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(self.value.as_deref()?)
+            .ok()?;
+        let value: serde_json::Value = serde_json::from_slice(&raw).ok()?;
+        value.get(field)?.as_str().map(str::to_string)
+    }
 }
 
 #[derive(Deserialize)]
@@ -73,12 +137,31 @@ impl Liveness {
         client: ConsulClient,
         settings: CatalogSettings,
         instances: &[(&str, &str)],
-        pod: &str,
+        pod: Pod<'_>,
         alarm: Arc<watch::Sender<u64>>,
         metrics: Arc<Metrics>,
         retry: RetryPolicy,
     ) -> Self {
+        let Pod {
+            name: pod,
+            uid: pod_uid,
+        } = pod;
         metrics.expect_session_renewals();
+        let shared = settings.shared_session.as_ref().map(|advertise| Shared {
+            advertise: advertise.clone(),
+            pod_uid: pod_uid.to_string(),
+            http: reqwest::Client::builder()
+                .timeout(BEAT_TIMEOUT)
+                .connect_timeout(BEAT_TIMEOUT)
+                .build()
+                .unwrap_or_default(),
+            desk: Arc::new(Desk::new(
+                settings.session_ttl,
+                &settings.key_prefix,
+                &settings.node,
+                Arc::clone(&metrics),
+            )),
+        });
         let first_instance = instances.first().map_or("", |(id, _)| *id);
         Liveness {
             name: if pod.is_empty() {
@@ -101,7 +184,23 @@ impl Liveness {
             alarm,
             metrics,
             retry,
+            shared,
+            role: std::sync::Mutex::new(Role::Own),
+            reaping: std::sync::Mutex::new(BTreeSet::new()),
         }
+    }
+
+    /// The holder's desk, for the admin server's `POST /shared-session` (with `sharedSession`).
+    pub fn desk(&self) -> Option<Arc<Desk>> {
+        self.shared.as_ref().map(|s| Arc::clone(&s.desk))
+    }
+
+    fn role(&self) -> Role {
+        self.role.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set_role(&self, role: Role) {
+        *self.role.lock().unwrap_or_else(|p| p.into_inner()) = role;
     }
 
     /// The liveness key of instance `id`: `<keyPrefix>/<service>/<node>/<id>`.
@@ -118,9 +217,25 @@ impl Liveness {
     pub async fn hold(&self, id: &str, force: bool) -> Result<(), ConsulError> {
         self.ended.store(false, std::sync::atomic::Ordering::SeqCst);
         lock(&self.held).insert(id.to_string());
-        let session = self.session().await?;
+        let mut session = self.session().await?;
         if !force && lock(&self.acquired).contains(id) {
             return Ok(());
+        }
+        if let Role::Peer { advertise, .. } = self.role() {
+            // The holder takes the key in first (it refuses one another live pod named), so that
+            // it knows to release it should this pod stop heartbeating.
+            match self.beat(&advertise, &session).await {
+                Ok(ack) if ack.session == session => {
+                    if ack.refused.contains(&self.key(id)) {
+                        return Err(ConsulError::KeyHeld { key: self.key(id) });
+                    }
+                }
+                _ => {
+                    self.leave("the holder of the shared session did not take the key in")
+                        .await;
+                    session = self.session().await?;
+                }
+            }
         }
         match self.acquire(id, &session).await {
             // Consul no longer has the session (servers wiped or restored, a hand `destroy`): the
@@ -146,21 +261,46 @@ impl Liveness {
         if current.as_deref() == Some(session) {
             *current = None;
             lock(&self.acquired).clear();
+            self.lost_role();
             drop(current);
             self.alarm.send_modify(|generation| *generation += 1);
         }
     }
 
-    /// The session holding the key of instance `id`, None when the key is absent or unheld.
-    pub async fn holder(&self, id: &str) -> Result<Option<String>, ConsulError> {
-        #[derive(Deserialize)]
-        struct Entry {
-            #[serde(rename = "Session", default)]
-            session: Option<String>,
+    /// The current session is gone (its keys with it): no longer a holder or a peer.
+    fn lost_role(&self) {
+        if self.role() == Role::Holder
+            && let Some(shared) = &self.shared
+        {
+            shared.desk.clear();
         }
+        self.set_role(Role::Own);
+    }
+
+    /// The session holding the key of instance `id`, None when the key is absent or unheld.
+    /// With a shared session, a key that names another pod is that pod's: it reads as held by
+    /// another session (`<session> (pod <uid>)`).
+    pub async fn holder(&self, id: &str) -> Result<Option<String>, ConsulError> {
+        let Some(entry) = self.read_key(&self.key(id)).await? else {
+            return Ok(None);
+        };
+        let Some(session) = entry.session.clone() else {
+            return Ok(None);
+        };
+        if let Some(shared) = &self.shared
+            && let Some(pod) = entry.value_field(POD_UID_FIELD)
+            && pod != shared.pod_uid
+        {
+            return Ok(Some(format!("{session} (pod {pod})")));
+        }
+        Ok(Some(session))
+    }
+
+    /// The KV entry of `key`, None when absent.
+    async fn read_key(&self, key: &str) -> Result<Option<KeyEntry>, ConsulError> {
         let req = self
             .client
-            .request(Method::GET, &format!("/v1/kv/{}", key_path(&self.key(id))));
+            .request(Method::GET, &format!("/v1/kv/{}", key_path(key)));
         let answer = match self
             .client
             .send("key_read", req, super::REQUEST_TIMEOUT)
@@ -170,12 +310,45 @@ impl Liveness {
             Err(ConsulError::Status { status: 404, .. }) => return Ok(None),
             Err(e) => return Err(e),
         };
-        let entries: Vec<Entry> =
+        let entries: Vec<KeyEntry> =
             serde_json::from_slice(&answer.body).map_err(|e| ConsulError::Decode {
                 operation: "key_read",
                 reason: e.to_string(),
             })?;
-        Ok(entries.into_iter().next().and_then(|e| e.session))
+        Ok(entries.into_iter().next())
+    }
+
+    /// The first operations of a transaction that may touch instance `id` only while `session`
+    /// holds its key for us: the session's check and, with a shared session (which holds other
+    /// pods' keys too), the key's index as read when its value names our pod (a key naming
+    /// another pod gets a check that fails).
+    pub async fn guard(
+        &self,
+        id: &str,
+        session: &str,
+    ) -> Result<Vec<serde_json::Value>, ConsulError> {
+        let key = self.key(id);
+        let Some(shared) = &self.shared else {
+            return Ok(vec![serde_json::json!(
+                { "KV": { "Verb": "check-session", "Key": key, "Session": session } }
+            )]);
+        };
+        let entry = self.read_key(&key).await?;
+        let ours = entry.as_ref().filter(|e| {
+            e.session.as_deref() == Some(session)
+                && e.value_field(POD_UID_FIELD)
+                    .is_none_or(|pod| pod == shared.pod_uid)
+        });
+        Ok(match ours {
+            Some(e) => vec![
+                serde_json::json!({ "KV": { "Verb": "check-session", "Key": key, "Session": session } }),
+                serde_json::json!({ "KV": { "Verb": "check-index", "Key": key, "Index": e.modify_index } }),
+            ],
+            // Not ours (or gone): a check that fails, whatever the key.
+            None => vec![serde_json::json!(
+                { "KV": { "Verb": "check-session", "Key": key, "Session": NO_SESSION } }
+            )],
+        })
     }
 
     /// Stops holding the key of instance `id` here (its deregistration removed the key, in the
@@ -194,9 +367,13 @@ impl Liveness {
     /// session is made again until the next [`hold`](Self::hold) (a renewal still in flight that
     /// finds the session gone makes none).
     pub async fn end(&self) {
+        let role = self.role();
         let Some(id) = self.stop().await else {
             return;
         };
+        if !self.may_destroy(&role, &id).await {
+            return;
+        }
         if let Err(e) = destroy(&self.client, &id).await {
             tracing::warn!(error = %e, "could not destroy the session; Consul invalidates it within 2 × sessionTTL");
         }
@@ -206,9 +383,13 @@ impl Liveness {
     /// answers again, so its keys go and the reapers remove the instances at once rather than
     /// after Consul invalidates it (as after a crash, within 2 × sessionTTL).
     pub async fn abandon(&self) {
+        let role = self.role();
         let Some(id) = self.stop().await else {
             return;
         };
+        if !self.may_destroy(&role, &id).await {
+            return;
+        }
         let ttl = self.settings.session_ttl;
         tracing::warn!(
             ttl = %duration::format(ttl),
@@ -246,12 +427,49 @@ impl Liveness {
         self.ended.store(true, std::sync::atomic::Ordering::SeqCst);
         lock(&self.held).clear();
         lock(&self.acquired).clear();
+        if let Some(shared) = &self.shared {
+            // Heartbeats are refused from now: the peers move their keys at once.
+            shared.desk.close();
+        }
+        self.set_role(Role::Own);
         current.take()
+    }
+
+    /// Whether the ended session `id`, which was `role`, is ours to destroy: a peer's is the
+    /// holder's; a holder's that covered peers lately is left to expire (its holder key
+    /// released), so that they have the time to move their keys to sessions of their own.
+    async fn may_destroy(&self, role: &Role, id: &str) -> bool {
+        match role {
+            Role::Peer { .. } => false,
+            Role::Holder
+                if self
+                    .shared
+                    .as_ref()
+                    .is_some_and(|s| s.desk.covered_lately()) =>
+            {
+                self.release_holder_key(id).await;
+                // The reapers' keys too: another sidecar takes over at once, not once the
+                // session expires.
+                let services: Vec<String> = lock(&self.reaping).iter().cloned().collect();
+                for service in services {
+                    self.release_key(&reaper_key(&self.settings.key_prefix, &service), id)
+                        .await;
+                }
+                tracing::info!(
+                    "left the virtual node's shared session to expire: its peers move their keys to sessions of their own meanwhile"
+                );
+                false
+            }
+            _ => true,
+        }
     }
 
     /// Renews the session every `sessionTTL / 3` until `cancel`; a lost session is replaced and
     /// every held key acquired again.
     pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
+        if self.shared.is_some() {
+            return self.run_shared(cancel).await;
+        }
         let every = self.settings.session_ttl / 3;
         let mut backoff = Backoff::new(self.retry);
         let mut wait = every;
@@ -267,10 +485,84 @@ impl Liveness {
                 wait = every;
                 continue;
             };
+            wait = self.renew_step(&session, &mut backoff, &mut failing).await;
+        }
+    }
+
+    /// With a shared session, every `sessionTTL / 10` until `cancel`: a peer heartbeats its
+    /// holder (and leaves when it stops answering); a holder or a sidecar on its own renews every
+    /// `sessionTTL / 3`; the holder releases the keys of pods that stopped heartbeating; a sidecar
+    /// on its own that does not reap tries every sessionTTL or so to hold or join the node's
+    /// shared session.
+    async fn run_shared(self: Arc<Self>, cancel: CancellationToken) {
+        use std::time::Instant;
+        let ttl = self.settings.session_ttl;
+        let tick = ttl / 10;
+        let mut backoff = Backoff::new(self.retry);
+        let mut failing = false;
+        let mut renew_at = Instant::now() + ttl / 3;
+        let mut join_at = Instant::now() + ttl;
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(tick) => {}
+            }
+            let Some(session) = self.session.lock().await.clone() else {
+                continue;
+            };
+            match self.role() {
+                Role::Peer {
+                    advertise,
+                    last_ack,
+                } => {
+                    match self.beat(&advertise, &session).await {
+                        Ok(ack) if ack.session == session => {}
+                        Ok(_) => self.leave("the holder holds another session").await,
+                        Err(BeatError::Refused(why)) => {
+                            self.leave(&format!("the holder refused the heartbeat: {why}"))
+                                .await;
+                        }
+                        Err(BeatError::NoAnswer(why)) if last_ack.elapsed() >= ttl / 2 => {
+                            self.leave(&format!(
+                                "the holder has not answered for sessionTTL / 2: {why}"
+                            ))
+                            .await;
+                        }
+                        Err(BeatError::NoAnswer(_)) => {}
+                    }
+                    renew_at = Instant::now() + ttl / 3;
+                }
+                role => {
+                    if Instant::now() >= renew_at {
+                        let wait = self.renew_step(&session, &mut backoff, &mut failing).await;
+                        renew_at = Instant::now() + wait;
+                    }
+                    if role == Role::Holder {
+                        self.release_overdue(&session).await;
+                    } else if Instant::now() >= join_at {
+                        join_at = Instant::now() + ttl.mul_f64(0.8 + 0.2 * fastrand::f64());
+                        self.try_join(&session).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// One renewal of `session`; the wait before the next.
+    async fn renew_step(
+        &self,
+        session: &str,
+        backoff: &mut Backoff,
+        failing: &mut bool,
+    ) -> std::time::Duration {
+        let every = self.settings.session_ttl / 3;
+        let session = session.to_string();
+        let wait;
+        {
             match self.renew(&session).await {
                 Ok(true) => {
                     self.renewal("ok");
-                    if std::mem::take(&mut failing) {
+                    if std::mem::take(failing) {
                         tracing::info!("session renewed again");
                     }
                     backoff.reset();
@@ -291,6 +583,7 @@ impl Liveness {
                         if current.as_deref() == Some(session.as_str()) {
                             *current = None;
                             lock(&self.acquired).clear();
+                            self.lost_role();
                         }
                     }
                     wait = match self.reacquire().await {
@@ -308,14 +601,15 @@ impl Liveness {
                 }
                 Err(e) => {
                     self.renewal("error");
-                    if !failing {
-                        failing = true;
+                    if !*failing {
+                        *failing = true;
                         tracing::warn!(error = %e, "cannot renew the session; retrying (it expires after 1–2 × sessionTTL without a renewal)");
                     }
                     wait = backoff.next_delay().min(every);
                 }
             }
         }
+        wait
     }
 
     fn renewal(&self, outcome: &str) {
@@ -359,8 +653,19 @@ impl Liveness {
         // removing an empty virtual node invalidates no session. The node comes first.
         self.register_node().await?;
         if let Some(id) = self.previous(current).await? {
+            self.take_holder(&id, true).await;
             return Ok(id);
         }
+        if let Some(id) = self.join(current).await {
+            return Ok(id);
+        }
+        let id = self.create(current).await?;
+        self.take_holder(&id, false).await;
+        Ok(id)
+    }
+
+    /// A new session of our own, made the current one.
+    async fn create(&self, current: &mut Option<String>) -> Result<String, ConsulError> {
         let body = serde_json::json!({
             "Name": self.name,
             "Node": SESSIONS_NODE,
@@ -394,6 +699,393 @@ impl Liveness {
         Ok(created.id)
     }
 
+    /// With `sharedSession`, no session yet: the node's shared session, if its holder answers a
+    /// heartbeat (made the current one; our keys are then taken with it).
+    async fn join(&self, current: &mut Option<String>) -> Option<String> {
+        let shared = self.shared.as_ref()?;
+        let (session, holder) = self.read_holder().await?;
+        if holder.pod_uid == shared.pod_uid {
+            return None;
+        }
+        match self.beat(&holder.advertise, &session).await {
+            Ok(ack) if ack.session == session => {
+                self.set_role(Role::Peer {
+                    advertise: holder.advertise,
+                    last_ack: std::time::Instant::now(),
+                });
+                tracing::info!(
+                    "joined the virtual node's shared session: the holder's session holds our keys, and we heartbeat it instead of renewing a session"
+                );
+                *current = Some(session.clone());
+                Some(session)
+            }
+            Ok(_) | Err(_) => None,
+        }
+    }
+
+    /// The shared session's holder key, when a session holds it: that session and the value.
+    async fn read_holder(&self) -> Option<(String, HolderValue)> {
+        let key = shared::holder_key(&self.settings.key_prefix, &self.settings.node);
+        match self.read_key(&key).await {
+            Ok(Some(entry)) => {
+                let session = entry.session.clone()?;
+                let advertise = entry.value_field("advertise")?;
+                let pod_uid = entry.value_field(POD_UID_FIELD)?;
+                Some((session, HolderValue { advertise, pod_uid }))
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read the shared session's holder key");
+                None
+            }
+        }
+    }
+
+    /// With `sharedSession`: takes the holder key with our session `own` if it is free, making
+    /// this sidecar the holder. `adopted`: our previous run's session, which may already hold
+    /// peers' keys: they are covered again (released unless their pods heartbeat).
+    async fn take_holder(&self, own: &str, adopted: bool) {
+        let Some(shared) = &self.shared else {
+            return;
+        };
+        let key = shared::holder_key(&self.settings.key_prefix, &self.settings.node);
+        let value = HolderValue {
+            advertise: shared.advertise.clone(),
+            pod_uid: shared.pod_uid.clone(),
+        };
+        let req = self
+            .client
+            .request(Method::PUT, &format!("/v1/kv/{}", key_path(&key)))
+            .query(&[("acquire", own)])
+            .json(&value);
+        match self
+            .client
+            .send("holder_key", req, super::REQUEST_TIMEOUT)
+            .await
+        {
+            Ok(answer) if String::from_utf8_lossy(&answer.body).trim() == "true" => {
+                let known = if adopted {
+                    match self.held_for_peers(own).await {
+                        Ok(known) => known,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot list the keys our previous run held for its peers; those of pods that are gone stay until the session ends");
+                            Vec::new()
+                        }
+                    }
+                } else {
+                    Vec::new()
+                };
+                shared.desk.open(own, known);
+                self.set_role(Role::Holder);
+                tracing::info!(advertise = %shared.advertise, "holding the virtual node's shared session: its other sidecars may take their keys with it");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "cannot take the shared session's holder key"),
+        }
+    }
+
+    /// The keys on our virtual node that `session` holds for other pods (key, pod).
+    async fn held_for_peers(&self, session: &str) -> Result<Vec<(String, String)>, ConsulError> {
+        let prefix = format!("{}/", self.settings.key_prefix);
+        let req = self
+            .client
+            .request(Method::GET, &format!("/v1/kv/{}", key_path(&prefix)))
+            .query(&[("recurse", "")]);
+        let answer = match self
+            .client
+            .send("key_list", req, super::REQUEST_TIMEOUT)
+            .await
+        {
+            Ok(a) => a,
+            Err(ConsulError::Status { status: 404, .. }) => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let entries: Vec<KeyEntry> =
+            serde_json::from_slice(&answer.body).map_err(|e| ConsulError::Decode {
+                operation: "key_list",
+                reason: e.to_string(),
+            })?;
+        let ours: BTreeSet<String> = self.services.keys().map(|id| self.key(id)).collect();
+        let node_part = format!("/{}/", self.settings.node);
+        Ok(entries
+            .into_iter()
+            .filter(|e| e.session.as_deref() == Some(session) && !ours.contains(&e.key))
+            .filter(|e| {
+                e.key
+                    .strip_prefix(&prefix)
+                    .is_some_and(|rest| !rest.starts_with('.') && rest.contains(&node_part))
+            })
+            .map(|e| {
+                let pod = e.value_field(POD_UID_FIELD).unwrap_or_default();
+                (e.key, pod)
+            })
+            .collect())
+    }
+
+    /// `PUT /v1/kv/<holder key>?release=<session>`.
+    async fn release_holder_key(&self, session: &str) {
+        let key = shared::holder_key(&self.settings.key_prefix, &self.settings.node);
+        self.release_key(&key, session).await;
+    }
+
+    /// `PUT /v1/kv/<key>?release=<session>`: the key stays, free.
+    async fn release_key(&self, key: &str, session: &str) {
+        let req = self
+            .client
+            .request(Method::PUT, &format!("/v1/kv/{}", key_path(key)))
+            .query(&[("release", session)]);
+        if let Err(e) = self
+            .client
+            .send("key_release", req, super::REQUEST_TIMEOUT)
+            .await
+        {
+            tracing::debug!(error = %e, key, "cannot release a key; it goes when the session expires");
+        }
+    }
+
+    /// One heartbeat to the holder at `advertise` for `session`, naming every key we hold (or
+    /// are about to take).
+    async fn beat(&self, advertise: &str, session: &str) -> Result<Ack, BeatError> {
+        let Some(shared) = &self.shared else {
+            return Err(BeatError::Refused("no shared session configured".into()));
+        };
+        let keys: Vec<String> = lock(&self.held).iter().map(|id| self.key(id)).collect();
+        let beat = Beat {
+            pod_uid: shared.pod_uid.clone(),
+            keys,
+        };
+        let sent = shared
+            .http
+            .post(format!("http://{advertise}{}", shared::PATH))
+            .header(shared::SESSION_HEADER, session)
+            .json(&beat)
+            .send()
+            .await;
+        let outcome = match sent {
+            Ok(answer) if answer.status().is_success() => match answer.json::<Ack>().await {
+                Ok(ack) => Ok(ack),
+                Err(e) => Err(BeatError::NoAnswer(e.to_string())),
+            },
+            Ok(answer) => Err(BeatError::Refused(format!("HTTP {}", answer.status()))),
+            // Nothing listens there (the holder is gone): no need to wait for it.
+            Err(e) if e.is_connect() && !e.is_timeout() => {
+                Err(BeatError::Refused(format!("cannot connect: {e}")))
+            }
+            Err(e) => Err(BeatError::NoAnswer(e.to_string())),
+        };
+        let label = match &outcome {
+            Ok(_) => "ok",
+            Err(BeatError::Refused(_)) => "refused",
+            Err(BeatError::NoAnswer(_)) => "error",
+        };
+        self.metrics
+            .shared_session_beats
+            .with_label_values(&[label])
+            .inc();
+        if outcome.is_ok() {
+            let mut role = self.role.lock().unwrap_or_else(|p| p.into_inner());
+            if let Role::Peer { last_ack, .. } = &mut *role {
+                *last_ack = std::time::Instant::now();
+            }
+        }
+        outcome
+    }
+
+    /// A peer leaves the shared session (`why`): a session of its own, and its keys moved to it in
+    /// one transaction, so none ever disappears (and no reaper takes its instances) as long as
+    /// the holder's session is valid. If it is not (keys already gone), the keys are taken
+    /// again and every reconciler reads its instance.
+    async fn leave(&self, why: &str) {
+        let mut current = self.session.lock().await;
+        if !matches!(self.role(), Role::Peer { .. }) {
+            return;
+        }
+        let borrowed = current.take();
+        self.set_role(Role::Own);
+        if self.ended.load(std::sync::atomic::Ordering::SeqCst) {
+            lock(&self.acquired).clear();
+            return;
+        }
+        tracing::warn!(
+            reason = why,
+            "leaving the virtual node's shared session: making a session of our own and moving our keys to it"
+        );
+        let own = match self.create(&mut current).await {
+            Ok(own) => own,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot make a session of our own; trying again");
+                lock(&self.acquired).clear();
+                drop(current);
+                self.alarm.send_modify(|generation| *generation += 1);
+                return;
+            }
+        };
+        let ids: Vec<String> = lock(&self.acquired).iter().cloned().collect();
+        let moved = match &borrowed {
+            Some(borrowed) if !ids.is_empty() => {
+                self.move_keys(&ids, borrowed, &own).await.unwrap_or(false)
+            }
+            _ => ids.is_empty(),
+        };
+        drop(current);
+        if !moved {
+            lock(&self.acquired).clear();
+            self.alarm.send_modify(|generation| *generation += 1);
+        }
+        self.take_holder(&own, false).await;
+    }
+
+    /// A sidecar on its own session `own` (not a holder, not reaping): takes the holder key if it
+    /// is free, else joins its holder, moving our keys from `own` to the shared session in one
+    /// transaction and then destroying `own`.
+    async fn try_join(&self, own: &str) {
+        if !lock(&self.reaping).is_empty() || self.ended.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let Some(shared) = &self.shared else {
+            return;
+        };
+        let Some((session, holder)) = self.read_holder().await else {
+            self.take_holder(own, false).await;
+            return;
+        };
+        if session == own || holder.pod_uid == shared.pod_uid {
+            return;
+        }
+        let mut current = self.session.lock().await;
+        if current.as_deref() != Some(own) || self.role() != Role::Own {
+            return;
+        }
+        let ids: Vec<String> = lock(&self.acquired).iter().cloned().collect();
+        if ids.len() != lock(&self.held).len() {
+            // A key is being taken: next time.
+            return;
+        }
+        let Ok(ack) = self.beat(&holder.advertise, &session).await else {
+            return;
+        };
+        if ack.session != session || !ack.refused.is_empty() {
+            return;
+        }
+        if !self.move_keys(&ids, own, &session).await.unwrap_or(false) {
+            return;
+        }
+        *current = Some(session);
+        self.set_role(Role::Peer {
+            advertise: holder.advertise,
+            last_ack: std::time::Instant::now(),
+        });
+        drop(current);
+        tracing::info!(
+            "joined the virtual node's shared session: our own session is no longer needed"
+        );
+        if let Err(e) = destroy(&self.client, own).await {
+            tracing::debug!(error = %e, "could not destroy our own session after joining; it expires");
+        }
+    }
+
+    /// Moves the keys of instances `ids` from session `from` to `to` in one transaction (each
+    /// unlocked by `from` and locked by `to`): all or none.
+    async fn move_keys(&self, ids: &[String], from: &str, to: &str) -> Result<bool, ConsulError> {
+        use base64::Engine as _;
+        let mut ops = Vec::new();
+        for id in ids {
+            let key = self.key(id);
+            let value =
+                base64::engine::general_purpose::STANDARD.encode(self.key_value(id).to_string());
+            ops.push(
+                serde_json::json!({ "KV": { "Verb": "unlock", "Key": key, "Session": from } }),
+            );
+            ops.push(serde_json::json!({ "KV": { "Verb": "lock", "Key": key, "Session": to, "Value": value } }));
+        }
+        let req = self.client.request(Method::PUT, "/v1/txn").json(&ops);
+        match self
+            .client
+            .send("key_move", req, super::REQUEST_TIMEOUT)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(ConsulError::Status { status: 409, .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The holder: deletes the keys of pods that stopped heartbeating (guarded by our session, so
+    /// a key its pod moved to a session of its own stays), and the reapers remove their
+    /// instances.
+    async fn release_overdue(&self, session: &str) {
+        let Some(shared) = &self.shared else {
+            return;
+        };
+        for key in shared.desk.overdue() {
+            let ops = serde_json::json!([
+                { "KV": { "Verb": "check-session", "Key": key, "Session": session } },
+                { "KV": { "Verb": "delete", "Key": key } },
+            ]);
+            let req = self.client.request(Method::PUT, "/v1/txn").json(&ops);
+            match self
+                .client
+                .send("key_release", req, super::REQUEST_TIMEOUT)
+                .await
+            {
+                Ok(_) => {
+                    self.metrics.shared_session_released.inc();
+                    tracing::info!(key = %key, "released the liveness key of a pod that stopped heartbeating: its instance is reaped");
+                }
+                // Gone already (its pod drained), or no longer ours (its pod left).
+                Err(ConsulError::Status { status: 409, .. }) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, key = %key, "cannot release a gone pod's key yet; trying again");
+                    shared.desk.requeue(&key);
+                }
+            }
+        }
+    }
+
+    /// Reaper keys held with our session: a sidecar that reaps keeps a session of its own.
+    pub fn reaping(&self, service: &str, leading: bool) {
+        let mut reaping = lock(&self.reaping);
+        if leading {
+            reaping.insert(service.to_string());
+        } else {
+            reaping.remove(service);
+        }
+    }
+
+    /// The session a reaper may take a reaper key with: ours, never a borrowed one.
+    pub async fn own_current(&self) -> Option<String> {
+        let current = self.session.lock().await;
+        if matches!(self.role(), Role::Peer { .. }) {
+            return None;
+        }
+        current.clone()
+    }
+
+    /// Whether our keys are held with the holder's session.
+    pub fn is_peer(&self) -> bool {
+        matches!(self.role(), Role::Peer { .. })
+    }
+
+    /// A peer whose service's reaper key is free leaves the shared session, to take the key
+    /// with a session of its own.
+    pub async fn leave_to_reap(&self) {
+        self.leave("a reaper keeps a session of its own, and this service has none")
+            .await;
+    }
+
+    /// The value of instance `id`'s liveness key.
+    fn key_value(&self, id: &str) -> serde_json::Value {
+        let mut value = serde_json::json!({
+            "node": self.settings.node,
+            "instance": id,
+            MANAGED_BY_KEY: MANAGED_BY_VALUE,
+        });
+        if let Some(shared) = &self.shared {
+            value[POD_UID_FIELD] = serde_json::Value::String(shared.pod_uid.clone());
+        }
+        value
+    }
+
     /// `PUT /v1/session/renew/:id`: false when Consul no longer has the session.
     async fn renew(&self, session: &str) -> Result<bool, ConsulError> {
         let req = self.client.request(
@@ -419,11 +1111,7 @@ impl Liveness {
     /// `PUT /v1/kv/<key>?acquire=<session>`.
     async fn acquire(&self, id: &str, session: &str) -> Result<(), ConsulError> {
         let key = self.key(id);
-        let value = serde_json::json!({
-            "node": self.settings.node,
-            "instance": id,
-            MANAGED_BY_KEY: MANAGED_BY_VALUE,
-        });
+        let value = self.key_value(id);
         let req = self
             .client
             .request(Method::PUT, &format!("/v1/kv/{}", key_path(&key)))
@@ -523,7 +1211,11 @@ impl Liveness {
         if current.is_some() {
             return Ok(current.clone());
         }
-        self.previous(&mut current).await
+        if let Some(id) = self.previous(&mut current).await? {
+            return Ok(Some(id));
+        }
+        // A peer's keys are held with the shared session.
+        Ok(self.join(&mut current).await)
     }
 
     /// The sessions on `node`.
@@ -579,6 +1271,23 @@ fn is_invalid_session(e: &ConsulError) -> bool {
     matches!(e, ConsulError::Status { status: 500, body, .. } if body.contains("invalid session"))
 }
 
+/// Why a heartbeat did not get an answer that keeps us covered.
+enum BeatError {
+    /// The holder is gone or said no: leave at once.
+    Refused(String),
+    /// No answer (yet): leave if it lasts.
+    NoAnswer(String),
+}
+
+/// How long a heartbeat may take.
+const BEAT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The field of a key's value that names the pod (with a shared session).
+const POD_UID_FIELD: &str = "pod-uid";
+
+/// A session ID no session has: a guard that must fail checks for it.
+const NO_SESSION: &str = "00000000-0000-0000-0000-000000000000";
+
 fn lock(set: &std::sync::Mutex<BTreeSet<String>>) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
     set.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -620,11 +1329,22 @@ pub fn deregistration_with_key(
     id: &str,
     service: &str,
 ) -> serde_json::Value {
-    serde_json::json!([
-        { "KV": { "Verb": "check-session", "Key": key, "Session": session } },
-        { "Service": { "Verb": "delete", "Node": node, "Service": { "ID": id, "Service": service } } },
-        { "KV": { "Verb": "delete", "Key": key } },
-    ])
+    let mut ops = vec![serde_json::json!(
+        { "KV": { "Verb": "check-session", "Key": key, "Session": session } }
+    )];
+    ops.extend(deregistration(key, node, id, service));
+    serde_json::Value::Array(ops)
+}
+
+/// The operations that remove instance `id` of `service` on `node` with its liveness `key`, to
+/// follow a guard.
+pub fn deregistration(key: &str, node: &str, id: &str, service: &str) -> [serde_json::Value; 2] {
+    [
+        serde_json::json!(
+            { "Service": { "Verb": "delete", "Node": node, "Service": { "ID": id, "Service": service } } }
+        ),
+        serde_json::json!({ "KV": { "Verb": "delete", "Key": key } }),
+    ]
 }
 
 /// A KV key as a URL path: each segment escaped, the slashes kept.

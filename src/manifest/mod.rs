@@ -120,6 +120,22 @@ pub struct CatalogSettings {
     pub session_ttl: Duration,
     /// Liveness keys live under `<key_prefix>/<service>/<node>/<instance id>`.
     pub key_prefix: String,
+    /// Where the other sidecars of the virtual node reach this one's admin server, when the
+    /// virtual node's sidecars share one session (`sharedSession.advertise`).
+    pub shared_session: Option<String>,
+}
+
+/// `IP:port`, with an IPv6 address in brackets or not (`${POD_IP}:9102` in an IPv6 pod is
+/// `fd00::5:9102`).
+fn advertise_address(text: &str) -> Option<std::net::SocketAddr> {
+    if let Ok(address) = text.parse() {
+        return Some(address);
+    }
+    let (ip, port) = text.rsplit_once(':')?;
+    Some(std::net::SocketAddr::new(
+        ip.parse().ok()?,
+        port.parse().ok()?,
+    ))
 }
 
 /// The prefix of the default virtual node name: `consul-registrar-<NODE_NAME>`. No Consul agent
@@ -730,8 +746,25 @@ impl Resolver<'_> {
                 ),
             );
         }
+        let shared_session = match &raw.shared_session {
+            Some(shared) => {
+                let advertise = shared.advertise.0.trim();
+                match advertise_address(advertise) {
+                    Some(address) => Some(address.to_string()),
+                    None => {
+                        self.error(
+                            &[Key("consul"), Key("catalog"), Key("sharedSession"), Key("advertise")],
+                            format!("{advertise:?} is not an IP:port (the other sidecars of the virtual node reach this one's admin server there, e.g. ${{POD_IP}}:9102)"),
+                        );
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
         Some(ConsulMode::Catalog(CatalogSettings {
             node: node?,
+            shared_session,
             node_address: node_address?,
             session_ttl,
             key_prefix: raw

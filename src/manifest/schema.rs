@@ -178,6 +178,21 @@ pub struct RawCatalog {
     /// The KV prefix of the per-instance liveness keys, `<keyPrefix>/<service>/<node>/<instance id>`.
     #[schemars(extend("default" = "consul-registrar/instances"))]
     pub key_prefix: Option<KeyPrefix>,
+    /// Share one session among the sidecars of the virtual node: one of them holds and renews it,
+    /// the others prove they are alive to that one over the pod network instead of renewing
+    /// sessions of their own. Without it every sidecar renews its own session.
+    pub shared_session: Option<RawSharedSession>,
+}
+
+/// `consul.catalog.sharedSession`: one session per virtual node.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[schemars(rename = "SharedSession")]
+pub struct RawSharedSession {
+    /// `IP:port` where the other sidecars of the virtual node reach this sidecar's admin server
+    /// (in Kubernetes `${POD_IP}:9102`). A sidecar that cannot reach the holder keeps a session
+    /// of its own.
+    pub advertise: Text,
 }
 
 /// TLS settings (towards Consul, or towards the app's health service).

@@ -341,6 +341,41 @@ fn long_meta_values_and_path_segment_ids_are_refused() {
 }
 
 #[test]
+fn a_shared_sessions_advertise_address_is_an_ip_and_port_from_the_pod_ip() {
+    let text = |advertise: &str| {
+        format!(
+            "consul:\n  mode: catalog\n  catalog:\n    node: n\n    nodeAddress: 10.0.0.1\n    sharedSession:\n      advertise: \"{advertise}\"\nservices:\n  - name: hello\n    port: 50051\n"
+        )
+    };
+    let advertised = |advertise: &str, pod_ip: &str| {
+        let m = parse(&text(advertise), "m.yaml", &env(&[("POD_IP", pod_ip)])).expect("valid");
+        match m.consul.mode {
+            ConsulMode::Catalog(c) => c.shared_session,
+            ConsulMode::Agent => None,
+        }
+    };
+    assert_eq!(
+        advertised("${POD_IP}:9102", "10.1.2.3").as_deref(),
+        Some("10.1.2.3:9102")
+    );
+    // An IPv6 pod's POD_IP comes without brackets; the URL needs them.
+    assert_eq!(
+        advertised("${POD_IP}:9102", "fd00:10:244::5").as_deref(),
+        Some("[fd00:10:244::5]:9102")
+    );
+    for bad in ["${POD_IP}", "pod.example:9102", "10.0.0.1:port", ""] {
+        let found = errors(&text(bad), &env(&[("POD_IP", "10.1.2.3")]));
+        assert!(
+            found
+                .iter()
+                .any(|e| e.contains("consul.catalog.sharedSession.advertise")
+                    && e.contains("IP:port")),
+            "{bad}: {found:?}"
+        );
+    }
+}
+
+#[test]
 fn catalog_mode_names_its_node_after_the_kubernetes_node() {
     let text = "consul:\n  mode: catalog\nservices:\n  - name: hello\n    port: 50051\n";
     let m = parse(
@@ -356,6 +391,7 @@ fn catalog_mode_names_its_node_after_the_kubernetes_node() {
             node_address: "10.0.0.7".into(),
             session_ttl: Duration::from_secs(10),
             key_prefix: "consul-registrar/instances".into(),
+            shared_session: None,
         })
     );
     let explicit = "consul:\n  mode: catalog\n  catalog:\n    node: edge-1\n    nodeAddress: 10.0.0.8\n    sessionTTL: 30s\n    keyPrefix: team/live/\nservices:\n  - name: hello\n    port: 50051\n";

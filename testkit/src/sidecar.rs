@@ -107,6 +107,9 @@ impl Sidecar {
             cmd.env_remove(var);
         }
         cmd.envs(env.iter().copied());
+        // Also where a manifest can read it: `${CONSUL_REGISTRAR_ADMIN_ADDR}` (a shared session's
+        // `advertise`, which must name this sidecar's admin server).
+        cmd.env("CONSUL_REGISTRAR_ADMIN_ADDR", &admin);
         Sidecar {
             proc: Proc::spawn(cmd, log_path.clone()),
             admin,

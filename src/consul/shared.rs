@@ -1,0 +1,325 @@
+//! Catalog mode's shared session (`consul.catalog.sharedSession`): the sidecars of one virtual node
+//! share one session, held and renewed by one of them, the *holder*; the others, its *peers*, take
+//! their liveness keys with it and prove they are alive to the holder over the pod network (a
+//! heartbeat to its admin server, `POST /shared-session`) instead of renewing sessions of their
+//! own. The servers then see one renewal stream per virtual node, not one per pod.
+//!
+//! What keeps it safe:
+//! - a peer joins only after the holder answered it, and leaves (a session of its own, its keys
+//!   moved to it in one transaction, so no key ever disappears) when the holder stops answering
+//!   for `sessionTTL / 2`, refuses it, or is gone: an unreachable holder (a NetworkPolicy, a
+//!   crash, a drain) never costs a live peer its instances;
+//! - the holder deletes a peer's keys (and the reapers then remove its instances) only
+//!   `1.5 × sessionTTL` after the last heartbeat that named them, guarded by its session: a crashed
+//!   peer goes within 2 × sessionTTL + 1 s, as with a session of its own;
+//! - one key, one pod: the holder refuses a key that another live pod named (the same instance ID
+//!   on the same node), and a peer writes to or removes an instance only while the key's value
+//!   names its pod;
+//! - a node lost whole takes the holder's session, and with it every key of the node.
+//!
+//! This module is the holder's desk (who is covered, until when) and the heartbeat's wire format;
+//! [`super::session::Liveness`] plays both roles.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::metrics::Metrics;
+
+/// The admin server's path for heartbeats.
+pub const PATH: &str = "/shared-session";
+/// The header that carries the shared session's ID: only a sidecar that read the holder key may
+/// heartbeat (the ID is as secret as the key prefix's `key:read`).
+pub const SESSION_HEADER: &str = "X-Consul-Registrar-Session";
+
+/// A peer's heartbeat: its pod and the keys it holds (or is about to take) with the session.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Beat {
+    #[serde(rename = "pod-uid")]
+    pub pod_uid: String,
+    pub keys: Vec<String>,
+}
+
+/// The holder's answer: its session, and the keys it refused (another live pod named them).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Ack {
+    pub session: String,
+    #[serde(default)]
+    pub refused: Vec<String>,
+}
+
+/// The holder key's value: where the holder's admin server is, and its pod.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HolderValue {
+    pub advertise: String,
+    #[serde(rename = "pod-uid")]
+    pub pod_uid: String,
+}
+
+/// The holder key of `node`'s shared session: `<prefix>/.holder/<node>` (a first segment with a
+/// dot, like the reaper keys', is never a service's).
+pub fn holder_key(prefix: &str, node: &str) -> String {
+    format!("{prefix}/.holder/{node}")
+}
+
+/// The holder's side: the keys it holds for its peers, and when each was last named.
+pub struct Desk {
+    /// A peer's key is released this long after the last heartbeat that named it.
+    grace: Duration,
+    /// Only keys on this virtual node, under this prefix, are taken in.
+    key_start: String,
+    key_node: String,
+    state: std::sync::Mutex<DeskState>,
+    metrics: Arc<Metrics>,
+}
+
+#[derive(Default)]
+struct DeskState {
+    /// The shared session while this sidecar holds it and accepts heartbeats.
+    session: Option<String>,
+    keys: BTreeMap<String, Covered>,
+    /// When the desk last covered anyone: a holder that covered peers lately lets its session
+    /// expire rather than destroying it, so they have the time to move their keys.
+    last_covered: Option<Instant>,
+}
+
+struct Covered {
+    pod: String,
+    last: Instant,
+}
+
+/// How a heartbeat was answered: the HTTP status and body.
+pub struct Answer {
+    pub status: u16,
+    pub body: String,
+}
+
+impl Desk {
+    pub fn new(ttl: Duration, prefix: &str, node: &str, metrics: Arc<Metrics>) -> Self {
+        Desk {
+            grace: ttl + ttl / 2,
+            key_start: format!("{prefix}/"),
+            key_node: node.to_string(),
+            state: std::sync::Mutex::new(DeskState::default()),
+            metrics,
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, DeskState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts taking heartbeats for `session` (this sidecar just became the holder), covering the
+    /// `known` keys (key, pod) it found held by that session (a restart of the holder: their
+    /// pods heartbeat again, or they are released after the grace).
+    pub fn open(&self, session: &str, known: Vec<(String, String)>) {
+        let mut state = self.state();
+        state.session = Some(session.to_string());
+        let now = Instant::now();
+        for (key, pod) in known {
+            state.keys.insert(key, Covered { pod, last: now });
+        }
+        self.count(&state);
+    }
+
+    /// Stops taking heartbeats (a drain, or the session was lost); what is covered stays known
+    /// until [`Desk::clear`].
+    pub fn close(&self) {
+        self.state().session = None;
+    }
+
+    /// Forgets every key (the session is gone, and its keys with it).
+    pub fn clear(&self) {
+        let mut state = self.state();
+        state.session = None;
+        state.keys.clear();
+        self.count(&state);
+    }
+
+    /// Whether a peer was covered within the grace: the session must then be left to expire,
+    /// never destroyed, so that they can move their keys.
+    pub fn covered_lately(&self) -> bool {
+        let state = self.state();
+        !state.keys.is_empty() || state.last_covered.is_some_and(|t| t.elapsed() < self.grace)
+    }
+
+    /// Answers one heartbeat that presented `presented` as the session.
+    pub fn answer(&self, presented: Option<&str>, body: &[u8]) -> Answer {
+        let mut state = self.state();
+        let Some(session) = state.session.clone() else {
+            return Answer {
+                status: 410,
+                body: "not the holder of a shared session (any more)\n".into(),
+            };
+        };
+        if presented != Some(session.as_str()) {
+            return Answer {
+                status: 409,
+                body: "another session: read the holder key again\n".into(),
+            };
+        }
+        let beat: Beat = match serde_json::from_slice(body) {
+            Ok(b) => b,
+            Err(e) => {
+                return Answer {
+                    status: 400,
+                    body: format!("not a heartbeat: {e}\n"),
+                };
+            }
+        };
+        let now = Instant::now();
+        let mut refused = Vec::new();
+        for key in beat.keys {
+            if !self.takes(&key) {
+                refused.push(key);
+                continue;
+            }
+            match state.keys.get_mut(&key) {
+                Some(c) if c.pod != beat.pod_uid && c.last.elapsed() < self.grace => {
+                    refused.push(key);
+                }
+                Some(c) => {
+                    c.pod.clone_from(&beat.pod_uid);
+                    c.last = now;
+                }
+                None => {
+                    state.keys.insert(
+                        key,
+                        Covered {
+                            pod: beat.pod_uid.clone(),
+                            last: now,
+                        },
+                    );
+                }
+            }
+        }
+        state.last_covered = Some(now);
+        self.count(&state);
+        let ack = Ack { session, refused };
+        Answer {
+            status: 200,
+            body: serde_json::to_string(&ack).unwrap_or_default(),
+        }
+    }
+
+    /// A key of this virtual node under this prefix: `<prefix>/<service>/<node>/<id>`.
+    fn takes(&self, key: &str) -> bool {
+        let Some(rest) = key.strip_prefix(&self.key_start) else {
+            return false;
+        };
+        let parts: Vec<&str> = rest.split('/').collect();
+        parts.len() == 3
+            && parts[1] == self.key_node
+            && !parts[0].is_empty()
+            && !parts[0].starts_with('.')
+            && !parts[2].is_empty()
+    }
+
+    /// The keys last named longer than the grace ago, taken off the desk: their pods are gone.
+    pub fn overdue(&self) -> Vec<String> {
+        let mut state = self.state();
+        let gone: Vec<String> = state
+            .keys
+            .iter()
+            .filter(|(_, c)| c.last.elapsed() >= self.grace)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in &gone {
+            state.keys.remove(key);
+        }
+        if !gone.is_empty() {
+            self.count(&state);
+        }
+        gone
+    }
+
+    /// Puts back a key whose release failed (Consul did not answer): tried again next time.
+    pub fn requeue(&self, key: &str) {
+        let mut state = self.state();
+        let last = Instant::now()
+            .checked_sub(self.grace)
+            .unwrap_or_else(Instant::now);
+        state.keys.entry(key.to_string()).or_insert(Covered {
+            pod: String::new(),
+            last,
+        });
+    }
+
+    fn count(&self, state: &DeskState) {
+        let pods: std::collections::BTreeSet<&str> =
+            state.keys.values().map(|c| c.pod.as_str()).collect();
+        self.metrics
+            .shared_session_peers
+            .set(i64::try_from(pods.len()).unwrap_or(i64::MAX));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn desk() -> Desk {
+        Desk::new(
+            Duration::from_secs(10),
+            "p/instances",
+            "vnode",
+            Metrics::new(),
+        )
+    }
+
+    fn beat(pod: &str, keys: &[&str]) -> Vec<u8> {
+        serde_json::to_vec(&Beat {
+            pod_uid: pod.into(),
+            keys: keys.iter().map(|k| k.to_string()).collect(),
+        })
+        .unwrap_or_default()
+    }
+
+    fn refused(answer: &Answer) -> Vec<String> {
+        serde_json::from_str::<Ack>(&answer.body)
+            .map(|a| a.refused)
+            .unwrap_or_else(|_| vec!["<no ack>".into()])
+    }
+
+    #[test]
+    fn only_the_holder_with_the_right_session_answers() {
+        let desk = desk();
+        let body = beat("a", &["p/instances/hello/vnode/1"]);
+        assert_eq!(desk.answer(Some("s"), &body).status, 410);
+        desk.open("s", Vec::new());
+        assert_eq!(desk.answer(Some("other"), &body).status, 409);
+        assert_eq!(desk.answer(None, &body).status, 409);
+        assert_eq!(desk.answer(Some("s"), b"{").status, 400);
+        let ok = desk.answer(Some("s"), &body);
+        assert_eq!(ok.status, 200);
+        assert!(refused(&ok).is_empty());
+        desk.close();
+        assert_eq!(desk.answer(Some("s"), &body).status, 410);
+    }
+
+    #[test]
+    fn a_key_named_by_a_live_pod_is_refused_to_another_and_foreign_keys_are_never_taken() {
+        let desk = desk();
+        desk.open("s", Vec::new());
+        let key = "p/instances/hello/vnode/fixed";
+        assert!(refused(&desk.answer(Some("s"), &beat("a", &[key]))).is_empty());
+        assert_eq!(refused(&desk.answer(Some("s"), &beat("b", &[key]))), [key]);
+        // The same pod again (a restarted container): accepted.
+        assert!(refused(&desk.answer(Some("s"), &beat("a", &[key]))).is_empty());
+        for foreign in [
+            "other/instances/hello/vnode/1",
+            "p/instances/hello/another-node/1",
+            "p/instances/.reaper/hello",
+            "p/instances/hello/vnode/1/extra",
+        ] {
+            assert_eq!(
+                refused(&desk.answer(Some("s"), &beat("c", &[foreign]))),
+                [foreign]
+            );
+        }
+        assert!(desk.overdue().is_empty());
+        assert!(desk.covered_lately());
+    }
+}

@@ -1,0 +1,836 @@
+//! Catalog mode's shared node session (`consul.catalog.sharedSession`), against a real Consul
+//! `-dev` server, the real demo app and real sidecar processes on one virtual node: the sidecars of
+//! a node share one session, which only its holder renews (its peers heartbeat the holder's admin
+//! server instead); a SIGKILLed peer is reaped within 2 × sessionTTL + 1 s and nobody else moves;
+//! a SIGKILLed or drained holder takes no live peer with it (the peers' instances keep their
+//! CreateIndex) and another holder takes over; a sidecar that cannot reach the holder keeps a
+//! session of its own and is never reaped; and a second sidecar with an instance ID already held
+//! under the shared session never writes to nor removes the first one's instance.
+//!
+//! The holder's `advertise` must be the address its admin server listens on, known before the
+//! manifest is written: the sidecars here are started by [`Registrar`], which picks the admin port
+//! itself (`--admin-addr`) instead of letting the kit's `Sidecar` choose it.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Command, ExitStatus};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::{
+    CONSUL_ENV, ConsulAgent, DemoApp, DemoAppOptions, Metrics, Proc, free_port, http_client,
+    instance_status, registrar_bin, wait_until,
+};
+
+const SECOND: Duration = Duration::from_secs(1);
+/// The manifests' session TTL.
+const SESSION_TTL: Duration = Duration::from_secs(10);
+/// How long a dead sidecar's instance may stay: 2 × TTL, plus a second.
+const BOUND: Duration = Duration::from_secs(21);
+/// How often the catalog is sampled while instances must stay.
+const SAMPLE: Duration = Duration::from_millis(200);
+const PREFIX: &str = "consul-registrar/instances";
+/// The Kubernetes node every sidecar of these tests runs on.
+const NODE: &str = "kube-a";
+/// Where catalog mode's sessions live.
+const SESSIONS_NODE: &str = "consul-registrar--sessions";
+const RENEWALS: &str = "consul_registrar_session_renewals_total";
+const BEATS: &str = "consul_registrar_shared_session_beats_total";
+
+/// A one-instance catalog-mode manifest: service `hello`, instance `id`, the shared session with
+/// `advertise` as this sidecar's address for the others of its virtual node.
+fn manifest(consul: &str, id: &str, port: u16, advertise: &str) -> String {
+    format!(
+        "consul:
+  mode: catalog
+  address: {consul}
+  retry:
+    initial: 50ms
+    max: 500ms
+  catalog:
+    sessionTTL: 10s
+    sharedSession:
+      advertise: \"{advertise}\"
+drain:
+  delay: 1s
+  deregisterTimeout: 3s
+services:
+  - name: hello
+    id: {id}
+    address: 127.0.0.1
+    port: {port}
+    tags: [grpc]
+    health:
+      service: helloworld.Greeter
+      interval: 200ms
+      timeout: 200ms
+      failureThreshold: 1
+"
+    )
+}
+
+fn virtual_node() -> String {
+    format!("consul-registrar-{NODE}")
+}
+
+/// The liveness key of instance `id` of `hello`.
+fn key(id: &str) -> String {
+    format!("{PREFIX}/hello/{}/{id}", virtual_node())
+}
+
+/// The key whose session is the virtual node's shared session.
+fn holder_key() -> String {
+    format!("{PREFIX}/.holder/{}", virtual_node())
+}
+
+fn reaper_key() -> String {
+    format!("{PREFIX}/.reaper/hello")
+}
+
+/// A sidecar of one pod on [`NODE`], its admin server on a port chosen before its manifest is
+/// written (so that its `advertise` can name it). Dropping it kills it; if the test is failing,
+/// its log is printed.
+struct Registrar {
+    proc: Proc,
+    /// The instance ID it registers.
+    id: &'static str,
+    /// Its pod's `POD_UID`.
+    uid: &'static str,
+    /// Its admin server, `127.0.0.1:PORT`.
+    admin: String,
+    http: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+impl Registrar {
+    /// Starts the sidecar of pod `uid` (also its HOSTNAME) registering instance `id`; the holder
+    /// reaches it at its own admin address, or at `advertise` when given.
+    fn start(
+        consul: &ConsulAgent,
+        app: &DemoApp,
+        (id, uid): (&'static str, &'static str),
+        advertise: Option<&str>,
+    ) -> Registrar {
+        let admin = format!("127.0.0.1:{}", free_port());
+        let text = manifest(
+            &consul.http_addr(),
+            id,
+            app.port(),
+            advertise.unwrap_or(&admin),
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("manifest.yaml");
+        std::fs::write(&path, text).expect("write manifest");
+        let log: PathBuf = dir.path().join("sidecar.log");
+        let mut cmd = Command::new(registrar_bin());
+        cmd.args(["run", "--manifest"]).arg(&path).args([
+            "--admin-addr",
+            &admin,
+            "--log-level",
+            "debug",
+        ]);
+        for var in CONSUL_ENV {
+            cmd.env_remove(var);
+        }
+        cmd.envs([
+            ("NODE_NAME", NODE),
+            ("HOST_IP", "127.0.0.1"),
+            ("HOSTNAME", uid),
+            ("POD_UID", uid),
+        ]);
+        Registrar {
+            proc: Proc::spawn(cmd, log),
+            id,
+            uid,
+            admin,
+            http: http_client(),
+            _dir: dir,
+        }
+    }
+
+    /// Sends a signal by name (`KILL`, `TERM`).
+    fn signal(&self, name: &str) {
+        self.proc.signal(name);
+    }
+
+    async fn exit_within(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        self.proc.wait_exit(timeout).await
+    }
+
+    /// Its `/metrics` (empty when the admin server does not answer).
+    async fn metrics(&self) -> Metrics {
+        let body = match self
+            .http
+            .get(format!("http://{}/metrics", self.admin))
+            .timeout(10 * SECOND)
+            .send()
+            .await
+        {
+            Ok(r) if r.status().is_success() => r.text().await.unwrap_or_default(),
+            _ => String::new(),
+        };
+        Metrics::parse(&body)
+    }
+
+    async fn renewals_ok(&self) -> f64 {
+        self.metrics().await.sum(RENEWALS, Some(("outcome", "ok")))
+    }
+}
+
+impl Drop for Registrar {
+    fn drop(&mut self) {
+        self.proc.kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "----- consul-registrar log of {} (pod {}) -----\n{}\n-----",
+                self.id,
+                self.uid,
+                self.proc.own_logs()
+            );
+        }
+    }
+}
+
+/// The ends of the logs of `sidecars`, for failure messages.
+fn tails(sidecars: &[&Registrar]) -> String {
+    sidecars
+        .iter()
+        .map(|s| {
+            format!(
+                "----- {} (pod {}), last lines -----\n{}\n",
+                s.id,
+                s.uid,
+                s.proc.tail(40)
+            )
+        })
+        .collect()
+}
+
+/// The session holding `key`, if any.
+async fn session_of(consul: &ConsulAgent, key: &str) -> Option<String> {
+    consul
+        .kv_entry(key)
+        .await
+        .and_then(|e| e["Session"].as_str().map(String::from))
+}
+
+/// The JSON value of `key` (`?raw`), None when the key is absent or its value is not JSON.
+async fn value_of(consul: &ConsulAgent, key: &str) -> Option<Value> {
+    match consul.get(&format!("/v1/kv/{key}?raw")).await {
+        Ok((200, v)) if !v.is_null() => Some(v),
+        _ => None,
+    }
+}
+
+/// The pod UID the holder key names.
+async fn holder_uid(consul: &ConsulAgent) -> Option<String> {
+    value_of(consul, &holder_key())
+        .await
+        .and_then(|v| v["pod-uid"].as_str().map(String::from))
+}
+
+/// The `hello` instances of the virtual node, by ID: (CreateIndex, aggregated check status).
+async fn instances(consul: &ConsulAgent) -> BTreeMap<String, (Value, &'static str)> {
+    let entries = Value::Array(consul.health_service("hello").await);
+    let mut out = BTreeMap::new();
+    for e in entries.as_array().into_iter().flatten() {
+        if e["Node"]["Node"] != virtual_node().as_str() {
+            continue;
+        }
+        if let Some(id) = e["Service"]["ID"].as_str() {
+            let status = instance_status(&entries, id).unwrap_or("absent");
+            out.insert(
+                id.to_string(),
+                (e["Service"]["CreateIndex"].clone(), status),
+            );
+        }
+    }
+    out
+}
+
+/// The CreateIndex of each of `ids`; panics if one is not registered.
+async fn create_indexes(consul: &ConsulAgent, ids: &[&str]) -> BTreeMap<String, Value> {
+    let now = instances(consul).await;
+    ids.iter()
+        .map(|id| {
+            let (index, _) = now
+                .get(*id)
+                .unwrap_or_else(|| panic!("{id} is not registered: {now:?}"));
+            (id.to_string(), index.clone())
+        })
+        .collect()
+}
+
+/// What [`watch`] checks.
+struct Watch<'a> {
+    /// Instances that must stay registered with this CreateIndex.
+    kept: &'a BTreeMap<String, Value>,
+    /// ... and stay passing.
+    passing: bool,
+    /// An instance that should go: when it was first seen absent is returned.
+    going: Option<&'a str>,
+    /// Whose logs a failure shows.
+    sidecars: &'a [&'a Registrar],
+}
+
+/// Samples the virtual node's instances every [`SAMPLE`] for `span`: panics as soon as a kept
+/// instance is absent, has another CreateIndex (it was removed and registered again), or (when
+/// asked) is not passing. Returns when the `going` instance was first seen absent, as time since
+/// `since`.
+async fn watch(
+    consul: &ConsulAgent,
+    w: &Watch<'_>,
+    span: Duration,
+    since: Instant,
+) -> Option<Duration> {
+    let start = Instant::now();
+    let mut gone = None;
+    loop {
+        let now = instances(consul).await;
+        for (id, index) in w.kept {
+            match now.get(id) {
+                None => panic!(
+                    "{id}'s instance was removed {:?} into the watch ({:?} after the event)\n{}",
+                    start.elapsed(),
+                    since.elapsed(),
+                    tails(w.sidecars)
+                ),
+                Some((i, _)) if i != index => panic!(
+                    "{id}'s instance was removed and registered again (CreateIndex {index} → {i}) \
+                     {:?} after the event\n{}",
+                    since.elapsed(),
+                    tails(w.sidecars)
+                ),
+                Some((_, status)) if w.passing && *status != "passing" => panic!(
+                    "{id}'s instance turned {status} {:?} after the event\n{}",
+                    since.elapsed(),
+                    tails(w.sidecars)
+                ),
+                Some(_) => {}
+            }
+        }
+        if let Some(going) = w.going
+            && gone.is_none()
+            && !now.contains_key(going)
+        {
+            gone = Some(since.elapsed());
+        }
+        if start.elapsed() >= span {
+            return gone;
+        }
+        tokio::time::sleep(SAMPLE).await;
+    }
+}
+
+async fn passing(consul: &ConsulAgent, sidecar: &Registrar) {
+    assert!(
+        consul
+            .wait_for_status("hello", sidecar.id, "passing", 15 * SECOND)
+            .await,
+        "{} never passed\n{}",
+        sidecar.id,
+        tails(&[sidecar])
+    );
+}
+
+/// Starts `first`, waits until it is the holder (the holder key names its pod, under the session
+/// that holds its own liveness key) and until someone holds `hello`'s reaper key (so that no peer
+/// leaves the shared session to take it); returns it and the shared session.
+async fn start_holder(
+    consul: &ConsulAgent,
+    app: &DemoApp,
+    first: (&'static str, &'static str),
+    advertise: Option<&str>,
+) -> (Registrar, String) {
+    let holder = Registrar::start(consul, app, first, advertise);
+    passing(consul, &holder).await;
+    let became = wait_until(10 * SECOND, || async {
+        let session = session_of(consul, &holder_key()).await;
+        session.is_some()
+            && session == session_of(consul, &key(holder.id)).await
+            && holder_uid(consul).await.as_deref() == Some(holder.uid)
+    })
+    .await;
+    assert!(
+        became,
+        "the first sidecar of the node never became the holder: holder key {:?} (value {:?}), its \
+         liveness key held by {:?}\n{}",
+        consul.kv_entry(&holder_key()).await,
+        value_of(consul, &holder_key()).await,
+        session_of(consul, &key(holder.id)).await,
+        tails(&[&holder])
+    );
+    assert!(
+        wait_until(10 * SECOND, || async {
+            session_of(consul, &reaper_key()).await.is_some()
+        })
+        .await,
+        "nobody took the reaper key of hello\n{}",
+        tails(&[&holder])
+    );
+    let shared = session_of(consul, &holder_key())
+        .await
+        .expect("the holder key is held");
+    (holder, shared)
+}
+
+/// Waits until the liveness keys of `sidecars` are all held by `shared`.
+async fn all_share(consul: &ConsulAgent, sidecars: &[&Registrar], shared: &str) {
+    let ok = wait_until(SESSION_TTL + 5 * SECOND, || async {
+        for s in sidecars {
+            if session_of(consul, &key(s.id)).await.as_deref() != Some(shared) {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    if !ok {
+        let mut held = Vec::new();
+        for s in sidecars {
+            held.push((s.id, session_of(consul, &key(s.id)).await));
+        }
+        panic!(
+            "the liveness keys are not all held by the shared session {shared}: {held:?} (reaper key \
+             held by {:?})\n{}",
+            session_of(consul, &reaper_key()).await,
+            tails(sidecars)
+        );
+    }
+}
+
+/// Three sidecars of `hello` on the virtual node, `s-1` the holder (started first), `s-2` and `s-3`
+/// its peers, all three keys under the shared session; and that session.
+async fn three_sharing(consul: &ConsulAgent, app: &DemoApp) -> (Vec<Registrar>, String) {
+    let (holder, shared) = start_holder(consul, app, ("s-1", "pod-uid-1"), None).await;
+    let mut sidecars = vec![
+        holder,
+        Registrar::start(consul, app, ("s-2", "pod-uid-2"), None),
+        Registrar::start(consul, app, ("s-3", "pod-uid-3"), None),
+    ];
+    for s in &sidecars[1..] {
+        passing(consul, s).await;
+    }
+    all_share(consul, &sidecars.iter().collect::<Vec<_>>(), &shared).await;
+    // The holder, as the holder key names it (by pod UID) first.
+    let uid = holder_uid(consul).await;
+    let at = sidecars
+        .iter()
+        .position(|s| Some(s.uid) == uid.as_deref())
+        .unwrap_or_else(|| panic!("the holder key names pod {uid:?}, none of the three"));
+    sidecars.swap(0, at);
+    (sidecars, shared)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecars_on_one_virtual_node_share_one_session_and_only_the_holder_renews_it() {
+    let consul = ConsulAgent::start_dev().await;
+    let app = DemoApp::start(DemoAppOptions::default()).await;
+    let (sidecars, shared) = three_sharing(&consul, &app).await;
+    let all: Vec<&Registrar> = sidecars.iter().collect();
+    let (holder, peers) = (&sidecars[0], &sidecars[1..]);
+
+    let one_session = wait_until(5 * SECOND, || async {
+        let sessions = consul.sessions_on(SESSIONS_NODE).await;
+        sessions.len() == 1 && sessions[0]["ID"] == shared.as_str()
+    })
+    .await;
+    assert!(
+        one_session,
+        "three sidecars sharing session {shared} should leave exactly that one session on {SESSIONS_NODE}, \
+         found {:?}\n{}",
+        consul
+            .sessions_on(SESSIONS_NODE)
+            .await
+            .iter()
+            .map(|s| s["ID"].clone())
+            .collect::<Vec<_>>(),
+        tails(&all)
+    );
+
+    let holder_before = holder.renewals_ok().await;
+    let mut peers_before = 0.0;
+    let mut beats_before = Vec::new();
+    for p in peers {
+        let m = p.metrics().await;
+        peers_before += m.sum(RENEWALS, Some(("outcome", "ok")));
+        beats_before.push(m.sum(BEATS, Some(("outcome", "ok"))));
+    }
+    tokio::time::sleep(SESSION_TTL).await;
+    let holder_renewed = holder.renewals_ok().await - holder_before;
+    let mut peers_after = 0.0;
+    let mut beats = Vec::new();
+    for (p, before) in peers.iter().zip(&beats_before) {
+        let m = p.metrics().await;
+        peers_after += m.sum(RENEWALS, Some(("outcome", "ok")));
+        beats.push(m.sum(BEATS, Some(("outcome", "ok"))) - before);
+    }
+    assert_eq!(
+        peers_after - peers_before,
+        0.0,
+        "the peers renewed sessions {} times in {SESSION_TTL:?} ({peers_after} in all): only the \
+         holder should renew\n{}",
+        peers_after - peers_before,
+        tails(&all)
+    );
+    assert!(
+        holder_renewed >= 2.0,
+        "the holder renewed the shared session {holder_renewed} times in {SESSION_TTL:?} (every \
+         TTL/3 expected)\n{}",
+        tails(&all)
+    );
+    assert!(
+        beats.iter().all(|b| *b >= 3.0),
+        "the peers' successful heartbeats to the holder in {SESSION_TTL:?}: {beats:?} (every TTL/10 \
+         expected)\n{}",
+        tails(&all)
+    );
+    // Nobody left meanwhile.
+    all_share(&consul, &all, &shared).await;
+    assert!(
+        consul.session(&shared).await.is_some(),
+        "the shared session is gone"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_peer_is_reaped_within_two_session_ttls_and_nobody_else_moves() {
+    let consul = ConsulAgent::start_dev().await;
+    let app = DemoApp::start(DemoAppOptions::default()).await;
+    let (mut sidecars, shared) = three_sharing(&consul, &app).await;
+    // sidecars[0] is the holder; the victim is a peer.
+    let victim = sidecars.remove(1);
+    let (victim_id, victim_uid) = (victim.id, victim.uid);
+    let kept = create_indexes(&consul, &[sidecars[0].id, sidecars[1].id]).await;
+    assert!(
+        instances(&consul).await.contains_key(victim_id),
+        "the victim is not registered"
+    );
+
+    victim.signal("KILL");
+    let killed = Instant::now();
+    drop(victim);
+    let all: Vec<&Registrar> = sidecars.iter().collect();
+    let w = Watch {
+        kept: &kept,
+        passing: false,
+        going: Some(victim_id),
+        sidecars: &all,
+    };
+    let gone = watch(&consul, &w, BOUND + 5 * SECOND, killed).await;
+    let Some(gone) = gone else {
+        panic!(
+            "the SIGKILLed peer {victim_id} (pod {victim_uid}) is still in the catalog {:?} after \
+             the kill; its key is held by {:?} (the shared session is {shared})\n{}",
+            killed.elapsed(),
+            session_of(&consul, &key(victim_id)).await,
+            tails(&all)
+        );
+    };
+    println!("FIGURE SIGKILLed peer reaped after {gone:?}");
+    assert!(
+        gone <= BOUND,
+        "the SIGKILLed peer {victim_id} was reaped {gone:?} after the kill; the bound is 2 × \
+         session TTL + 1 s = {BOUND:?}"
+    );
+    assert!(
+        consul.kv_entry(&key(victim_id)).await.is_none(),
+        "the SIGKILLed peer's key stayed"
+    );
+    // Nobody else moved: the holder and the other peer still share the one session, under the
+    // same holder, and the one reaped instance is the dead peer's.
+    all_share(&consul, &all, &shared).await;
+    assert_eq!(
+        holder_uid(&consul).await.as_deref(),
+        Some(sidecars[0].uid),
+        "the holder changed though only a peer died\n{}",
+        tails(&all)
+    );
+    let mut reaped = 0.0;
+    for s in &sidecars {
+        reaped += s.metrics().await.sum("consul_registrar_reaped_total", None);
+    }
+    assert_eq!(
+        reaped,
+        1.0,
+        "the survivors should have reaped one instance, the dead peer's\n{}",
+        tails(&all)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_holder_takes_no_live_peer_with_it() {
+    let consul = ConsulAgent::start_dev().await;
+    let app = DemoApp::start(DemoAppOptions::default()).await;
+    let (mut sidecars, shared) = three_sharing(&consul, &app).await;
+    let holder = sidecars.remove(0);
+    let (holder_id, holder_pod) = (holder.id, holder.uid);
+    let peer_ids: Vec<&str> = sidecars.iter().map(|s| s.id).collect();
+    let kept = create_indexes(&consul, &peer_ids).await;
+
+    holder.signal("KILL");
+    let killed = Instant::now();
+    drop(holder);
+    let peers: Vec<&Registrar> = sidecars.iter().collect();
+    let w = Watch {
+        kept: &kept,
+        passing: false,
+        going: Some(holder_id),
+        sidecars: &peers,
+    };
+    // The peers' instances stay, with the same CreateIndex, for 3 × TTL: their keys were moved to
+    // sessions of their own before the shared one expired.
+    let gone = watch(&consul, &w, 3 * SESSION_TTL, killed).await;
+    let gone = gone.unwrap_or_else(|| {
+        panic!(
+            "the SIGKILLed holder's instance {holder_id} is still in the catalog {:?} after the kill\n{}",
+            killed.elapsed(),
+            tails(&peers)
+        )
+    });
+    println!("FIGURE SIGKILLed holder's instance reaped after {gone:?}");
+    assert!(
+        gone <= BOUND,
+        "the SIGKILLed holder's instance was reaped {gone:?} after the kill; the bound is {BOUND:?}"
+    );
+    assert!(
+        consul.session(&shared).await.is_none(),
+        "the dead holder's session {shared} is still alive {:?} after the kill",
+        killed.elapsed()
+    );
+
+    // A new holder: the holder key is held by a live session and names a live pod.
+    let live: Vec<&str> = sidecars.iter().map(|s| s.uid).collect();
+    let taken = wait_until(SESSION_TTL, || async {
+        let Some(session) = session_of(&consul, &holder_key()).await else {
+            return false;
+        };
+        session != shared
+            && consul.session(&session).await.is_some()
+            && holder_uid(&consul)
+                .await
+                .is_some_and(|uid| live.contains(&uid.as_str()))
+    })
+    .await;
+    assert!(
+        taken,
+        "no new holder {:?} after the holder (pod {holder_pod}) was killed: holder key {:?}, value \
+         {:?}\n{}",
+        killed.elapsed(),
+        consul.kv_entry(&holder_key()).await,
+        value_of(&consul, &holder_key()).await,
+        tails(&peers)
+    );
+    for id in peer_ids {
+        assert!(
+            consul.kv_entry(&key(id)).await.is_some(),
+            "the live peer {id}'s key is gone"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_holder_leaves_its_peers_registered() {
+    let consul = ConsulAgent::start_dev().await;
+    let app = DemoApp::start(DemoAppOptions::default()).await;
+    let (mut sidecars, shared) = three_sharing(&consul, &app).await;
+    let mut holder = sidecars.remove(0);
+    let peer_ids: Vec<&str> = sidecars.iter().map(|s| s.id).collect();
+    let kept = create_indexes(&consul, &peer_ids).await;
+
+    holder.signal("TERM");
+    let drained = Instant::now();
+    let peers: Vec<&Registrar> = sidecars.iter().collect();
+    let w = Watch {
+        kept: &kept,
+        passing: false,
+        going: Some(holder.id),
+        sidecars: &peers,
+    };
+    let gone = watch(&consul, &w, 2 * SESSION_TTL, drained).await;
+    let status = holder.exit_within(SECOND).await;
+    assert!(
+        status.is_some(),
+        "the holder has not exited {:?} after SIGTERM (drain delay 1 s)\n{}",
+        drained.elapsed(),
+        tails(&[&holder])
+    );
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "the drained holder's exit\n{}",
+        tails(&[&holder])
+    );
+    assert!(
+        gone.is_some(),
+        "the drained holder's instance {} is still in the catalog {:?} after SIGTERM\n{}",
+        holder.id,
+        drained.elapsed(),
+        tails(&[&holder])
+    );
+
+    let live: Vec<&str> = sidecars.iter().map(|s| s.uid).collect();
+    let taken = wait_until(SESSION_TTL, || async {
+        let Some(session) = session_of(&consul, &holder_key()).await else {
+            return false;
+        };
+        session != shared
+            && consul.session(&session).await.is_some()
+            && holder_uid(&consul)
+                .await
+                .is_some_and(|uid| live.contains(&uid.as_str()))
+    })
+    .await;
+    assert!(
+        taken,
+        "no new holder {:?} after the holder drained: holder key {:?}, value {:?}\n{}",
+        drained.elapsed(),
+        consul.kv_entry(&holder_key()).await,
+        value_of(&consul, &holder_key()).await,
+        tails(&peers)
+    );
+    for id in peer_ids {
+        assert!(
+            consul.kv_entry(&key(id)).await.is_some(),
+            "the live peer {id}'s key is gone"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_cannot_reach_the_holder_keeps_its_own_session() {
+    let consul = ConsulAgent::start_dev().await;
+    let app = DemoApp::start(DemoAppOptions::default()).await;
+    // The holder advertises a port nothing listens on.
+    let closed = format!("127.0.0.1:{}", free_port());
+    let (holder, shared) = start_holder(&consul, &app, ("s-1", "pod-uid-1"), Some(&closed)).await;
+    assert_eq!(
+        value_of(&consul, &holder_key())
+            .await
+            .map(|v| v["advertise"].clone()),
+        Some(Value::from(closed.as_str())),
+        "the holder key should carry the holder's advertise address"
+    );
+    let peer = Registrar::start(&consul, &app, ("s-2", "pod-uid-2"), None);
+    passing(&consul, &peer).await;
+    let all = [&holder, &peer];
+
+    let own = wait_until(SESSION_TTL, || async {
+        match session_of(&consul, &key(peer.id)).await {
+            Some(s) => s != shared && consul.session(&s).await.is_some(),
+            None => false,
+        }
+    })
+    .await;
+    assert!(
+        own,
+        "the sidecar that cannot reach the holder should hold its key with a session of its own: \
+         it is held by {:?}, the shared session is {shared}\n{}",
+        session_of(&consul, &key(peer.id)).await,
+        tails(&all)
+    );
+    let own_session = session_of(&consul, &key(peer.id))
+        .await
+        .expect("the key is held");
+    let kept = create_indexes(&consul, &[holder.id, peer.id]).await;
+    let w = Watch {
+        kept: &kept,
+        passing: false,
+        going: None,
+        sidecars: &all,
+    };
+    let since = Instant::now();
+    watch(&consul, &w, 2 * SESSION_TTL, since).await;
+    assert_eq!(
+        session_of(&consul, &key(peer.id)).await,
+        Some(own_session.clone()),
+        "the unreachable holder's would-be peer lost or changed its key's session"
+    );
+    assert!(
+        consul.session(&own_session).await.is_some(),
+        "the peer's own session {own_session} is gone"
+    );
+    assert_eq!(
+        session_of(&consul, &key(holder.id)).await,
+        Some(shared),
+        "the holder's key changed hands"
+    );
+    for s in all {
+        assert_eq!(
+            s.metrics().await.sum("consul_registrar_reaped_total", None),
+            0.0,
+            "{} reaped something\n{}",
+            s.id,
+            tails(&all)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_id_under_one_holder_never_touches_the_first_ones_instance() {
+    let consul = ConsulAgent::start_dev().await;
+    let app = DemoApp::start(DemoAppOptions::default()).await;
+    let (holder, shared) = start_holder(&consul, &app, ("h-1", "pod-uid-h"), None).await;
+    let first = Registrar::start(&consul, &app, ("dup-1", "pod-uid-a"), None);
+    passing(&consul, &first).await;
+    all_share(&consul, &[&holder, &first], &shared).await;
+    let first_uid = |v: Option<Value>| v.and_then(|v| v["pod-uid"].as_str().map(String::from));
+    assert_eq!(
+        first_uid(value_of(&consul, &key("dup-1")).await).as_deref(),
+        Some(first.uid),
+        "the first sidecar's key should name its pod"
+    );
+    let kept = create_indexes(&consul, &["h-1", "dup-1"]).await;
+
+    // A second pod on the node with the same instance ID joins the same holder.
+    let mut second = Registrar::start(&consul, &app, ("dup-1", "pod-uid-b"), None);
+    let all = [&holder, &first, &second];
+    let w = Watch {
+        kept: &kept,
+        passing: true,
+        going: None,
+        sidecars: &all,
+    };
+    let started = Instant::now();
+    watch(&consul, &w, 5 * SECOND, started).await;
+    let key_owner = first_uid(value_of(&consul, &key("dup-1")).await);
+    assert_eq!(
+        key_owner.as_deref(),
+        Some(first.uid),
+        "the second sidecar of dup-1 took or rewrote the first one's key\n{}",
+        tails(&all)
+    );
+
+    // It drains; the first one's instance stays, passing, past the time the holder would drop the
+    // keys of a pod that stopped beating (1.5 × TTL) and a reaper's reaction.
+    second.signal("TERM");
+    let drained = Instant::now();
+    let exited = second.exit_within(10 * SECOND).await;
+    assert!(
+        exited.is_some(),
+        "the second sidecar of dup-1 did not exit within 10 s of SIGTERM\n{}",
+        tails(&[&second])
+    );
+    let all = [&holder, &first];
+    let w = Watch {
+        kept: &kept,
+        passing: true,
+        going: None,
+        sidecars: &all,
+    };
+    watch(&consul, &w, BOUND, drained).await;
+    assert_eq!(
+        session_of(&consul, &key("dup-1")).await,
+        Some(shared),
+        "the first sidecar's key is no longer held by the shared session\n{}",
+        tails(&all)
+    );
+    assert_eq!(
+        first_uid(value_of(&consul, &key("dup-1")).await).as_deref(),
+        Some(first.uid),
+        "the first sidecar's key no longer names its pod"
+    );
+    drop(second);
+}
