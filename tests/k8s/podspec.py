@@ -248,6 +248,12 @@ def check_catalog_mode(manifest: dict, env: dict) -> None:
         if not catalog.get(field):
             assert env.get(var, {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == DOWNWARD_API[var], (
                 f"consul.catalog.{field} defaults to ${var}, which the sidecar must get from the Downward API")
+    shared = catalog.get("sharedSession")
+    if shared:
+        # The node's other sidecars reach this one's admin server at the pod IP.
+        assert shared["advertise"].startswith("${POD_IP}:"), shared
+        assert env.get("POD_IP", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "status.podIP", (
+            "sharedSession.advertise names ${POD_IP}, which the sidecar must get from the Downward API")
     for i, service in enumerate(manifest.get("services", [])):
         for field in AGENT_ONLY_CHECK_FIELDS:
             assert field not in (service.get("check") or {}), f"services[{i}].check.{field} is agent-only"

@@ -559,6 +559,15 @@ def test_network_policy_keeps_the_admin_port_to_the_scrapers(helm):
     assert scrapers[0]["from"][0]["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
     closed = one(helm.template(APP, {"networkPolicy": {"enabled": True, "allowOtherPorts": False}}), "NetworkPolicy")
     assert closed["spec"]["ingress"] == [], "nothing allowed but what the user lists"
+    # Catalog mode's shared session: the release's own pods reach the admin port (heartbeats).
+    shared = one(helm.template(APP, CATALOG, {"networkPolicy": {"enabled": True, "allowOtherPorts": False}}),
+                 "NetworkPolicy")
+    assert shared["spec"]["ingress"] == [{
+        "from": [{"podSelector": {"matchLabels": shared["spec"]["podSelector"]["matchLabels"]}}],
+        "ports": [{"port": 9102, "protocol": "TCP"}]}], shared["spec"]["ingress"]
+    alone = one(helm.template(APP, CATALOG, {"networkPolicy": {"enabled": True, "allowOtherPorts": False},
+                                             "consul": {"catalog": {"sharedSession": False}}}), "NetworkPolicy")
+    assert alone["spec"]["ingress"] == [], "a session per sidecar: no heartbeats to let in"
 
 
 def test_catalog_mode_goes_into_the_manifest_and_the_sidecar_reaches_the_servers(helm):
@@ -571,7 +580,10 @@ def test_catalog_mode_goes_into_the_manifest_and_the_sidecar_reaches_the_servers
     spec = workload_spec(docs)
     facts = podspec.check_sidecar(spec, native=True)
     manifest = manifest_of(docs, facts["config_map"], facts["key"])
-    assert manifest["consul"] == {"mode": "catalog", "catalog": {"sessionTTL": "15s", "keyPrefix": "shop/instances"}}
+    assert manifest["consul"] == {"mode": "catalog", "catalog": {
+        "sessionTTL": "15s", "keyPrefix": "shop/instances",
+        # The node's other sidecars heartbeat the holder of its shared session on the pod IP.
+        "sharedSession": {"advertise": "${POD_IP}:9102"}}}
     assert facts["env"]["CONSUL_HTTP_ADDR"]["value"] == SERVERS
     podspec.check_catalog_mode(manifest, facts["env"])
     test_pod = one(docs, "Pod")["spec"]["containers"][0]
@@ -580,7 +592,16 @@ def test_catalog_mode_goes_into_the_manifest_and_the_sidecar_reaches_the_servers
     named = {"node": "registrar-${NODE_NAME}-x", "nodeAddress": "${HOST_IP}", "sessionTTL": "1m", "keyPrefix": "k"}
     docs = helm.template(APP, CATALOG, {"consul": {"catalog": named}})
     facts = podspec.check_sidecar(workload_spec(docs), native=True)
-    assert manifest_of(docs, facts["config_map"], facts["key"])["consul"]["catalog"] == named
+    assert manifest_of(docs, facts["config_map"], facts["key"])["consul"]["catalog"] == {
+        **named, "sharedSession": {"advertise": "${POD_IP}:9102"}}
+    # A session per sidecar, and the admin port where it is moved.
+    docs = helm.template(APP, CATALOG, {"consul": {"catalog": {"sharedSession": False}}})
+    facts = podspec.check_sidecar(workload_spec(docs), native=True)
+    assert "sharedSession" not in manifest_of(docs, facts["config_map"], facts["key"])["consul"]["catalog"]
+    docs = helm.template(APP, CATALOG, {"sidecar": {"adminPort": 9200}})
+    facts = podspec.check_sidecar(workload_spec(docs), native=True)
+    assert manifest_of(docs, facts["config_map"], facts["key"])["consul"]["catalog"]["sharedSession"] == {
+        "advertise": "${POD_IP}:9200"}
     # Agent mode, said or not: the same manifest and checksum as a chart without catalog mode.
     assert checksum(helm) == checksum(helm, {"consul": {"mode": "agent", "catalog": {}}})
     facts = podspec.check_sidecar(workload_spec(helm.template(APP)), native=True)

@@ -79,7 +79,7 @@ def test_catalog_mode_through_the_library(helm, example_chart, kind):
     assert_valid(docs, k8s_versions())
     facts = podspec.check_sidecar(podspec.pod_spec(workload(docs, kind)), True)
     manifest = manifest_of(docs, facts["config_map"], facts["key"])
-    assert manifest["consul"] == {"mode": "catalog"}
+    assert manifest["consul"] == {"mode": "catalog", "catalog": {"sharedSession": {"advertise": "${POD_IP}:9102"}}}
     podspec.check_catalog_mode(manifest, facts["env"])
 
 

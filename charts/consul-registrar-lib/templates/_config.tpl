@@ -85,6 +85,10 @@ consul:
     sessionTTL: ""
     # The KV prefix of the instances' liveness keys. Default: consul-registrar/instances.
     keyPrefix: ""
+    # One Consul session per Kubernetes node: one sidecar renews it, the others heartbeat that
+    # one on its admin port (pod to pod) instead of renewing sessions of their own. A sidecar that
+    # cannot reach it keeps a session of its own. false: a session per sidecar.
+    sharedSession: true
   datacenter: ""
   namespace: ""
   partition: ""

@@ -17,7 +17,11 @@ here as well as in the env so that the ConfigMap shows everything the sidecar re
 {{- $_ := set $consul "mode" "catalog" }}
 {{- $catalog := dict }}
 {{- range $key, $value := default dict $c.consul.catalog }}
-{{- if $value }}{{ $_ := set $catalog $key (toString $value) }}{{ end }}
+{{- if and $value (ne $key "sharedSession") }}{{ $_ := set $catalog $key (toString $value) }}{{ end }}
+{{- end }}
+{{- if (default dict $c.consul.catalog).sharedSession }}
+{{- /* The other sidecars of the node reach this one's admin server on the pod IP. */}}
+{{- $_ := set $catalog "sharedSession" (dict "advertise" (printf "${POD_IP}:%d" (int $c.adminPort))) }}
 {{- end }}
 {{- if $catalog }}{{ $_ := set $consul "catalog" $catalog }}{{ end }}
 {{- end }}
