@@ -12,7 +12,14 @@ servers with NO client agent (deploy/consul-dev/servers-only: three servers behi
    the remaining sidecars reap its instance within 2 × sessionTTL + 1 s (the 10 s default: 21 s,
    plus KUBELET_SLACK), counted in `consul_registrar_reaped_total`.
 3. `kubectl rollout restart` under 100 RPC/s from the tutorial's Go client resolving through the
-   servers' Service → zero failed RPCs, and afterwards one key and one session per new pod only.
+   servers' Service → zero failed RPCs, and afterwards one key per new pod and sessions of new
+   pods only.
+4. The chart's default shared session: the pods of one Kubernetes node hold their keys with one
+   session, its holder's (no other session names them, but for the service's elected reaper's,
+   which keeps its own); the holder "crashes" (frozen and
+   force-deleted) → the other pods' instances never leave (same CreateIndex throughout), the
+   holder's is reaped within 2 × sessionTTL + 1 s, and another pod of the node holds a session
+   for it.
 
 Figures: `FIGURE catalog_<what>=… s`.
 """
@@ -53,6 +60,12 @@ def sessions_of(consul: Consul, node: str, pod: str) -> list[dict]:
             if s.get("Name", "").startswith(f"consul-registrar/{node}/") and pod in s.get("Name", "")]
 
 
+def holder_session(consul: Consul, node: str) -> str | None:
+    """The session holding virtual node `node`'s shared-session holder key, or None."""
+    found = consul.get_or_none(f"/v1/kv/{KEY_PREFIX}/.holder/{node}")
+    return (found[0].get("Session") if found else None) or None
+
+
 def reaped_total(kube: Kube, d: Demo) -> float:
     """consul_registrar_reaped_total summed over the running pods' sidecars (API server's pod proxy)."""
     total = 0.0
@@ -67,7 +80,8 @@ def reaped_total(kube: Kube, d: Demo) -> float:
 def assert_registered_on_virtual_nodes(d: Demo, kube: Kube) -> None:
     """Every running pod's instance: passing at the pod IP, on the virtual node of the pod's
     Kubernetes node (at the node's IP, marked as ours, not a Consul member), with one check and a
-    liveness key held by a session of the pod's own sidecar."""
+    liveness key held by its sidecar's own session or by the node's shared session (the chart's
+    default), naming the pod."""
     consul = d.consul
     members = consul.get("/v1/agent/members")
     assert all(m["Tags"].get("role") == "consul" for m in members), (
@@ -96,10 +110,13 @@ def assert_registered_on_virtual_nodes(d: Demo, kube: Kube) -> None:
             f"{iid}: one check carrying the probe's verdict expected (a virtual node has no serfHealth): {checks}")
         key = liveness_key(consul, d.service, node, iid)
         assert key and key.get("Session"), f"{iid} has no liveness key held by a session ({KEY_PREFIX}/{d.service}/{node}/{iid}: {key})"
-        sessions = sessions_of(consul, node, name)
-        assert [s["ID"] for s in sessions] == [key["Session"]], (
-            f"{iid}'s key must be held by the one session of its pod's sidecar: key {key}, sessions {sessions}")
-        assert sessions[0]["Behavior"] == "delete" and sessions[0]["TTL"] == f"{SESSION_TTL}s", sessions[0]
+        own = [s["ID"] for s in sessions_of(consul, node, name)]
+        shared = holder_session(consul, node)
+        assert len(own) <= 1 and key["Session"] in own + [shared], (
+            f"{iid}'s key must be held by its sidecar's own session or the node's shared session {shared}: "
+            f"key {key}, its pod's sessions {own}")
+        held_by = consul.get(f"/v1/session/info/{key['Session']}")[0]
+        assert held_by["Behavior"] == "delete" and held_by["TTL"] == f"{SESSION_TTL}s", held_by
 
 
 # ---- 1. install, flip, delete -------------------------------------------------------------------
@@ -185,8 +202,10 @@ def test_c2_catalog_killed_sidecar_adopts_and_crashed_pod_is_reaped(catalog_demo
     figure("catalog_sidecar_kill_not_passing", not_passing, "s")
     key = liveness_key(d.consul, d.service, node, iid)
     assert key and key["Session"] == session, (
-        f"the restarted sidecar should adopt its still-valid session {session}, its key is held by {key}")
-    assert [s["ID"] for s in sessions_of(d.consul, node, first)] == [session], "one session per sidecar"
+        f"the restarted sidecar should adopt its still-valid session {session} (its own, or its node's "
+        f"shared one, which it joins again), its key is held by {key}")
+    assert [s["ID"] for s in sessions_of(d.consul, node, first)] in ([session], []), (
+        "at most one session per sidecar, the one that holds its key")
 
     # A crash: the sidecar frozen and the pod force-deleted at once (no preStop, no drain): its
     # instance stays behind until its session expires, then the other sidecars reap it. Frozen
@@ -234,8 +253,8 @@ def test_c3_catalog_rollout_restart_under_traffic(catalog_demo, kube):
     """The Go client resolves through the servers' Service (there is no agent on the node)."""
     d = catalog_demo(ROLLOUT_LOG_LEVEL, suffix="-c")
     rollout_under_traffic(d, kube, "catalog", True, consul_address="consul-server.consul.svc.cluster.local:8500")
-    # Afterwards (once the old pods' sidecars have finished): one liveness key and one session per
-    # new pod, nothing of the old pods left.
+    # Afterwards (once the old pods' sidecars have finished): one liveness key per new pod, and
+    # sessions of new pods only (one per pod, or fewer: the pods of a node share one).
     pods = {p["metadata"]["name"]: p for p in d.pods()}
     want = sorted(f"{KEY_PREFIX}/{d.service}/{virtual_node(p['spec']['nodeName'])}/{d.instance_id(n)}"
                   for n, p in pods.items())
@@ -243,8 +262,76 @@ def test_c3_catalog_rollout_restart_under_traffic(catalog_demo, kube):
     def only_the_new_pods():
         keys = sorted(k for k in (d.consul.get_or_none(f"/v1/kv/{KEY_PREFIX}/?keys") or []) if f".{d.namespace}." in k)
         sessions = sorted(s["Name"] for s in d.consul.get("/v1/session/list") if f".{d.namespace}." in s.get("Name", ""))
-        return keys == want and len(sessions) == len(pods) and all(
-            any(name in s for s in sessions) for name in pods) and (keys, sessions)
+        return keys == want and 1 <= len(sessions) <= len(pods) and all(
+            any(name in s for name in pods) for s in sessions) and (keys, sessions)
 
-    keys, sessions = wait_for(f"one key and one session per new pod only ({want})", only_the_new_pods, 30, 0.5)
+    keys, sessions = wait_for(f"one key per new pod, sessions of new pods only ({want})", only_the_new_pods, 30, 0.5)
     log("catalog rollout: " + json.dumps({"keys": keys, "sessions": sessions}))
+
+
+# ---- 4. the shared session: one per node; a crashed holder takes no peer with it -------------------
+
+
+def test_c4_catalog_pods_of_a_node_share_one_session_and_a_crashed_holder_takes_no_peer(catalog_demo, kube,
+                                                                                       stop_container):
+    d = catalog_demo(suffix="-s")
+    wait_for("all passing", lambda: d.all_passing(REPLICAS), 120)
+    by_node: dict[str, list[str]] = {}
+    for pod in d.pods():
+        by_node.setdefault(pod["spec"]["nodeName"], []).append(pod["metadata"]["name"])
+    k8s_node, names = max(by_node.items(), key=lambda kv: len(kv[1]))
+    assert len(names) >= 2, f"{REPLICAS} pods on the workers: two share a node ({by_node})"
+    node = virtual_node(k8s_node)
+
+    def sharing():
+        # The only sessions naming the node's pods: the holder's and, if one of them is the
+        # service's elected reaper, its own (a reaper keeps a session of its own).
+        shared = holder_session(d.consul, node)
+        reaper = (d.consul.get_or_none(f"/v1/kv/{KEY_PREFIX}/.reaper/{d.service}") or [{}])[0].get("Session")
+        keys = {n: liveness_key(d.consul, d.service, node, d.instance_id(n)) for n in names}
+        own = {s["ID"] for n in names for s in sessions_of(d.consul, node, n)}
+        peers = [n for n, k in keys.items() if k and k.get("Session") == shared and shared not in
+                 {s["ID"] for s in sessions_of(d.consul, node, n)}]
+        return (shared and peers and all(k and k.get("Session") in (shared, reaper) for k in keys.values())
+                and own <= {shared, reaper} and (shared, peers))
+    # A pod that started before the holder was elected joins it within a sessionTTL or so.
+    shared, peers = wait_for(f"the pods of {k8s_node} ({names}) hold their keys with the holder's session",
+                             sharing, 3 * SESSION_TTL, 0.5)
+    holder = next(s["Name"].rsplit("/", 1)[-1] for s in d.consul.get(f"/v1/session/node/{SESSIONS_NODE}")
+                  if s["ID"] == shared)
+    log(f"{k8s_node}: {holder} holds the shared session {shared} for {peers}")
+
+    def create_indexes() -> dict[str, int]:
+        return {e["ServiceID"]: e["CreateIndex"] for e in d.consul.get(f"/v1/catalog/service/{d.service}")}
+    before = create_indexes()
+    holder_iid = d.instance_id(holder)
+    peer_iids = [d.instance_id(n) for n in peers]
+
+    # The holder "crashes": frozen, then force-deleted (no preStop, no drain).
+    sidecar = container_status(kube.pod(d.namespace, holder), "consul-registrar")
+    stop_container(sidecar["containerID"])
+    began = time.monotonic()
+    kube.run("-n", d.namespace, "delete", "pod", holder, "--grace-period=0", "--force", "--wait=false")
+    bound = 2 * SESSION_TTL + 1 + KUBELET_SLACK
+    reaped_after = None
+    while time.monotonic() - began < bound + SESSION_TTL:
+        now_indexes = create_indexes()
+        now = time.monotonic()
+        for iid in peer_iids:
+            assert now_indexes.get(iid) == before[iid], (
+                f"{iid}, a live pod of the crashed holder's node, left Consul or was registered again "
+                f"{now - began:.1f} s after the crash: CreateIndex {before[iid]} → {now_indexes.get(iid)}")
+        if reaped_after is None and holder_iid not in now_indexes:
+            reaped_after = now - began
+        assert reaped_after is not None or now - began < bound, (
+            f"the crashed holder's instance {holder_iid} still in Consul {now - began:.1f} s after the crash")
+        time.sleep(0.2)
+    figure("catalog_crashed_holder_reaped_after", reaped_after, "s")
+    log(f"{holder_iid} (the holder) reaped {reaped_after:.1f} s after the crash; its peers {peer_iids} never moved")
+    for iid in peer_iids:
+        key = liveness_key(d.consul, d.service, node, iid)
+        assert key and key.get("Session") and key["Session"] != shared, (
+            f"{iid}'s key should be held by a live session now, not the crashed holder's: {key}")
+    wait_for(f"a pod of {k8s_node} holds its shared session again",
+             lambda: holder_session(d.consul, node) not in (None, shared), 3 * SESSION_TTL, 0.5)
+    wait_for("the replacement pod registered: all passing", lambda: d.all_passing(REPLICAS), 120)
