@@ -7,22 +7,18 @@
 //! session of its own and is never reaped; and a second sidecar with an instance ID already held
 //! under the shared session never writes to nor removes the first one's instance.
 //!
-//! The holder's `advertise` must be the address its admin server listens on, known before the
-//! manifest is written: the sidecars here are started by [`Registrar`], which picks the admin port
-//! itself (`--admin-addr`) instead of letting the kit's `Sidecar` choose it.
+//! The holder's `advertise` must be the address its admin server listens on: the manifests say
+//! `${CONSUL_REGISTRAR_ADMIN_ADDR}`, which the kit's `Sidecar` sets to the admin address it chose
+//! (except where the holder advertises a closed port on purpose).
 
 mod support;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{
-    CONSUL_ENV, ConsulAgent, DemoApp, DemoAppOptions, Metrics, Proc, free_port, http_client,
-    instance_status, registrar_bin, wait_until,
-};
+use support::sidecar::Sidecar;
+use support::{ConsulAgent, DemoApp, DemoAppOptions, free_port, instance_status, wait_until};
 
 const SECOND: Duration = Duration::from_secs(1);
 /// The manifests' session TTL.
@@ -38,6 +34,8 @@ const NODE: &str = "kube-a";
 const SESSIONS_NODE: &str = "consul-registrar--sessions";
 const RENEWALS: &str = "consul_registrar_session_renewals_total";
 const BEATS: &str = "consul_registrar_shared_session_beats_total";
+/// A sidecar's own admin address, as its manifest reads it (the kit sets the variable).
+const OWN_ADMIN: &str = "${CONSUL_REGISTRAR_ADMIN_ADDR}";
 
 /// A one-instance catalog-mode manifest: service `hello`, instance `id`, the shared session with
 /// `advertise` as this sidecar's address for the others of its virtual node.
@@ -89,22 +87,17 @@ fn reaper_key() -> String {
     format!("{PREFIX}/.reaper/hello")
 }
 
-/// A sidecar of one pod on [`NODE`], its admin server on a port chosen before its manifest is
-/// written (so that its `advertise` can name it). Dropping it kills it; if the test is failing,
-/// its log is printed.
-struct Registrar {
-    proc: Proc,
+/// The sidecar of one pod on [`NODE`] (the kit's [`Sidecar`]), with the instance ID it registers and
+/// its pod's UID. Dropping it kills the sidecar; if the test is failing, its log is printed.
+struct Member {
     /// The instance ID it registers.
     id: &'static str,
     /// Its pod's `POD_UID`.
     uid: &'static str,
-    /// Its admin server, `127.0.0.1:PORT`.
-    admin: String,
-    http: reqwest::Client,
-    _dir: tempfile::TempDir,
+    sidecar: Sidecar,
 }
 
-impl Registrar {
+impl Member {
     /// Starts the sidecar of pod `uid` (also its HOSTNAME) registering instance `id`; the holder
     /// reaches it at its own admin address, or at `advertise` when given.
     fn start(
@@ -112,89 +105,48 @@ impl Registrar {
         app: &DemoApp,
         (id, uid): (&'static str, &'static str),
         advertise: Option<&str>,
-    ) -> Registrar {
-        let admin = format!("127.0.0.1:{}", free_port());
+    ) -> Member {
         let text = manifest(
             &consul.http_addr(),
             id,
             app.port(),
-            advertise.unwrap_or(&admin),
+            advertise.unwrap_or(OWN_ADMIN),
         );
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("manifest.yaml");
-        std::fs::write(&path, text).expect("write manifest");
-        let log: PathBuf = dir.path().join("sidecar.log");
-        let mut cmd = Command::new(registrar_bin());
-        cmd.args(["run", "--manifest"]).arg(&path).args([
-            "--admin-addr",
-            &admin,
-            "--log-level",
-            "debug",
-        ]);
-        for var in CONSUL_ENV {
-            cmd.env_remove(var);
-        }
-        cmd.envs([
+        let env = [
             ("NODE_NAME", NODE),
             ("HOST_IP", "127.0.0.1"),
             ("HOSTNAME", uid),
             ("POD_UID", uid),
-        ]);
-        Registrar {
-            proc: Proc::spawn(cmd, log),
+        ];
+        Member {
             id,
             uid,
-            admin,
-            http: http_client(),
-            _dir: dir,
+            sidecar: Sidecar::start(&text, &env),
         }
     }
 
-    /// Sends a signal by name (`KILL`, `TERM`).
-    fn signal(&self, name: &str) {
-        self.proc.signal(name);
-    }
-
-    async fn exit_within(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        self.proc.wait_exit(timeout).await
-    }
-
-    /// Its `/metrics` (empty when the admin server does not answer).
-    async fn metrics(&self) -> Metrics {
-        let body = match self
-            .http
-            .get(format!("http://{}/metrics", self.admin))
-            .timeout(10 * SECOND)
-            .send()
-            .await
-        {
-            Ok(r) if r.status().is_success() => r.text().await.unwrap_or_default(),
-            _ => String::new(),
-        };
-        Metrics::parse(&body)
-    }
-
     async fn renewals_ok(&self) -> f64 {
-        self.metrics().await.sum(RENEWALS, Some(("outcome", "ok")))
+        self.sidecar
+            .metrics()
+            .await
+            .sum(RENEWALS, Some(("outcome", "ok")))
     }
 }
 
-impl Drop for Registrar {
+impl Drop for Member {
+    /// Names the sidecar whose log the kit prints next, when the test is failing.
     fn drop(&mut self) {
-        self.proc.kill();
         if std::thread::panicking() {
             eprintln!(
-                "----- consul-registrar log of {} (pod {}) -----\n{}\n-----",
-                self.id,
-                self.uid,
-                self.proc.own_logs()
+                "----- the next consul-registrar log is {}'s (pod {}) -----",
+                self.id, self.uid
             );
         }
     }
 }
 
 /// The ends of the logs of `sidecars`, for failure messages.
-fn tails(sidecars: &[&Registrar]) -> String {
+fn tails(sidecars: &[&Member]) -> String {
     sidecars
         .iter()
         .map(|s| {
@@ -202,7 +154,7 @@ fn tails(sidecars: &[&Registrar]) -> String {
                 "----- {} (pod {}), last lines -----\n{}\n",
                 s.id,
                 s.uid,
-                s.proc.tail(40)
+                s.sidecar.tail(40)
             )
         })
         .collect()
@@ -272,7 +224,7 @@ struct Watch<'a> {
     /// An instance that should go: when it was first seen absent is returned.
     going: Option<&'a str>,
     /// Whose logs a failure shows.
-    sidecars: &'a [&'a Registrar],
+    sidecars: &'a [&'a Member],
 }
 
 /// Samples the virtual node's instances every [`SAMPLE`] for `span`: panics as soon as a kept
@@ -324,7 +276,7 @@ async fn watch(
     }
 }
 
-async fn passing(consul: &ConsulAgent, sidecar: &Registrar) {
+async fn passing(consul: &ConsulAgent, sidecar: &Member) {
     assert!(
         consul
             .wait_for_status("hello", sidecar.id, "passing", 15 * SECOND)
@@ -343,8 +295,8 @@ async fn start_holder(
     app: &DemoApp,
     first: (&'static str, &'static str),
     advertise: Option<&str>,
-) -> (Registrar, String) {
-    let holder = Registrar::start(consul, app, first, advertise);
+) -> (Member, String) {
+    let holder = Member::start(consul, app, first, advertise);
     passing(consul, &holder).await;
     let became = wait_until(10 * SECOND, || async {
         let session = session_of(consul, &holder_key()).await;
@@ -377,7 +329,7 @@ async fn start_holder(
 }
 
 /// Waits until the liveness keys of `sidecars` are all held by `shared`.
-async fn all_share(consul: &ConsulAgent, sidecars: &[&Registrar], shared: &str) {
+async fn all_share(consul: &ConsulAgent, sidecars: &[&Member], shared: &str) {
     let ok = wait_until(SESSION_TTL + 5 * SECOND, || async {
         for s in sidecars {
             if session_of(consul, &key(s.id)).await.as_deref() != Some(shared) {
@@ -403,12 +355,12 @@ async fn all_share(consul: &ConsulAgent, sidecars: &[&Registrar], shared: &str) 
 
 /// Three sidecars of `hello` on the virtual node, `s-1` the holder (started first), `s-2` and `s-3`
 /// its peers, all three keys under the shared session; and that session.
-async fn three_sharing(consul: &ConsulAgent, app: &DemoApp) -> (Vec<Registrar>, String) {
+async fn three_sharing(consul: &ConsulAgent, app: &DemoApp) -> (Vec<Member>, String) {
     let (holder, shared) = start_holder(consul, app, ("s-1", "pod-uid-1"), None).await;
     let mut sidecars = vec![
         holder,
-        Registrar::start(consul, app, ("s-2", "pod-uid-2"), None),
-        Registrar::start(consul, app, ("s-3", "pod-uid-3"), None),
+        Member::start(consul, app, ("s-2", "pod-uid-2"), None),
+        Member::start(consul, app, ("s-3", "pod-uid-3"), None),
     ];
     for s in &sidecars[1..] {
         passing(consul, s).await;
@@ -429,7 +381,7 @@ async fn sidecars_on_one_virtual_node_share_one_session_and_only_the_holder_rene
     let consul = ConsulAgent::start_dev().await;
     let app = DemoApp::start(DemoAppOptions::default()).await;
     let (sidecars, shared) = three_sharing(&consul, &app).await;
-    let all: Vec<&Registrar> = sidecars.iter().collect();
+    let all: Vec<&Member> = sidecars.iter().collect();
     let (holder, peers) = (&sidecars[0], &sidecars[1..]);
 
     let one_session = wait_until(5 * SECOND, || async {
@@ -454,7 +406,7 @@ async fn sidecars_on_one_virtual_node_share_one_session_and_only_the_holder_rene
     let mut peers_before = 0.0;
     let mut beats_before = Vec::new();
     for p in peers {
-        let m = p.metrics().await;
+        let m = p.sidecar.metrics().await;
         peers_before += m.sum(RENEWALS, Some(("outcome", "ok")));
         beats_before.push(m.sum(BEATS, Some(("outcome", "ok"))));
     }
@@ -463,7 +415,7 @@ async fn sidecars_on_one_virtual_node_share_one_session_and_only_the_holder_rene
     let mut peers_after = 0.0;
     let mut beats = Vec::new();
     for (p, before) in peers.iter().zip(&beats_before) {
-        let m = p.metrics().await;
+        let m = p.sidecar.metrics().await;
         peers_after += m.sum(RENEWALS, Some(("outcome", "ok")));
         beats.push(m.sum(BEATS, Some(("outcome", "ok"))) - before);
     }
@@ -509,10 +461,10 @@ async fn a_sigkilled_peer_is_reaped_within_two_session_ttls_and_nobody_else_move
         "the victim is not registered"
     );
 
-    victim.signal("KILL");
+    victim.sidecar.signal("KILL");
     let killed = Instant::now();
     drop(victim);
-    let all: Vec<&Registrar> = sidecars.iter().collect();
+    let all: Vec<&Member> = sidecars.iter().collect();
     let w = Watch {
         kept: &kept,
         passing: false,
@@ -550,7 +502,11 @@ async fn a_sigkilled_peer_is_reaped_within_two_session_ttls_and_nobody_else_move
     );
     let mut reaped = 0.0;
     for s in &sidecars {
-        reaped += s.metrics().await.sum("consul_registrar_reaped_total", None);
+        reaped += s
+            .sidecar
+            .metrics()
+            .await
+            .sum("consul_registrar_reaped_total", None);
     }
     assert_eq!(
         reaped,
@@ -570,10 +526,10 @@ async fn a_sigkilled_holder_takes_no_live_peer_with_it() {
     let peer_ids: Vec<&str> = sidecars.iter().map(|s| s.id).collect();
     let kept = create_indexes(&consul, &peer_ids).await;
 
-    holder.signal("KILL");
+    holder.sidecar.signal("KILL");
     let killed = Instant::now();
     drop(holder);
-    let peers: Vec<&Registrar> = sidecars.iter().collect();
+    let peers: Vec<&Member> = sidecars.iter().collect();
     let w = Watch {
         kept: &kept,
         passing: false,
@@ -640,9 +596,9 @@ async fn a_drained_holder_leaves_its_peers_registered() {
     let peer_ids: Vec<&str> = sidecars.iter().map(|s| s.id).collect();
     let kept = create_indexes(&consul, &peer_ids).await;
 
-    holder.signal("TERM");
+    holder.sidecar.signal("TERM");
     let drained = Instant::now();
-    let peers: Vec<&Registrar> = sidecars.iter().collect();
+    let peers: Vec<&Member> = sidecars.iter().collect();
     let w = Watch {
         kept: &kept,
         passing: false,
@@ -650,7 +606,7 @@ async fn a_drained_holder_leaves_its_peers_registered() {
         sidecars: &peers,
     };
     let gone = watch(&consul, &w, 2 * SESSION_TTL, drained).await;
-    let status = holder.exit_within(SECOND).await;
+    let status = holder.sidecar.exit_within(SECOND).await;
     assert!(
         status.is_some(),
         "the holder has not exited {:?} after SIGTERM (drain delay 1 s)\n{}",
@@ -713,7 +669,7 @@ async fn a_peer_that_cannot_reach_the_holder_keeps_its_own_session() {
         Some(Value::from(closed.as_str())),
         "the holder key should carry the holder's advertise address"
     );
-    let peer = Registrar::start(&consul, &app, ("s-2", "pod-uid-2"), None);
+    let peer = Member::start(&consul, &app, ("s-2", "pod-uid-2"), None);
     passing(&consul, &peer).await;
     let all = [&holder, &peer];
 
@@ -759,7 +715,10 @@ async fn a_peer_that_cannot_reach_the_holder_keeps_its_own_session() {
     );
     for s in all {
         assert_eq!(
-            s.metrics().await.sum("consul_registrar_reaped_total", None),
+            s.sidecar
+                .metrics()
+                .await
+                .sum("consul_registrar_reaped_total", None),
             0.0,
             "{} reaped something\n{}",
             s.id,
@@ -773,7 +732,7 @@ async fn a_duplicate_id_under_one_holder_never_touches_the_first_ones_instance()
     let consul = ConsulAgent::start_dev().await;
     let app = DemoApp::start(DemoAppOptions::default()).await;
     let (holder, shared) = start_holder(&consul, &app, ("h-1", "pod-uid-h"), None).await;
-    let first = Registrar::start(&consul, &app, ("dup-1", "pod-uid-a"), None);
+    let first = Member::start(&consul, &app, ("dup-1", "pod-uid-a"), None);
     passing(&consul, &first).await;
     all_share(&consul, &[&holder, &first], &shared).await;
     let first_uid = |v: Option<Value>| v.and_then(|v| v["pod-uid"].as_str().map(String::from));
@@ -785,7 +744,7 @@ async fn a_duplicate_id_under_one_holder_never_touches_the_first_ones_instance()
     let kept = create_indexes(&consul, &["h-1", "dup-1"]).await;
 
     // A second pod on the node with the same instance ID joins the same holder.
-    let mut second = Registrar::start(&consul, &app, ("dup-1", "pod-uid-b"), None);
+    let mut second = Member::start(&consul, &app, ("dup-1", "pod-uid-b"), None);
     let all = [&holder, &first, &second];
     let w = Watch {
         kept: &kept,
@@ -805,9 +764,9 @@ async fn a_duplicate_id_under_one_holder_never_touches_the_first_ones_instance()
 
     // It drains; the first one's instance stays, passing, past the time the holder would drop the
     // keys of a pod that stopped beating (1.5 × TTL) and a reaper's reaction.
-    second.signal("TERM");
+    second.sidecar.signal("TERM");
     let drained = Instant::now();
-    let exited = second.exit_within(10 * SECOND).await;
+    let exited = second.sidecar.exit_within(10 * SECOND).await;
     assert!(
         exited.is_some(),
         "the second sidecar of dup-1 did not exit within 10 s of SIGTERM\n{}",
