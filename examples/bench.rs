@@ -20,7 +20,8 @@
 //!   a quiet window of the same server without a sidecar: the raft log index
 //!   (`/v1/agent/self`, `Stats.raft.last_log_index`) and, by kind, the server's own telemetry
 //!   (`consul.raft.apply` and `consul.fsm.*` in `/v1/agent/metrics`).
-//! - `scale-catalog`, `scale-agent`: N one-instance sidecars of one service against three
+//! - `scale-catalog`, `scale-catalog-shared` (with `sharedSession`), `scale-agent`: N one-instance
+//!   sidecars of one service against three
 //!   servers; the servers' CPU, requests and bytes per pod event, per flip and at rest
 //!   ([`scale_pods`]). Not part of `all`: only when named.
 //! - `reap`: a sidecar SIGKILLed → its instance gone from the catalog, agent mode
@@ -51,7 +52,7 @@ use testkit::{
 
 /// The health service the demo app serves and every check asks about.
 const HEALTH_SERVICE: &str = "helloworld.Greeter";
-const PHASES: [&str; 9] = [
+const PHASES: [&str; 10] = [
     "propagation",
     "footprint",
     "drain",
@@ -60,6 +61,7 @@ const PHASES: [&str; 9] = [
     "raft",
     "reap",
     "scale-catalog",
+    "scale-catalog-shared",
     "scale-agent",
 ];
 
@@ -258,8 +260,13 @@ async fn run(args: Args) -> Result<()> {
             ("recovery", _) => recovery(&bed, &args).await?,
             ("raft", _) => raft(&bed, &args).await?,
             ("reap", _) => reap(&bed, &args).await?,
-            ("scale-catalog", _) => scale_pods::scale_pods(&bed, &args, Mode::Catalog).await?,
-            ("scale-agent", _) => scale_pods::scale_pods(&bed, &args, Mode::Agent).await?,
+            ("scale-catalog", _) => {
+                scale_pods::scale_pods(&bed, &args, Mode::Catalog, false).await?
+            }
+            ("scale-catalog-shared", _) => {
+                scale_pods::scale_pods(&bed, &args, Mode::Catalog, true).await?
+            }
+            ("scale-agent", _) => scale_pods::scale_pods(&bed, &args, Mode::Agent, false).await?,
             _ => unreachable!("the main bed runs for propagation, footprint and drain"),
         };
         results[*phase] = value;

@@ -1,7 +1,8 @@
 """Catalog mode's Consul requests at rest, per operation (docs/benchmarks.md, issue 20): N (20)
 one-instance sidecars of one service on one virtual node against a Consul -dev server, the
 sidecars' consul_registrar_consul_requests_total over STEADY (180) seconds after WARM (60) of
-warm-up; prints requests per pod per minute by operation, as JSON.
+warm-up; prints requests per pod per minute by operation, as JSON. SHARED=1 gives the sidecars
+`consul.catalog.sharedSession` (one session for the virtual node).
 
     make bins && CONSUL_BIN="$(bash scripts/consul.sh)" python3 scripts/at-rest-requests.py
 
@@ -13,6 +14,7 @@ _target = os.path.join(os.environ.get("CARGO_TARGET_DIR", "target"), "debug")
 REGISTRAR = os.environ.get("CONSUL_REGISTRAR_BIN", os.path.join(_target, "consul-registrar"))
 DEMO_APP = os.environ.get("DEMO_APP_BIN", os.path.join(_target, "demo-app"))
 CONSUL = os.environ["CONSUL_BIN"]
+SHARED = os.environ.get("SHARED") == "1"
 N = int(os.environ.get("N", "20")); WARM = int(os.environ.get("WARM", "60")); STEADY = int(os.environ.get("STEADY", "180"))
 d = tempfile.mkdtemp()
 procs = []
@@ -28,7 +30,10 @@ try:
         m = f"""consul:
   address: 127.0.0.1:18900
   mode: catalog
-services:
+""" + (f"""  catalog:
+    sharedSession:
+      advertise: 127.0.0.1:{19300+i}
+""" if SHARED else "") + f"""services:
   - name: hello
     id: hello-{i}
     address: 127.0.0.1
@@ -53,7 +58,7 @@ services:
     a = scrape(); time.sleep(STEADY); b = scrape()
     rates = {op: (b.get(op, 0) - a.get(op, 0)) / N / (STEADY / 60) for op in sorted(set(a) | set(b))}
     rates = {k: round(v, 2) for k, v in rates.items() if v}
-    print(json.dumps({"pods": N, "steady_s": STEADY, "per_pod_per_min": rates, "total": round(sum(rates.values()), 2)}, indent=1))
+    print(json.dumps({"pods": N, "shared_session": SHARED, "steady_s": STEADY, "per_pod_per_min": rates, "total": round(sum(rates.values()), 2)}, indent=1))
 finally:
     for p in procs: p.terminate()
     time.sleep(1)

@@ -117,6 +117,8 @@ struct Reading {
 /// The bed of one N: the servers, meters, agents, apps and sidecars.
 struct PodsBed {
     mode: Mode,
+    /// Catalog mode with `sharedSession`: one session per virtual node.
+    shared: bool,
     cluster: ConsulCluster,
     meters: Vec<Meter>,
     agents: Vec<ConsulAgent>,
@@ -153,7 +155,7 @@ impl PodsBed {
     }
 
     fn start_pod(&self, bed: &Bed, name: &str, i: usize, app_port: u16) -> Sidecar {
-        let manifest = manifest_in(
+        let mut manifest = manifest_in(
             self.mode,
             &self.address(i),
             app_port,
@@ -163,6 +165,14 @@ impl PodsBed {
                 health_service: HEALTH_SERVICE.into(),
             }],
         );
+        if self.shared {
+            // The test kit tells each sidecar its admin address in CONSUL_REGISTRAR_ADMIN_ADDR.
+            manifest = manifest.replacen(
+                "  catalog:\n",
+                "  catalog:\n    sharedSession:\n      advertise: ${CONSUL_REGISTRAR_ADMIN_ADDR}\n",
+                1,
+            );
+        }
         start_in(
             bed,
             self.mode,
@@ -192,14 +202,19 @@ async fn pod_passing(s: &Sidecar) -> bool {
     s.get("/readyz").await.0 == 200
 }
 
-pub(crate) async fn scale_pods(bed: &Bed, args: &Args, mode: Mode) -> Result<Value> {
+pub(crate) async fn scale_pods(bed: &Bed, args: &Args, mode: Mode, shared: bool) -> Result<Value> {
     let mut rows = Vec::new();
+    let name = if shared {
+        "catalog-shared"
+    } else {
+        mode.name()
+    };
     for &n in &args.pods {
-        say(&format!("scale-{}: {n} pods", mode.name()));
-        let row = match pods_row(bed, args, mode, n).await {
+        say(&format!("scale-{name}: {n} pods"));
+        let row = match pods_row(bed, args, mode, shared, n).await {
             Ok(row) => row,
             Err(e) => {
-                say(&format!("scale-{}: {n} pods failed: {e:#}", mode.name()));
+                say(&format!("scale-{name}: {n} pods failed: {e:#}"));
                 json!({ "pods": n, "error": format!("{e:#}") })
             }
         };
@@ -208,7 +223,7 @@ pub(crate) async fn scale_pods(bed: &Bed, args: &Args, mode: Mode) -> Result<Val
     Ok(json!({ "rows": rows, "loadavg": read("/proc/loadavg").trim() }))
 }
 
-async fn pods_row(bed: &Bed, args: &Args, mode: Mode, n: usize) -> Result<Value> {
+async fn pods_row(bed: &Bed, args: &Args, mode: Mode, shared: bool, n: usize) -> Result<Value> {
     let loadavg_before = read("/proc/loadavg").trim().to_string();
     let cluster = ConsulCluster::start_with(ConsulOptions {
         log_level: Some("info"),
@@ -239,6 +254,7 @@ async fn pods_row(bed: &Bed, args: &Args, mode: Mode, n: usize) -> Result<Value>
     }
     let mut pods = PodsBed {
         mode,
+        shared,
         cluster,
         meters,
         agents,
@@ -364,6 +380,10 @@ async fn pods_row(bed: &Bed, args: &Args, mode: Mode, n: usize) -> Result<Value>
 pub(crate) fn markdown_pods(md: &mut String, r: &Value) {
     for (phase, title) in [
         ("scale-catalog", "catalog mode"),
+        (
+            "scale-catalog-shared",
+            "catalog mode with a shared session per virtual node",
+        ),
         ("scale-agent", "agent mode"),
     ] {
         let Some(rows) = r[phase]["rows"].as_array() else {
