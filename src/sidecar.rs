@@ -343,14 +343,20 @@ async fn run_with<R: Registry>(
 
 /// The pod's name (`POD_NAME`, else the container's `HOSTNAME`, which Kubernetes sets to it), so
 /// that a session is adopted only by a later run in the same pod.
-/// The pod's UID (`POD_UID`, in the instances' meta), else one made up for this process: what a
-/// holder of a shared session knows this sidecar's keys by.
+/// The pod's UID (`POD_UID`, in the instances' meta), else `POD_NAME` (a restarted container is
+/// the same pod), else one made up for this process: what a holder of a shared session knows this
+/// sidecar's keys by.
 fn pod_uid(manifest: &Manifest) -> String {
     manifest
         .services
         .iter()
         .find_map(|s| s.meta.get(crate::manifest::POD_UID_KEY))
         .cloned()
+        .or_else(|| {
+            std::env::var("POD_NAME")
+                .ok()
+                .filter(|name| !name.is_empty())
+        })
         .unwrap_or_else(|| format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)))
 }
 

@@ -202,7 +202,11 @@ impl Reaper {
                                 _ = cancel.cancelled() => return,
                                 _ = tokio::time::sleep((ttl / 10).mul_f64(fastrand::f64())) => {}
                             }
-                            if matches!(self.reaper_key("0").await, Ok((None, _))) {
+                            // Not when the token may not take the key: it would leave and
+                            // join again for nothing, round after round.
+                            if !refusal_warned
+                                && matches!(self.reaper_key("0").await, Ok((None, _)))
+                            {
                                 self.liveness.leave_to_reap().await;
                             }
                         }

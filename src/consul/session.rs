@@ -221,6 +221,13 @@ impl Liveness {
         if !force && lock(&self.acquired).contains(id) {
             return Ok(());
         }
+        if let Some(shared) = &self.shared
+            && !shared.desk.claim(&self.key(id))
+        {
+            // Our desk covers that key for another live pod (we hold the shared session): under
+            // the same session, the acquire would succeed and take that pod's instance.
+            return Err(ConsulError::KeyHeld { key: self.key(id) });
+        }
         if let Role::Peer { advertise, .. } = self.role() {
             // The holder takes the key in first (it refuses one another live pod named), so that
             // it knows to release it should this pod stop heartbeating.
@@ -248,7 +255,42 @@ impl Liveness {
                 let session = self.session().await?;
                 self.acquire(id, &session).await?;
             }
+            // With a shared session: held by another session of ours (a leave or a join whose
+            // move did not complete)? Then it moves.
+            Err(ConsulError::KeyHeld { key }) if self.shared.is_some() => {
+                match self.read_key(&key).await? {
+                    Some(e)
+                        if e.value_field(POD_UID_FIELD).as_deref()
+                            == self.shared.as_ref().map(|s| s.pod_uid.as_str())
+                            && e.session.as_deref().is_some_and(|s| s != session) =>
+                    {
+                        let from = e.session.unwrap_or_default();
+                        if !self.move_keys(&[id.to_string()], &from, &session).await? {
+                            return Err(ConsulError::KeyHeld { key });
+                        }
+                    }
+                    _ => return Err(ConsulError::KeyHeld { key }),
+                }
+            }
             other => other?,
+        }
+        if self.shared.is_some() {
+            // A leave (or a join) may have changed the session while we took the key: it moved
+            // only the keys it knew of, and this one must follow.
+            let current = self.session.lock().await;
+            if let Some(now) = current.as_deref()
+                && now != session
+            {
+                let moved = self
+                    .move_keys(&[id.to_string()], &session, now)
+                    .await
+                    .unwrap_or(false);
+                if !moved {
+                    return Err(ConsulError::KeyHeld { key: self.key(id) });
+                }
+            }
+            lock(&self.acquired).insert(id.to_string());
+            return Ok(());
         }
         lock(&self.acquired).insert(id.to_string());
         Ok(())
@@ -327,13 +369,21 @@ impl Liveness {
         id: &str,
         session: &str,
     ) -> Result<Vec<serde_json::Value>, ConsulError> {
-        let key = self.key(id);
+        self.guard_key(&self.key(id), session).await
+    }
+
+    /// [`guard`](Self::guard) for the liveness key `key`.
+    async fn guard_key(
+        &self,
+        key: &str,
+        session: &str,
+    ) -> Result<Vec<serde_json::Value>, ConsulError> {
         let Some(shared) = &self.shared else {
             return Ok(vec![serde_json::json!(
                 { "KV": { "Verb": "check-session", "Key": key, "Session": session } }
             )]);
         };
-        let entry = self.read_key(&key).await?;
+        let entry = self.read_key(key).await?;
         let ours = entry.as_ref().filter(|e| {
             e.session.as_deref() == Some(session)
                 && e.value_field(POD_UID_FIELD)
@@ -356,6 +406,9 @@ impl Liveness {
     pub fn let_go(&self, id: &str) {
         lock(&self.held).remove(id);
         lock(&self.acquired).remove(id);
+        if let Some(shared) = &self.shared {
+            shared.desk.unclaim(&self.key(id));
+        }
     }
 
     /// The current session, if there is one; never makes one.
@@ -367,10 +420,15 @@ impl Liveness {
     /// session is made again until the next [`hold`](Self::hold) (a renewal still in flight that
     /// finds the session gone makes none).
     pub async fn end(&self) {
-        let role = self.role();
-        let Some(id) = self.stop().await else {
+        let (role, id) = self.stop().await;
+        let Some(id) = id else {
             return;
         };
+        if let Role::Peer { advertise, .. } = &role {
+            // A last heartbeat naming no key: the holder forgets our keys at once (a new pod
+            // with the same instance ID may take them without waiting out the grace).
+            let _ = self.beat(advertise, &id).await;
+        }
         if !self.may_destroy(&role, &id).await {
             return;
         }
@@ -383,8 +441,8 @@ impl Liveness {
     /// answers again, so its keys go and the reapers remove the instances at once rather than
     /// after Consul invalidates it (as after a crash, within 2 × sessionTTL).
     pub async fn abandon(&self) {
-        let role = self.role();
-        let Some(id) = self.stop().await else {
+        let (role, id) = self.stop().await;
+        let Some(id) = id else {
             return;
         };
         if !self.may_destroy(&role, &id).await {
@@ -421,9 +479,11 @@ impl Liveness {
         });
     }
 
-    /// Marks the session ended and takes it (no renewal, no new one until the next `hold`).
-    async fn stop(&self) -> Option<String> {
+    /// Marks the session ended and takes it (no renewal, no new one until the next `hold`), with
+    /// what it was to us (read under the same lock, so a join finishing meanwhile is seen).
+    async fn stop(&self) -> (Role, Option<String>) {
         let mut current = self.session.lock().await;
+        let role = self.role();
         self.ended.store(true, std::sync::atomic::Ordering::SeqCst);
         lock(&self.held).clear();
         lock(&self.acquired).clear();
@@ -432,7 +492,7 @@ impl Liveness {
             shared.desk.close();
         }
         self.set_role(Role::Own);
-        current.take()
+        (role, current.take())
     }
 
     /// Whether the ended session `id`, which was `role`, is ours to destroy: a peer's is the
@@ -507,14 +567,22 @@ impl Liveness {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(tick) => {}
             }
-            let Some(session) = self.session.lock().await.clone() else {
+            // The session and what it is to us, read together (a join or a leave changes both
+            // under the session's lock).
+            let (session, role) = {
+                let current = self.session.lock().await;
+                (current.clone(), self.role())
+            };
+            let Some(session) = session else {
                 continue;
             };
-            match self.role() {
+            match role {
                 Role::Peer {
                     advertise,
                     last_ack,
                 } => {
+                    // After a leave, the next try to join is a sessionTTL or so away.
+                    join_at = Instant::now() + ttl.mul_f64(0.8 + 0.2 * fastrand::f64());
                     match self.beat(&advertise, &session).await {
                         Ok(ack) if ack.session == session => {}
                         Ok(_) => self.leave("the holder holds another session").await,
@@ -562,6 +630,9 @@ impl Liveness {
             match self.renew(&session).await {
                 Ok(true) => {
                     self.renewal("ok");
+                    if let Some(shared) = &self.shared {
+                        shared.desk.renewed();
+                    }
                     if std::mem::take(failing) {
                         tracing::info!("session renewed again");
                     }
@@ -922,9 +993,12 @@ impl Liveness {
         };
         let ids: Vec<String> = lock(&self.acquired).iter().cloned().collect();
         let moved = match &borrowed {
-            Some(borrowed) if !ids.is_empty() => {
-                self.move_keys(&ids, borrowed, &own).await.unwrap_or(false)
-            }
+            Some(borrowed) if !ids.is_empty() => match self.move_keys(&ids, borrowed, &own).await {
+                Ok(moved) => moved,
+                // No answer: applied or not, the keys tell; else once more.
+                Err(_) if self.all_held_by(&ids, &own).await => true,
+                Err(_) => self.move_keys(&ids, borrowed, &own).await.unwrap_or(false),
+            },
             _ => ids.is_empty(),
         };
         drop(current);
@@ -950,10 +1024,17 @@ impl Liveness {
             return;
         };
         if session == own || holder.pod_uid == shared.pod_uid {
+            // Ours already (an acquire whose answer was lost, or a restarted holder): act on it.
+            if session == own && self.role() == Role::Own {
+                self.take_holder(own, true).await;
+            }
             return;
         }
         let mut current = self.session.lock().await;
-        if current.as_deref() != Some(own) || self.role() != Role::Own {
+        if current.as_deref() != Some(own)
+            || self.role() != Role::Own
+            || self.ended.load(std::sync::atomic::Ordering::SeqCst)
+        {
             return;
         }
         let ids: Vec<String> = lock(&self.acquired).iter().cloned().collect();
@@ -967,7 +1048,12 @@ impl Liveness {
         if ack.session != session || !ack.refused.is_empty() {
             return;
         }
-        if !self.move_keys(&ids, own, &session).await.unwrap_or(false) {
+        let moved = match self.move_keys(&ids, own, &session).await {
+            Ok(moved) => moved,
+            // No answer: it may have been applied (a leader election); the keys tell.
+            Err(_) => self.all_held_by(&ids, &session).await,
+        };
+        if !moved {
             return;
         }
         *current = Some(session);
@@ -982,6 +1068,22 @@ impl Liveness {
         if let Err(e) = destroy(&self.client, own).await {
             tracing::debug!(error = %e, "could not destroy our own session after joining; it expires");
         }
+    }
+
+    /// Whether `session` holds the keys of all instances `ids`, naming our pod.
+    async fn all_held_by(&self, ids: &[String], session: &str) -> bool {
+        let Some(shared) = &self.shared else {
+            return false;
+        };
+        for id in ids {
+            match self.read_key(&self.key(id)).await {
+                Ok(Some(e))
+                    if e.session.as_deref() == Some(session)
+                        && e.value_field(POD_UID_FIELD).as_deref() == Some(&shared.pod_uid) => {}
+                _ => return false,
+            }
+        }
+        true
     }
 
     /// Moves the keys of instances `ids` from session `from` to `to` in one transaction (each
@@ -1186,7 +1288,9 @@ impl Liveness {
                 continue;
             }
             let key = key_of(&self.settings.key_prefix, &entry.service, node, &entry.id);
-            let ops = deregistration_with_key(&key, session, node, &entry.id, &entry.service);
+            // With a shared session, which holds other pods' keys too: only a key naming our pod.
+            let mut ops = self.guard_key(&key, session).await?;
+            ops.extend(deregistration(&key, node, &entry.id, &entry.service));
             let req = self.client.request(Method::PUT, "/v1/txn").json(&ops);
             match self
                 .client
@@ -1317,23 +1421,6 @@ pub fn service_keys(prefix: &str, service: &str) -> String {
 /// An instance's liveness key: `<prefix>/<service>/<node>/<id>`.
 pub fn key_of(prefix: &str, service: &str, node: &str, id: &str) -> String {
     format!("{}{node}/{id}", service_keys(prefix, service))
-}
-
-/// The transaction that removes instance `id` of `service` on `node` with its liveness `key`,
-/// applied only while `session` holds the key (its first operation: a failed check applies
-/// nothing).
-pub fn deregistration_with_key(
-    key: &str,
-    session: &str,
-    node: &str,
-    id: &str,
-    service: &str,
-) -> serde_json::Value {
-    let mut ops = vec![serde_json::json!(
-        { "KV": { "Verb": "check-session", "Key": key, "Session": session } }
-    )];
-    ops.extend(deregistration(key, node, id, service));
-    serde_json::Value::Array(ops)
 }
 
 /// The operations that remove instance `id` of `service` on `node` with its liveness `key`, to

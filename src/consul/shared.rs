@@ -68,6 +68,8 @@ pub fn holder_key(prefix: &str, node: &str) -> String {
 pub struct Desk {
     /// A peer's key is released this long after the last heartbeat that named it.
     grace: Duration,
+    /// Heartbeats are refused when the session was last renewed longer ago than this.
+    stale: Duration,
     /// Only keys on this virtual node, under this prefix, are taken in.
     key_start: String,
     key_node: String,
@@ -80,6 +82,11 @@ struct DeskState {
     /// The shared session while this sidecar holds it and accepts heartbeats.
     session: Option<String>,
     keys: BTreeMap<String, Covered>,
+    /// This sidecar's own keys: refused to every peer (an instance ID of ours on another pod).
+    mine: std::collections::BTreeSet<String>,
+    /// The shared session's last renewal: a holder that cannot renew stops taking heartbeats
+    /// (after `sessionTTL / 2`), so its peers leave while the session is still valid.
+    renewed: Option<Instant>,
     /// When the desk last covered anyone: a holder that covered peers lately lets its session
     /// expire rather than destroying it, so they have the time to move their keys.
     last_covered: Option<Instant>,
@@ -100,6 +107,7 @@ impl Desk {
     pub fn new(ttl: Duration, prefix: &str, node: &str, metrics: Arc<Metrics>) -> Self {
         Desk {
             grace: ttl + ttl / 2,
+            stale: ttl / 2,
             key_start: format!("{prefix}/"),
             key_node: node.to_string(),
             state: std::sync::Mutex::new(DeskState::default()),
@@ -118,16 +126,28 @@ impl Desk {
         let mut state = self.state();
         state.session = Some(session.to_string());
         let now = Instant::now();
+        state.renewed = Some(now);
         for (key, pod) in known {
             state.keys.insert(key, Covered { pod, last: now });
         }
         self.count(&state);
     }
 
-    /// Stops taking heartbeats (a drain, or the session was lost); what is covered stays known
-    /// until [`Desk::clear`].
+    /// The shared session was just renewed.
+    pub fn renewed(&self) {
+        self.state().renewed = Some(Instant::now());
+    }
+
+    /// Stops taking heartbeats (a drain, or the session was lost) and forgets the keys (whether
+    /// the session must be left to expire is [`Desk::covered_lately`]).
     pub fn close(&self) {
-        self.state().session = None;
+        let mut state = self.state();
+        state.session = None;
+        if !state.keys.is_empty() {
+            state.last_covered = Some(Instant::now());
+        }
+        state.keys.clear();
+        self.count(&state);
     }
 
     /// Forgets every key (the session is gone, and its keys with it).
@@ -160,6 +180,14 @@ impl Desk {
                 body: "another session: read the holder key again\n".into(),
             };
         }
+        if state.renewed.is_none_or(|t| t.elapsed() > self.stale) {
+            // Consul has not heard from us for a while: the session may expire, taking every key
+            // of the node with it. The peers had better move theirs to sessions of their own.
+            return Answer {
+                status: 503,
+                body: "cannot renew the shared session: take a session of your own\n".into(),
+            };
+        }
         let beat: Beat = match serde_json::from_slice(body) {
             Ok(b) => b,
             Err(e) => {
@@ -170,14 +198,23 @@ impl Desk {
             }
         };
         let now = Instant::now();
+        // The pod's keys it no longer names (deregistered, or dropped from its manifest across a
+        // restart) are released at the next pass: gone already, or an instance nobody holds.
+        let named: std::collections::BTreeSet<&String> = beat.keys.iter().collect();
+        let expired = now.checked_sub(self.grace).unwrap_or(now);
+        for (key, c) in state.keys.iter_mut() {
+            if c.pod == beat.pod_uid && !named.contains(key) {
+                c.last = expired;
+            }
+        }
         let mut refused = Vec::new();
         for key in beat.keys {
-            if !self.takes(&key) {
+            if !self.takes(&key) || state.mine.contains(&key) {
                 refused.push(key);
                 continue;
             }
             match state.keys.get_mut(&key) {
-                Some(c) if c.pod != beat.pod_uid && c.last.elapsed() < self.grace => {
+                Some(c) if c.pod != beat.pod_uid && c.last > expired => {
                     refused.push(key);
                 }
                 Some(c) => {
@@ -235,6 +272,29 @@ impl Desk {
         gone
     }
 
+    /// Claims `key` for this sidecar's own instance before it takes the key with the session: false
+    /// when a live peer named it (that pod's instance, under the same session). Claimed, it is
+    /// refused to every peer.
+    pub fn claim(&self, key: &str) -> bool {
+        let mut state = self.state();
+        if state
+            .keys
+            .get(key)
+            .is_some_and(|c| c.last.elapsed() < self.grace)
+            && state.session.is_some()
+        {
+            return false;
+        }
+        state.keys.remove(key);
+        state.mine.insert(key.to_string());
+        true
+    }
+
+    /// This sidecar no longer holds `key` (its instance was deregistered).
+    pub fn unclaim(&self, key: &str) {
+        self.state().mine.remove(key);
+    }
+
     /// Puts back a key whose release failed (Consul did not answer): tried again next time.
     pub fn requeue(&self, key: &str) {
         let mut state = self.state();
@@ -248,8 +308,12 @@ impl Desk {
     }
 
     fn count(&self, state: &DeskState) {
-        let pods: std::collections::BTreeSet<&str> =
-            state.keys.values().map(|c| c.pod.as_str()).collect();
+        let pods: std::collections::BTreeSet<&str> = state
+            .keys
+            .values()
+            .map(|c| c.pod.as_str())
+            .filter(|p| !p.is_empty())
+            .collect();
         self.metrics
             .shared_session_peers
             .set(i64::try_from(pods.len()).unwrap_or(i64::MAX));
@@ -321,5 +385,62 @@ mod tests {
         }
         assert!(desk.overdue().is_empty());
         assert!(desk.covered_lately());
+    }
+
+    #[test]
+    fn a_holder_that_cannot_renew_sends_its_peers_away() {
+        let desk = Desk::new(
+            Duration::from_millis(100),
+            "p/instances",
+            "vnode",
+            Metrics::new(),
+        );
+        desk.open("s", Vec::new());
+        let body = beat("a", &["p/instances/hello/vnode/1"]);
+        assert_eq!(desk.answer(Some("s"), &body).status, 200);
+        std::thread::sleep(Duration::from_millis(80));
+        assert_eq!(
+            desk.answer(Some("s"), &body).status,
+            503,
+            "not renewed for TTL/2"
+        );
+        desk.renewed();
+        assert_eq!(desk.answer(Some("s"), &body).status, 200);
+    }
+
+    #[test]
+    fn keys_a_pod_stops_naming_are_released_and_free_for_another_pod_at_once() {
+        let desk = desk();
+        desk.open("s", Vec::new());
+        let key = "p/instances/hello/vnode/web-0";
+        assert!(refused(&desk.answer(Some("s"), &beat("old", &[key]))).is_empty());
+        // The old pod drained: its last heartbeat names nothing.
+        assert!(refused(&desk.answer(Some("s"), &beat("old", &[]))).is_empty());
+        assert!(refused(&desk.answer(Some("s"), &beat("new", &[key]))).is_empty());
+        // A pod that dropped a key from its manifest: released at the next pass.
+        let dropped = "p/instances/hello/vnode/gone";
+        desk.answer(Some("s"), &beat("p", &[dropped]));
+        desk.answer(Some("s"), &beat("p", &[]));
+        assert_eq!(desk.overdue(), [dropped]);
+    }
+
+    #[test]
+    fn the_holders_own_keys_are_refused_to_peers_and_a_peers_key_to_the_holder() {
+        let desk = desk();
+        desk.open("s", Vec::new());
+        let ours = "p/instances/hello/vnode/mine";
+        assert!(desk.claim(ours));
+        assert_eq!(
+            refused(&desk.answer(Some("s"), &beat("peer", &[ours]))),
+            [ours]
+        );
+        let theirs = "p/instances/hello/vnode/theirs";
+        assert!(refused(&desk.answer(Some("s"), &beat("peer", &[theirs]))).is_empty());
+        assert!(
+            !desk.claim(theirs),
+            "a live peer's key is not the holder's to take"
+        );
+        desk.unclaim(ours);
+        assert!(refused(&desk.answer(Some("s"), &beat("peer", &[ours]))).is_empty());
     }
 }
