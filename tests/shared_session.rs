@@ -5,7 +5,8 @@
 //! a SIGKILLed or drained holder takes no live peer with it (the peers' instances keep their
 //! CreateIndex) and another holder takes over; a sidecar that cannot reach the holder keeps a
 //! session of its own and is never reaped; and a second sidecar with an instance ID already held
-//! under the shared session never writes to nor removes the first one's instance.
+//! under the shared session never writes to nor removes the first one's instance, nor does a peer
+//! with the holder's own instance ID touch the holder's.
 //!
 //! The holder's `advertise` must be the address its admin server listens on: the manifests say
 //! `${CONSUL_REGISTRAR_ADMIN_ADDR}`, which the kit's `Sidecar` sets to the admin address it chose
@@ -328,6 +329,44 @@ async fn start_holder(
     (holder, shared)
 }
 
+/// After the holder of `shared` went (`what`, at `since`): within a TTL the holder key is held by
+/// another live session and names one of `peers`, whose keys are all still there.
+async fn a_peer_holds_instead_of(
+    consul: &ConsulAgent,
+    shared: &str,
+    peers: &[&Member],
+    what: &str,
+    since: Instant,
+) {
+    let live: Vec<&str> = peers.iter().map(|s| s.uid).collect();
+    let taken = wait_until(SESSION_TTL, || async {
+        let Some(session) = session_of(consul, &holder_key()).await else {
+            return false;
+        };
+        session != shared
+            && consul.session(&session).await.is_some()
+            && holder_uid(consul)
+                .await
+                .is_some_and(|uid| live.contains(&uid.as_str()))
+    })
+    .await;
+    assert!(
+        taken,
+        "no new holder {:?} after {what}: holder key {:?}, value {:?}\n{}",
+        since.elapsed(),
+        consul.kv_entry(&holder_key()).await,
+        value_of(consul, &holder_key()).await,
+        tails(peers)
+    );
+    for peer in peers {
+        assert!(
+            consul.kv_entry(&key(peer.id)).await.is_some(),
+            "the live peer {}'s key is gone",
+            peer.id
+        );
+    }
+}
+
 /// Waits until the liveness keys of `sidecars` are all held by `shared`.
 async fn all_share(consul: &ConsulAgent, sidecars: &[&Member], shared: &str) {
     let ok = wait_until(SESSION_TTL + 5 * SECOND, || async {
@@ -558,33 +597,14 @@ async fn a_sigkilled_holder_takes_no_live_peer_with_it() {
     );
 
     // A new holder: the holder key is held by a live session and names a live pod.
-    let live: Vec<&str> = sidecars.iter().map(|s| s.uid).collect();
-    let taken = wait_until(SESSION_TTL, || async {
-        let Some(session) = session_of(&consul, &holder_key()).await else {
-            return false;
-        };
-        session != shared
-            && consul.session(&session).await.is_some()
-            && holder_uid(&consul)
-                .await
-                .is_some_and(|uid| live.contains(&uid.as_str()))
-    })
+    a_peer_holds_instead_of(
+        &consul,
+        &shared,
+        &peers,
+        &format!("the holder (pod {holder_pod}) was killed"),
+        killed,
+    )
     .await;
-    assert!(
-        taken,
-        "no new holder {:?} after the holder (pod {holder_pod}) was killed: holder key {:?}, value \
-         {:?}\n{}",
-        killed.elapsed(),
-        consul.kv_entry(&holder_key()).await,
-        value_of(&consul, &holder_key()).await,
-        tails(&peers)
-    );
-    for id in peer_ids {
-        assert!(
-            consul.kv_entry(&key(id)).await.is_some(),
-            "the live peer {id}'s key is gone"
-        );
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -627,32 +647,7 @@ async fn a_drained_holder_leaves_its_peers_registered() {
         tails(&[&holder])
     );
 
-    let live: Vec<&str> = sidecars.iter().map(|s| s.uid).collect();
-    let taken = wait_until(SESSION_TTL, || async {
-        let Some(session) = session_of(&consul, &holder_key()).await else {
-            return false;
-        };
-        session != shared
-            && consul.session(&session).await.is_some()
-            && holder_uid(&consul)
-                .await
-                .is_some_and(|uid| live.contains(&uid.as_str()))
-    })
-    .await;
-    assert!(
-        taken,
-        "no new holder {:?} after the holder drained: holder key {:?}, value {:?}\n{}",
-        drained.elapsed(),
-        consul.kv_entry(&holder_key()).await,
-        value_of(&consul, &holder_key()).await,
-        tails(&peers)
-    );
-    for id in peer_ids {
-        assert!(
-            consul.kv_entry(&key(id)).await.is_some(),
-            "the live peer {id}'s key is gone"
-        );
-    }
+    a_peer_holds_instead_of(&consul, &shared, &peers, "the holder drained", drained).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -791,5 +786,106 @@ async fn a_duplicate_id_under_one_holder_never_touches_the_first_ones_instance()
         Some(first.uid),
         "the first sidecar's key no longer names its pod"
     );
+    drop(second);
+}
+
+/// Samples every [`SAMPLE`] for `span` that the holder's instance keeps its CreateIndex (as in
+/// `kept`) and stays passing, and that its liveness key stays held by `shared` and names the
+/// holder's pod; panics at the first sample that says otherwise, saying how long it was after
+/// `since` (`what` says what happened then).
+async fn holder_keeps(
+    consul: &ConsulAgent,
+    holder: &Member,
+    (kept, shared): (&BTreeMap<String, Value>, &str),
+    (span, since, what): (Duration, Instant, &str),
+    sidecars: &[&Member],
+) {
+    let w = Watch {
+        kept,
+        passing: true,
+        going: None,
+        sidecars,
+    };
+    let start = Instant::now();
+    loop {
+        watch(consul, &w, Duration::ZERO, since).await;
+        let session = session_of(consul, &key(holder.id)).await;
+        let value = value_of(consul, &key(holder.id)).await;
+        let pod = value
+            .as_ref()
+            .and_then(|v| v["pod-uid"].as_str().map(String::from));
+        assert!(
+            session.as_deref() == Some(shared) && pod.as_deref() == Some(holder.uid),
+            "{:?} {what}, the holder's liveness key {} is held by {session:?} (the shared session \
+             is {shared}) and names pod {pod:?} (value {value:?}), not the holder's pod {}: \
+             another sidecar took or rewrote it\n{}",
+            since.elapsed(),
+            key(holder.id),
+            holder.uid,
+            tails(sidecars)
+        );
+        if start.elapsed() >= span {
+            return;
+        }
+        tokio::time::sleep(SAMPLE).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_with_the_holders_instance_id_never_touches_the_holders_instance() {
+    let consul = ConsulAgent::start_dev().await;
+    let app = DemoApp::start(DemoAppOptions::default()).await;
+    let (holder, shared) = start_holder(&consul, &app, ("dup-1", "pod-uid-h"), None).await;
+    let kept = create_indexes(&consul, &["dup-1"]).await;
+    // Before anyone else comes: the key names the holder's pod, under the shared session.
+    holder_keeps(
+        &consul,
+        &holder,
+        (&kept, &shared),
+        (Duration::ZERO, Instant::now(), "before the second sidecar"),
+        &[&holder],
+    )
+    .await;
+
+    // A second pod on the node with the holder's own instance ID joins the holder: its heartbeat
+    // names the holder's key, which is the holder's own, not a peer's to cover.
+    let mut second = Member::start(&consul, &app, ("dup-1", "pod-uid-b"), None);
+    let started = Instant::now();
+    holder_keeps(
+        &consul,
+        &holder,
+        (&kept, &shared),
+        (
+            8 * SECOND,
+            started,
+            "after the second sidecar of dup-1 started",
+        ),
+        &[&holder, &second],
+    )
+    .await;
+
+    // It drains (how it exits is not the point); the holder's instance stays, passing, under the
+    // shared session, past the time a holder drops the keys of a pod that stopped beating
+    // (1.5 × TTL) and a reaper's reaction.
+    second.sidecar.signal("TERM");
+    let drained = Instant::now();
+    let exited = second.sidecar.exit_within(10 * SECOND).await;
+    assert!(
+        exited.is_some(),
+        "the second sidecar of dup-1 did not exit within 10 s of SIGTERM\n{}",
+        tails(&[&holder, &second])
+    );
+    holder_keeps(
+        &consul,
+        &holder,
+        (&kept, &shared),
+        (
+            BOUND,
+            drained,
+            "after the second sidecar of dup-1 was sent SIGTERM",
+        ),
+        &[&holder, &second],
+    )
+    .await;
     drop(second);
 }
