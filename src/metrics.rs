@@ -28,6 +28,9 @@ pub const DRAIN_REFUSAL_REASONS: [&str; 4] = [
 ];
 /// `repairs_total`'s reasons.
 pub const REPAIR_REASONS: [&str; 2] = ["missing", "changed"];
+/// `shared_session_beats_total`'s outcomes.
+pub const SHARED_SESSION_BEAT_OUTCOMES: [&str; 3] = ["ok", "rejected", "error"];
+
 /// `session_renewals_total`'s outcomes.
 pub const SESSION_RENEWAL_OUTCOMES: [&str; 3] = ["ok", "lost", "error"];
 
@@ -93,7 +96,7 @@ pub struct Metrics {
     /// outcome: `ok`, `lost` (Consul no longer had the session), `error` (no answer).
     pub session_renewals: IntCounterVec,
     /// `consul_registrar_shared_session_beats_total{outcome}`: a peer's heartbeats to the holder
-    /// of its virtual node's shared session: `ok`, `refused` (the holder answered no: it drains,
+    /// of its virtual node's shared session: `ok`, `rejected` (the holder answered no: it drains,
     /// or holds another session) or `error` (no answer).
     pub shared_session_beats: IntCounterVec,
     /// `consul_registrar_shared_session_peers`: on the holder of a shared session, the pods whose
@@ -259,6 +262,11 @@ impl Metrics {
         for c in collectors {
             // Names are fixed and distinct, so registration cannot fail.
             m.registry.register(c).expect("unique metric names");
+        }
+        // Exported at 0 from the start, like the shared session's other two series, so that the
+        // dashboard's panel and a rate() see the first heartbeat.
+        for outcome in SHARED_SESSION_BEAT_OUTCOMES {
+            m.shared_session_beats.with_label_values(&[outcome]);
         }
         Arc::new(m)
     }

@@ -946,7 +946,7 @@ impl Liveness {
         };
         let label = match &outcome {
             Ok(_) => "ok",
-            Err(BeatError::Refused(_)) => "refused",
+            Err(BeatError::Refused(_)) => "rejected",
             Err(BeatError::NoAnswer(_)) => "error",
         };
         self.metrics
