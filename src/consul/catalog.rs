@@ -400,10 +400,11 @@ impl Registry for CatalogRegistry {
         // sidecar's: neither it nor the key is touched.
         let key = self.liveness.key(&spec.id);
         let node = self.settings.node.as_str();
+        let [delete_service, delete_key] = deregistration(&key, node, &spec.id, &spec.name);
         if let Some(session) = self.liveness.current_or_previous().await? {
             let mut ops = self.liveness.guard(&spec.id, &session).await?;
             let guards = ops.len();
-            ops.extend(deregistration(&key, node, &spec.id, &spec.name));
+            ops.extend([delete_service.clone(), delete_key]);
             if self
                 .txn_guarded("catalog_deregister", &serde_json::Value::Array(ops), guards)
                 .await?
@@ -414,9 +415,7 @@ impl Registry for CatalogRegistry {
         }
         let ops = serde_json::json!([
             { "KV": { "Verb": "check-not-exists", "Key": key } },
-            { "Service": {
-                "Verb": "delete", "Node": node, "Service": { "ID": spec.id, "Service": spec.name },
-            } },
+            delete_service,
         ]);
         if self.txn("catalog_deregister", &ops).await? {
             self.liveness.let_go(&spec.id);

@@ -308,23 +308,21 @@ impl Reaper {
     /// "0", and the index to block on next.
     async fn reaper_key(&self, index: &str) -> Result<(Option<String>, String), ConsulError> {
         let key = reaper_key(&self.settings.key_prefix, &self.service);
+        let wait = self.wait.max(REAPER_KEY_WAIT);
         let req = self
             .client
             .request(Method::GET, &format!("/v1/kv/{}", key_path(&key)))
             .query(&[
                 ("stale", ""),
                 ("index", index),
-                ("wait", &super::wait_param(self.wait.max(REAPER_KEY_WAIT))),
+                ("wait", &super::wait_param(wait)),
             ]);
         // A blocking read is a watch: it holds no call permit and is not timed as a call, or
         // the reapers of a sidecar of many services would hold every permit for a minute.
         let (operation, timeout) = if index == "0" {
             ("reaper_key", super::REQUEST_TIMEOUT)
         } else {
-            (
-                "watch_reaper_key",
-                super::blocking_timeout(self.wait.max(REAPER_KEY_WAIT)),
-            )
+            ("watch_reaper_key", super::blocking_timeout(wait))
         };
         match self.client.send(operation, req, timeout).await {
             Ok(answer) => {

@@ -274,24 +274,25 @@ impl Liveness {
             }
             other => other?,
         }
-        if self.shared.is_some() {
-            // A leave (or a join) may have changed the session while we took the key: it moved
-            // only the keys it knew of, and this one must follow.
-            let current = self.session.lock().await;
-            if let Some(now) = current.as_deref()
-                && now != session
-            {
-                let moved = self
-                    .move_keys(&[id.to_string()], &session, now)
-                    .await
-                    .unwrap_or(false);
-                if !moved {
+        // With a shared session, a leave (or a join) may have changed the session while we took
+        // the key: it moved only the keys it knew of, and this one must follow. The session's
+        // lock is held until the key counts as acquired, so the next one moves it too.
+        let _current = match &self.shared {
+            Some(_) => {
+                let current = self.session.lock().await;
+                if let Some(now) = current.as_deref()
+                    && now != session
+                    && !self
+                        .move_keys(&[id.to_string()], &session, now)
+                        .await
+                        .unwrap_or(false)
+                {
                     return Err(ConsulError::KeyHeld { key: self.key(id) });
                 }
+                Some(current)
             }
-            lock(&self.acquired).insert(id.to_string());
-            return Ok(());
-        }
+            None => None,
+        };
         lock(&self.acquired).insert(id.to_string());
         Ok(())
     }
@@ -340,24 +341,39 @@ impl Liveness {
 
     /// The KV entry of `key`, None when absent.
     async fn read_key(&self, key: &str) -> Result<Option<KeyEntry>, ConsulError> {
-        let req = self
+        Ok(self
+            .kv_entries("key_read", key, false)
+            .await?
+            .into_iter()
+            .next())
+    }
+
+    /// `GET /v1/kv/<key>` (with `recurse`: every key under it); none when absent.
+    async fn kv_entries(
+        &self,
+        operation: &'static str,
+        key: &str,
+        recurse: bool,
+    ) -> Result<Vec<KeyEntry>, ConsulError> {
+        let mut req = self
             .client
             .request(Method::GET, &format!("/v1/kv/{}", key_path(key)));
+        if recurse {
+            req = req.query(&[("recurse", "")]);
+        }
         let answer = match self
             .client
-            .send("key_read", req, super::REQUEST_TIMEOUT)
+            .send(operation, req, super::REQUEST_TIMEOUT)
             .await
         {
             Ok(a) => a,
-            Err(ConsulError::Status { status: 404, .. }) => return Ok(None),
+            Err(ConsulError::Status { status: 404, .. }) => return Ok(Vec::new()),
             Err(e) => return Err(e),
         };
-        let entries: Vec<KeyEntry> =
-            serde_json::from_slice(&answer.body).map_err(|e| ConsulError::Decode {
-                operation: "key_read",
-                reason: e.to_string(),
-            })?;
-        Ok(entries.into_iter().next())
+        serde_json::from_slice(&answer.body).map_err(|e| ConsulError::Decode {
+            operation,
+            reason: e.to_string(),
+        })
     }
 
     /// The first operations of a transaction that may touch instance `id` only while `session`
@@ -507,13 +523,17 @@ impl Liveness {
                     .as_ref()
                     .is_some_and(|s| s.desk.covered_lately()) =>
             {
-                self.release_holder_key(id).await;
-                // The reapers' keys too: another sidecar takes over at once, not once the
-                // session expires.
-                let services: Vec<String> = lock(&self.reaping).iter().cloned().collect();
-                for service in services {
-                    self.release_key(&reaper_key(&self.settings.key_prefix, &service), id)
-                        .await;
+                // The holder key and the reapers' keys: another sidecar takes over at once, not
+                // once the session expires.
+                let prefix = &self.settings.key_prefix;
+                let mut keys = vec![shared::holder_key(prefix, &self.settings.node)];
+                keys.extend(
+                    lock(&self.reaping)
+                        .iter()
+                        .map(|service| reaper_key(prefix, service)),
+                );
+                for key in keys {
+                    self.release_key(&key, id).await;
                 }
                 tracing::info!(
                     "left the virtual node's shared session to expire: its peers move their keys to sessions of their own meanwhile"
@@ -624,63 +644,57 @@ impl Liveness {
         failing: &mut bool,
     ) -> std::time::Duration {
         let every = self.settings.session_ttl / 3;
-        let session = session.to_string();
-        let wait;
-        {
-            match self.renew(&session).await {
-                Ok(true) => {
-                    self.renewal("ok");
-                    if let Some(shared) = &self.shared {
-                        shared.desk.renewed();
-                    }
-                    if std::mem::take(failing) {
-                        tracing::info!("session renewed again");
-                    }
-                    backoff.reset();
-                    wait = every;
+        match self.renew(session).await {
+            Ok(true) => {
+                self.renewal("ok");
+                if let Some(shared) = &self.shared {
+                    shared.desk.renewed();
                 }
-                Ok(false) if self.ended.load(std::sync::atomic::Ordering::SeqCst) => {
-                    // Destroyed by the drain while this renewal was on its way: nothing to redo.
-                    wait = every;
+                if std::mem::take(failing) {
+                    tracing::info!("session renewed again");
                 }
-                Ok(false) => {
-                    self.renewal("lost");
-                    tracing::warn!(
-                        ttl = %duration::format(self.settings.session_ttl),
-                        "the session expired (Consul did not hear from us for too long, or it was destroyed); its liveness keys are gone and other sidecars may reap our instances: making a new session and taking the keys again"
-                    );
-                    {
-                        let mut current = self.session.lock().await;
-                        if current.as_deref() == Some(session.as_str()) {
-                            *current = None;
-                            lock(&self.acquired).clear();
-                            self.lost_role();
-                        }
+                backoff.reset();
+                every
+            }
+            // Destroyed by the drain while this renewal was on its way: nothing to redo.
+            Ok(false) if self.ended.load(std::sync::atomic::Ordering::SeqCst) => every,
+            Ok(false) => {
+                self.renewal("lost");
+                tracing::warn!(
+                    ttl = %duration::format(self.settings.session_ttl),
+                    "the session expired (Consul did not hear from us for too long, or it was destroyed); its liveness keys are gone and other sidecars may reap our instances: making a new session and taking the keys again"
+                );
+                {
+                    let mut current = self.session.lock().await;
+                    if current.as_deref() == Some(session) {
+                        *current = None;
+                        lock(&self.acquired).clear();
+                        self.lost_role();
                     }
-                    wait = match self.reacquire().await {
-                        Ok(()) => {
-                            backoff.reset();
-                            every
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "could not take the liveness keys again; retrying");
-                            backoff.next_delay()
-                        }
-                    };
-                    // Our instances may be gone (reaped): every reconciler reads its own again.
-                    self.alarm.send_modify(|generation| *generation += 1);
                 }
-                Err(e) => {
-                    self.renewal("error");
-                    if !*failing {
-                        *failing = true;
-                        tracing::warn!(error = %e, "cannot renew the session; retrying (it expires after 1–2 × sessionTTL without a renewal)");
+                let wait = match self.reacquire().await {
+                    Ok(()) => {
+                        backoff.reset();
+                        every
                     }
-                    wait = backoff.next_delay().min(every);
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not take the liveness keys again; retrying");
+                        backoff.next_delay()
+                    }
+                };
+                // Our instances may be gone (reaped): every reconciler reads its own again.
+                self.alarm.send_modify(|generation| *generation += 1);
+                wait
+            }
+            Err(e) => {
+                self.renewal("error");
+                if !*failing {
+                    *failing = true;
+                    tracing::warn!(error = %e, "cannot renew the session; retrying (it expires after 1–2 × sessionTTL without a renewal)");
                 }
+                backoff.next_delay().min(every)
             }
         }
-        wait
     }
 
     fn renewal(&self, outcome: &str) {
@@ -858,24 +872,7 @@ impl Liveness {
     /// The keys on our virtual node that `session` holds for other pods (key, pod).
     async fn held_for_peers(&self, session: &str) -> Result<Vec<(String, String)>, ConsulError> {
         let prefix = format!("{}/", self.settings.key_prefix);
-        let req = self
-            .client
-            .request(Method::GET, &format!("/v1/kv/{}", key_path(&prefix)))
-            .query(&[("recurse", "")]);
-        let answer = match self
-            .client
-            .send("key_list", req, super::REQUEST_TIMEOUT)
-            .await
-        {
-            Ok(a) => a,
-            Err(ConsulError::Status { status: 404, .. }) => return Ok(Vec::new()),
-            Err(e) => return Err(e),
-        };
-        let entries: Vec<KeyEntry> =
-            serde_json::from_slice(&answer.body).map_err(|e| ConsulError::Decode {
-                operation: "key_list",
-                reason: e.to_string(),
-            })?;
+        let entries = self.kv_entries("key_list", &prefix, true).await?;
         let ours: BTreeSet<String> = self.services.keys().map(|id| self.key(id)).collect();
         let node_part = format!("/{}/", self.settings.node);
         Ok(entries
@@ -891,12 +888,6 @@ impl Liveness {
                 (e.key, pod)
             })
             .collect())
-    }
-
-    /// `PUT /v1/kv/<holder key>?release=<session>`.
-    async fn release_holder_key(&self, session: &str) {
-        let key = shared::holder_key(&self.settings.key_prefix, &self.settings.node);
-        self.release_key(&key, session).await;
     }
 
     /// `PUT /v1/kv/<key>?release=<session>`: the key stays, free.
@@ -1100,10 +1091,20 @@ impl Liveness {
             );
             ops.push(serde_json::json!({ "KV": { "Verb": "lock", "Key": key, "Session": to, "Value": value } }));
         }
-        let req = self.client.request(Method::PUT, "/v1/txn").json(&ops);
+        self.txn("key_move", &serde_json::Value::Array(ops)).await
+    }
+
+    /// `PUT /v1/txn`: false when Consul refused it (409: one of its checks failed, nothing
+    /// applied).
+    async fn txn(
+        &self,
+        operation: &'static str,
+        ops: &serde_json::Value,
+    ) -> Result<bool, ConsulError> {
+        let req = self.client.request(Method::PUT, "/v1/txn").json(ops);
         match self
             .client
-            .send("key_move", req, super::REQUEST_TIMEOUT)
+            .send(operation, req, super::REQUEST_TIMEOUT)
             .await
         {
             Ok(_) => Ok(true),
@@ -1124,18 +1125,13 @@ impl Liveness {
                 { "KV": { "Verb": "check-session", "Key": key, "Session": session } },
                 { "KV": { "Verb": "delete", "Key": key } },
             ]);
-            let req = self.client.request(Method::PUT, "/v1/txn").json(&ops);
-            match self
-                .client
-                .send("key_release", req, super::REQUEST_TIMEOUT)
-                .await
-            {
-                Ok(_) => {
+            match self.txn("key_release", &ops).await {
+                Ok(true) => {
                     self.metrics.shared_session_released.inc();
                     tracing::info!(key = %key, "released the liveness key of a pod that stopped heartbeating: its instance is reaped");
                 }
                 // Gone already (its pod drained), or no longer ours (its pod left).
-                Err(ConsulError::Status { status: 409, .. }) => {}
+                Ok(false) => {}
                 Err(e) => {
                     tracing::debug!(error = %e, key = %key, "cannot release a gone pod's key yet; trying again");
                     shared.desk.requeue(&key);
@@ -1291,18 +1287,12 @@ impl Liveness {
             // With a shared session, which holds other pods' keys too: only a key naming our pod.
             let mut ops = self.guard_key(&key, session).await?;
             ops.extend(deregistration(&key, node, &entry.id, &entry.service));
-            let req = self.client.request(Method::PUT, "/v1/txn").json(&ops);
-            match self
-                .client
-                .send("catalog_deregister", req, super::REQUEST_TIMEOUT)
-                .await
+            // Refused: our session does not hold its key, not ours.
+            if self
+                .txn("catalog_deregister", &serde_json::Value::Array(ops))
+                .await?
             {
-                Ok(_) => {
-                    tracing::info!(instance = %entry.id, service = %entry.service, "deregistered an instance of this sidecar's previous run that the manifest no longer has")
-                }
-                // Our session does not hold its key: not ours.
-                Err(ConsulError::Status { status: 409, .. }) => {}
-                Err(e) => return Err(e),
+                tracing::info!(instance = %entry.id, service = %entry.service, "deregistered an instance of this sidecar's previous run that the manifest no longer has");
             }
         }
         Ok(())
