@@ -173,6 +173,15 @@ def test_servers_only_consul_has_servers_behind_a_service_and_no_agent(kustomize
                      for i in range(replicas)]
     server = services["consul-server"]
     assert namespace == server["metadata"]["namespace"] == "consul"
+    # One server a node: a lost node must take at most one, or raft's quorum goes with it.
+    pod = sts["spec"]["template"]["spec"]
+    spreads = pod.get("topologySpreadConstraints") or []
+    assert len(spreads) == 1, spreads
+    spread = spreads[0]
+    assert (spread["topologyKey"], spread["maxSkew"], spread["whenUnsatisfiable"]) == (
+        "kubernetes.io/hostname", 1, "DoNotSchedule")
+    assert spread["labelSelector"]["matchLabels"] == sts["spec"]["selector"]["matchLabels"]
+    assert any(t["key"] == "node-role.kubernetes.io/control-plane" for t in pod.get("tolerations") or [])
     labels = sts["spec"]["template"]["metadata"]["labels"]
     for service in (server, headless):
         assert service["spec"]["selector"].items() <= labels.items()

@@ -426,13 +426,23 @@ def wait_servers_formed(kube: Kube, c: Consul, timeout: float) -> None:
     a peer a while, until autopilot removes it: extra peers are not waited for.)"""
     replicas = kube.json("-n", "consul", "get", "statefulset", "consul-server")["spec"]["replicas"]
 
+    seen: dict[str, object] = {}
+
     def formed():
         members = [m for m in c.get("/v1/agent/members") if m["Status"] == 1]
         peers = set(c.get("/v1/status/peers"))
-        return (len(members) == replicas and c.get("/v1/status/leader")
+        leader = c.get("/v1/status/leader")
+        seen.update(members=sorted(f"{m['Name']}@{m['Addr']}" for m in members), peers=sorted(peers), leader=leader)
+        return (len(members) == replicas and leader
                 and all(f"{m['Addr']}:{m['Tags'].get('port', '8300')}" in peers for m in members))
 
-    wait_for(f"{replicas} Consul servers joined, with a leader", formed, timeout, 1)
+    try:
+        wait_for(f"{replicas} Consul servers joined, with a leader", formed, timeout, 1)
+    except BaseException:
+        log(f"the Consul servers last seen: {seen}; pods: " + ", ".join(
+            f"{p['metadata']['name']}@{p['spec'].get('nodeName')} {p['status'].get('phase')}"
+            for p in kube.pods("consul", "app.kubernetes.io/component=server")))
+        raise
 
 
 @pytest.fixture(scope="session")
@@ -443,6 +453,11 @@ def consul_servers(kube: Kube) -> Iterator[Consul]:
     kube.run("-n", "consul", "rollout", "status", "statefulset/consul-server", "--timeout=240s", timeout=260)
     c = Consul(kube, service="consul-server")
     wait_servers_formed(kube, c, 120)
+    # One server a node where there are three nodes (the manifest's spread): losing a node must
+    # not take raft's quorum with it (test_nodes.py loses workers).
+    placed = [p["spec"]["nodeName"] for p in kube.pods("consul", "app.kubernetes.io/component=server")]
+    if len(kube.json("get", "nodes")["items"]) >= len(placed):
+        assert len(set(placed)) == len(placed), f"the Consul servers share nodes: {placed}"
     log(f"Consul {c.get('/v1/agent/self')['Config']['Version']}: three servers behind svc/consul-server, "
         f"no client agent, at {c.url} (port-forward)")
     yield c
