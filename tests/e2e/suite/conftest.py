@@ -530,6 +530,7 @@ def demo(request, kube: Kube, helm: Helm, consul: Consul) -> Iterator[Callable[.
 # sidecar's address, as consul-k8s names it), the virtual node and session TTL left to their
 # defaults (consul-registrar-<node>, 10 s).
 CATALOG_VALUES = {"consul": {"mode": "catalog", "address": "http://consul-server.consul.svc.cluster.local:8500"}}
+SESSION_TTL = 10  # catalog mode's default (the values above leave consul.catalog.sessionTTL empty)
 
 
 @pytest.fixture
@@ -574,10 +575,16 @@ def _demo_releases(request, kube: Kube, helm: Helm, consul: Consul, catalog: boo
                  lambda d=d: not d.instances(), 60, 0.5)
         if catalog:
             # Every sidecar drained: no liveness key (KV) and no session of the release is left.
+            # A pod drains within its grace period (the chart's 30 s: test_login's refused pods
+            # may not write their instances, so their drains can run to the deadline), and a holder
+            # of a shared session that covered peers leaves it to expire, with the keys it still
+            # holds, 2 × sessionTTL after that, so that its peers can move their keys. 42 s in
+            # all, seen in test_login.
             mine = f".{d.namespace}."
             wait_for(f"no liveness key or session of {d.namespace} left in Consul", lambda: not [
                 k for k in (consul.get_or_none("/v1/kv/?keys") or []) if mine in k] and not [
-                s for s in consul.get("/v1/session/list") if mine in s.get("Name", "")], 30, 0.5)
+                s for s in consul.get("/v1/session/list") if mine in s.get("Name", "")],
+                30 + 2 * SESSION_TTL + 15, 0.5)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -29,12 +29,11 @@ from __future__ import annotations
 import json
 import time
 
-from conftest import (Consul, Demo, Kube, container_state, container_status, deregistered_before_app_stops, figure, log,
-                      serves_while_draining, wait_for)
+from conftest import (SESSION_TTL, Consul, Demo, Kube, container_state, container_status, deregistered_before_app_stops,
+                      figure, log, serves_while_draining, wait_for)
 from test_scenarios import REPLICAS, ROLLOUT_LOG_LEVEL, pod_names, rollout_under_traffic
 
 ADMIN_PORT = 9102
-SESSION_TTL = 10  # the default (tests/e2e values leave consul.catalog.sessionTTL empty)
 KEY_PREFIX = "consul-registrar/instances"
 # The node every sidecar's session lives on (never one with instances).
 SESSIONS_NODE = "consul-registrar--sessions"

@@ -37,9 +37,9 @@ from typing import Callable
 
 import pytest
 
-from conftest import (IN_CI, Demo, Kube, assert_spread, deep_merge, figure, log, nodes_of, provider_command, ready,
-                      schedulable_workers, wait_for, wait_servers_formed)
-from test_catalog import KEY_PREFIX, SESSION_TTL, virtual_node
+from conftest import (IN_CI, SESSION_TTL, Demo, Kube, assert_spread, deep_merge, figure, log, nodes_of,
+                      provider_command, ready, schedulable_workers, wait_for, wait_servers_formed)
+from test_catalog import KEY_PREFIX, virtual_node
 from test_scenarios import REPLICAS, ROLLOUT_LOG_LEVEL, client_pod, client_report
 from timeline import RolloutRecorder
 
