@@ -85,20 +85,11 @@ impl CatalogRegistry {
         ops: &serde_json::Value,
         guards: usize,
     ) -> Result<bool, ConsulError> {
-        let req = self.client.request(Method::PUT, "/v1/txn").json(ops);
-        match self
-            .client
-            .send(operation, req, super::REQUEST_TIMEOUT)
+        // The first operations are the checks on the liveness key; another one failing (a
+        // malformed registration) is a refusal, not a lost key.
+        self.client
+            .txn(operation, ops, |body| guard_failed(body, guards))
             .await
-        {
-            Ok(_) => Ok(true),
-            // The first operation is the check on the liveness key; another one failing (a
-            // malformed registration) is a refusal, not a lost key.
-            Err(ConsulError::Status {
-                status: 409, body, ..
-            }) if guard_failed(&body, guards) => Ok(false),
-            Err(e) => Err(e),
-        }
     }
 
     /// Every check on our virtual node (other sidecars' on the same Kubernetes node too), as

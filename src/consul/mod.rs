@@ -545,6 +545,25 @@ impl ConsulClient {
         }
     }
 
+    /// `PUT /v1/txn` with `ops`: `Ok(false)` when Consul refused it (409: nothing applied) and
+    /// `refused` says the refusal is an expected one (given the answer's body); any other 409 is
+    /// the error it is.
+    async fn txn(
+        &self,
+        operation: &'static str,
+        ops: &serde_json::Value,
+        refused: impl FnOnce(&str) -> bool,
+    ) -> Result<bool, ConsulError> {
+        let req = self.request(Method::PUT, "/v1/txn").json(ops);
+        match self.send(operation, req, REQUEST_TIMEOUT).await {
+            Ok(_) => Ok(true),
+            Err(ConsulError::Status {
+                status: 409, body, ..
+            }) if refused(&body) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Every call but a blocking watch waits for a permit first, and holds it until the answer is
     /// read; the duration metric starts once the permit is held, so it measures Consul, not the
     /// queue.

@@ -1101,16 +1101,7 @@ impl Liveness {
         operation: &'static str,
         ops: &serde_json::Value,
     ) -> Result<bool, ConsulError> {
-        let req = self.client.request(Method::PUT, "/v1/txn").json(ops);
-        match self
-            .client
-            .send(operation, req, super::REQUEST_TIMEOUT)
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(ConsulError::Status { status: 409, .. }) => Ok(false),
-            Err(e) => Err(e),
-        }
+        self.client.txn(operation, ops, |_| true).await
     }
 
     /// The holder: deletes the keys of pods that stopped heartbeating (guarded by our session, so
