@@ -420,6 +420,15 @@ def consul(kube: Kube) -> Iterator[Consul]:
     c.close()
 
 
+# The pods of deploy/consul-dev/servers-only's three servers (namespace consul).
+CONSUL_SERVERS = "app.kubernetes.io/component=server"
+
+
+def pod_nodes(kube: Kube, selector: str) -> list[str]:
+    """The nodes of the `consul` namespace's pods of `selector`, one entry a pod."""
+    return [p["spec"]["nodeName"] for p in kube.pods("consul", selector)]
+
+
 def wait_servers_formed(kube: Kube, c: Consul, timeout: float) -> None:
     """Every server of the StatefulSet `consul-server` an alive member and a Raft peer, with a
     leader. (A server replaced on another node comes back with a new address; its old self may stay
@@ -441,7 +450,7 @@ def wait_servers_formed(kube: Kube, c: Consul, timeout: float) -> None:
     except BaseException:
         log(f"the Consul servers last seen: {seen}; pods: " + ", ".join(
             f"{p['metadata']['name']}@{p['spec'].get('nodeName')} {p['status'].get('phase')}"
-            for p in kube.pods("consul", "app.kubernetes.io/component=server")))
+            for p in kube.pods("consul", CONSUL_SERVERS)))
         raise
 
 
@@ -455,7 +464,7 @@ def consul_servers(kube: Kube) -> Iterator[Consul]:
     wait_servers_formed(kube, c, 120)
     # One server a node where there are three nodes (the manifest's spread): losing a node must
     # not take raft's quorum with it (test_nodes.py loses workers).
-    placed = [p["spec"]["nodeName"] for p in kube.pods("consul", "app.kubernetes.io/component=server")]
+    placed = pod_nodes(kube, CONSUL_SERVERS)
     if len(kube.json("get", "nodes")["items"]) >= len(placed):
         assert len(set(placed)) == len(placed), f"the Consul servers share nodes: {placed}"
     log(f"Consul {c.get('/v1/agent/self')['Config']['Version']}: three servers behind svc/consul-server, "

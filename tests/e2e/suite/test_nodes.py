@@ -37,8 +37,9 @@ from typing import Callable
 
 import pytest
 
-from conftest import (IN_CI, SESSION_TTL, Demo, Kube, assert_spread, deep_merge, figure, log, nodes_of,
-                      provider_command, ready, schedulable_workers, wait_for, wait_servers_formed)
+from conftest import (CONSUL_SERVERS, IN_CI, SESSION_TTL, Demo, Kube, assert_spread, deep_merge, figure, log,
+                      nodes_of, pod_nodes, provider_command, ready, schedulable_workers, wait_for,
+                      wait_servers_formed)
 from test_catalog import KEY_PREFIX, virtual_node
 from test_scenarios import REPLICAS, ROLLOUT_LOG_LEVEL, client_pod, client_report
 from timeline import RolloutRecorder
@@ -72,10 +73,6 @@ def node_verb(name: str) -> Callable[[str], None]:
 def uncordon(kube: Kube, node: str) -> None:
     kube.run("uncordon", node)
     wait_for(f"{node} schedulable again", lambda: node in schedulable_workers(kube), 60, 0.5)
-
-
-def pod_nodes(kube: Kube, selector: str) -> list[str]:
-    return [p["spec"]["nodeName"] for p in kube.pods("consul", selector)]
 
 
 def wait_node_ready(kube: Kube, node: str, timeout: float = 240) -> None:
@@ -226,12 +223,12 @@ def test_node_lost_catalog_mode(catalog_demo, consul_servers, kube, workers, art
     d = catalog_demo(json.loads(json.dumps(ROLLOUT_LOG_LEVEL)))
     wait_for("all passing", lambda: d.all_passing(REPLICAS), 120)
     placed = assert_spread(d, workers)
-    servers = pod_nodes(kube, "app.kubernetes.io/component=server")
+    servers = pod_nodes(kube, CONSUL_SERVERS)
     victim = min(workers, key=lambda w: (servers.count(w), w))
     survivor = next(w for w in workers if w != victim)
     # The test's own reads of Consul from a server that stays (one is on the survivor: it has at
     # least as many as the victim, of three).
-    d.consul.pin(next(p["metadata"]["name"] for p in kube.pods("consul", "app.kubernetes.io/component=server")
+    d.consul.pin(next(p["metadata"]["name"] for p in kube.pods("consul", CONSUL_SERVERS)
                       if p["spec"]["nodeName"] == survivor))
     lost = sorted(d.instance_id(p) for p, n in placed.items() if n == victim)
     log(f"node lost (catalog): {victim} with {lost} and {servers.count(victim)} of the Consul servers; "
