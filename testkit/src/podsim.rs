@@ -150,6 +150,16 @@ impl Network {
                     "dev",
                     &bridge,
                 ]);
+                // A MAC address of its own (locally administered), or the bridge would take the
+                // lowest of its ports' and move it as pods join, cutting off pods that resolved
+                // the old one until their ARP entries expire.
+                ip(&[
+                    "link",
+                    "set",
+                    &bridge,
+                    "address",
+                    &format!("02:00:0a:d5:{id:02x}:fe"),
+                ]);
                 ip(&["link", "set", &bridge, "up"]);
                 return Network {
                     id,
@@ -227,7 +237,11 @@ impl Network {
         ]);
         ip(&["-n", &ns, "link", "set", &inner, "up"]);
         ip(&["-n", &ns, "link", "set", "lo", "up"]);
-        Netns { name: ns, addr }
+        Netns {
+            name: ns,
+            addr,
+            port: outer,
+        }
     }
 }
 
@@ -260,6 +274,8 @@ impl Drop for Network {
 pub struct Netns {
     pub name: String,
     pub addr: String,
+    /// Its veth's end on the bridge (in the root namespace): the pod's port on the node.
+    pub port: String,
 }
 
 impl Netns {
