@@ -37,11 +37,11 @@ from typing import Callable
 
 import pytest
 
-from conftest import (CONSUL_SERVERS, IN_CI, SESSION_TTL, Demo, Kube, assert_spread, deep_merge, figure, log,
-                      nodes_of, pod_nodes, provider_command, ready, schedulable_workers, wait_for,
+from conftest import (CONSUL_SERVERS, IN_CI, SESSION_TTL, Demo, Kube, assert_spread, container_state, deep_merge,
+                      figure, log, nodes_of, pod_nodes, provider_command, ready, schedulable_workers, wait_for,
                       wait_servers_formed)
 from test_catalog import KEY_PREFIX, virtual_node
-from test_scenarios import REPLICAS, ROLLOUT_LOG_LEVEL, client_pod, client_report
+from test_scenarios import REPLICAS, ROLLOUT_LOG_LEVEL, client_pod, client_report, stop_client
 from timeline import RolloutRecorder
 
 # The catalog-mode reaping bound of issue 21 (2 × session TTL + 1 s), plus what polling Consul every
@@ -101,6 +101,18 @@ class Traffic:
             "status", {}).get("phase") in ("Succeeded", "Failed"), max(left, 0) + 60, 1)
         client_log = self.kube.run("-n", self.d.namespace, "logs", "--timestamps", "hello-client", "-c",
                                    "hello-client")
+        recorder.client_log(client_log)
+        return client_report(client_log)
+
+    def stop(self, recorder: RolloutRecorder, tail: float) -> dict:
+        """The report once the test's events are over and `tail` s more traffic has been sent: the
+        client, still sending, is stopped there (stop_client) rather than left to run out its
+        `seconds`, which would show nothing new."""
+        time.sleep(tail)
+        client = self.kube.pod(self.d.namespace, "hello-client")
+        assert container_state(client, "hello-client") == "running", (
+            f"the client stopped sending before the test's events were over: raise its {self.seconds} s")
+        client_log = stop_client(self.kube, self.d.namespace, timestamps=True)
         recorder.client_log(client_log)
         return client_report(client_log)
 
@@ -176,6 +188,7 @@ def test_node_lost_agent_mode(demo, kube, workers, artifacts, how):
             back = time.monotonic()
             wait_for("every instance passing again after the unpause", lambda: d.all_passing(REPLICAS), 120, 0.25)
             figure("node_lost_agent_pause_unpaused_to_all_passing", time.monotonic() - back, "s")
+            report = traffic.stop(recorder, tail=10)
         else:
             recorder.mark(f"kubectl delete node {victim}")
             forget_node(kube, victim)
@@ -198,7 +211,7 @@ def test_node_lost_agent_mode(demo, kube, workers, artifacts, how):
             put(d.consul.url, f"/v1/agent/force-leave/{victim}?prune=1")
             wait_for(f"nothing of {victim} left in Consul", lambda: not d.consul.get_or_none(
                 f"/v1/catalog/node/{victim}") and d.all_passing(REPLICAS), 60, 0.5)
-        report = traffic.report(recorder)
+            report = traffic.report(recorder)
     finally:
         recorder.stop()
         recorder.write(report)
@@ -372,7 +385,7 @@ def test_node_drain_under_traffic(demo, kube, workers, artifacts):
         pdb.stop()
         assert time.monotonic() - traffic.since < DRAIN_TRAFFIC_SECONDS, (
             f"the drain outlasted the client's traffic ({DRAIN_TRAFFIC_SECONDS} s)")
-        report = traffic.report(recorder)
+        report = traffic.stop(recorder, tail=5)
     finally:
         if pdb:
             pdb.stop()

@@ -25,8 +25,8 @@ import re
 import time
 from datetime import datetime
 
-from conftest import VALUES, Demo, Kube, figure, log, wait_for
-from test_scenarios import client_pod, client_report, pod_names, stop_client_after_the_old_pods
+from conftest import VALUES, Demo, Kube, container_state, figure, log, wait_for
+from test_scenarios import client_pod, client_report, pod_names, stop_client, stop_client_after_the_old_pods
 
 START_DELAY = 15  # seconds the slow app keeps its port closed after it starts
 # The most the Go client sends in the slow rollouts (three pods, each 15 s to serve, a 3 s drain:
@@ -51,12 +51,6 @@ def start_traffic(kube: Kube, d: Demo, seconds: int) -> float:
     wait_for("the Go client sending (a first successful RPC through Consul)",
              lambda: "sending" in kube.logs(d.namespace, "hello-client", "hello-client"), 90, 0.5)
     return time.monotonic()
-
-
-def traffic_report(kube: Kube, d: Demo, seconds: int) -> dict:
-    wait_for("the Go client's report", lambda: (kube.pod(d.namespace, "hello-client") or {}).get(
-        "status", {}).get("phase") in ("Succeeded", "Failed"), seconds + 90, 1)
-    return client_report(kube.logs(d.namespace, "hello-client", "hello-client"))
 
 
 def assert_no_failed_rpcs(name: str, report: dict) -> None:
@@ -111,7 +105,11 @@ def test_upgrade_to_an_app_that_never_serves_stalls_and_the_old_pods_keep_servin
     figure("readiness_never_serving_new_pods_ready", 0, "pods")
     figure("readiness_never_serving_old_pods_passing", len(old_ids), "instances")
 
-    report = traffic_report(kube, d, seconds)
+    # The stall shown: the client, still sending, stopped here rather than left to run out its 60 s.
+    client = kube.pod(d.namespace, "hello-client")
+    assert container_state(client, "hello-client") == "running", (
+        f"the client stopped before the stall was shown: raise its {seconds} s")
+    report = client_report(stop_client(kube, d.namespace))
     log(f"never-serving upgrade: client report {json.dumps(report)}")
     assert_no_failed_rpcs("never_serving_upgrade", report)
     assert set(report["by_backend"]) <= old, (report["by_backend"], old)
