@@ -46,9 +46,11 @@ schema:
 	python3 scripts/manifest_schema.py --write
 
 ## tests/probe_compat.rs runs the real grpc_health_probe (built once from its Go module) beside `probe`.
+## Eight tests at once in each test binary, not one per core: most of their time is spent waiting
+## on Consul's session TTLs and the sidecars' timers, not on the CPU.
 unit-and-integration: consul bins
 	$(TEST_BINS) CONSUL_BIN="$$(bash scripts/consul.sh)" PROMTOOL="$$(bash scripts/promtool.sh)" \
-	GRPC_HEALTH_PROBE="$$(bash scripts/grpc-health-probe.sh)" cargo test --locked -- --skip scenario_
+	GRPC_HEALTH_PROBE="$$(bash scripts/grpc-health-probe.sh)" cargo test --locked -- --skip scenario_ --test-threads 8
 
 ## The reliability scenarios on the pod simulation, with their figures printed (FIGURE lines). Needs
 ## root (network namespaces); without root it refuses and names the scenarios it did not run
