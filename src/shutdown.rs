@@ -577,7 +577,21 @@ async fn deregister_until<R: Registry>(
             if foreign(registry, spec).await? {
                 return Ok::<_, ConsulError>(None);
             }
-            registry.deregister(spec).await?;
+            match registry.deregister(spec).await {
+                Ok(()) => {}
+                // The token may not remove it; if the servers hold no such instance (it was
+                // never registered: the token may not write it), there is nothing to remove.
+                Err(e @ ConsulError::Forbidden { .. }) => {
+                    return match registry.read(spec).await? {
+                        ServiceWatch::Missing if registry.confirmed_gone(spec).await? => {
+                            tracing::info!(instance = %spec.id, "not in Consul (the token may not write it): nothing to deregister");
+                            Ok(None)
+                        }
+                        _ => Err(e),
+                    };
+                }
+                Err(e) => return Err(e),
+            }
             let seen = registry.read(spec).await?;
             if matches!(seen, ServiceWatch::Missing) && !registry.confirmed_gone(spec).await? {
                 return Ok(Some(Unconfirmed));

@@ -17,6 +17,8 @@ use support::{ConsulAgent, ConsulOptions, DemoApp, DemoAppOptions, wait_until};
 
 const SECOND: Duration = Duration::from_secs(1);
 const METHOD: &str = "test-k8s-auth-method";
+/// The node catalog-mode sessions live on.
+const SESSIONS_NODE: &str = "consul-registrar--sessions";
 const PAGE: &str = include_str!("../docs/acl-login.md");
 
 /// What docs/acl-login.md binds for catalog mode beside the service identity: the first `hcl`
@@ -328,7 +330,7 @@ async fn a_service_the_identity_may_not_write_is_refused_clearly(mode: &str) {
     let bearer = dir.path().join("token");
     write_bearer(&bearer, &issuer.service_account_token("hello", AUDIENCE, 1));
     let app = DemoApp::start(DemoAppOptions::default()).await;
-    let sidecar = Sidecar::start(
+    let mut sidecar = Sidecar::start(
         &manifest(
             &consul.http_addr(),
             app.port(),
@@ -371,6 +373,30 @@ async fn a_service_the_identity_may_not_write_is_refused_clearly(mode: &str) {
         denied_total.is_some_and(|n| n >= 1.0),
         "the refusal is not counted as denied ({denied_total:?}):\n{metrics}"
     );
+    // Stopped (a pod deleted): nothing was registered, so there is nothing the refused token must
+    // remove. The drain succeeds rather than retrying the refused deregistration until its
+    // deadline (which holds a pod for its whole grace period), and in catalog mode its session
+    // and liveness key go with it rather than waiting out the session's TTL.
+    let exit = sidecar.terminate(10 * SECOND).await;
+    let logs = sidecar.logs();
+    assert!(
+        logs.contains("drained: every instance is deregistered")
+            && !logs.contains("deregistration failed"),
+        "the drain of an instance that was never registered did not succeed:\n{logs}"
+    );
+    assert_eq!(exit.and_then(|s| s.code()), Some(0), "{logs}");
+    if mode == "catalog" {
+        assert_eq!(
+            consul.sessions_on(SESSIONS_NODE).await,
+            Vec::<serde_json::Value>::new(),
+            "a session left after the drain\n{logs}"
+        );
+        assert_eq!(
+            consul.kv_keys("consul-registrar/").await,
+            Vec::<String>::new(),
+            "a liveness key left after the drain\n{logs}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

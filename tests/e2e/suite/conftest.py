@@ -584,11 +584,9 @@ def _demo_releases(request, kube: Kube, helm: Helm, consul: Consul, catalog: boo
                  lambda d=d: not d.instances(), 60, 0.5)
         if catalog:
             # Every sidecar drained: no liveness key (KV) and no session of the release is left.
-            # A pod drains within its grace period (the chart's 30 s: test_login's refused pods
-            # may not write their instances, so their drains can run to the deadline), and a holder
-            # of a shared session that covered peers leaves it to expire, with the keys it still
-            # holds, 2 × sessionTTL after that, so that its peers can move their keys. 42 s in
-            # all, seen in test_login.
+            # A pod drains within its grace period (the chart's 30 s), and a holder of a shared
+            # session that covered peers leaves it to expire, with the keys it still holds,
+            # 2 × sessionTTL after that, so that its peers can move their keys.
             mine = f".{d.namespace}."
             wait_for(f"no liveness key or session of {d.namespace} left in Consul", lambda: not [
                 k for k in (consul.get_or_none("/v1/kv/?keys") or []) if mine in k] and not [
