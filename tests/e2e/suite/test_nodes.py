@@ -17,7 +17,8 @@ missing tool.
   sidecars' sessions expire and the other node's sidecars reap their instances within 2 × session
   TTL + 1 s. Failed RPCs are counted and reported, not required to be zero (RPCs in flight to a
   node that vanishes fail). Then the Node object is deleted (what a cloud's node controller does
-  for a terminated machine), the pods come back on the other worker and pass, and nothing of the
+  for a terminated machine) with its pods (what the pod garbage collector does 40 s later), the
+  pods come back on the other worker and pass, and nothing of the
   lost node is left. The killed node is started again afterwards (restore-node) for the tests
   that follow.
 
@@ -134,9 +135,14 @@ def lose_node(how: str, victim: str) -> None:
 
 
 def forget_node(kube: Kube, victim: str) -> None:
-    """The Node object deleted, as a cloud's node controller does for a machine that is gone; the
-    pod garbage collector then deletes its pods and their ReplicaSet replaces them."""
+    """The Node object deleted, as a cloud's node controller does for a machine that is gone, and
+    its pods with it: what the pod garbage collector does 40 s later (its quarantine for pods of a
+    node that is gone), which shows nothing of ours. Their ReplicaSets replace them."""
     kube.run("delete", "node", victim, "--wait=true", timeout=120)
+    for pod in kube.json("get", "pods", "-A", "--field-selector", f"spec.nodeName={victim}")["items"]:
+        meta = pod["metadata"]
+        kube.run("-n", meta["namespace"], "delete", "pod", meta["name"], "--force", "--grace-period=0",
+                 "--wait=false", check=False)
 
 
 def bring_back(kube: Kube, how: str, victim: str) -> None:
