@@ -31,6 +31,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::consul::node_view::{self, NodeView, ViewRequest};
 use crate::consul::shared::{self, Desk};
 use crate::manifest::{Readiness, Secret};
 use crate::metrics::Metrics;
@@ -55,6 +56,8 @@ pub struct AdminState {
     pub readiness: Readiness,
     /// With a shared session (catalog mode): the holder's desk, which answers heartbeats.
     pub desk: Option<Arc<Desk>>,
+    /// With a shared session: the virtual node's view, which the holder lends its peers.
+    pub view: Option<Arc<NodeView>>,
 }
 
 /// Who may start a drain: set from `CONSUL_REGISTRAR_DRAIN_TOKEN` or
@@ -190,6 +193,7 @@ async fn route(req: Request<Incoming>, peer: SocketAddr, state: &AdminState) -> 
     let allowed: &[Method] = match path {
         "/drain" => &[Method::GET, Method::POST],
         shared::PATH if state.desk.is_some() => &[Method::POST],
+        node_view::PATH if state.desk.is_some() && state.view.is_some() => &[Method::POST],
         "/metrics" | "/healthz" | "/readyz" | "/status" => &[Method::GET, Method::HEAD],
         _ => return text(StatusCode::NOT_FOUND, "not found\n"),
     };
@@ -218,6 +222,7 @@ async fn route(req: Request<Incoming>, peer: SocketAddr, state: &AdminState) -> 
         }
         "/status" => status(state),
         shared::PATH => heartbeat(req, state).await,
+        node_view::PATH => lend_view(req, state).await,
         _ => {
             let presented = req.headers().get(DRAIN_TOKEN_HEADER).map(|v| v.as_bytes());
             if let Err(reason) = state.drain_auth.check(peer, presented) {
@@ -263,6 +268,56 @@ async fn heartbeat(req: Request<Incoming>, state: &AdminState) -> Reply {
             hyper::header::HeaderValue::from_static("application/json"),
         );
     }
+    r
+}
+
+/// A peer's long poll of the holder's view of the virtual node (see
+/// [`crate::consul::node_view`]): the same credential as a heartbeat.
+async fn lend_view(req: Request<Incoming>, state: &AdminState) -> Reply {
+    use http_body_util::BodyExt as _;
+    let (Some(desk), Some(view)) = (&state.desk, &state.view) else {
+        return text(StatusCode::NOT_FOUND, "not found\n");
+    };
+    let presented = req
+        .headers()
+        .get(shared::SESSION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    if let Err(refused) = desk.admits(presented.as_deref()) {
+        let status =
+            StatusCode::from_u16(refused.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return text(status, &refused.body);
+    }
+    let body = match http_body_util::Limited::new(req.into_body(), 64 * 1024)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return text(StatusCode::PAYLOAD_TOO_LARGE, "request too large\n"),
+    };
+    let asked: ViewRequest = match serde_json::from_slice(&body) {
+        Ok(a) => a,
+        Err(e) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                &format!("not a view request: {e}\n"),
+            );
+        }
+    };
+    let wait = Duration::from_millis(asked.wait_ms).min(node_view::MAX_WAIT);
+    let Some(snapshot) = view.newer(asked.after, wait).await else {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no view of the node: read Consul\n",
+        );
+    };
+    let mut r = Response::new(Full::new(Bytes::from(
+        serde_json::to_string(&snapshot.part(&asked.ids)).unwrap_or_default(),
+    )));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
     r
 }
 

@@ -74,6 +74,7 @@ pub async fn run(
                     address: admin_address,
                     drain_auth,
                     desk: None,
+                    view: None,
                 },
                 metrics,
                 alarm,
@@ -131,6 +132,13 @@ pub async fn run(
             tracing::info!(node = %settings.node, session_ttl = %crate::manifest::duration::format(settings.session_ttl), "catalog mode: registering on a virtual node, with a session as the crash net");
             let desk = liveness.desk();
             let registry = CatalogRegistry::new(client, settings, liveness);
+            // With a shared session, the holder reads the virtual node for all its sidecars.
+            let view = registry.node_view();
+            tokio::spawn(registry.clone().run_node_view(
+                manifest.consul.resync_interval,
+                retry,
+                everything.child_token(),
+            ));
             run_with(
                 registry,
                 manifest,
@@ -138,6 +146,7 @@ pub async fn run(
                     address: admin_address,
                     drain_auth,
                     desk,
+                    view,
                 },
                 metrics,
                 alarm,
@@ -158,6 +167,7 @@ struct AdminSetup {
     address: SocketAddr,
     drain_auth: DrainAuth,
     desk: Option<Arc<crate::consul::shared::Desk>>,
+    view: Option<Arc<crate::consul::node_view::NodeView>>,
 }
 
 /// [`run`] with the Consul backend chosen.
@@ -173,6 +183,7 @@ async fn run_with<R: Registry>(
         address: admin_address,
         drain_auth,
         desk,
+        view,
     } = admin;
     let board = StatusBoard::new(
         manifest
@@ -218,6 +229,7 @@ async fn run_with<R: Registry>(
             drain_auth: Arc::new(drain_auth),
             readiness: manifest.readiness,
             desk,
+            view,
         },
         admin_stop.clone(),
     ));

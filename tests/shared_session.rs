@@ -35,6 +35,7 @@ const NODE: &str = "kube-a";
 const SESSIONS_NODE: &str = "consul-registrar--sessions";
 const RENEWALS: &str = "consul_registrar_session_renewals_total";
 const BEATS: &str = "consul_registrar_shared_session_beats_total";
+const REQUESTS: &str = "consul_registrar_consul_requests_total";
 /// A sidecar's own admin address, as its manifest reads it (the kit sets the variable).
 const OWN_ADMIN: &str = "${CONSUL_REGISTRAR_ADMIN_ADDR}";
 
@@ -104,14 +105,29 @@ impl Member {
     fn start(
         consul: &ConsulAgent,
         app: &DemoApp,
+        member: (&'static str, &'static str),
+        advertise: Option<&str>,
+    ) -> Member {
+        Member::start_resyncing(consul, app, member, advertise, "1m")
+    }
+
+    /// [`start`](Self::start), with the manifest's `resyncInterval` set to `resync`.
+    fn start_resyncing(
+        consul: &ConsulAgent,
+        app: &DemoApp,
         (id, uid): (&'static str, &'static str),
         advertise: Option<&str>,
+        resync: &str,
     ) -> Member {
         let text = manifest(
             &consul.http_addr(),
             id,
             app.port(),
             advertise.unwrap_or(OWN_ADMIN),
+        )
+        .replace(
+            "  catalog:\n",
+            &format!("  resyncInterval: {resync}\n  catalog:\n"),
         );
         let env = [
             ("NODE_NAME", NODE),
@@ -297,7 +313,18 @@ async fn start_holder(
     first: (&'static str, &'static str),
     advertise: Option<&str>,
 ) -> (Member, String) {
-    let holder = Member::start(consul, app, first, advertise);
+    start_holder_resyncing(consul, app, first, advertise, "1m").await
+}
+
+/// [`start_holder`], with the manifest's `resyncInterval` set to `resync`.
+async fn start_holder_resyncing(
+    consul: &ConsulAgent,
+    app: &DemoApp,
+    first: (&'static str, &'static str),
+    advertise: Option<&str>,
+    resync: &str,
+) -> (Member, String) {
+    let holder = Member::start_resyncing(consul, app, first, advertise, resync);
     passing(consul, &holder).await;
     let became = wait_until(10 * SECOND, || async {
         let session = session_of(consul, &holder_key()).await;
@@ -395,11 +422,21 @@ async fn all_share(consul: &ConsulAgent, sidecars: &[&Member], shared: &str) {
 /// Three sidecars of `hello` on the virtual node, `s-1` the holder (started first), `s-2` and `s-3`
 /// its peers, all three keys under the shared session; and that session.
 async fn three_sharing(consul: &ConsulAgent, app: &DemoApp) -> (Vec<Member>, String) {
-    let (holder, shared) = start_holder(consul, app, ("s-1", "pod-uid-1"), None).await;
+    three_sharing_resyncing(consul, app, "1m").await
+}
+
+/// [`three_sharing`], with the manifests' `resyncInterval` set to `resync`.
+async fn three_sharing_resyncing(
+    consul: &ConsulAgent,
+    app: &DemoApp,
+    resync: &str,
+) -> (Vec<Member>, String) {
+    let (holder, shared) =
+        start_holder_resyncing(consul, app, ("s-1", "pod-uid-1"), None, resync).await;
     let mut sidecars = vec![
         holder,
-        Member::start(consul, app, ("s-2", "pod-uid-2"), None),
-        Member::start(consul, app, ("s-3", "pod-uid-3"), None),
+        Member::start_resyncing(consul, app, ("s-2", "pod-uid-2"), None, resync),
+        Member::start_resyncing(consul, app, ("s-3", "pod-uid-3"), None, resync),
     ];
     for s in &sidecars[1..] {
         passing(consul, s).await;
@@ -888,4 +925,156 @@ async fn a_peer_with_the_holders_instance_id_never_touches_the_holders_instance(
     )
     .await;
     drop(second);
+}
+
+/// The Consul requests `operation` a sidecar has made so far.
+async fn requests(member: &Member, operation: &str) -> f64 {
+    member
+        .sidecar
+        .metrics()
+        .await
+        .sum(REQUESTS, Some(("operation", operation)))
+}
+
+/// Removes instance `id` from the virtual node by hand, as an operator or a restored snapshot might.
+async fn deregister_by_hand(consul: &ConsulAgent, id: &str) {
+    let status = consul
+        .put(
+            "/v1/catalog/deregister",
+            &serde_json::json!({ "Node": virtual_node(), "ServiceID": id }),
+        )
+        .await
+        .expect("deregister by hand");
+    assert_eq!(status, 200, "deregistering {id} by hand");
+}
+
+/// Waits up to `within` for instance `id` to be registered and passing.
+async fn back_passing(consul: &ConsulAgent, id: &str, within: Duration) -> bool {
+    wait_until(within, || async {
+        instances(consul)
+            .await
+            .get(id)
+            .is_some_and(|(_, status)| *status == "passing")
+    })
+    .await
+}
+
+/// The node's sidecars watch the holder's view of their virtual node, not the servers: the
+/// holder alone keeps a blocking query on the node; a change there (a peer's instance removed by
+/// hand) wakes it, the peer whose instance it was registers it again at once (well within
+/// resyncInterval, 1 m here), and no sidecar of the node asks the servers for its instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sidecars_of_a_node_watch_the_holders_view_of_it_not_the_servers() {
+    let consul = ConsulAgent::start_dev().await;
+    let app = DemoApp::start(DemoAppOptions::default()).await;
+    let (sidecars, _shared) = three_sharing(&consul, &app).await;
+    let all: Vec<&Member> = sidecars.iter().collect();
+    let holder = &sidecars[0];
+    // The peers' first watches may have gone to the servers before they joined.
+    tokio::time::sleep(2 * SECOND).await;
+    let mut before = Vec::new();
+    for s in &sidecars {
+        before.push(requests(s, "watch_instance").await);
+    }
+    let holder_watched = requests(holder, "watch_node").await;
+
+    let moved = &sidecars[1];
+    deregister_by_hand(&consul, moved.id).await;
+    let since = Instant::now();
+    assert!(
+        back_passing(&consul, moved.id, 5 * SECOND).await,
+        "{}'s instance, removed by hand, was not registered again within 5 s (resyncInterval 1m: \
+         the change must wake the watch)\n{}",
+        moved.id,
+        tails(&all)
+    );
+    let back = since.elapsed();
+    tokio::time::sleep(SECOND).await;
+    for (s, b) in sidecars.iter().zip(&before) {
+        let watched = requests(s, "watch_instance").await - b;
+        assert_eq!(
+            watched,
+            0.0,
+            "{} asked the servers for its instance {watched} times (blocking queries) while the \
+             holder's view answers for the node\n{}",
+            s.id,
+            tails(&all)
+        );
+    }
+    assert!(
+        requests(holder, "watch_node").await > holder_watched,
+        "the holder's watch of the node did not wake on the change\n{}",
+        tails(&all)
+    );
+    eprintln!("registered again {back:?} after the removal by hand");
+}
+
+/// A peer's instance edited by hand (its tags) is put back through the holder's view within
+/// resyncInterval (3 s here): the view carries the definitions, not only the checks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peers_instance_edited_by_hand_is_put_back_through_the_view() {
+    let consul = ConsulAgent::start_dev().await;
+    let app = DemoApp::start(DemoAppOptions::default()).await;
+    let (sidecars, _shared) = three_sharing_resyncing(&consul, &app, "3s").await;
+    let all: Vec<&Member> = sidecars.iter().collect();
+    let edited = &sidecars[2];
+    let entry = consul
+        .health_service("hello")
+        .await
+        .into_iter()
+        .find(|e| e["Service"]["ID"] == edited.id)
+        .expect("the instance is registered");
+    let mut service = entry["Service"].clone();
+    service["Tags"] = serde_json::json!(["edited-by-hand"]);
+    let status = consul
+        .put(
+            "/v1/catalog/register",
+            &serde_json::json!({
+                "Node": virtual_node(),
+                "Address": entry["Node"]["Address"],
+                "Service": service,
+                "SkipNodeUpdate": true,
+            }),
+        )
+        .await
+        .expect("edit by hand");
+    assert_eq!(status, 200, "editing {}'s tags by hand", edited.id);
+    let tags = || async {
+        consul
+            .catalog_service("hello")
+            .await
+            .into_iter()
+            .find(|s| s["ServiceID"] == edited.id)
+            .map(|s| s["ServiceTags"].clone())
+    };
+    assert!(
+        wait_until(3 * SECOND + 5 * SECOND, || async {
+            tags().await == Some(serde_json::json!(["grpc"]))
+        })
+        .await,
+        "{}'s tags were not put back within resyncInterval (3 s) + 5 s: {:?}\n{}",
+        edited.id,
+        tags().await,
+        tails(&all)
+    );
+}
+
+/// The holder SIGKILLed: its peers, whose long polls of its view fail, watch the servers
+/// themselves at once; a peer's instance removed by hand right after is registered again within
+/// seconds, before the peer has even left the shared session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_holder_its_peers_watch_the_servers_themselves() {
+    let consul = ConsulAgent::start_dev().await;
+    let app = DemoApp::start(DemoAppOptions::default()).await;
+    let (sidecars, _shared) = three_sharing(&consul, &app).await;
+    sidecars[0].sidecar.signal("KILL");
+    let all: Vec<&Member> = sidecars.iter().collect();
+    let peer = &sidecars[2];
+    deregister_by_hand(&consul, peer.id).await;
+    assert!(
+        back_passing(&consul, peer.id, 3 * SECOND).await,
+        "{}'s instance, removed by hand after its holder died, was not registered again within 3 s\n{}",
+        peer.id,
+        tails(&all)
+    );
 }

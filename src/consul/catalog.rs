@@ -9,20 +9,25 @@
 //! applied late, after our drain, fails, and a sidecar that lost the key to another holder of the
 //! same ID never writes to or removes that holder's instance.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use reqwest::Method;
 use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
 
+use super::node_view::{self, NodeView, ViewAnswer, ViewRequest};
 use super::registration::CheckSeen;
 use super::session::{Liveness, deregistration};
+use super::shared;
 use super::{
     AgentService, AgentServiceRegistration, CheckStatus, ConsulClient, ConsulError, Registry,
     ServiceWatch, path_escape,
 };
+use crate::manifest::RetryPolicy;
 use crate::manifest::{CatalogSettings, MANAGED_BY_KEY, MANAGED_BY_VALUE, ServiceSpec};
+use crate::reconcile::Backoff;
 
 /// The catalog backend of [`Registry`].
 #[derive(Clone)]
@@ -34,6 +39,35 @@ pub struct CatalogRegistry {
     /// sidecar's, whatever their meta says; reads report them as not ours, so the drain and the
     /// reconciler leave them alone.
     disowned: Arc<std::sync::Mutex<BTreeSet<String>>>,
+    /// With a shared session: the virtual node's view ([`node_view`]), published while this
+    /// sidecar holds the session; a peer asks its holder's instead.
+    view: Option<Arc<NodeView>>,
+    /// When each instance was last written (registered, its status set, removed): a view read
+    /// before that is not its state.
+    written: Arc<std::sync::Mutex<BTreeMap<String, Instant>>>,
+    /// For a peer's long polls of its holder's view (each with a timeout of its own).
+    holder_http: reqwest::Client,
+}
+
+/// How a version of the node view starts (`view:<session>:<generation>`): what the reconciler
+/// passes back is then no index of Consul's.
+const VIEW_VERSION: &str = "view:";
+/// How much longer than its wait a long poll of the holder may take.
+const HOLDER_SLACK: Duration = Duration::from_secs(5);
+/// What a view's answer may have spent on its way from the holder: its read is taken as that
+/// much older than it says.
+const VIEW_TRANSIT: Duration = Duration::from_millis(10);
+
+/// One read of the virtual node for the view.
+struct NodeRead {
+    /// When the servers answered the checks' blocking query.
+    read_at: Instant,
+    checks: Vec<serde_json::Value>,
+    services: Vec<serde_json::Value>,
+    /// The token may not see all of it (`X-Consul-Results-Filtered-By-ACLs`).
+    partial: bool,
+    /// The checks' index.
+    index: Option<String>,
 }
 
 /// `GET /v1/catalog/node-services/:node`.
@@ -57,9 +91,287 @@ impl CatalogRegistry {
     pub fn new(client: ConsulClient, settings: CatalogSettings, liveness: Arc<Liveness>) -> Self {
         CatalogRegistry {
             client,
+            view: settings.shared_session.as_ref().map(|_| Arc::default()),
             settings: Arc::new(settings),
             liveness,
             disowned: Default::default(),
+            written: Default::default(),
+            holder_http: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(2))
+                .build()
+                .unwrap_or_default(),
+        }
+    }
+
+    /// The node view, when there is a shared session (for the admin server to answer peers).
+    pub fn node_view(&self) -> Option<Arc<NodeView>> {
+        self.view.clone()
+    }
+
+    /// Instance `id` is being written: a view read before now is not its state.
+    fn wrote(&self, id: &str) {
+        self.written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_string(), Instant::now());
+    }
+
+    /// Whether instance `id` was written at or after `read_from`.
+    fn written_since(&self, id: &str, read_from: Instant) -> bool {
+        self.written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .is_some_and(|at| *at >= read_from)
+    }
+
+    /// The holder's side of the node view: while this sidecar holds the virtual node's shared
+    /// session, a blocking query on the node's checks (re-armed after each answer, which comes at
+    /// least every `resync`), then a read of its services, published as one snapshot. Not the
+    /// holder, or the servers cannot be read: no view, and every sidecar of the node watches on
+    /// its own.
+    pub async fn run_node_view(
+        self,
+        resync: Duration,
+        retry: RetryPolicy,
+        cancel: CancellationToken,
+    ) {
+        let Some(view) = self.view.clone() else {
+            return;
+        };
+        let tick = self.settings.session_ttl / 10;
+        let no_longer_holder = || async {
+            while self.liveness.is_holder() {
+                tokio::time::sleep(tick).await;
+            }
+        };
+        let mut index = String::new();
+        let mut backoff = Backoff::new(retry);
+        loop {
+            if !self.liveness.is_holder() {
+                view.clear();
+                index.clear();
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(tick) => continue,
+                }
+            }
+            let read = tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = no_longer_holder() => continue,
+                read = self.read_node(&index, resync) => read,
+            };
+            match read {
+                Ok(read) => {
+                    backoff.reset();
+                    let old: u64 = index.parse().unwrap_or(0);
+                    let new = read.index.unwrap_or_default();
+                    // An index that went backwards (the servers' state wiped or restored): the
+                    // next read starts over.
+                    index = if new.parse::<u64>().unwrap_or(0) < old {
+                        String::new()
+                    } else {
+                        new
+                    };
+                    view.publish(read.read_at, read.services, read.checks, read.partial);
+                    tracing::debug!(index = %index, "the node view: a new snapshot of the virtual node");
+                }
+                Err(e) => {
+                    view.clear();
+                    index.clear();
+                    tracing::debug!(error = %e, "the node view cannot read the virtual node; its sidecars watch on their own meanwhile");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(backoff.next_delay()) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// One read of the whole virtual node for the view: its checks (a blocking query from
+    /// `index`, waiting up to `wait`), then its services; when the blocking query answered (the
+    /// state read is at least that recent), and the checks' index.
+    async fn read_node(&self, index: &str, wait: Duration) -> Result<NodeRead, ConsulError> {
+        let node = path_escape(&self.settings.node);
+        let req = self
+            .client
+            .request(Method::GET, &format!("/v1/health/node/{node}"))
+            .query(&[
+                ("index", if index.is_empty() { "0" } else { index }),
+                ("wait", &super::wait_param(wait)),
+            ]);
+        let checks = self
+            .client
+            .send("watch_node", req, super::blocking_timeout(wait))
+            .await?;
+        let read_at = Instant::now();
+        let decode = |operation: &'static str, body: &[u8]| {
+            serde_json::from_slice::<serde_json::Value>(body).map_err(|e| ConsulError::Decode {
+                operation,
+                reason: e.to_string(),
+            })
+        };
+        let array = |v: Option<&serde_json::Value>| {
+            v.and_then(serde_json::Value::as_array)
+                .cloned()
+                .unwrap_or_default()
+        };
+        let mut partial = checks.filtered_by_acls;
+        let node_checks = array(Some(&decode("watch_node", &checks.body)?));
+        let req = self
+            .client
+            .request(Method::GET, &format!("/v1/catalog/node-services/{node}"));
+        let services = match self
+            .client
+            .send("read_node", req, super::REQUEST_TIMEOUT)
+            .await
+        {
+            // `null` when the node is unknown, `"Services": null` when it has none.
+            Ok(a) => {
+                partial |= a.filtered_by_acls;
+                array(decode("read_node", &a.body)?.get("Services"))
+            }
+            Err(ConsulError::Status { status: 404, .. }) => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        Ok(NodeRead {
+            read_at,
+            checks: node_checks,
+            services,
+            partial,
+            index: checks.index,
+        })
+    }
+
+    /// The instance from the node view: this sidecar's own when it holds the shared session,
+    /// else its holder's; newer than `version` when that is a version of the same view, else
+    /// the current one. None when there is no view to ask (or none that postdates our last
+    /// write of the instance arrives within `wait`): the caller watches Consul itself.
+    async fn watch_view(
+        &self,
+        spec: &ServiceSpec,
+        version: &str,
+        wait: Duration,
+    ) -> Option<ServiceWatch> {
+        let view = self.view.as_ref()?;
+        let deadline = Instant::now() + wait;
+        let (seen_session, seen) = version
+            .strip_prefix(VIEW_VERSION)
+            .and_then(|v| v.rsplit_once(':'))
+            .and_then(|(session, g)| Some((session.to_string(), g.parse::<u64>().ok()?)))
+            .unwrap_or_default();
+        let ids = std::slice::from_ref(&spec.id);
+        let mut after: Option<u64> = None;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (session, answer, read_from) = if self.liveness.is_holder() {
+                let session = self.liveness.current().await?;
+                let since = after.unwrap_or(if session == seen_session { seen } else { 0 });
+                let snapshot = view.newer(since, left).await?;
+                (session, snapshot.part(ids), snapshot.read_at)
+            } else {
+                let (advertise, session) = self.liveness.holder_endpoint().await?;
+                let since = after.unwrap_or(if session == seen_session { seen } else { 0 });
+                let answer = self
+                    .ask_holder(&advertise, &session, ids, since, left)
+                    .await?;
+                // The holder read the node `age` before it answered, which was at most the
+                // transit before now.
+                let now = Instant::now();
+                let read_from = now
+                    .checked_sub(Duration::from_millis(answer.age_ms) + VIEW_TRANSIT)
+                    .unwrap_or(now);
+                (session, answer, read_from)
+            };
+            if self.written_since(&spec.id, read_from) {
+                // Read before our last write of the instance: not its state yet.
+                if Instant::now() >= deadline {
+                    return None;
+                }
+                after = Some(answer.generation);
+                continue;
+            }
+            if answer.partial && answer.services.is_empty() {
+                // The holder's token may not see every service of the node, and not this
+                // instance: its absence says nothing.
+                return None;
+            }
+            return Some(self.seen_in_view(spec, &session, answer));
+        }
+    }
+
+    /// A long poll of the holder's view (`POST /shared-session/node`); None when it does not
+    /// answer with one.
+    async fn ask_holder(
+        &self,
+        advertise: &str,
+        session: &str,
+        ids: &[String],
+        after: u64,
+        wait: Duration,
+    ) -> Option<ViewAnswer> {
+        let request = ViewRequest {
+            after,
+            wait_ms: wait.as_millis() as u64,
+            ids: ids.to_vec(),
+        };
+        let sent = self
+            .holder_http
+            .post(format!("http://{advertise}{}", node_view::PATH))
+            .header(shared::SESSION_HEADER, session)
+            .json(&request)
+            .timeout(wait + HOLDER_SLACK)
+            .send()
+            .await;
+        match sent {
+            Ok(answer) if answer.status().is_success() => match answer.json().await {
+                Ok(view) => Some(view),
+                Err(e) => {
+                    tracing::debug!(error = %e, "the holder's node view could not be read; watching Consul");
+                    None
+                }
+            },
+            Ok(answer) => {
+                tracing::debug!(status = %answer.status(), "the holder has no node view for us; watching Consul");
+                None
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "the holder did not answer for its node view; watching Consul");
+                None
+            }
+        }
+    }
+
+    /// Our instance as a view's part shows it (like [`instance`](Self::instance)).
+    fn seen_in_view(&self, spec: &ServiceSpec, session: &str, answer: ViewAnswer) -> ServiceWatch {
+        let hash = format!("{VIEW_VERSION}{session}:{}", answer.generation);
+        let Some(mut service) = answer
+            .services
+            .into_iter()
+            .filter_map(|v| serde_json::from_value::<AgentService>(v).ok())
+            .find(|s| s.id == spec.id)
+        else {
+            return ServiceWatch::Missing;
+        };
+        if self.disowned().contains(&spec.id) {
+            service.meta = None;
+        }
+        service.check = match answer
+            .checks
+            .into_iter()
+            .filter_map(|v| serde_json::from_value::<HealthCheck>(v).ok())
+            .find(|c| c.check_id == spec.check.id)
+        {
+            Some(c) => CheckSeen::Present {
+                status: c.status,
+                output: c.output,
+            },
+            None => CheckSeen::Missing,
+        };
+        ServiceWatch::Present {
+            service: Box::new(service),
+            hash,
         }
     }
 
@@ -297,7 +609,16 @@ impl Registry for CatalogRegistry {
         version: &str,
         wait: Duration,
     ) -> Result<ServiceWatch, ConsulError> {
-        self.instance(spec, Some((version, wait))).await
+        if let Some(found) = self.watch_view(spec, version, wait).await {
+            return Ok(found);
+        }
+        // A version of the node view is no index of Consul's: read at once.
+        let index = if version.starts_with(VIEW_VERSION) {
+            ""
+        } else {
+            version
+        };
+        self.instance(spec, Some((index, wait))).await
     }
 
     async fn register(
@@ -312,6 +633,7 @@ impl Registry for CatalogRegistry {
         // registration the servers hold past our drain (a leader election) fails instead of
         // landing as a ghost. The key first: a live instance is never without it.
         self.disowned().remove(&spec.id);
+        self.wrote(&spec.id);
         self.liveness.hold(&spec.id, true).await?;
         let key = self.liveness.key(&spec.id);
         let Some(session) = self.liveness.current().await else {
@@ -344,6 +666,7 @@ impl Registry for CatalogRegistry {
         output: &str,
     ) -> Result<(), ConsulError> {
         // Guarded like the registration: only while our session holds the key.
+        self.wrote(&spec.id);
         let key = self.liveness.key(&spec.id);
         let ours = self.liveness.current_or_previous().await?;
         if let Some(session) = &ours {
@@ -389,6 +712,7 @@ impl Registry for CatalogRegistry {
         // expired) lets the instance go alone, as a reaper would. A key that another session
         // holds (another sidecar with the same ID on the same node) means the instance is that
         // sidecar's: neither it nor the key is touched.
+        self.wrote(&spec.id);
         let key = self.liveness.key(&spec.id);
         let node = self.settings.node.as_str();
         let [delete_service, delete_key] = deregistration(&key, node, &spec.id, &spec.name);

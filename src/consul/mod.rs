@@ -6,6 +6,7 @@
 pub mod backend;
 pub mod catalog;
 mod login;
+pub mod node_view;
 pub mod reaper;
 pub mod registration;
 pub mod session;
@@ -36,10 +37,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub const MAX_CONCURRENT_CALLS: usize = 32;
 /// The operations that are blocking queries: they do not take a call permit and are not timed as
 /// calls. The instances' watches are bounded by `consul.blockingWatches`; catalog mode adds one
-/// on each service's reaper key, and one on the service's keys per service whose reaper it is.
-const BLOCKING_OPERATIONS: [&str; 4] = [
+/// on each service's reaper key, one on the service's keys per service whose reaper it is, and
+/// (the holder of a shared session) one on its virtual node.
+const BLOCKING_OPERATIONS: [&str; 5] = [
     "watch_service",
     "watch_instance",
+    "watch_node",
     "watch_keys",
     "watch_reaper_key",
 ];

@@ -1155,6 +1155,21 @@ impl Liveness {
         matches!(self.role(), Role::Peer { .. })
     }
 
+    /// Whether this sidecar holds the virtual node's shared session (and answers for its view).
+    pub fn is_holder(&self) -> bool {
+        self.role() == Role::Holder
+    }
+
+    /// A peer's holder: where its admin server is, and the shared session's ID (the credential
+    /// its admin server asks for).
+    pub async fn holder_endpoint(&self) -> Option<(String, String)> {
+        let session = self.session.lock().await.clone()?;
+        match self.role() {
+            Role::Peer { advertise, .. } => Some((advertise, session)),
+            _ => None,
+        }
+    }
+
     /// A peer whose service's reaper key is free leaves the shared session, to take the key
     /// with a session of its own.
     pub async fn leave_to_reap(&self) {

@@ -165,29 +165,44 @@ impl Desk {
         !state.keys.is_empty() || state.last_covered.is_some_and(|t| t.elapsed() < self.grace)
     }
 
-    /// Answers one heartbeat that presented `presented` as the session.
-    pub fn answer(&self, presented: Option<&str>, body: &[u8]) -> Answer {
-        let mut state = self.state();
+    /// Whether a request that presented `presented` as the session comes from a peer of the
+    /// shared session this sidecar holds and renews: the session's ID, or the refusal.
+    fn admit(&self, state: &DeskState, presented: Option<&str>) -> Result<String, Answer> {
         let Some(session) = state.session.clone() else {
-            return Answer {
+            return Err(Answer {
                 status: 410,
                 body: "not the holder of a shared session (any more)\n".into(),
-            };
+            });
         };
         if presented != Some(session.as_str()) {
-            return Answer {
+            return Err(Answer {
                 status: 409,
                 body: "another session: read the holder key again\n".into(),
-            };
+            });
         }
         if state.renewed.is_none_or(|t| t.elapsed() > self.stale) {
             // Consul has not heard from us for a while: the session may expire, taking every key
             // of the node with it. The peers had better move theirs to sessions of their own.
-            return Answer {
+            return Err(Answer {
                 status: 503,
                 body: "cannot renew the shared session: take a session of your own\n".into(),
-            };
+            });
         }
+        Ok(session)
+    }
+
+    /// Whether a request for the node view that presented `presented` may be answered.
+    pub fn admits(&self, presented: Option<&str>) -> Result<(), Answer> {
+        self.admit(&self.state(), presented).map(|_| ())
+    }
+
+    /// Answers one heartbeat that presented `presented` as the session.
+    pub fn answer(&self, presented: Option<&str>, body: &[u8]) -> Answer {
+        let mut state = self.state();
+        let session = match self.admit(&state, presented) {
+            Ok(session) => session,
+            Err(refused) => return refused,
+        };
         let beat: Beat = match serde_json::from_slice(body) {
             Ok(b) => b,
             Err(e) => {
