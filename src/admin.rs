@@ -272,11 +272,18 @@ async fn heartbeat(req: Request<Incoming>, state: &AdminState) -> Reply {
 }
 
 /// A peer's long poll of the holder's view of the virtual node (see
-/// [`crate::consul::node_view`]): the same credential as a heartbeat.
+/// [`crate::consul::node_view`]): the same credential as a heartbeat, and only the instances
+/// whose keys the holder covers for the asking pod.
 async fn lend_view(req: Request<Incoming>, state: &AdminState) -> Reply {
     use http_body_util::BodyExt as _;
     let (Some(desk), Some(view)) = (&state.desk, &state.view) else {
         return text(StatusCode::NOT_FOUND, "not found\n");
+    };
+    let Some(_poll) = view.poll() else {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many requests for the node view: read Consul\n",
+        );
     };
     let presented = req
         .headers()
@@ -288,6 +295,7 @@ async fn lend_view(req: Request<Incoming>, state: &AdminState) -> Reply {
             StatusCode::from_u16(refused.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         return text(status, &refused.body);
     }
+    let arrived = std::time::Instant::now();
     let body = match http_body_util::Limited::new(req.into_body(), 64 * 1024)
         .collect()
         .await
@@ -304,15 +312,29 @@ async fn lend_view(req: Request<Incoming>, state: &AdminState) -> Reply {
             );
         }
     };
-    let wait = Duration::from_millis(asked.wait_ms).min(node_view::MAX_WAIT);
-    let Some(snapshot) = view.newer(asked.after, wait).await else {
+    let ids = desk.covered_ids(&asked.pod_uid, &asked.keys);
+    // Another epoch's generation means nothing here: the current snapshot.
+    let after = if asked.epoch == view.epoch() {
+        asked.after
+    } else {
+        0
+    };
+    // The asker's last write, on our clock: no earlier than it was (the request's transit only
+    // moves it later).
+    let written = asked.written_ms_ago.map(|ago| {
+        arrived
+            .checked_sub(Duration::from_millis(ago))
+            .unwrap_or(arrived)
+    });
+    let wait = Duration::from_millis(asked.wait_ms).min(node_view::POLL);
+    let Some(snapshot) = view.newer(after, written, wait).await else {
         return text(
             StatusCode::SERVICE_UNAVAILABLE,
             "no view of the node: read Consul\n",
         );
     };
     let mut r = Response::new(Full::new(Bytes::from(
-        serde_json::to_string(&snapshot.part(&asked.ids)).unwrap_or_default(),
+        serde_json::to_string(&snapshot.part(view.epoch(), &ids)).unwrap_or_default(),
     )));
     r.headers_mut().insert(
         CONTENT_TYPE,

@@ -1078,3 +1078,28 @@ async fn without_the_holder_its_peers_watch_the_servers_themselves() {
         tails(&all)
     );
 }
+
+/// The holder frozen (SIGSTOP: no answer, no reset): its peers' long polls of its view end within
+/// one poll (5 s), and they watch the servers themselves; a peer's instance removed by hand is
+/// registered again within 10 s, not when their watch's 1-minute wait runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_holder_costs_its_peers_one_poll_at_most() {
+    let consul = ConsulAgent::start_dev().await;
+    let app = DemoApp::start(DemoAppOptions::default()).await;
+    let (sidecars, _shared) = three_sharing(&consul, &app).await;
+    // Every peer in a long poll of the holder's view.
+    tokio::time::sleep(2 * SECOND).await;
+    sidecars[0].sidecar.signal("STOP");
+    let all: Vec<&Member> = sidecars.iter().collect();
+    let peer = &sidecars[2];
+    deregister_by_hand(&consul, peer.id).await;
+    let back = back_passing(&consul, peer.id, 10 * SECOND).await;
+    sidecars[0].sidecar.signal("CONT");
+    assert!(
+        back,
+        "{}'s instance, removed by hand while its holder was frozen, was not registered again \
+         within 10 s\n{}",
+        peer.id,
+        tails(&all)
+    );
+}

@@ -49,14 +49,32 @@ pub struct CatalogRegistry {
     holder_http: reqwest::Client,
 }
 
-/// How a version of the node view starts (`view:<session>:<generation>`): what the reconciler
-/// passes back is then no index of Consul's.
+/// How a version of the node view starts (`view:<session>:<epoch>:<generation>`): what the
+/// reconciler passes back is then no index of Consul's.
 const VIEW_VERSION: &str = "view:";
 /// How much longer than its wait a long poll of the holder may take.
-const HOLDER_SLACK: Duration = Duration::from_secs(5);
-/// What a view's answer may have spent on its way from the holder: its read is taken as that
-/// much older than it says.
-const VIEW_TRANSIT: Duration = Duration::from_millis(10);
+const HOLDER_SLACK: Duration = Duration::from_secs(2);
+
+/// A write of one instance under way: stamps when it was written at its start and at its end.
+struct Writing<'a> {
+    written: &'a std::sync::Mutex<BTreeMap<String, Instant>>,
+    id: String,
+}
+
+impl Writing<'_> {
+    fn stamp(&self) {
+        self.written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(self.id.clone(), Instant::now());
+    }
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        self.stamp();
+    }
+}
 
 /// One read of the virtual node for the view.
 struct NodeRead {
@@ -108,21 +126,24 @@ impl CatalogRegistry {
         self.view.clone()
     }
 
-    /// Instance `id` is being written: a view read before now is not its state.
-    fn wrote(&self, id: &str) {
-        self.written
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id.to_string(), Instant::now());
+    /// Instance `id` is being written, from now until the guard is dropped: a view read before
+    /// the end of the write is not its state.
+    fn writing(&self, id: &str) -> Writing<'_> {
+        let writing = Writing {
+            written: &self.written,
+            id: id.to_string(),
+        };
+        writing.stamp();
+        writing
     }
 
-    /// Whether instance `id` was written at or after `read_from`.
-    fn written_since(&self, id: &str, read_from: Instant) -> bool {
+    /// When instance `id` was last written (the end of the write, or now while it goes on).
+    fn written_at(&self, id: &str) -> Option<Instant> {
         self.written
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(id)
-            .is_some_and(|at| *at >= read_from)
+            .copied()
     }
 
     /// The holder's side of the node view: while this sidecar holds the virtual node's shared
@@ -156,6 +177,7 @@ impl CatalogRegistry {
                     _ = tokio::time::sleep(tick) => continue,
                 }
             }
+            view.begin();
             let read = tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = no_longer_holder() => continue,
@@ -245,9 +267,9 @@ impl CatalogRegistry {
     }
 
     /// The instance from the node view: this sidecar's own when it holds the shared session,
-    /// else its holder's; newer than `version` when that is a version of the same view, else
-    /// the current one. None when there is no view to ask (or none that postdates our last
-    /// write of the instance arrives within `wait`): the caller watches Consul itself.
+    /// else its holder's; newer than `version` when that is a version of the same view (else the
+    /// current one), and read after our last write of the instance. None when there is no view
+    /// to ask, or it does not vouch for the instance: the caller watches Consul itself.
     async fn watch_view(
         &self,
         spec: &ServiceSpec,
@@ -256,72 +278,69 @@ impl CatalogRegistry {
     ) -> Option<ServiceWatch> {
         let view = self.view.as_ref()?;
         let deadline = Instant::now() + wait;
-        let (seen_session, seen) = version
-            .strip_prefix(VIEW_VERSION)
-            .and_then(|v| v.rsplit_once(':'))
-            .and_then(|(session, g)| Some((session.to_string(), g.parse::<u64>().ok()?)))
-            .unwrap_or_default();
+        // `view:<session>:<epoch>:<generation>`, as the last answer named it.
+        let seen: Option<(&str, u64, u64)> = version.strip_prefix(VIEW_VERSION).and_then(|v| {
+            let mut parts = v.splitn(3, ':');
+            let session = parts.next()?;
+            let epoch = parts.next()?.parse().ok()?;
+            let generation = parts.next()?.parse().ok()?;
+            Some((session, epoch, generation))
+        });
+        let after_in = |session: &str, epoch: u64| match seen {
+            Some((s, e, g)) if s == session && e == epoch => g,
+            _ => 0,
+        };
         let ids = std::slice::from_ref(&spec.id);
-        let mut after: Option<u64> = None;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let (session, answer, read_from) = if self.liveness.is_holder() {
+            let written = self.written_at(&spec.id);
+            let (session, answer) = if self.liveness.is_holder() {
                 let session = self.liveness.current().await?;
-                let since = after.unwrap_or(if session == seen_session { seen } else { 0 });
-                let snapshot = view.newer(since, left).await?;
-                (session, snapshot.part(ids), snapshot.read_at)
-            } else {
-                let (advertise, session) = self.liveness.holder_endpoint().await?;
-                let since = after.unwrap_or(if session == seen_session { seen } else { 0 });
-                let answer = self
-                    .ask_holder(&advertise, &session, ids, since, left)
+                let snapshot = view
+                    .newer(after_in(&session, view.epoch()), written, left)
                     .await?;
-                // The holder read the node `age` before it answered, which was at most the
-                // transit before now.
-                let now = Instant::now();
-                let read_from = now
-                    .checked_sub(Duration::from_millis(answer.age_ms) + VIEW_TRANSIT)
-                    .unwrap_or(now);
-                (session, answer, read_from)
-            };
-            if self.written_since(&spec.id, read_from) {
-                // Read before our last write of the instance: not its state yet.
-                if Instant::now() >= deadline {
-                    return None;
+                (session, snapshot.part(view.epoch(), ids))
+            } else {
+                let (advertise, session, pod_uid) = self.liveness.holder_endpoint().await?;
+                let (epoch, after) = match seen {
+                    Some((s, e, g)) if s == session => (e, g),
+                    _ => (0, 0),
+                };
+                let request = ViewRequest {
+                    epoch,
+                    after,
+                    wait_ms: left.min(node_view::POLL).as_millis() as u64,
+                    written_ms_ago: written.map(|w| w.elapsed().as_millis() as u64),
+                    pod_uid,
+                    keys: vec![self.liveness.key(&spec.id)],
+                };
+                let answer = self.ask_holder(&advertise, &session, &request).await?;
+                if answer.epoch == epoch && answer.generation <= after && Instant::now() < deadline
+                {
+                    // Nothing newer yet: ask again (a holder that stopped answering shows within
+                    // one poll).
+                    continue;
                 }
-                after = Some(answer.generation);
-                continue;
-            }
-            if answer.partial && answer.services.is_empty() {
-                // The holder's token may not see every service of the node, and not this
-                // instance: its absence says nothing.
-                return None;
-            }
-            return Some(self.seen_in_view(spec, &session, answer));
+                (session, answer)
+            };
+            return self.seen_in_view(spec, &session, answer);
         }
     }
 
-    /// A long poll of the holder's view (`POST /shared-session/node`); None when it does not
+    /// One long poll of the holder's view (`POST /shared-session/node`); None when it does not
     /// answer with one.
     async fn ask_holder(
         &self,
         advertise: &str,
         session: &str,
-        ids: &[String],
-        after: u64,
-        wait: Duration,
+        request: &ViewRequest,
     ) -> Option<ViewAnswer> {
-        let request = ViewRequest {
-            after,
-            wait_ms: wait.as_millis() as u64,
-            ids: ids.to_vec(),
-        };
         let sent = self
             .holder_http
             .post(format!("http://{advertise}{}", node_view::PATH))
             .header(shared::SESSION_HEADER, session)
-            .json(&request)
-            .timeout(wait + HOLDER_SLACK)
+            .json(request)
+            .timeout(Duration::from_millis(request.wait_ms) + HOLDER_SLACK)
             .send()
             .await;
         match sent {
@@ -343,16 +362,29 @@ impl CatalogRegistry {
         }
     }
 
-    /// Our instance as a view's part shows it (like [`instance`](Self::instance)).
-    fn seen_in_view(&self, spec: &ServiceSpec, session: &str, answer: ViewAnswer) -> ServiceWatch {
-        let hash = format!("{VIEW_VERSION}{session}:{}", answer.generation);
+    /// Our instance as a view's part shows it (like [`instance`](Self::instance)); None when the
+    /// part does not vouch for it (not named, or absent from a read the ACLs filtered).
+    fn seen_in_view(
+        &self,
+        spec: &ServiceSpec,
+        session: &str,
+        answer: ViewAnswer,
+    ) -> Option<ServiceWatch> {
+        if !answer.ids.contains(&spec.id) {
+            return None;
+        }
+        let hash = format!(
+            "{VIEW_VERSION}{session}:{}:{}",
+            answer.epoch, answer.generation
+        );
+        let partial = answer.partial;
         let Some(mut service) = answer
             .services
             .into_iter()
             .filter_map(|v| serde_json::from_value::<AgentService>(v).ok())
             .find(|s| s.id == spec.id)
         else {
-            return ServiceWatch::Missing;
+            return (!partial).then_some(ServiceWatch::Missing);
         };
         if self.disowned().contains(&spec.id) {
             service.meta = None;
@@ -369,10 +401,10 @@ impl CatalogRegistry {
             },
             None => CheckSeen::Missing,
         };
-        ServiceWatch::Present {
+        Some(ServiceWatch::Present {
             service: Box::new(service),
             hash,
-        }
+        })
     }
 
     fn disowned(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
@@ -633,7 +665,7 @@ impl Registry for CatalogRegistry {
         // registration the servers hold past our drain (a leader election) fails instead of
         // landing as a ghost. The key first: a live instance is never without it.
         self.disowned().remove(&spec.id);
-        self.wrote(&spec.id);
+        let _writing = self.writing(&spec.id);
         self.liveness.hold(&spec.id, true).await?;
         let key = self.liveness.key(&spec.id);
         let Some(session) = self.liveness.current().await else {
@@ -666,7 +698,7 @@ impl Registry for CatalogRegistry {
         output: &str,
     ) -> Result<(), ConsulError> {
         // Guarded like the registration: only while our session holds the key.
-        self.wrote(&spec.id);
+        let _writing = self.writing(&spec.id);
         let key = self.liveness.key(&spec.id);
         let ours = self.liveness.current_or_previous().await?;
         if let Some(session) = &ours {
@@ -712,7 +744,7 @@ impl Registry for CatalogRegistry {
         // expired) lets the instance go alone, as a reaper would. A key that another session
         // holds (another sidecar with the same ID on the same node) means the instance is that
         // sidecar's: neither it nor the key is touched.
-        self.wrote(&spec.id);
+        let _writing = self.writing(&spec.id);
         let key = self.liveness.key(&spec.id);
         let node = self.settings.node.as_str();
         let [delete_service, delete_key] = deregistration(&key, node, &spec.id, &spec.name);

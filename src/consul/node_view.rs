@@ -13,14 +13,18 @@
 //!
 //! What keeps it as exact as a watch of one's own:
 //! - a snapshot is read from the servers like the peers' own reads (the leader, not `stale`),
-//!   and numbered: a peer asks for one newer than the last it saw, so a change is never missed;
-//! - a snapshot read before the instance's last write (as far as the sidecar can tell, erring
-//!   early) is not taken as the instance's state: it asks for the next one;
-//! - no view (the holder cannot read, is not the holder any more, or does not answer): the peer
-//!   watches the servers itself, as without a shared session.
+//!   and numbered within the view's epoch (one per holder process): a sidecar asks for one newer
+//!   than the last it saw, so a change is never missed;
+//! - a snapshot is given for an instance only if it was read after the sidecar's last write of it
+//!   (erring late: the write as the holder's clock places it, after the request's transit);
+//! - the holder answers a peer only for the instances whose liveness keys it covers for that
+//!   peer's pod, and names them: an instance it does not name, or does not see (its token's ACLs
+//!   filtered the read), is not said to be absent;
+//! - no view (the holder cannot read, is not the holder any more, does not answer within
+//!   [`POLL`]), and the sidecar watches the servers itself, as without a shared session.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -29,28 +33,41 @@ use tokio::sync::watch;
 /// The admin server's path for the node view.
 pub const PATH: &str = "/shared-session/node";
 
-/// The longest a peer's request waits for a newer snapshot (its own watch's wait, capped).
-pub const MAX_WAIT: Duration = Duration::from_secs(600);
-/// How long a request waits for the first snapshot of a view that has none yet.
+/// The longest one request waits for a newer snapshot. A peer asks again with the same `after`
+/// when nothing came, so a holder that stops answering (frozen, its network gone without a reset)
+/// costs it at most this much before it watches the servers itself.
+pub const POLL: Duration = Duration::from_secs(5);
+/// How long a request waits for the first snapshot of a holder that has just begun reading.
 pub const FIRST_READ: Duration = Duration::from_secs(5);
+/// Requests answered at once: the rest are refused (503), and their sidecars watch the servers.
+pub const MAX_POLLS: usize = 256;
 
-/// What a peer asks: a snapshot newer than `after` (0: the current one), waiting up to `wait_ms`
-/// for it, then the current one; only the parts of instances `ids`.
+/// What a peer asks: a snapshot of view `epoch` newer than `after` (another epoch, or 0: the
+/// current one), read after its last write of these instances (`writtenMsAgo` before it asked),
+/// waiting up to `waitMs` for it; only the parts of the instances whose liveness keys (`keys`)
+/// the holder covers for its pod (`pod-uid`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ViewRequest {
+    pub epoch: u64,
     pub after: u64,
     #[serde(rename = "waitMs")]
     pub wait_ms: u64,
-    pub ids: Vec<String>,
+    #[serde(rename = "writtenMsAgo", default)]
+    pub written_ms_ago: Option<u64>,
+    #[serde(rename = "pod-uid")]
+    pub pod_uid: String,
+    pub keys: Vec<String>,
 }
 
-/// The holder's answer: a snapshot's number, how long before the answer it was read, and the
-/// asked instances' definitions and checks as Consul gave them.
+/// The holder's answer: the view's epoch, a snapshot's number and the asked instances'
+/// definitions and checks as Consul gave them.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ViewAnswer {
+    pub epoch: u64,
     pub generation: u64,
-    #[serde(rename = "ageMs")]
-    pub age_ms: u64,
+    /// The instances it answers for (those of the asked keys it covers for the pod): an instance
+    /// not named here is not said to be absent.
+    pub ids: Vec<String>,
     pub services: Vec<serde_json::Value>,
     pub checks: Vec<serde_json::Value>,
     /// The holder's token may not see everything on the node: an instance missing from the
@@ -74,15 +91,16 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// The part of instances `ids`: their definitions, and their checks (by `ServiceID`).
-    pub fn part(&self, ids: &[String]) -> ViewAnswer {
+    pub fn part(&self, epoch: u64, ids: &[String]) -> ViewAnswer {
         let asked = |v: &serde_json::Value, field: &str| {
             v.get(field)
                 .and_then(serde_json::Value::as_str)
                 .is_some_and(|id| ids.iter().any(|i| i == id))
         };
         ViewAnswer {
+            epoch,
             generation: self.generation,
-            age_ms: self.read_at.elapsed().as_millis() as u64,
+            ids: ids.to_vec(),
             services: self
                 .services
                 .iter()
@@ -100,22 +118,72 @@ impl Snapshot {
     }
 }
 
+/// Where the view stands.
+#[derive(Debug, Clone)]
+enum State {
+    /// Not the holder, or the servers cannot be read: askers watch on their own.
+    Unavailable,
+    /// Just became the holder: the first read is under way.
+    Starting,
+    Ready(Arc<Snapshot>),
+}
+
 /// The holder's current snapshot, if it has one.
 pub struct NodeView {
-    current: watch::Sender<Option<Arc<Snapshot>>>,
+    state: watch::Sender<State>,
+    /// Tells this view's numbering from another's (another holder, or this one restarted with
+    /// the same session).
+    epoch: u64,
     generation: AtomicU64,
+    polls: AtomicUsize,
 }
 
 impl Default for NodeView {
     fn default() -> Self {
         NodeView {
-            current: watch::Sender::new(None),
+            state: watch::Sender::new(State::Unavailable),
+            epoch: fastrand::u64(1..),
             generation: AtomicU64::new(0),
+            polls: AtomicUsize::new(0),
         }
     }
 }
 
+/// A request being answered, counted against [`MAX_POLLS`].
+pub struct Poll<'a>(&'a AtomicUsize);
+
+impl Drop for Poll<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 impl NodeView {
+    /// This view's epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// One more request being answered; None past [`MAX_POLLS`].
+    pub fn poll(&self) -> Option<Poll<'_>> {
+        if self.polls.fetch_add(1, Ordering::SeqCst) >= MAX_POLLS {
+            self.polls.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        Some(Poll(&self.polls))
+    }
+
+    /// This sidecar just became the holder: its first read is under way.
+    pub fn begin(&self) {
+        self.state.send_if_modified(|s| {
+            let unavailable = matches!(s, State::Unavailable);
+            if unavailable {
+                *s = State::Starting;
+            }
+            unavailable
+        });
+    }
+
     /// A new snapshot, read at `read_at`.
     pub fn publish(
         &self,
@@ -125,7 +193,7 @@ impl NodeView {
         partial: bool,
     ) {
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
-        self.current.send_replace(Some(Arc::new(Snapshot {
+        self.state.send_replace(State::Ready(Arc::new(Snapshot {
             generation,
             partial,
             read_at,
@@ -134,30 +202,49 @@ impl NodeView {
         })));
     }
 
-    /// No snapshot (not the holder, or the servers cannot be read): askers watch on their own.
+    /// No view (not the holder, or the servers cannot be read): askers watch on their own.
     pub fn clear(&self) {
-        self.current.send_if_modified(|c| c.take().is_some());
+        self.state.send_if_modified(|s| {
+            !matches!(std::mem::replace(s, State::Unavailable), State::Unavailable)
+        });
     }
 
-    /// A snapshot newer than `after`, as soon as there is one; after `wait`, the current one.
-    /// None when the view is cleared meanwhile, and when there is none yet and the first does
-    /// not come within [`FIRST_READ`] (the holder's first read answers at once).
-    pub async fn newer(&self, after: u64, wait: Duration) -> Option<Arc<Snapshot>> {
-        let mut rx = self.current.subscribe();
-        let had = rx.borrow().is_some();
-        let newer = async {
-            rx.wait_for(|c| match c {
-                Some(s) => s.generation > after,
-                None => had,
-            })
-            .await
-            .ok()
-            .and_then(|found| found.clone())
+    /// A snapshot newer than `after` and read after `not_before`, as soon as there is one; after
+    /// `wait`, the current one if it was read after `not_before`. None without a view (at once;
+    /// a holder's first read is waited for, up to [`FIRST_READ`]) or when it goes meanwhile.
+    pub async fn newer(
+        &self,
+        after: u64,
+        not_before: Option<Instant>,
+        wait: Duration,
+    ) -> Option<Arc<Snapshot>> {
+        let fits = |s: &Snapshot| not_before.is_none_or(|t| s.read_at > t);
+        let mut rx = self.state.subscribe();
+        let wait = match &*rx.borrow_and_update() {
+            State::Unavailable => return None,
+            State::Starting => wait.min(FIRST_READ),
+            State::Ready(_) => wait,
         };
-        let wait = if had { wait } else { wait.min(FIRST_READ) };
+        let newer = async {
+            let state = rx
+                .wait_for(|s| match s {
+                    State::Unavailable => true,
+                    State::Starting => false,
+                    State::Ready(s) => s.generation > after && fits(s),
+                })
+                .await
+                .ok()?;
+            match &*state {
+                State::Ready(s) => Some(Arc::clone(s)),
+                _ => None,
+            }
+        };
         match tokio::time::timeout(wait, newer).await {
             Ok(found) => found,
-            Err(_) => self.current.borrow().clone(),
+            Err(_) => match &*self.state.borrow() {
+                State::Ready(s) if fits(s) => Some(Arc::clone(s)),
+                _ => None,
+            },
         }
     }
 }
@@ -168,7 +255,7 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn a_peer_gets_only_its_own_instances_part() {
+    fn a_peer_gets_only_the_asked_instances_part() {
         let view = NodeView::default();
         view.publish(
             Instant::now(),
@@ -180,8 +267,10 @@ mod tests {
             ],
             false,
         );
-        let snapshot = view.current.borrow().clone().expect("published");
-        let part = snapshot.part(&["a-1".to_string()]);
+        let State::Ready(snapshot) = view.state.borrow().clone() else {
+            panic!("published");
+        };
+        let part = snapshot.part(view.epoch(), &["a-1".to_string()]);
         assert_eq!(part.generation, 1);
         assert_eq!(part.services, vec![json!({"ID": "a-1", "Service": "a"})]);
         assert_eq!(
@@ -195,34 +284,54 @@ mod tests {
         let view = Arc::new(NodeView::default());
         let publish = || view.publish(Instant::now(), vec![], vec![], false);
         let generation = |s: Option<Arc<Snapshot>>| s.map(|s| s.generation);
-        // No snapshot yet: none at the end of the wait...
-        assert!(view.newer(0, Duration::from_millis(50)).await.is_none());
-        // ...unless the first one comes meanwhile.
-        let first = {
+        let ask = |after: u64, not_before: Option<Instant>| {
             let view = Arc::clone(&view);
-            tokio::spawn(async move { view.newer(0, Duration::from_secs(60)).await })
+            tokio::spawn(
+                async move { view.newer(after, not_before, Duration::from_secs(60)).await },
+            )
         };
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        let settle = || tokio::time::sleep(Duration::from_millis(20));
+        // No view: none, at once.
+        assert!(view.newer(0, None, Duration::from_secs(60)).await.is_none());
+        // A holder's first read is waited for.
+        view.begin();
+        let first = ask(0, None);
+        settle().await;
         publish();
         assert_eq!(generation(first.await.expect("joined")), Some(1));
-        // Newer than 1: the next publication answers at once...
-        let waiting = {
-            let view = Arc::clone(&view);
-            tokio::spawn(async move { view.newer(1, Duration::from_secs(60)).await })
-        };
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Newer than 1: the next publication answers...
+        let waiting = ask(1, None);
+        settle().await;
         publish();
         assert_eq!(generation(waiting.await.expect("joined")), Some(2));
         // ...and without one, the wait ends with the current snapshot.
-        let current = view.newer(2, Duration::from_millis(50)).await;
+        let current = view.newer(2, None, Duration::from_millis(50)).await;
         assert_eq!(generation(current), Some(2));
+        // Written after the current one was read: the next one, or none.
+        let written = Instant::now();
+        assert!(
+            view.newer(0, Some(written), Duration::from_millis(50))
+                .await
+                .is_none()
+        );
+        let waiting = ask(0, Some(written));
+        settle().await;
+        publish();
+        assert_eq!(generation(waiting.await.expect("joined")), Some(3));
         // Cleared while waiting: none.
-        let waiting = {
-            let view = Arc::clone(&view);
-            tokio::spawn(async move { view.newer(2, Duration::from_secs(60)).await })
-        };
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        let waiting = ask(3, None);
+        settle().await;
         view.clear();
         assert!(waiting.await.expect("joined").is_none());
+    }
+
+    #[test]
+    fn requests_past_the_cap_are_refused() {
+        let view = NodeView::default();
+        let polls: Vec<_> = (0..MAX_POLLS).map_while(|_| view.poll()).collect();
+        assert_eq!(polls.len(), MAX_POLLS);
+        assert!(view.poll().is_none());
+        drop(polls);
+        assert!(view.poll().is_some());
     }
 }

@@ -1160,12 +1160,13 @@ impl Liveness {
         self.role() == Role::Holder
     }
 
-    /// A peer's holder: where its admin server is, and the shared session's ID (the credential
-    /// its admin server asks for).
-    pub async fn holder_endpoint(&self) -> Option<(String, String)> {
+    /// A peer's holder: where its admin server is, the shared session's ID (the credential its
+    /// admin server asks for), and our pod's UID (whose keys it covers).
+    pub async fn holder_endpoint(&self) -> Option<(String, String, String)> {
         let session = self.session.lock().await.clone()?;
+        let pod_uid = self.shared.as_ref()?.pod_uid.clone();
         match self.role() {
-            Role::Peer { advertise, .. } => Some((advertise, session)),
+            Role::Peer { advertise, .. } => Some((advertise, session, pod_uid)),
             _ => None,
         }
     }

@@ -256,6 +256,16 @@ impl Desk {
         }
     }
 
+    /// Of `keys`, the instance IDs of those this desk covers for `pod` (a peer may read only its
+    /// own instances in the node view).
+    pub fn covered_ids(&self, pod: &str, keys: &[String]) -> Vec<String> {
+        let state = self.state();
+        keys.iter()
+            .filter(|k| state.keys.get(*k).is_some_and(|c| c.pod == pod))
+            .filter_map(|k| k.rsplit('/').next().map(str::to_string))
+            .collect()
+    }
+
     /// A key of this virtual node under this prefix: `<prefix>/<service>/<node>/<id>`.
     fn takes(&self, key: &str) -> bool {
         let Some(rest) = key.strip_prefix(&self.key_start) else {
