@@ -55,27 +55,6 @@ const VIEW_VERSION: &str = "view:";
 /// How much longer than its wait a long poll of the holder may take.
 const HOLDER_SLACK: Duration = Duration::from_secs(2);
 
-/// A write of one instance under way: stamps when it was written at its start and at its end.
-struct Writing<'a> {
-    written: &'a std::sync::Mutex<BTreeMap<String, Instant>>,
-    id: String,
-}
-
-impl Writing<'_> {
-    fn stamp(&self) {
-        self.written
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(self.id.clone(), Instant::now());
-    }
-}
-
-impl Drop for Writing<'_> {
-    fn drop(&mut self) {
-        self.stamp();
-    }
-}
-
 /// One read of the virtual node for the view.
 struct NodeRead {
     /// When the servers answered the checks' blocking query.
@@ -126,18 +105,17 @@ impl CatalogRegistry {
         self.view.clone()
     }
 
-    /// Instance `id` is being written, from now until the guard is dropped: a view read before
-    /// the end of the write is not its state.
-    fn writing(&self, id: &str) -> Writing<'_> {
-        let writing = Writing {
-            written: &self.written,
-            id: id.to_string(),
-        };
-        writing.stamp();
-        writing
+    /// Instance `id` is about to be written (its transaction sent): a view read before now is
+    /// not its state. Stamped as the transaction is sent, not when its answer comes: the holder's
+    /// watch wakes on the write itself, often before the writer has its answer.
+    fn wrote(&self, id: &str) {
+        self.written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_string(), Instant::now());
     }
 
-    /// When instance `id` was last written (the end of the write, or now while it goes on).
+    /// When instance `id` was last written.
     fn written_at(&self, id: &str) -> Option<Instant> {
         self.written
             .lock()
@@ -665,12 +643,12 @@ impl Registry for CatalogRegistry {
         // registration the servers hold past our drain (a leader election) fails instead of
         // landing as a ghost. The key first: a live instance is never without it.
         self.disowned().remove(&spec.id);
-        let _writing = self.writing(&spec.id);
         self.liveness.hold(&spec.id, true).await?;
         let key = self.liveness.key(&spec.id);
         let Some(session) = self.liveness.current().await else {
             return Err(ConsulError::KeyHeld { key });
         };
+        self.wrote(&spec.id);
         if self
             .txn(
                 "catalog_register",
@@ -698,7 +676,6 @@ impl Registry for CatalogRegistry {
         output: &str,
     ) -> Result<(), ConsulError> {
         // Guarded like the registration: only while our session holds the key.
-        let _writing = self.writing(&spec.id);
         let key = self.liveness.key(&spec.id);
         let ours = self.liveness.current_or_previous().await?;
         if let Some(session) = &ours {
@@ -706,6 +683,7 @@ impl Registry for CatalogRegistry {
             let mut ops = self.liveness.guard(&spec.id, session).await?;
             let guards = ops.len();
             ops.push(serde_json::json!({ "Check": { "Verb": "set", "Check": body["Check"] } }));
+            self.wrote(&spec.id);
             match self
                 .txn_guarded("catalog_status", &serde_json::Value::Array(ops), guards)
                 .await
@@ -744,7 +722,6 @@ impl Registry for CatalogRegistry {
         // expired) lets the instance go alone, as a reaper would. A key that another session
         // holds (another sidecar with the same ID on the same node) means the instance is that
         // sidecar's: neither it nor the key is touched.
-        let _writing = self.writing(&spec.id);
         let key = self.liveness.key(&spec.id);
         let node = self.settings.node.as_str();
         let [delete_service, delete_key] = deregistration(&key, node, &spec.id, &spec.name);

@@ -16,7 +16,7 @@
 //!   and numbered within the view's epoch (one per holder process): a sidecar asks for one newer
 //!   than the last it saw, so a change is never missed;
 //! - a snapshot is given for an instance only if it was read after the sidecar's last write of it
-//!   (erring late: the write as the holder's clock places it, after the request's transit);
+//!   was sent (placed on the holder's clock after the request's transit: erring late);
 //! - the holder answers a peer only for the instances whose liveness keys it covers for that
 //!   peer's pod, and names them: an instance it does not name, or does not see (its token's ACLs
 //!   filtered the read), is not said to be absent;
