@@ -319,11 +319,12 @@ async fn lend_view(req: Request<Incoming>, state: &AdminState) -> Reply {
     } else {
         0
     };
-    // The asker's last write, on our clock: no earlier than it was (the request's transit only
-    // moves it later).
+    // The asker's last write, on our clock: the request's transit moves it later, by about as
+    // much as the write's own way to the servers and back, which the snapshot that shows the
+    // write was read after; the margin keeps that snapshot from looking older than the write.
     let written = asked.written_ms_ago.map(|ago| {
         arrived
-            .checked_sub(Duration::from_millis(ago))
+            .checked_sub(Duration::from_millis(ago) + node_view::WRITE_MARGIN)
             .unwrap_or(arrived)
     });
     let wait = Duration::from_millis(asked.wait_ms).min(node_view::POLL);

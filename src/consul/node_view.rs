@@ -16,7 +16,7 @@
 //!   and numbered within the view's epoch (one per holder process): a sidecar asks for one newer
 //!   than the last it saw, so a change is never missed;
 //! - a snapshot is given for an instance only if it was read after the sidecar's last write of it
-//!   was sent (placed on the holder's clock after the request's transit: erring late);
+//!   was sent (placed on the holder's clock, less [`WRITE_MARGIN`] for the request's transit);
 //! - the holder answers a peer only for the instances whose liveness keys it covers for that
 //!   peer's pod, and names them: an instance it does not name, or does not see (its token's ACLs
 //!   filtered the read), is not said to be absent;
@@ -39,6 +39,13 @@ pub const PATH: &str = "/shared-session/node";
 pub const POLL: Duration = Duration::from_secs(5);
 /// How long a request waits for the first snapshot of a holder that has just begun reading.
 pub const FIRST_READ: Duration = Duration::from_secs(5);
+/// How much earlier than a peer's request places it its last write is taken to be: the
+/// request's transit to the holder makes the write look later than it was, and without a
+/// margin the very snapshot that shows the write could look older than it (seen in tests on a
+/// busy machine). A snapshot read within the margin before a write may be taken for its state:
+/// the reconciler reads once more before it writes on a state that predates its write, as it
+/// does with a blocking query of its own that crosses its write.
+pub const WRITE_MARGIN: Duration = Duration::from_millis(100);
 /// Requests answered at once: the rest are refused (503), and their sidecars watch the servers.
 pub const MAX_POLLS: usize = 256;
 
