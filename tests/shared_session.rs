@@ -1061,24 +1061,36 @@ async fn a_peers_instance_edited_by_hand_is_put_back_through_the_view() {
     );
 }
 
+/// Three sharing, every peer in a long poll of the holder's view; then the holder gets `signal`
+/// and a peer's instance is removed by hand: it must be registered again within `within`.
+async fn a_peer_repairs_without_its_holder(signal: &str, within: Duration) {
+    let consul = ConsulAgent::start_dev().await;
+    let app = DemoApp::start(DemoAppOptions::default()).await;
+    let (sidecars, _shared) = three_sharing(&consul, &app).await;
+    tokio::time::sleep(2 * SECOND).await;
+    sidecars[0].sidecar.signal(signal);
+    let all: Vec<&Member> = sidecars.iter().collect();
+    let peer = &sidecars[2];
+    deregister_by_hand(&consul, peer.id).await;
+    let back = back_passing(&consul, peer.id, within).await;
+    if signal == "STOP" {
+        sidecars[0].sidecar.signal("CONT");
+    }
+    assert!(
+        back,
+        "{}'s instance, removed by hand after SIG{signal} to its holder, was not registered again \
+         within {within:?}\n{}",
+        peer.id,
+        tails(&all)
+    );
+}
+
 /// The holder SIGKILLed: its peers, whose long polls of its view fail, watch the servers
 /// themselves at once; a peer's instance removed by hand right after is registered again within
 /// seconds, before the peer has even left the shared session.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_the_holder_its_peers_watch_the_servers_themselves() {
-    let consul = ConsulAgent::start_dev().await;
-    let app = DemoApp::start(DemoAppOptions::default()).await;
-    let (sidecars, _shared) = three_sharing(&consul, &app).await;
-    sidecars[0].sidecar.signal("KILL");
-    let all: Vec<&Member> = sidecars.iter().collect();
-    let peer = &sidecars[2];
-    deregister_by_hand(&consul, peer.id).await;
-    assert!(
-        back_passing(&consul, peer.id, 3 * SECOND).await,
-        "{}'s instance, removed by hand after its holder died, was not registered again within 3 s\n{}",
-        peer.id,
-        tails(&all)
-    );
+    a_peer_repairs_without_its_holder("KILL", 3 * SECOND).await;
 }
 
 /// The holder frozen (SIGSTOP: no answer, no reset): its peers' long polls of its view end within
@@ -1086,22 +1098,5 @@ async fn without_the_holder_its_peers_watch_the_servers_themselves() {
 /// registered again within 10 s, not when their watch's 1-minute wait runs out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_holder_costs_its_peers_one_poll_at_most() {
-    let consul = ConsulAgent::start_dev().await;
-    let app = DemoApp::start(DemoAppOptions::default()).await;
-    let (sidecars, _shared) = three_sharing(&consul, &app).await;
-    // Every peer in a long poll of the holder's view.
-    tokio::time::sleep(2 * SECOND).await;
-    sidecars[0].sidecar.signal("STOP");
-    let all: Vec<&Member> = sidecars.iter().collect();
-    let peer = &sidecars[2];
-    deregister_by_hand(&consul, peer.id).await;
-    let back = back_passing(&consul, peer.id, 10 * SECOND).await;
-    sidecars[0].sidecar.signal("CONT");
-    assert!(
-        back,
-        "{}'s instance, removed by hand while its holder was frozen, was not registered again \
-         within 10 s\n{}",
-        peer.id,
-        tails(&all)
-    );
+    a_peer_repairs_without_its_holder("STOP", 10 * SECOND).await;
 }
