@@ -241,41 +241,21 @@ async fn route(req: Request<Incoming>, peer: SocketAddr, state: &AdminState) -> 
 
 /// A peer's heartbeat to the holder of the shared session (see [`crate::consul::shared`]).
 async fn heartbeat(req: Request<Incoming>, state: &AdminState) -> Reply {
-    use http_body_util::BodyExt as _;
     let Some(desk) = &state.desk else {
         return text(StatusCode::NOT_FOUND, "not found\n");
     };
-    let presented = req
-        .headers()
-        .get(shared::SESSION_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    // A heartbeat is small: a pod's keys.
-    let body = match http_body_util::Limited::new(req.into_body(), 64 * 1024)
-        .collect()
-        .await
-    {
-        Ok(b) => b.to_bytes(),
-        Err(_) => return text(StatusCode::PAYLOAD_TOO_LARGE, "heartbeat too large\n"),
+    let presented = presented_session(&req);
+    let body = match peer_body(req, "heartbeat too large\n").await {
+        Ok(b) => b,
+        Err(refused) => return refused,
     };
-    let answer = desk.answer(presented.as_deref(), &body);
-    let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let mut r = Response::new(Full::new(Bytes::from(answer.body)));
-    *r.status_mut() = status;
-    if status == StatusCode::OK {
-        r.headers_mut().insert(
-            CONTENT_TYPE,
-            hyper::header::HeaderValue::from_static("application/json"),
-        );
-    }
-    r
+    desk_reply(desk.answer(presented.as_deref(), &body))
 }
 
 /// A peer's long poll of the holder's view of the virtual node (see
 /// [`crate::consul::node_view`]): the same credential as a heartbeat, and only the instances
 /// whose keys the holder covers for the asking pod.
 async fn lend_view(req: Request<Incoming>, state: &AdminState) -> Reply {
-    use http_body_util::BodyExt as _;
     let (Some(desk), Some(view)) = (&state.desk, &state.view) else {
         return text(StatusCode::NOT_FOUND, "not found\n");
     };
@@ -285,23 +265,15 @@ async fn lend_view(req: Request<Incoming>, state: &AdminState) -> Reply {
             "too many requests for the node view: read Consul\n",
         );
     };
-    let presented = req
-        .headers()
-        .get(shared::SESSION_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    if let Err(refused) = desk.admits(presented.as_deref()) {
+    if let Err(refused) = desk.admits(presented_session(&req).as_deref()) {
         let status =
             StatusCode::from_u16(refused.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         return text(status, &refused.body);
     }
     let arrived = std::time::Instant::now();
-    let body = match http_body_util::Limited::new(req.into_body(), 64 * 1024)
-        .collect()
-        .await
-    {
-        Ok(b) => b.to_bytes(),
-        Err(_) => return text(StatusCode::PAYLOAD_TOO_LARGE, "request too large\n"),
+    let body = match peer_body(req, "request too large\n").await {
+        Ok(b) => b,
+        Err(refused) => return refused,
     };
     let asked: ViewRequest = match serde_json::from_slice(&body) {
         Ok(a) => a,
@@ -334,13 +306,41 @@ async fn lend_view(req: Request<Incoming>, state: &AdminState) -> Reply {
             "no view of the node: read Consul\n",
         );
     };
-    let mut r = Response::new(Full::new(Bytes::from(
-        serde_json::to_string(&snapshot.part(view.epoch(), &ids)).unwrap_or_default(),
-    )));
-    r.headers_mut().insert(
-        CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json"),
-    );
+    desk_reply(shared::Answer {
+        status: 200,
+        body: serde_json::to_string(&snapshot.part(view.epoch(), &ids)).unwrap_or_default(),
+    })
+}
+
+/// The shared session's ID a peer presented (`X-Consul-Registrar-Session`).
+fn presented_session(req: &Request<Incoming>) -> Option<String> {
+    req.headers()
+        .get(shared::SESSION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+/// A peer's request body, small by nature (a pod's keys), or the 413 (`too_large`) past 64 KiB.
+async fn peer_body(req: Request<Incoming>, too_large: &str) -> Result<Bytes, Reply> {
+    use http_body_util::BodyExt as _;
+    http_body_util::Limited::new(req.into_body(), 64 * 1024)
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .map_err(|_| text(StatusCode::PAYLOAD_TOO_LARGE, too_large))
+}
+
+/// The holder's answer to a peer: JSON when 200, its text otherwise.
+fn desk_reply(answer: shared::Answer) -> Reply {
+    let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut r = Response::new(Full::new(Bytes::from(answer.body)));
+    *r.status_mut() = status;
+    if status == StatusCode::OK {
+        r.headers_mut().insert(
+            CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("application/json"),
+        );
+    }
     r
 }
 
