@@ -42,8 +42,8 @@ pub struct CatalogRegistry {
     /// With a shared session: the virtual node's view ([`node_view`]), published while this
     /// sidecar holds the session; a peer asks its holder's instead.
     view: Option<Arc<NodeView>>,
-    /// When each instance was last written (registered, its status set, removed): a view read
-    /// before that is not its state.
+    /// When each instance's last registration or status write was sent: a view read before that
+    /// is not its state.
     written: Arc<std::sync::Mutex<BTreeMap<String, Instant>>>,
     /// For a peer's long polls of its holder's view (each with a timeout of its own).
     holder_http: reqwest::Client,
@@ -356,7 +356,7 @@ impl CatalogRegistry {
             answer.epoch, answer.generation
         );
         let partial = answer.partial;
-        let Some(mut service) = answer
+        let Some(service) = answer
             .services
             .into_iter()
             .filter_map(|v| serde_json::from_value::<AgentService>(v).ok())
@@ -364,25 +364,37 @@ impl CatalogRegistry {
         else {
             return (!partial).then_some(ServiceWatch::Missing);
         };
+        let checks = answer
+            .checks
+            .into_iter()
+            .filter_map(|v| serde_json::from_value::<HealthCheck>(v).ok());
+        Some(self.seen(spec, service, checks, hash))
+    }
+
+    /// Our instance, found as `service` beside the node's `checks`, as the reconciler sees it:
+    /// with its check's status and output, and no meta when another sidecar's session holds its
+    /// key (its instance, not ours).
+    fn seen(
+        &self,
+        spec: &ServiceSpec,
+        mut service: AgentService,
+        checks: impl IntoIterator<Item = HealthCheck>,
+        hash: String,
+    ) -> ServiceWatch {
         if self.disowned().contains(&spec.id) {
             service.meta = None;
         }
-        service.check = match answer
-            .checks
-            .into_iter()
-            .filter_map(|v| serde_json::from_value::<HealthCheck>(v).ok())
-            .find(|c| c.check_id == spec.check.id)
-        {
+        service.check = match checks.into_iter().find(|c| c.check_id == spec.check.id) {
             Some(c) => CheckSeen::Present {
                 status: c.status,
                 output: c.output,
             },
             None => CheckSeen::Missing,
         };
-        Some(ServiceWatch::Present {
+        ServiceWatch::Present {
             service: Box::new(service),
             hash,
-        })
+        }
     }
 
     fn disowned(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
@@ -481,27 +493,13 @@ impl CatalogRegistry {
                 operation: "read_instance",
                 reason: e.to_string(),
             })?;
-        let Some(mut service) = found
+        let Some(service) = found
             .and_then(|f| f.services)
             .and_then(|s| s.into_iter().find(|s| s.id == spec.id))
         else {
             return Ok(ServiceWatch::Missing);
         };
-        if self.disowned().contains(&spec.id) {
-            // Another sidecar's session holds its key: its instance, not ours.
-            service.meta = None;
-        }
-        service.check = match checks.into_iter().find(|c| c.check_id == spec.check.id) {
-            Some(c) => CheckSeen::Present {
-                status: c.status,
-                output: c.output,
-            },
-            None => CheckSeen::Missing,
-        };
-        Ok(ServiceWatch::Present {
-            service: Box::new(service),
-            hash: version.unwrap_or_default(),
-        })
+        Ok(self.seen(spec, service, checks, version.unwrap_or_default()))
     }
 }
 
