@@ -151,9 +151,9 @@ async fn the_documented_catalog_mode_policy_suffices() {
 /// A token that may write the liveness keys but not the service's reaper key (a policy narrower
 /// than the documented one): the sidecar registers and follows health, but cannot stand as its
 /// service's reaper. It says so in a warning (nobody reaps that service's crashed pods), and asks
-/// for the key at the sweeps' pace (every 0.8–1 × sessionTTL, 10 s here), not in a loop.
+/// for the key every 0.8–1 × sessionTTL (10 s here), not in a loop.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reaper_key_the_token_may_not_take_is_asked_for_at_the_sweeps_pace_and_warned() {
+async fn a_reaper_key_the_token_may_not_take_is_asked_for_every_session_ttl_and_warned() {
     let consul = ConsulAgent::start_with(ConsulOptions {
         acl: true,
         ..Default::default()
@@ -188,7 +188,7 @@ async fn a_reaper_key_the_token_may_not_take_is_asked_for_at_the_sweeps_pace_and
     let before = reaper_key_calls(&sidecar.metrics().await);
     tokio::time::sleep(12 * SECOND).await;
     let asked = reaper_key_calls(&sidecar.metrics().await) - before;
-    // One read and one refused take per sweep: at most two sweeps in 12 s.
+    // One read and one refused take per try: at most two tries in 12 s.
     assert!(
         asked <= 4.0,
         "{asked} reaper-key calls in 12 s after a refusal (expected one read and one take every 8-10 s)\n{}",

@@ -1,12 +1,13 @@
 //! Catalog mode's reaper removes only what it can prove dead (issue 20, item 3), against a real
 //! Consul `-dev` server: instances of another key prefix are never touched; a registration that
-//! lands after its owner drained is gone within 2 × sessionTTL + 1 s; a sidecar that lost an
-//! instance's key to another holder of the same ID never removes the holder's instance or key; an
-//! empty virtual node is removed, and no live session with it; an instance whose key came and went
-//! while the reaper could not read is reaped once it can. And the reaping is done by one
-//! sidecar per key prefix and service (issue 20, item 2): a key change wakes only that one, and
-//! when it is SIGKILLed another takes over and reaps its instance within the bound; its periodic
-//! sweep reads the service once, not every virtual node.
+//! lands after its owner drained is gone within 2 × sessionTTL + 1 s; one that never had a key,
+//! within a resyncInterval; a sidecar that lost an instance's key to another holder of the same ID
+//! never removes the holder's instance or key; an empty virtual node is removed, and no live
+//! session with it; an instance whose key came and went while the reaper could not read is reaped
+//! once it can. And the reaping is done by one sidecar per key prefix and service (issue 20, item
+//! 2): a key change wakes only that one, and when it is SIGKILLed another takes over and reaps its
+//! instance within the bound; its periodic sweep reads the service once, not every virtual node,
+//! and once a resyncInterval, not every sessionTTL.
 
 mod support;
 
@@ -21,16 +22,20 @@ const SECOND: Duration = Duration::from_secs(1);
 const SESSION_TTL: Duration = Duration::from_secs(10);
 /// How long a ghost may stay: Consul invalidates a session within 2 × TTL, plus a second.
 const BOUND: Duration = Duration::from_secs(21);
+/// The manifests' resyncInterval, the pace of the elected reaper's periodic sweep (unless
+/// [`resyncing_every`] says otherwise).
+const RESYNC: Duration = Duration::from_secs(10);
 const DEFAULT_PREFIX: &str = "consul-registrar/instances";
 const OTHER_PREFIX: &str = "other-team/instances";
 
 /// A one-instance catalog-mode manifest: service `hello`, instance `id`, liveness keys under
-/// `prefix`.
+/// `prefix`, a resyncInterval of [`RESYNC`].
 fn manifest(consul: &str, id: &str, port: u16, prefix: &str) -> String {
     format!(
         "consul:
   mode: catalog
   address: {consul}
+  resyncInterval: 10s
   retry:
     initial: 50ms
     max: 500ms
@@ -52,6 +57,14 @@ services:
       timeout: 200ms
       failureThreshold: 1
 "
+    )
+}
+
+/// `manifest` with a resyncInterval of `interval` (such as "60s", the default).
+fn resyncing_every(manifest: String, interval: &str) -> String {
+    manifest.replace(
+        "resyncInterval: 10s",
+        &format!("resyncInterval: {interval}"),
     )
 }
 
@@ -156,7 +169,7 @@ async fn two_groups_with_different_key_prefixes_each_reap_only_their_own() {
     passing(&consul, "d-2", &d2).await;
     passing(&consul, "o-2", &o2).await;
     // Past a periodic sweep too.
-    tokio::time::sleep(SESSION_TTL + 2 * SECOND).await;
+    tokio::time::sleep(RESYNC + 2 * SECOND).await;
     for (sidecar, name) in [(&d2, "d-2"), (&o2, "o-2")] {
         assert_eq!(
             sidecar
@@ -268,8 +281,73 @@ async fn a_registration_the_servers_apply_after_its_owner_drained_is_gone_within
     );
 }
 
+/// What a late write of a sidecar of an earlier version (whose registrations were not guarded by
+/// their key) leaves on the node of a pod that drained: a managed, passing instance whose key
+/// went just before it landed. The key's going marks its virtual node for a second look a TTL
+/// later, so it goes within the crash bound even though the periodic sweep (a resyncInterval, 60 s
+/// here) is far off.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_ghost_written_without_a_key_is_swept_within_two_session_ttls() {
+async fn a_keyless_registration_landing_after_its_owner_drained_is_gone_within_two_session_ttls() {
+    let consul = ConsulAgent::start_dev().await;
+    let app = DemoApp::start(DemoAppOptions::default()).await;
+    let addr = consul.http_addr();
+    let survivor = Sidecar::start(
+        &resyncing_every(manifest(&addr, "s-1", app.port(), DEFAULT_PREFIX), "60s"),
+        &pod("kube-a", "s-1"),
+    );
+    passing(&consul, "s-1", &survivor).await;
+    takes_the_reaper_key(&consul, ("kube-a", "s-1"), &survivor, 5 * SECOND).await;
+    let mut owner = Sidecar::start(
+        &resyncing_every(manifest(&addr, "w-1", app.port(), DEFAULT_PREFIX), "60s"),
+        &pod("kube-b", "w-1"),
+    );
+    passing(&consul, "w-1", &owner).await;
+    let status = owner.terminate(10 * SECOND).await.expect("drains");
+    assert_eq!(status.code(), Some(0), "{}", owner.logs());
+    // The write the servers held through a leader election lands 6 s after the drain.
+    tokio::time::sleep(6 * SECOND).await;
+    consul
+        .catalog_register(&json!({
+            "Node": virtual_node("kube-b"),
+            "Address": "127.0.0.1",
+            "NodeMeta": { "managed-by": "consul-registrar" },
+            "Service": {
+                "ID": "w-1", "Service": "hello", "Port": app.port(), "Tags": ["grpc"],
+                "Meta": { "managed-by": "consul-registrar" },
+            },
+            "Check": {
+                "CheckID": "consul-registrar:w-1", "Name": "late", "ServiceID": "w-1",
+                "Status": "passing",
+            },
+        }))
+        .await;
+    let landed = Instant::now();
+    assert!(
+        gone_within(&consul, "w-1", BOUND + 5 * SECOND).await,
+        "the late registration is still there {:?} after it landed\n{}",
+        landed.elapsed(),
+        survivor.logs()
+    );
+    println!(
+        "FIGURE late keyless registration reaped after {:?}",
+        landed.elapsed()
+    );
+    assert!(
+        landed.elapsed() <= BOUND,
+        "reaped after {:?}",
+        landed.elapsed()
+    );
+    assert_eq!(
+        consul.check_status("hello", "s-1").await.as_deref(),
+        Some("passing")
+    );
+}
+
+/// An instance that never had a key (written by hand with our meta, or by a sidecar of an earlier
+/// version with no key disappearing near it) is found by the elected reaper's periodic sweep,
+/// within a resyncInterval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ghost_written_without_a_key_is_swept_within_a_resync_interval() {
     let consul = ConsulAgent::start_dev().await;
     let app = DemoApp::start(DemoAppOptions::default()).await;
     let survivor = Sidecar::start(
@@ -277,8 +355,7 @@ async fn a_ghost_written_without_a_key_is_swept_within_two_session_ttls() {
         &pod("kube-a", "s-1"),
     );
     passing(&consul, "s-1", &survivor).await;
-    // What a late write of a sidecar of an earlier version leaves: a managed, passing instance
-    // whose key never comes back (no key disappears for the watch to see).
+    takes_the_reaper_key(&consul, ("kube-a", "s-1"), &survivor, 5 * SECOND).await;
     consul
         .catalog_register(&json!({
             "Node": virtual_node("kube-b"),
@@ -295,15 +372,16 @@ async fn a_ghost_written_without_a_key_is_swept_within_two_session_ttls() {
         }))
         .await;
     let written = Instant::now();
+    let within = RESYNC + 2 * SECOND;
     assert!(
-        gone_within(&consul, "ghost-1", BOUND + 5 * SECOND).await,
+        gone_within(&consul, "ghost-1", within + 10 * SECOND).await,
         "the ghost is still there {:?} after it was written\n{}",
         written.elapsed(),
         survivor.logs()
     );
     println!("FIGURE keyless ghost swept after {:?}", written.elapsed());
     assert!(
-        written.elapsed() <= BOUND,
+        written.elapsed() <= within,
         "swept after {:?}",
         written.elapsed()
     );
@@ -602,11 +680,11 @@ async fn an_empty_virtual_node_is_removed_without_invalidating_a_live_session() 
     }
 }
 
-/// The reaper's periodic sweep (every 0.8–1 × sessionTTL) reads its service's instances once,
-/// whatever the number of virtual nodes: with one elected reaper per service, a sweep that read
-/// every virtual node cost the servers services × nodes reads a TTL (a cluster of 100 nodes and
-/// 200 services: 2,000 reads a second, at rest). Only the holder's first sweep passes over every
-/// node, for the empty ones.
+/// The reaper's periodic sweep (every 0.8–1 × resyncInterval, 10 s here) reads its service's
+/// instances once, whatever the number of virtual nodes: with one elected reaper per service, a
+/// sweep that read every virtual node cost the servers services × nodes reads a sweep (a cluster
+/// of 100 nodes and 200 services: 2,000 reads a second at a sweep every 10 s, at rest). Only the
+/// holder's first sweep passes over every node, for the empty ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_periodic_sweep_reads_the_service_once_not_every_virtual_node() {
     let consul = ConsulAgent::start_dev().await;
@@ -637,7 +715,7 @@ async fn the_periodic_sweep_reads_the_service_once_not_every_virtual_node() {
     };
     let before = sidecar.metrics().await;
     // At least two periodic sweeps.
-    tokio::time::sleep(2 * SESSION_TTL + 2 * SECOND).await;
+    tokio::time::sleep(2 * RESYNC + 2 * SECOND).await;
     let after = sidecar.metrics().await;
     let node_reads = reads(&after, "node_services") - reads(&before, "node_services");
     let sweeps = reads(&after, "service_instances") - reads(&before, "service_instances");
@@ -649,13 +727,59 @@ async fn the_periodic_sweep_reads_the_service_once_not_every_virtual_node() {
     assert!(
         sweeps >= 2.0,
         "expected at least two periodic sweeps in {:?}, saw {sweeps}\n{}",
-        2 * SESSION_TTL + 2 * SECOND,
+        2 * RESYNC + 2 * SECOND,
         sidecar.logs()
     );
     assert_eq!(
         consul.catalog_service("other").await.len(),
         30,
         "another service's instances were touched"
+    );
+}
+
+/// At rest the elected reaper's work is paced by resyncInterval, not by the session TTL: one
+/// read of its service's N instances every 0.8–1 × sessionTTL made the servers' load at rest
+/// grow with the service's size (issue 20). Over 2.5 TTLs, with the default resyncInterval
+/// (60 s), it reads neither the service nor, without blocking, its own reaper key; its key watch
+/// and its reaper key's blocking query at most re-arm.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_rest_the_elected_reaper_sweeps_once_a_resync_interval_not_every_session_ttl() {
+    let consul = ConsulAgent::start_dev().await;
+    let app = DemoApp::start(DemoAppOptions::default()).await;
+    let sidecar = Sidecar::start(
+        &resyncing_every(
+            manifest(&consul.http_addr(), "a-1", app.port(), DEFAULT_PREFIX),
+            "60s",
+        ),
+        &pod("kube-a", "a-1"),
+    );
+    passing(&consul, "a-1", &sidecar).await;
+    takes_the_reaper_key(&consul, ("kube-a", "a-1"), &sidecar, 5 * SECOND).await;
+    // Past the first sweep, which is made on taking the key.
+    tokio::time::sleep(2 * SECOND).await;
+    let calls = |m: &support::Metrics, op: &str| {
+        m.sum(
+            "consul_registrar_consul_requests_total",
+            Some(("operation", op)),
+        )
+    };
+    let before = sidecar.metrics().await;
+    let window = SESSION_TTL * 5 / 2;
+    tokio::time::sleep(window).await;
+    let after = sidecar.metrics().await;
+    let made = |op: &str| calls(&after, op) - calls(&before, op);
+    assert_eq!(
+        (made("service_instances"), made("reaper_key")),
+        (0.0, 0.0),
+        "the holder read its service's instances and its reaper key (service_instances, reaper_key) that often in {window:?} at rest\n{}",
+        sidecar.logs()
+    );
+    assert!(
+        made("watch_keys") <= 1.0 && made("watch_reaper_key") <= 1.0,
+        "the holder's key watch answered {} times and its reaper key's {} in {window:?} at rest\n{}",
+        made("watch_keys"),
+        made("watch_reaper_key"),
+        sidecar.logs()
     );
 }
 

@@ -17,11 +17,13 @@
 //!
 //! The holder sweeps when it takes the key: every instance of the service on a managed virtual
 //! node without its key is a ghost (one read of the service, never one per virtual node: with a
-//! reaper per service, that would cost the servers services × nodes reads a TTL). Then it
+//! reaper per service, that would cost the servers services × nodes reads a sweep). Then it
 //! watches the service's keys with a blocking query (key names only); a key that disappears
-//! marks its instance for removal; a watch that could not read
-//! for a while sweeps again (a key may have come and gone unseen); and it sweeps again every
-//! session TTL or so, for instances whose key never existed. Removal is one transaction, "the
+//! marks its instance for removal, and its virtual node for a second look a session TTL later (a
+//! registration that landed after its key went); a watch that could not read for a while sweeps
+//! again (a key may have come and gone unseen); and it sweeps again every `resyncInterval` or so,
+//! for instances whose key never existed. At rest the holder's work is thus a blocking query re-armed
+//! and one read of the service per `resyncInterval`, not per TTL. Removal is one transaction, "the
 //! key does not exist, and delete the service", so two holders for a moment (a takeover), or an
 //! owner that comes back and takes its key again, are harmless: the transaction fails once the
 //! key exists. Virtual nodes left empty are removed ([`remove_if_empty`]): those of the instances
@@ -32,9 +34,9 @@
 //! If no catalog-mode sidecar of the prefix and service is alive anywhere, nothing reaps: ghosts
 //! stay (with their last status) until the next one starts and sweeps.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use reqwest::Method;
 use serde::Deserialize;
@@ -135,6 +137,9 @@ struct KvEntry {
 /// re-arms at rest (one per sidecar every 4–5 minutes, not every `resyncInterval`).
 const REAPER_KEY_WAIT: Duration = Duration::from_secs(300);
 
+/// The shortest wait of the holder's key watch: when a second look or the sweep is due.
+const MIN_WAIT: Duration = Duration::from_millis(100);
+
 /// A managed instance: where it is and what it is called.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 struct Instance {
@@ -147,17 +152,16 @@ struct Instance {
 
 impl Reaper {
     /// Until `cancel`: contends for the reaper key; while holding it, sweeps, watches the keys,
-    /// and sweeps again every session TTL or so. Consul errors are retried with backoff.
+    /// and sweeps again every `resyncInterval` or so. Consul errors are retried with backoff.
     pub async fn run(self, cancel: CancellationToken) {
         Arc::new(self).lead(cancel).await
     }
 
     /// Consul's leader-election recipe on `<prefix>/.reaper/<service>`. The holder runs the key
-    /// watch ([`Reaper::watch`], which sweeps first) and, for the level-triggered half, sweeps every
-    /// 0.8–1 × session TTL: a registration that lands after its owner drained (held by the servers
-    /// through a leader election) has no key, and no key disappears to tell the watch, so such a
-    /// ghost goes within 2 × sessionTTL + 1 s. The others block on the key (a stale read, answered
-    /// when it changes or after the watch's wait) and take it as soon as it is free.
+    /// watch ([`Reaper::watch`], which sweeps first and then at its own pace). Everyone, the
+    /// holder too, blocks on the key (a stale read, answered when it changes or after
+    /// [`REAPER_KEY_WAIT`]): the others take it as soon as it is free, the holder stops watching
+    /// as soon as it is not its own.
     async fn lead(self: Arc<Self>, cancel: CancellationToken) {
         // The key watch, while this sidecar holds the key.
         let mut watching: Option<CancellationToken> = None;
@@ -169,8 +173,7 @@ impl Reaper {
         let ttl = self.settings.session_ttl;
         // The key's index as last read; "0" reads it without blocking.
         let mut index = String::from("0");
-        let mut leading = false;
-        // Before the next read: the sweeps' pace while leading, a while after an error.
+        // Before the next read: a while after an error.
         let mut pause = None;
         // A refused take (the token's policy) is warned about once.
         let mut refusal_warned = false;
@@ -181,7 +184,8 @@ impl Reaper {
                     _ = tokio::time::sleep(pause) => {}
                 }
             }
-            let every = ttl.mul_f64(0.8 + 0.2 * fastrand::f64());
+            // After an error: read again a while later.
+            let later = ttl.mul_f64(0.8 + 0.2 * fastrand::f64());
             let Some(session) = self.liveness.own_current().await else {
                 if self.liveness.is_peer() {
                     // A peer of a shared session: it reaps only with a session of its own. While
@@ -189,7 +193,6 @@ impl Reaper {
                     // pause, so that the service's peers do not all leave at once) it leaves.
                     self.liveness.reaping(&self.service, false);
                     stop(&mut watching);
-                    leading = false;
                     let read = tokio::select! {
                         _ = cancel.cancelled() => return,
                         r = self.reaper_key(&index) => r,
@@ -221,7 +224,7 @@ impl Reaper {
                 // it once Consul answers again, and the sidecar lives on). It cannot stand, but
                 // while nobody holds the key nobody reaps: it watches meanwhile (its own
                 // instances' keys went with its session), and stops once someone holds the key.
-                (index, leading, pause) = (String::from("0"), false, Some(ttl / 10));
+                (index, pause) = (String::from("0"), Some(ttl / 10));
                 let read = tokio::select! {
                     _ = cancel.cancelled() => return,
                     r = self.reaper_key("0") => r,
@@ -239,7 +242,7 @@ impl Reaper {
             };
             let read = tokio::select! {
                 _ = cancel.cancelled() => return,
-                r = self.reaper_key(if leading { "0" } else { &index }) => r,
+                r = self.reaper_key(&index) => r,
             };
             let holder = match read {
                 Ok((holder, next)) => {
@@ -247,8 +250,8 @@ impl Reaper {
                     holder
                 }
                 Err(e) => {
-                    tracing::debug!(error = %e, "cannot read the reaper key; trying again at the next sweep");
-                    (index, leading, pause) = (String::from("0"), false, Some(every));
+                    tracing::debug!(error = %e, "cannot read the reaper key; trying again a while later");
+                    (index, pause) = (String::from("0"), Some(later));
                     continue;
                 }
             };
@@ -259,7 +262,7 @@ impl Reaper {
             if holder.as_ref().is_some_and(|h| *h != session) {
                 stop(&mut watching);
             }
-            leading = match holder {
+            let leading = match holder {
                 Some(h) => h == session,
                 None => match self.take_reaper_key(&session).await {
                     Ok(taken) => taken,
@@ -269,13 +272,13 @@ impl Reaper {
                             tracing::warn!(
                                 service = %self.service,
                                 error = %e,
-                                "the token may not take this service's reaper key: this sidecar cannot reap the service's crashed pods (asked again every sweep)"
+                                "the token may not take this service's reaper key: this sidecar cannot reap the service's crashed pods (asked again every sessionTTL or so)"
                             );
                         } else {
-                            tracing::debug!(error = %e, "cannot take the reaper key; trying again at the next sweep");
+                            tracing::debug!(error = %e, "cannot take the reaper key; trying again a while later");
                         }
                         index = String::from("0");
-                        pause = Some(every);
+                        pause = Some(later);
                         false
                     }
                 },
@@ -287,19 +290,9 @@ impl Reaper {
             }
             if leading && watching.is_none() {
                 // Just elected: the watch sweeps at once, then follows the keys.
-                pause = Some(every);
                 let watch = cancel.child_token();
                 tokio::spawn(Arc::clone(&self).watch(watch.clone()));
                 watching = Some(watch);
-            } else if leading {
-                pause = Some(every);
-                let swept = async {
-                    let (keys, _) = self.keys("0").await?;
-                    self.sweep(&keys, Nodes::Reaped).await
-                };
-                if let Err(e) = swept.await {
-                    tracing::debug!(error = %e, "the periodic sweep failed; again at the next one");
-                }
             }
         }
     }
@@ -353,16 +346,33 @@ impl Reaper {
         Ok(String::from_utf8_lossy(&answer.body).trim() == "true")
     }
 
-    /// Sweeps, then watches the keys until `cancel`.
+    /// Sweeps, then watches the keys until `cancel`. A key that disappears marks its instance for
+    /// removal at once, and its virtual node for a second look a session TTL later: a registration
+    /// the servers applied after its owner drained (held through a leader election, at most
+    /// `rpc_hold_timeout`, 7 s, which is less than the shortest TTL) has no key, and no key
+    /// disappears to tell the watch, so it goes within 2 × TTL + 1 s of the key. And the service is
+    /// swept again every 0.8–1 × `resyncInterval`, for instances whose key never existed (written
+    /// by hand, or by a sidecar of an earlier version): one read of the service a resyncInterval,
+    /// not a TTL, which would make the holder's work at rest grow with the service's size.
     async fn watch(self: Arc<Self>, cancel: CancellationToken) {
         let mut backoff = Backoff::new(self.retry);
         let mut known: Option<BTreeSet<String>> = None;
         let mut index = String::from("0");
         let mut warned = false;
+        let sweep_every = || self.wait.mul_f64(0.8 + 0.2 * fastrand::f64());
+        let mut sweep_at = Instant::now() + sweep_every();
+        // Virtual nodes to look at again, and when.
+        let mut second_looks: BTreeMap<String, Instant> = BTreeMap::new();
         loop {
+            // The blocking query ends by the next thing due, so nothing waits for a key change.
+            let due = second_looks.values().copied().fold(sweep_at, Instant::min);
+            let wait = self
+                .wait
+                .min(due.saturating_duration_since(Instant::now()))
+                .max(MIN_WAIT);
             let answer = tokio::select! {
                 _ = cancel.cancelled() => return,
-                a = self.keys(&index) => a,
+                a = self.keys(&index, wait) => a,
             };
             let (keys, next) = match answer {
                 Ok(found) => found,
@@ -386,14 +396,37 @@ impl Reaper {
             };
             warned = false;
             backoff.reset();
-            let result = match &known {
-                None => self.sweep(&keys, Nodes::All).await,
-                Some(before) => {
-                    let gone: Vec<&String> = before.difference(&keys).collect();
-                    self.reap_gone(&gone, &keys).await
+            let result = async {
+                match &known {
+                    None => {
+                        sweep_at = Instant::now() + sweep_every();
+                        self.sweep(&keys, Nodes::All).await?;
+                    }
+                    Some(before) => {
+                        let gone: Vec<&String> = before.difference(&keys).collect();
+                        let look_again = Instant::now() + self.settings.session_ttl;
+                        for node in self.reap_gone(&gone, &keys).await? {
+                            second_looks.entry(node).or_insert(look_again);
+                        }
+                    }
                 }
+                if Instant::now() >= sweep_at {
+                    sweep_at = Instant::now() + sweep_every();
+                    self.sweep(&keys, Nodes::Reaped).await?;
+                }
+                let now = Instant::now();
+                let ready: Vec<String> = second_looks
+                    .iter()
+                    .filter(|(_, at)| **at <= now)
+                    .map(|(node, _)| node.clone())
+                    .collect();
+                for node in ready {
+                    self.reap_keyless(&node, &keys).await?;
+                    second_looks.remove(&node);
+                }
+                Ok::<(), ConsulError>(())
             };
-            match result {
+            match result.await {
                 Ok(()) => known = Some(keys),
                 Err(e) => {
                     tracing::warn!(error = %e, "the reaper could not finish; trying again");
@@ -425,8 +458,13 @@ impl Reaper {
     }
 
     /// The key names of the service's instances (`<prefix>/<service>/`: another service's key
-    /// changes wake nothing here), and the index to block on next.
-    async fn keys(&self, index: &str) -> Result<(BTreeSet<String>, String), ConsulError> {
+    /// changes wake nothing here), blocking up to `wait` from `index` unless "0", and the index
+    /// to block on next.
+    async fn keys(
+        &self,
+        index: &str,
+        wait: Duration,
+    ) -> Result<(BTreeSet<String>, String), ConsulError> {
         let prefix = service_keys(&self.settings.key_prefix, &self.service);
         let req = self
             .client
@@ -437,11 +475,11 @@ impl Reaper {
                 // so the watches of every sidecar do not all land on the leader.
                 ("stale", ""),
                 ("index", index),
-                ("wait", &super::wait_param(self.wait)),
+                ("wait", &super::wait_param(wait)),
             ]);
         match self
             .client
-            .send("watch_keys", req, super::blocking_timeout(self.wait))
+            .send("watch_keys", req, super::blocking_timeout(wait))
             .await
         {
             Ok(answer) => {
@@ -533,20 +571,21 @@ impl Reaper {
             && self.owns_prefix(meta.and_then(|m| m.get(KEY_PREFIX_META)))
     }
 
-    /// The instances whose keys disappeared (and did not come back).
+    /// The instances whose keys disappeared (and did not come back); the virtual nodes of those
+    /// keys.
     async fn reap_gone(
         &self,
         gone: &[&String],
         keys: &BTreeSet<String>,
-    ) -> Result<(), ConsulError> {
+    ) -> Result<Vec<String>, ConsulError> {
         if gone.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         // Two holders for a moment (a takeover) see the same deletion: spread them out, so the
         // first one's removal is usually seen by the other before it writes.
         tokio::time::sleep(Duration::from_millis(fastrand::u64(0..300))).await;
         let prefix = service_keys(&self.settings.key_prefix, &self.service);
-        let mut by_node: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+        let mut by_node: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
         for key in gone {
             let Some((node, id)) = key
                 .strip_prefix(&prefix)
@@ -556,17 +595,34 @@ impl Reaper {
             };
             by_node.entry(node).or_default().push(id);
         }
-        for (node, ids) in by_node {
-            let mut reaped = false;
-            for instance in self.scan(node).await? {
-                if ids.contains(&instance.id.as_str()) && !keys.contains(&self.key(&instance)) {
-                    self.reap(&instance).await?;
-                    reaped = true;
-                }
+        for (node, ids) in &by_node {
+            self.reap_on(node, keys, |id| ids.contains(&id)).await?;
+        }
+        Ok(by_node.into_keys().map(String::from).collect())
+    }
+
+    /// A second look at `node`: every instance of ours there without its key.
+    async fn reap_keyless(&self, node: &str, keys: &BTreeSet<String>) -> Result<(), ConsulError> {
+        self.reap_on(node, keys, |_| true).await
+    }
+
+    /// Reaps the instances on `node` that `chosen` picks (by ID) and whose key is not in `keys`,
+    /// then the node if that left it empty.
+    async fn reap_on(
+        &self,
+        node: &str,
+        keys: &BTreeSet<String>,
+        chosen: impl Fn(&str) -> bool,
+    ) -> Result<(), ConsulError> {
+        let mut reaped = false;
+        for instance in self.scan(node).await? {
+            if chosen(&instance.id) && !keys.contains(&self.key(&instance)) {
+                self.reap(&instance).await?;
+                reaped = true;
             }
-            if reaped {
-                remove_if_empty(&self.client, node).await?;
-            }
+        }
+        if reaped {
+            remove_if_empty(&self.client, node).await?;
         }
         Ok(())
     }

@@ -119,7 +119,8 @@ pub struct RawConsul {
     /// The backoff for failed Consul calls: capped exponential, with jitter.
     pub retry: Option<RawRetry>,
     /// The anti-entropy watch reads every instance again at least this often (the periodic full
-    /// resync).
+    /// resync). In catalog mode it also paces the elected reaper's sweep for instances that never
+    /// had a liveness key.
     #[schemars(extend("default" = "1m"))]
     pub resync_interval: Option<PositiveDuration>,
     /// How many instances (the first in the manifest) keep a blocking query open on Consul; the
