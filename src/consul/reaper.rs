@@ -361,11 +361,14 @@ impl Reaper {
         let mut warned = false;
         let sweep_every = || self.wait.mul_f64(0.8 + 0.2 * fastrand::f64());
         let mut sweep_at = Instant::now() + sweep_every();
-        // Virtual nodes to look at again, and when.
-        let mut second_looks: BTreeMap<String, Instant> = BTreeMap::new();
+        // When to look at which virtual node again: one look per key gone (a node whose keys go
+        // one after another is looked at a TTL after each).
+        let mut second_looks: BTreeSet<(Instant, String)> = BTreeSet::new();
         loop {
             // The blocking query ends by the next thing due, so nothing waits for a key change.
-            let due = second_looks.values().copied().fold(sweep_at, Instant::min);
+            let due = second_looks
+                .first()
+                .map_or(sweep_at, |(at, _)| sweep_at.min(*at));
             let wait = self
                 .wait
                 .min(due.saturating_duration_since(Instant::now()))
@@ -406,7 +409,7 @@ impl Reaper {
                         let gone: Vec<&String> = before.difference(&keys).collect();
                         let look_again = Instant::now() + self.settings.session_ttl;
                         for node in self.reap_gone(&gone, &keys).await? {
-                            second_looks.entry(node).or_insert(look_again);
+                            second_looks.insert((look_again, node));
                         }
                     }
                 }
@@ -415,14 +418,13 @@ impl Reaper {
                     self.sweep(&keys, Nodes::Reaped).await?;
                 }
                 let now = Instant::now();
-                let ready: Vec<String> = second_looks
-                    .iter()
-                    .filter(|(_, at)| **at <= now)
-                    .map(|(node, _)| node.clone())
-                    .collect();
-                for node in ready {
+                while let Some((at, node)) = second_looks.first().cloned() {
+                    if at > now {
+                        break;
+                    }
                     self.reap_keyless(&node, &keys).await?;
-                    second_looks.remove(&node);
+                    // Looks due at once on the same node are one look.
+                    second_looks.retain(|(later, other)| !(*other == node && *later <= now));
                 }
                 Ok::<(), ConsulError>(())
             };
