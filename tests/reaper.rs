@@ -710,7 +710,8 @@ async fn an_empty_virtual_node_is_removed_without_invalidating_a_live_session() 
 /// instances once, whatever the number of virtual nodes: with one elected reaper per service, a
 /// sweep that read every virtual node cost the servers services × nodes reads a sweep (a cluster
 /// of 100 nodes and 200 services: 2,000 reads a second at a sweep every 10 s, at rest). Only the
-/// holder's first sweep passes over every node, for the empty ones.
+/// holder's first sweep passes over every node, for the empty ones. At rest its key watch answers
+/// once a sweep.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_periodic_sweep_reads_the_service_once_not_every_virtual_node() {
     let consul = ConsulAgent::start_dev().await;
@@ -754,6 +755,13 @@ async fn the_periodic_sweep_reads_the_service_once_not_every_virtual_node() {
         sweeps >= 2.0,
         "expected at least two periodic sweeps in {:?}, saw {sweeps}\n{}",
         2 * RESYNC + 2 * SECOND,
+        sidecar.logs()
+    );
+    // Its key watch ends when a sweep is due, once: not again and again as the sweep nears.
+    let answers = reads(&after, "watch_keys") - reads(&before, "watch_keys");
+    assert!(
+        answers <= sweeps + 1.0,
+        "the key watch answered {answers} times for {sweeps} sweeps at rest\n{}",
         sidecar.logs()
     );
     assert_eq!(

@@ -365,14 +365,14 @@ impl Reaper {
         // one after another is looked at a TTL after each).
         let mut second_looks: BTreeSet<(Instant, String)> = BTreeSet::new();
         loop {
-            // The blocking query ends by the next thing due, so nothing waits for a key change.
+            // The blocking query ends by the next thing due, so nothing waits for a key change:
+            // exactly then (what is due was drawn at random already; a wait drawn short of it
+            // would re-arm again and again as it nears), or after a drawn full wait.
             let due = second_looks
                 .first()
                 .map_or(sweep_at, |(at, _)| sweep_at.min(*at));
-            let wait = self
-                .wait
-                .min(due.saturating_duration_since(Instant::now()))
-                .max(MIN_WAIT);
+            let until_due = due.saturating_duration_since(Instant::now());
+            let wait = (until_due < self.wait).then(|| until_due.max(MIN_WAIT));
             let answer = tokio::select! {
                 _ = cancel.cancelled() => return,
                 a = self.keys(&index, wait) => a,
@@ -460,13 +460,17 @@ impl Reaper {
     }
 
     /// The key names of the service's instances (`<prefix>/<service>/`: another service's key
-    /// changes wake nothing here), blocking up to `wait` from `index` unless "0", and the index
-    /// to block on next.
+    /// changes wake nothing here), blocking from `index` unless "0" (up to exactly `wait`, or by
+    /// default a wait drawn from the watch's), and the index to block on next.
     async fn keys(
         &self,
         index: &str,
-        wait: Duration,
+        wait: Option<Duration>,
     ) -> Result<(BTreeSet<String>, String), ConsulError> {
+        let (wait, wait_param) = match wait {
+            Some(exactly) => (exactly, format!("{}ms", exactly.as_millis())),
+            None => (self.wait, super::wait_param(self.wait)),
+        };
         let prefix = service_keys(&self.settings.key_prefix, &self.service);
         let req = self
             .client
@@ -477,7 +481,7 @@ impl Reaper {
                 // so the watches of every sidecar do not all land on the leader.
                 ("stale", ""),
                 ("index", index),
-                ("wait", &super::wait_param(wait)),
+                ("wait", &wait_param),
             ]);
         match self
             .client
