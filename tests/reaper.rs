@@ -112,6 +112,24 @@ async fn holder(consul: &ConsulAgent, key: &str) -> Option<String> {
         .and_then(|e| e["Session"].as_str().map(String::from))
 }
 
+/// Starts `manifest`'s instance `a-1` on kube-a and waits until it passes, holds the reaper key,
+/// and has made its first sweep (on taking the key).
+async fn elected_reaper(consul: &ConsulAgent, manifest: &str) -> Sidecar {
+    let sidecar = Sidecar::start(manifest, &pod("kube-a", "a-1"));
+    passing(consul, "a-1", &sidecar).await;
+    takes_the_reaper_key(consul, ("kube-a", "a-1"), &sidecar, 5 * SECOND).await;
+    tokio::time::sleep(2 * SECOND).await;
+    sidecar
+}
+
+/// The Consul requests of operation `op` in `metrics`.
+fn requests(metrics: &support::Metrics, op: &str) -> f64 {
+    metrics.sum(
+        "consul_registrar_consul_requests_total",
+        Some(("operation", op)),
+    )
+}
+
 async fn gone_within(consul: &ConsulAgent, id: &str, within: Duration) -> bool {
     wait_until(within, || async { entry(consul, id).await.is_none() }).await
 }
@@ -332,36 +350,46 @@ async fn a_late_keyless_registration_is_gone_within_the_bound(
     }
     let late = owners.last().expect("an owner");
     tokio::time::sleep(6 * SECOND).await;
+    a_keyless_instance_is_gone_within(&consul, &survivor, ("kube-b", late, app.port()), BOUND)
+        .await;
+}
+
+/// Writes a managed, passing instance `id` of `hello` without a key on Kubernetes node `node`
+/// (its port `port`), and asserts it is gone within `within` of the write, the `survivor`'s
+/// instance s-1 still passing.
+async fn a_keyless_instance_is_gone_within(
+    consul: &ConsulAgent,
+    survivor: &Sidecar,
+    (node, id, port): (&str, &str, u16),
+    within: Duration,
+) {
     consul
         .catalog_register(&json!({
-            "Node": virtual_node("kube-b"),
+            "Node": virtual_node(node),
             "Address": "127.0.0.1",
             "NodeMeta": { "managed-by": "consul-registrar" },
             "Service": {
-                "ID": late, "Service": "hello", "Port": app.port(), "Tags": ["grpc"],
+                "ID": id, "Service": "hello", "Port": port, "Tags": ["grpc"],
                 "Meta": { "managed-by": "consul-registrar" },
             },
             "Check": {
-                "CheckID": format!("consul-registrar:{late}"), "Name": "late", "ServiceID": late,
+                "CheckID": format!("consul-registrar:{id}"), "Name": "keyless", "ServiceID": id,
                 "Status": "passing",
             },
         }))
         .await;
-    let landed = Instant::now();
+    let written = Instant::now();
     assert!(
-        gone_within(&consul, late, BOUND + 5 * SECOND).await,
-        "the late registration is still there {:?} after it landed\n{}",
-        landed.elapsed(),
+        gone_within(consul, id, within + 10 * SECOND).await,
+        "the keyless instance {id} is still there {:?} after it was written\n{}",
+        written.elapsed(),
         survivor.logs()
     );
-    println!(
-        "FIGURE late keyless registration reaped after {:?}",
-        landed.elapsed()
-    );
+    println!("FIGURE keyless {id} gone after {:?}", written.elapsed());
     assert!(
-        landed.elapsed() <= BOUND,
-        "reaped after {:?}",
-        landed.elapsed()
+        written.elapsed() <= within,
+        "{id} gone after {:?}",
+        written.elapsed()
     );
     assert_eq!(
         consul.check_status("hello", "s-1").await.as_deref(),
@@ -382,39 +410,13 @@ async fn a_ghost_written_without_a_key_is_swept_within_a_resync_interval() {
     );
     passing(&consul, "s-1", &survivor).await;
     takes_the_reaper_key(&consul, ("kube-a", "s-1"), &survivor, 5 * SECOND).await;
-    consul
-        .catalog_register(&json!({
-            "Node": virtual_node("kube-b"),
-            "Address": "127.0.0.1",
-            "NodeMeta": { "managed-by": "consul-registrar" },
-            "Service": {
-                "ID": "ghost-1", "Service": "hello", "Port": app.port(),
-                "Meta": { "managed-by": "consul-registrar" },
-            },
-            "Check": {
-                "CheckID": "consul-registrar:ghost-1", "Name": "ghost", "ServiceID": "ghost-1",
-                "Status": "passing",
-            },
-        }))
-        .await;
-    let written = Instant::now();
-    let within = RESYNC + 2 * SECOND;
-    assert!(
-        gone_within(&consul, "ghost-1", within + 10 * SECOND).await,
-        "the ghost is still there {:?} after it was written\n{}",
-        written.elapsed(),
-        survivor.logs()
-    );
-    println!("FIGURE keyless ghost swept after {:?}", written.elapsed());
-    assert!(
-        written.elapsed() <= within,
-        "swept after {:?}",
-        written.elapsed()
-    );
-    assert_eq!(
-        consul.check_status("hello", "s-1").await.as_deref(),
-        Some("passing")
-    );
+    a_keyless_instance_is_gone_within(
+        &consul,
+        &survivor,
+        ("kube-b", "ghost-1", app.port()),
+        RESYNC + 2 * SECOND,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -727,25 +729,17 @@ async fn the_periodic_sweep_reads_the_service_once_not_every_virtual_node() {
             }))
             .await;
     }
-    let sidecar = Sidecar::start(
+    let sidecar = elected_reaper(
+        &consul,
         &manifest(&consul.http_addr(), "a-1", app.port(), DEFAULT_PREFIX),
-        &pod("kube-a", "a-1"),
-    );
-    passing(&consul, "a-1", &sidecar).await;
-    takes_the_reaper_key(&consul, ("kube-a", "a-1"), &sidecar, 5 * SECOND).await;
-    tokio::time::sleep(2 * SECOND).await;
-    let reads = |m: &support::Metrics, op: &str| {
-        m.sum(
-            "consul_registrar_consul_requests_total",
-            Some(("operation", op)),
-        )
-    };
+    )
+    .await;
     let before = sidecar.metrics().await;
     // At least two periodic sweeps.
     tokio::time::sleep(2 * RESYNC + 2 * SECOND).await;
     let after = sidecar.metrics().await;
-    let node_reads = reads(&after, "node_services") - reads(&before, "node_services");
-    let sweeps = reads(&after, "service_instances") - reads(&before, "service_instances");
+    let node_reads = requests(&after, "node_services") - requests(&before, "node_services");
+    let sweeps = requests(&after, "service_instances") - requests(&before, "service_instances");
     assert!(
         node_reads == 0.0,
         "the periodic sweeps read {node_reads} virtual nodes (31 managed): a sweep must not walk every node\n{}",
@@ -758,7 +752,7 @@ async fn the_periodic_sweep_reads_the_service_once_not_every_virtual_node() {
         sidecar.logs()
     );
     // Its key watch ends when a sweep is due, once: not again and again as the sweep nears.
-    let answers = reads(&after, "watch_keys") - reads(&before, "watch_keys");
+    let answers = requests(&after, "watch_keys") - requests(&before, "watch_keys");
     assert!(
         answers <= sweeps + 1.0,
         "the key watch answered {answers} times for {sweeps} sweeps at rest\n{}",
@@ -780,28 +774,19 @@ async fn the_periodic_sweep_reads_the_service_once_not_every_virtual_node() {
 async fn at_rest_the_elected_reaper_sweeps_once_a_resync_interval_not_every_session_ttl() {
     let consul = ConsulAgent::start_dev().await;
     let app = DemoApp::start(DemoAppOptions::default()).await;
-    let sidecar = Sidecar::start(
+    let sidecar = elected_reaper(
+        &consul,
         &resyncing_every(
             manifest(&consul.http_addr(), "a-1", app.port(), DEFAULT_PREFIX),
             "60s",
         ),
-        &pod("kube-a", "a-1"),
-    );
-    passing(&consul, "a-1", &sidecar).await;
-    takes_the_reaper_key(&consul, ("kube-a", "a-1"), &sidecar, 5 * SECOND).await;
-    // Past the first sweep, which is made on taking the key.
-    tokio::time::sleep(2 * SECOND).await;
-    let calls = |m: &support::Metrics, op: &str| {
-        m.sum(
-            "consul_registrar_consul_requests_total",
-            Some(("operation", op)),
-        )
-    };
+    )
+    .await;
     let before = sidecar.metrics().await;
     let window = SESSION_TTL * 5 / 2;
     tokio::time::sleep(window).await;
     let after = sidecar.metrics().await;
-    let made = |op: &str| calls(&after, op) - calls(&before, op);
+    let made = |op: &str| requests(&after, op) - requests(&before, op);
     assert_eq!(
         (made("service_instances"), made("reaper_key")),
         (0.0, 0.0),
@@ -868,10 +853,7 @@ async fn another_services_key_changes_never_wake_a_reaper() {
 async fn answers(sidecars: &[&Sidecar], operation: &str) -> Vec<f64> {
     let mut counts = Vec::new();
     for sidecar in sidecars {
-        counts.push(sidecar.metrics().await.sum(
-            "consul_registrar_consul_requests_total",
-            Some(("operation", operation)),
-        ));
+        counts.push(requests(&sidecar.metrics().await, operation));
     }
     counts
 }
