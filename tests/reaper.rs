@@ -112,12 +112,12 @@ async fn holder(consul: &ConsulAgent, key: &str) -> Option<String> {
         .and_then(|e| e["Session"].as_str().map(String::from))
 }
 
-/// Starts `manifest`'s instance `a-1` on kube-a and waits until it passes, holds the reaper key,
+/// Starts `manifest`'s instance `id` on kube-a and waits until it passes, holds the reaper key,
 /// and has made its first sweep (on taking the key).
-async fn elected_reaper(consul: &ConsulAgent, manifest: &str) -> Sidecar {
-    let sidecar = Sidecar::start(manifest, &pod("kube-a", "a-1"));
-    passing(consul, "a-1", &sidecar).await;
-    takes_the_reaper_key(consul, ("kube-a", "a-1"), &sidecar, 5 * SECOND).await;
+async fn elected_reaper(consul: &ConsulAgent, manifest: &str, id: &'static str) -> Sidecar {
+    let sidecar = Sidecar::start(manifest, &pod("kube-a", id));
+    passing(consul, id, &sidecar).await;
+    takes_the_reaper_key(consul, ("kube-a", id), &sidecar, 5 * SECOND).await;
     tokio::time::sleep(2 * SECOND).await;
     sidecar
 }
@@ -326,12 +326,12 @@ async fn a_late_keyless_registration_is_gone_within_the_bound(
     let consul = ConsulAgent::start_dev().await;
     let app = DemoApp::start(DemoAppOptions::default()).await;
     let addr = consul.http_addr();
-    let survivor = Sidecar::start(
+    let survivor = elected_reaper(
+        &consul,
         &resyncing_every(manifest(&addr, "s-1", app.port(), DEFAULT_PREFIX), "60s"),
-        &pod("kube-a", "s-1"),
-    );
-    passing(&consul, "s-1", &survivor).await;
-    takes_the_reaper_key(&consul, ("kube-a", "s-1"), &survivor, 5 * SECOND).await;
+        "s-1",
+    )
+    .await;
     let mut sidecars = Vec::new();
     for &id in owners {
         let owner = Sidecar::start(
@@ -404,12 +404,12 @@ async fn a_keyless_instance_is_gone_within(
 async fn a_ghost_written_without_a_key_is_swept_within_a_resync_interval() {
     let consul = ConsulAgent::start_dev().await;
     let app = DemoApp::start(DemoAppOptions::default()).await;
-    let survivor = Sidecar::start(
+    let survivor = elected_reaper(
+        &consul,
         &manifest(&consul.http_addr(), "s-1", app.port(), DEFAULT_PREFIX),
-        &pod("kube-a", "s-1"),
-    );
-    passing(&consul, "s-1", &survivor).await;
-    takes_the_reaper_key(&consul, ("kube-a", "s-1"), &survivor, 5 * SECOND).await;
+        "s-1",
+    )
+    .await;
     a_keyless_instance_is_gone_within(
         &consul,
         &survivor,
@@ -732,6 +732,7 @@ async fn the_periodic_sweep_reads_the_service_once_not_every_virtual_node() {
     let sidecar = elected_reaper(
         &consul,
         &manifest(&consul.http_addr(), "a-1", app.port(), DEFAULT_PREFIX),
+        "a-1",
     )
     .await;
     let before = sidecar.metrics().await;
@@ -780,6 +781,7 @@ async fn at_rest_the_elected_reaper_sweeps_once_a_resync_interval_not_every_sess
             manifest(&consul.http_addr(), "a-1", app.port(), DEFAULT_PREFIX),
             "60s",
         ),
+        "a-1",
     )
     .await;
     let before = sidecar.metrics().await;
