@@ -525,7 +525,46 @@ async fn a_surviving_sidecar_reaps_a_killed_sidecars_instance_within_two_session
             "consul_registrar_session_renewals_total",
             Some(("outcome", "ok"))
         ) >= 3.0,
-        "the survivor's session was not renewed every TTL/3"
+        "the survivor's session was not renewed every TTL/2"
+    );
+}
+
+/// The session is renewed every TTL/2, as Consul's own client (`api.RenewPeriodic`) does, not
+/// more often: at rest its renewals are most of what a catalog-mode pod asks of the servers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_session_is_renewed_every_half_ttl_not_more_often() {
+    let consul = ConsulAgent::start_dev().await;
+    let app = DemoApp::start(DemoAppOptions::default()).await;
+    let sidecar = Sidecar::start(
+        &hello(&consul.http_addr(), "hello-1", app.port()),
+        &on_node("kube-a"),
+    );
+    assert!(
+        status_becomes(&consul, "hello", "hello-1", Some("passing"), 10 * SECOND).await,
+        "never registered\n{}",
+        sidecar.logs()
+    );
+    let renewals = |m: &support::Metrics, outcome: &'static str| {
+        m.sum(
+            "consul_registrar_session_renewals_total",
+            Some(("outcome", outcome)),
+        )
+    };
+    let before = renewals(&sidecar.metrics().await, "ok");
+    let window = 2 * SESSION_TTL + SECOND;
+    tokio::time::sleep(window).await;
+    let after = sidecar.metrics().await;
+    let renewed = renewals(&after, "ok") - before;
+    // Every 5 s: 4 or 5 in 21 s (every TTL/3 would be 6 or 7).
+    assert!(
+        (3.0..=5.0).contains(&renewed),
+        "{renewed} renewals in {window:?} with a {SESSION_TTL:?} TTL: not every TTL/2\n{}",
+        sidecar.logs()
+    );
+    assert_eq!(renewals(&after, "error") + renewals(&after, "lost"), 0.0);
+    assert_eq!(
+        consul.check_status("hello", "hello-1").await.as_deref(),
+        Some("passing")
     );
 }
 

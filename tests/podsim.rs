@@ -503,7 +503,7 @@ async fn a_pod_cut_off_from_consul_keeps_probing_and_converges_after_the_heal(re
         }
         Registration::Catalog => {
             let peer = peer.as_ref().expect("the other pod");
-            // A short cut: 8 s, while the session (renewed every TTL/3) lives 2 × TTL after its
+            // A short cut: 8 s, while the session (renewed every TTL/2) lives 2 × TTL after its
             // last renewal. The app flips meanwhile; Consul keeps the last verdict written.
             tokio::time::sleep(2 * SECOND).await;
             demo_flip(&pod, false);
@@ -1088,7 +1088,7 @@ async fn consul_restarted_empty_under_traffic_gets_every_instance_back(reg: Regi
     tokio::time::sleep(2 * SECOND).await;
     if reg == Registration::Catalog {
         // The worst moment: just after a session renewal, so that the sidecar's next renewal (the
-        // one that finds the session gone) is TTL/3 away when Consul answers again empty.
+        // one that finds the session gone) is TTL/2 away when Consul answers again empty.
         let metrics = pods[0].admin_url("/metrics");
         let renewals = "consul_registrar_session_renewals_total{outcome=\"ok\"}";
         let renewed = metric(&metrics, renewals).await.unwrap_or(0.0);

@@ -486,7 +486,9 @@ async fn sidecars_on_one_virtual_node_share_one_session_and_only_the_holder_rene
         peers_before += m.sum(RENEWALS, Some(("outcome", "ok")));
         beats_before.push(m.sum(BEATS, Some(("outcome", "ok"))));
     }
-    tokio::time::sleep(SESSION_TTL).await;
+    // Renewals come every TTL/2 (on the session's TTL/10 tick): two in 1.3 × TTL at least.
+    let window = SESSION_TTL.mul_f64(1.3);
+    tokio::time::sleep(window).await;
     let holder_renewed = holder.renewals_ok().await - holder_before;
     let mut peers_after = 0.0;
     let mut beats = Vec::new();
@@ -498,20 +500,20 @@ async fn sidecars_on_one_virtual_node_share_one_session_and_only_the_holder_rene
     assert_eq!(
         peers_after - peers_before,
         0.0,
-        "the peers renewed sessions {} times in {SESSION_TTL:?} ({peers_after} in all): only the \
+        "the peers renewed sessions {} times in {window:?} ({peers_after} in all): only the \
          holder should renew\n{}",
         peers_after - peers_before,
         tails(&all)
     );
     assert!(
         holder_renewed >= 2.0,
-        "the holder renewed the shared session {holder_renewed} times in {SESSION_TTL:?} (every \
-         TTL/3 expected)\n{}",
+        "the holder renewed the shared session {holder_renewed} times in {window:?} (every \
+         TTL/2 expected)\n{}",
         tails(&all)
     );
     assert!(
         beats.iter().all(|b| *b >= 3.0),
-        "the peers' successful heartbeats to the holder in {SESSION_TTL:?}: {beats:?} (every TTL/10 \
+        "the peers' successful heartbeats to the holder in {window:?}: {beats:?} (every TTL/10 \
          expected)\n{}",
         tails(&all)
     );

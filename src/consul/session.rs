@@ -1,8 +1,9 @@
 //! Catalog mode's crash net, the holding side: one Consul session per sidecar and one liveness key
 //! per instance, acquired by that session with behaviour `delete`.
 //!
-//! A catalog entry never expires, but a session does: renewed every `sessionTTL / 3` while the
-//! sidecar lives, invalidated by Consul between 1× and 2× the TTL after the last renewal (a
+//! A catalog entry never expires, but a session does: renewed every `sessionTTL / 2` while the
+//! sidecar lives (the pace of Consul's own `api.RenewPeriodic`; a failed renewal is retried
+//! within seconds), invalidated by Consul between 1× and 2× the TTL after the last renewal (a
 //! SIGKILL, an OOM kill, a lost node), which deletes every key it holds. The reapers
 //! ([`super::reaper`]) then remove the instances whose key is gone. Renewals are not Raft writes.
 //!
@@ -246,7 +247,7 @@ impl Liveness {
         }
         match self.acquire(id, &session).await {
             // Consul no longer has the session (servers wiped or restored, a hand `destroy`): the
-            // renewal would find out only at its next tick, up to TTL/3 later. Replace it now.
+            // renewal would find out only at its next tick, up to TTL/2 later. Replace it now.
             Err(e) if is_invalid_session(&e) => {
                 tracing::warn!(
                     "Consul no longer has our session (servers wiped or restored, or destroyed by hand): making a new one and taking the keys again"
@@ -544,13 +545,13 @@ impl Liveness {
         }
     }
 
-    /// Renews the session every `sessionTTL / 3` until `cancel`; a lost session is replaced and
+    /// Renews the session every `sessionTTL / 2` until `cancel`; a lost session is replaced and
     /// every held key acquired again.
     pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
         if self.shared.is_some() {
             return self.run_shared(cancel).await;
         }
-        let every = self.settings.session_ttl / 3;
+        let every = self.renew_every();
         let mut backoff = Backoff::new(self.retry);
         let mut wait = every;
         let mut failing = false;
@@ -571,7 +572,7 @@ impl Liveness {
 
     /// With a shared session, every `sessionTTL / 10` until `cancel`: a peer heartbeats its
     /// holder (and leaves when it stops answering); a holder or a sidecar on its own renews every
-    /// `sessionTTL / 3`; the holder releases the keys of pods that stopped heartbeating; a sidecar
+    /// `sessionTTL / 2`; the holder releases the keys of pods that stopped heartbeating; a sidecar
     /// on its own that does not reap tries every sessionTTL or so to hold or join the node's
     /// shared session.
     async fn run_shared(self: Arc<Self>, cancel: CancellationToken) {
@@ -580,7 +581,7 @@ impl Liveness {
         let tick = ttl / 10;
         let mut backoff = Backoff::new(self.retry);
         let mut failing = false;
-        let mut renew_at = Instant::now() + ttl / 3;
+        let mut renew_at = Instant::now() + self.renew_every();
         let mut join_at = Instant::now() + ttl;
         loop {
             tokio::select! {
@@ -618,7 +619,7 @@ impl Liveness {
                         }
                         Err(BeatError::NoAnswer(_)) => {}
                     }
-                    renew_at = Instant::now() + ttl / 3;
+                    renew_at = Instant::now() + self.renew_every();
                 }
                 role => {
                     if Instant::now() >= renew_at {
@@ -636,6 +637,13 @@ impl Liveness {
         }
     }
 
+    /// How often a session is renewed: half its TTL, as Consul's own `api.RenewPeriodic` does.
+    /// Consul invalidates it no sooner than a TTL after the last renewal (in practice 2 × TTL), so
+    /// a renewal that fails is retried (with backoff, within this) well before.
+    fn renew_every(&self) -> std::time::Duration {
+        self.settings.session_ttl / 2
+    }
+
     /// One renewal of `session`; the wait before the next.
     async fn renew_step(
         &self,
@@ -643,7 +651,7 @@ impl Liveness {
         backoff: &mut Backoff,
         failing: &mut bool,
     ) -> std::time::Duration {
-        let every = self.settings.session_ttl / 3;
+        let every = self.renew_every();
         match self.renew(session).await {
             Ok(true) => {
                 self.renewal("ok");
@@ -1203,7 +1211,7 @@ impl Liveness {
             .send(
                 "session_renew",
                 req,
-                (self.settings.session_ttl / 3).min(super::REQUEST_TIMEOUT),
+                self.renew_every().min(super::REQUEST_TIMEOUT),
             )
             .await
         {

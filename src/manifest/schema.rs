@@ -171,7 +171,7 @@ pub struct RawCatalog {
     pub node: Option<NodeName>,
     /// The virtual node's address (the Kubernetes node's IP). Default: `$HOST_IP`.
     pub node_address: Option<ServiceAddress>,
-    /// TTL of the sidecar's Consul session (10s to 24h), renewed every third of it: a crashed
+    /// TTL of the sidecar's Consul session (10s to 24h), renewed twice a TTL: a crashed
     /// sidecar's instances are reaped within 2 × this + 1 s.
     #[serde(rename = "sessionTTL")]
     #[schemars(extend("default" = "10s"))]
