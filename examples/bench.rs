@@ -146,6 +146,13 @@ struct Args {
         value_delimiter = ','
     )]
     pods: Vec<usize>,
+    /// How long the scale-catalog and scale-agent phases wait, once every instance passes, before
+    /// their at-rest window: longer than a blocking query's longest wait (`resyncInterval`, 60 s,
+    /// plus Consul's jitter of up to wait/16), so that the queries made while the pods started
+    /// (each sidecar's first watch, before it joins its node's shared session) have ended and the
+    /// window sees the steady state, not the tail of the start.
+    #[arg(long, env = "BENCH_PODS_SETTLE_SECONDS", default_value_t = 70)]
+    pods_settle_seconds: u64,
     /// Length of the at-rest window of the scale-catalog and scale-agent phases: at least the
     /// sidecars' `resyncInterval` (60 s), so that every blocking query re-arms in it once.
     #[arg(long, env = "BENCH_PODS_REST_SECONDS", default_value_t = 60)]

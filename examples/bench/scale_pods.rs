@@ -290,8 +290,8 @@ async fn pods_row(bed: &Bed, args: &Args, mode: Mode, shared: bool, n: usize) ->
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let started_s = t0.elapsed().as_secs_f64();
-    // Let the start-up settle (sessions, sweeps, elections).
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    // Let the start-up settle (sessions, sweeps, elections, the first blocking queries).
+    tokio::time::sleep(Duration::from_secs(args.pods_settle_seconds)).await;
 
     // At rest.
     let a = pods.reading().await;
@@ -351,6 +351,7 @@ async fn pods_row(bed: &Bed, args: &Args, mode: Mode, shared: bool, n: usize) ->
         "nodes": n.div_ceil(PODS_PER_NODE),
         "all_passing_s": round(started_s, 1),
         "rest": {
+            "settled_s": args.pods_settle_seconds,
             "seconds": round(rest_s, 1),
             "servers_cpu_ms_per_s": round(rest.0, 2),
             "requests_per_min_per_pod": round(rest.1 * 60.0 / n as f64, 2),
