@@ -191,6 +191,23 @@ async fn assert_registered_on(consul: &ConsulAgent, node_name: &str, id: &str, p
     assert_eq!(info["NodeChecks"], json!([]), "{info}");
 }
 
+/// A dev server, an app, and a sidecar registering it as `hello-1` on the Kubernetes node
+/// `kube-a`, once the instance passes.
+async fn passing_hello_1() -> (ConsulAgent, DemoApp, Sidecar) {
+    let consul = ConsulAgent::start_dev().await;
+    let app = DemoApp::start(DemoAppOptions::default()).await;
+    let sidecar = Sidecar::start(
+        &hello(&consul.http_addr(), "hello-1", app.port()),
+        &on_node("kube-a"),
+    );
+    assert!(
+        status_becomes(&consul, "hello", "hello-1", Some("passing"), 10 * SECOND).await,
+        "never registered\n{}",
+        sidecar.logs()
+    );
+    (consul, app, sidecar)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_test_cluster_elects_a_leader_balances_connections_and_survives_losing_it() {
     let mut cluster = ConsulCluster::start().await;
@@ -238,17 +255,7 @@ async fn the_test_cluster_elects_a_leader_balances_connections_and_survives_losi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_a_dev_server_it_registers_on_its_virtual_node_follows_health_and_drains() {
-    let consul = ConsulAgent::start_dev().await;
-    let app = DemoApp::start(DemoAppOptions::default()).await;
-    let mut sidecar = Sidecar::start(
-        &hello(&consul.http_addr(), "hello-1", app.port()),
-        &on_node("kube-a"),
-    );
-    assert!(
-        status_becomes(&consul, "hello", "hello-1", Some("passing"), 10 * SECOND).await,
-        "never registered\n{}",
-        sidecar.logs()
-    );
+    let (consul, app, mut sidecar) = passing_hello_1().await;
     assert_registered_on(&consul, "kube-a", "hello-1", app.port()).await;
     assert!(
         consul
@@ -310,17 +317,7 @@ async fn on_a_dev_server_it_registers_on_its_virtual_node_follows_health_and_dra
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_instance_comes_back_after_a_wipe_a_hand_deregistration_and_a_hand_status_change() {
-    let mut consul = ConsulAgent::start_dev().await;
-    let app = DemoApp::start(DemoAppOptions::default()).await;
-    let sidecar = Sidecar::start(
-        &hello(&consul.http_addr(), "hello-1", app.port()),
-        &on_node("kube-a"),
-    );
-    assert!(
-        status_becomes(&consul, "hello", "hello-1", Some("passing"), 10 * SECOND).await,
-        "never registered\n{}",
-        sidecar.logs()
-    );
+    let (mut consul, app, sidecar) = passing_hello_1().await;
     let node = virtual_node("kube-a");
 
     // An operator deregisters it by hand.
@@ -533,17 +530,7 @@ async fn a_surviving_sidecar_reaps_a_killed_sidecars_instance_within_two_session
 /// more often: at rest its renewals are most of what a catalog-mode pod asks of the servers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_session_is_renewed_every_half_ttl_not_more_often() {
-    let consul = ConsulAgent::start_dev().await;
-    let app = DemoApp::start(DemoAppOptions::default()).await;
-    let sidecar = Sidecar::start(
-        &hello(&consul.http_addr(), "hello-1", app.port()),
-        &on_node("kube-a"),
-    );
-    assert!(
-        status_becomes(&consul, "hello", "hello-1", Some("passing"), 10 * SECOND).await,
-        "never registered\n{}",
-        sidecar.logs()
-    );
+    let (consul, _app, sidecar) = passing_hello_1().await;
     let renewals = |m: &support::Metrics, outcome: &'static str| {
         m.sum(
             "consul_registrar_session_renewals_total",
@@ -897,17 +884,7 @@ async fn another_replicas_flips_do_not_wake_the_instances_watch() {
     // Issue 20 item 2: the anti-entropy watch follows the sidecar's own virtual node, not the
     // whole service, so a change to a replica elsewhere costs this sidecar (and the servers)
     // nothing.
-    let consul = ConsulAgent::start_dev().await;
-    let app = DemoApp::start(DemoAppOptions::default()).await;
-    let sidecar = Sidecar::start(
-        &hello(&consul.http_addr(), "hello-1", app.port()),
-        &on_node("kube-a"),
-    );
-    assert!(
-        status_becomes(&consul, "hello", "hello-1", Some("passing"), 10 * SECOND).await,
-        "{}",
-        sidecar.logs()
-    );
+    let (consul, _app, sidecar) = passing_hello_1().await;
     tokio::time::sleep(SECOND).await;
     let watches = |m: &support::Metrics| {
         m.sum(
