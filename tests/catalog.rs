@@ -191,6 +191,14 @@ async fn assert_registered_on(consul: &ConsulAgent, node_name: &str, id: &str, p
     assert_eq!(info["NodeChecks"], json!([]), "{info}");
 }
 
+/// The sidecar's session renewals with `outcome` (ok, error, lost) so far.
+fn renewals(metrics: &support::Metrics, outcome: &str) -> f64 {
+    metrics.sum(
+        "consul_registrar_session_renewals_total",
+        Some(("outcome", outcome)),
+    )
+}
+
 /// A dev server, an app, and a sidecar registering it as `hello-1` on the Kubernetes node
 /// `kube-a`, once the instance passes.
 async fn passing_hello_1() -> (ConsulAgent, DemoApp, Sidecar) {
@@ -518,10 +526,7 @@ async fn a_surviving_sidecar_reaps_a_killed_sidecars_instance_within_two_session
         survivor.logs()
     );
     assert!(
-        metrics.sum(
-            "consul_registrar_session_renewals_total",
-            Some(("outcome", "ok"))
-        ) >= 3.0,
+        renewals(&metrics, "ok") >= 3.0,
         "the survivor's session was not renewed every TTL/2"
     );
 }
@@ -531,12 +536,6 @@ async fn a_surviving_sidecar_reaps_a_killed_sidecars_instance_within_two_session
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_session_is_renewed_every_half_ttl_not_more_often() {
     let (consul, _app, sidecar) = passing_hello_1().await;
-    let renewals = |m: &support::Metrics, outcome: &'static str| {
-        m.sum(
-            "consul_registrar_session_renewals_total",
-            Some(("outcome", outcome)),
-        )
-    };
     let before = renewals(&sidecar.metrics().await, "ok");
     let window = 2 * SESSION_TTL + SECOND;
     tokio::time::sleep(window).await;
